@@ -1,0 +1,112 @@
+"""Threshold calibration on clean validation data (paper §III-C "threshold selection", §III-D).
+
+Decision rule. An input with resistance vector r ∈ [0, 1]^m is *normal* iff r(i) > θr(i) for
+every selected code i, otherwise *suspicious*. Resistances are multiples of 1/N, so every
+threshold is placed half-way between two grid values; r(i) = θr(i) never happens.
+
+Calibration of θr (clean VAL resistances R [n, m], target ρ, FPR budget f = 1 - ρ):
+
+* ``unified``: one θ for all codes, the largest half-grid value such that the share of VAL
+  images with min_i r(i) <= θ is at most f.
+* ``per_code``: for a per-code budget α, θr(i) is the largest half-grid value with
+  mean(R[:, i] <= θr(i)) <= α. α is the largest k/n (k = 0, 1, ...) whose *joint* VAL
+  false-positive rate (any code flagged) is at most f. The joint rate, not each code's, meets
+  the budget.
+
+Distance (Eq. 5): Dis(r, θr) = Σ_i max(θr(i) - r(i), 0).
+
+θd (η-fractile rule): the η-quantile (linear interpolation) of Dis over the suspicious VAL
+images. With ρ = 0.999 and 2,000 VAL images at most two are suspicious, too few for a
+fractile; when fewer than `min_suspicious` are suspicious, the same rule is applied with the
+looser reference thresholds calibrated at `eta_reference_rho` (default 0.9), i.e. θd is the
+η-quantile of how far clean images fall below the 90 %-thresholds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+THRESHOLD_MODES = ("per_code", "unified")
+
+
+def _threshold_below(sorted_values: np.ndarray, allowed: int, num_morphs: int) -> float:
+    """Largest half-grid threshold flagging at most `allowed` of the sorted values."""
+    half = 0.5 / num_morphs
+    if allowed >= len(sorted_values):
+        return 1.0 + half
+    return float(sorted_values[allowed] - half)
+
+
+def resistance_thresholds(
+    resistance: np.ndarray, rho: float, mode: str = "per_code", num_morphs: int = 100
+) -> np.ndarray:
+    """θr [m] so that the clean false-positive rate on `resistance` [n, m] is at most 1 - rho."""
+    if not 0.0 < rho <= 1.0:
+        raise ValueError(f"rho must be in (0, 1], got {rho}")
+    if mode not in THRESHOLD_MODES:
+        raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {mode!r}")
+    r = np.asarray(resistance, dtype=np.float64)
+    if r.ndim != 2 or r.shape[0] == 0:
+        raise ValueError(f"resistance must be a non-empty [n, m] array, got shape {r.shape}")
+    n, m = r.shape
+    budget = int(np.floor((1.0 - rho) * n + 1e-9))
+    if mode == "unified":
+        theta = _threshold_below(np.sort(r.min(axis=1)), budget, num_morphs)
+        return np.full(m, theta, dtype=np.float32)
+    columns = np.sort(r, axis=0)
+    best = np.array([_threshold_below(columns[:, i], 0, num_morphs) for i in range(m)])
+    for allowed in range(1, budget + 1):
+        theta = np.array([_threshold_below(columns[:, i], allowed, num_morphs) for i in range(m)])
+        if false_positive_rate(r, theta) > budget / n:
+            break
+        best = theta
+    return best.astype(np.float32)
+
+
+def is_suspicious(resistance: np.ndarray, theta_r: np.ndarray) -> np.ndarray:
+    """[n] bool: some code's resistance is not above its threshold."""
+    return np.any(np.asarray(resistance) <= np.asarray(theta_r)[None, :], axis=1)
+
+
+def false_positive_rate(resistance: np.ndarray, theta_r: np.ndarray) -> float:
+    """Share of (clean) rows flagged suspicious."""
+    return float(np.mean(is_suspicious(resistance, theta_r)))
+
+
+def distance(resistance: np.ndarray, theta_r: np.ndarray) -> np.ndarray:
+    """Eq. 5: Dis(r, θr) = Σ_i max(θr(i) - r(i), 0); [n]."""
+    return np.sum(np.maximum(np.asarray(theta_r)[None, :] - np.asarray(resistance), 0.0), axis=1)
+
+
+def distance_threshold(
+    resistance: np.ndarray,
+    theta_r: np.ndarray,
+    eta: float,
+    mode: str = "per_code",
+    num_morphs: int = 100,
+    min_suspicious: int = 20,
+    reference_rho: float = 0.9,
+) -> tuple[float, dict]:
+    """θd by the η-fractile rule of the module docstring; returns (θd, how it was chosen)."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    r = np.asarray(resistance, dtype=np.float64)
+    suspicious = is_suspicious(r, theta_r)
+    info = {"num_suspicious_val": int(suspicious.sum()), "rule": "suspicious_val"}
+    thresholds = np.asarray(theta_r)
+    if suspicious.sum() < min_suspicious:
+        thresholds = resistance_thresholds(r, reference_rho, mode, num_morphs)
+        suspicious = is_suspicious(r, thresholds)
+        info.update(rule="reference_rho", reference_rho=reference_rho,
+                    num_suspicious_reference=int(suspicious.sum()))
+    if not suspicious.any():
+        return 0.0, info
+    return float(np.quantile(distance(r[suspicious], thresholds), eta)), info
+
+
+def select_codes(resistance: np.ndarray, num_codes: int) -> np.ndarray:
+    """Indices of the `num_codes` codes with the highest mean clean resistance (sorted)."""
+    r = np.asarray(resistance)
+    if not 1 <= num_codes <= r.shape[1]:
+        raise ValueError(f"num_codes must be in [1, {r.shape[1]}], got {num_codes}")
+    return np.sort(np.argsort(-r.mean(axis=0), kind="stable")[:num_codes])

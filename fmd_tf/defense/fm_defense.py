@@ -1,0 +1,439 @@
+"""FMDefense: the detector-purifier of the paper as one Keras model (§III-A, C, D; Eq. 5)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from fmd_tf.defense import calibration, morphs
+
+VERDICT_PASSED, VERDICT_PURIFIED, VERDICT_REJECTED = 0, 1, 2
+OUTPUT_KEYS = ("label", "verdict", "classifier_label", "resistance", "distance", "purified")
+PURIFY_ZU = ("encoded", "class_mean")
+
+
+class NotCalibratedError(RuntimeError):
+    """The defense was used before `calibrate` set its ranges and thresholds."""
+
+
+def _check_images_static(images, image_shape):
+    """Python-side checks that need no data: dtype, rank, image size."""
+    dtype = getattr(images, "dtype", None)
+    if dtype is not None and not tf.as_dtype(dtype).is_floating:
+        raise TypeError(
+            f"images must be float32 in [0, 1], got dtype {tf.as_dtype(dtype).name} "
+            "(divide uint8 images by 255 first)"
+        )
+    shape = tuple(images.shape)
+    if len(shape) != 4:
+        raise ValueError(f"images must have rank 4 [batch, {image_shape}], got shape {shape}")
+    if shape[1:] != tuple(image_shape) and None not in shape[1:]:
+        raise ValueError(f"images must be [batch, {', '.join(map(str, image_shape))}], got {shape}")
+
+
+def validate_images(images, image_shape):
+    """Graph-side checks (InvalidArgumentError naming the problem); returns float32 images."""
+    images = tf.cast(images, tf.float32)
+    checks = [
+        tf.debugging.assert_equal(
+            tf.shape(images)[1:], tf.constant(image_shape, tf.int32),
+            message=f"images must be [batch, {', '.join(map(str, image_shape))}]",
+        ),
+        tf.debugging.assert_positive(tf.shape(images)[0], message="images: empty batch"),
+        tf.debugging.assert_all_finite(images, message="images contain NaN or Inf"),
+        tf.debugging.assert_greater_equal(
+            tf.reduce_min(images), 0.0, message="images must be in [0, 1]: found a value < 0"
+        ),
+        tf.debugging.assert_less_equal(
+            tf.reduce_max(images), 1.0, message="images must be in [0, 1]: found a value > 1"
+        ),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(images)
+
+
+@keras.saving.register_keras_serializable(package="fmd_tf")
+class FMDefense(keras.Model):
+    """Classifier + combo-VAE + calibration state; `call` detects and purifies a batch.
+
+    For each image: label y0 = classifier(x); codes μs(x), zu(x); for every selected code i,
+    N natural morphs (`morphs.natural_morph_codes`) decoded with the other codes and zu fixed;
+    resistance r(i) = share of morphs classified y0. Verdict: passed if r(i) > θr(i) for all i;
+    else purified if Dis(r, θr) <= θd (label = classifier(decoder(μs(x) ‖ zu))); else rejected
+    (label -1). See `fmd_tf.defense.calibration` for how θr and θd are set.
+
+    All B·m·N morphs run through decoder and classifier in chunks of `chunk_size` inside one
+    graph (`tf.map_fn`), so memory is bounded and there is no Python loop at run time. The
+    search offsets are drawn from `seed` when the model is built and saved as a weight: the same
+    model and image give the same outputs in any process, whatever the rest of the batch.
+
+    Args:
+        classifier: Keras model, images -> logits.
+        combo_vae: trained `ComboVAE`.
+        num_morphs: N.
+        candidates_per_step, radius_step, max_steps: natural-morph search (§III-C).
+        range_percentiles: normal-range rule on VAL encoder means.
+        selected_codes: indices of the m manipulated codes; None = all d_s.
+        threshold_mode, rho, eta, min_suspicious, eta_reference_rho: calibration.
+        purify_zu: "encoded" (zu(x)) or "class_mean" (μ of the most likely DGMM class).
+        chunk_size: morphs per decoder+classifier pass.
+        seed: randomness key of the morph search.
+        jit_compile: XLA for the graph; None = on when a GPU is visible (XLA was ~3x slower on
+            CPU).
+
+    Call: images float32 [B, H, W, C] in [0, 1] -> dict with `label` int64 [B] (-1 when
+    rejected), `verdict` int32 [B] (0 passed, 1 purified, 2 rejected), `classifier_label` int64
+    [B], `resistance` float32 [B, m], `distance` float32 [B], `purified` float32 [B, H, W, C].
+    """
+
+    def __init__(
+        self,
+        classifier,
+        combo_vae,
+        num_morphs=100,
+        candidates_per_step=20,
+        radius_step=0.025,
+        max_steps=20,
+        range_percentiles=(1.0, 99.0),
+        selected_codes=None,
+        threshold_mode="per_code",
+        rho=0.999,
+        eta=0.9,
+        min_suspicious=20,
+        eta_reference_rho=0.9,
+        purify_zu="encoded",
+        chunk_size=2000,
+        seed=0,
+        jit_compile=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.classifier = _maybe_deserialize(classifier)
+        self.combo_vae = _maybe_deserialize(combo_vae)
+        self.num_morphs = int(num_morphs)
+        self.candidates_per_step = int(candidates_per_step)
+        self.radius_step = float(radius_step)
+        self.max_steps = int(max_steps)
+        self.range_percentiles = tuple(float(p) for p in range_percentiles)
+        d_s = self.combo_vae.shared_dim
+        codes = tuple(range(d_s)) if selected_codes is None else tuple(int(c) for c in selected_codes)
+        self.selected_codes = codes
+        self.threshold_mode = str(threshold_mode)
+        self.rho = float(rho)
+        self.eta = float(eta)
+        self.min_suspicious = int(min_suspicious)
+        self.eta_reference_rho = float(eta_reference_rho)
+        self.purify_zu = str(purify_zu)
+        self.chunk_size = int(chunk_size)
+        self.seed = int(seed)
+        self.jit_compile = jit_compile
+        self._check_arguments(d_s)
+        self._image_shape = None
+        self._graph_fn = None
+
+    def _check_arguments(self, d_s):
+        if self.num_morphs < 1:
+            raise ValueError(f"num_morphs must be >= 1, got {self.num_morphs}")
+        if self.candidates_per_step < 1 or self.max_steps < 1:
+            raise ValueError("candidates_per_step and max_steps must be >= 1")
+        if self.candidates_per_step * self.max_steps < self.num_morphs:
+            raise ValueError(
+                f"the search draws candidates_per_step*max_steps = "
+                f"{self.candidates_per_step * self.max_steps} candidates, fewer than "
+                f"num_morphs = {self.num_morphs}"
+            )
+        if self.radius_step <= 0:
+            raise ValueError(f"radius_step must be > 0, got {self.radius_step}")
+        lo, hi = self.range_percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"range_percentiles must satisfy 0 <= low < high <= 100, got "
+                             f"{self.range_percentiles}")
+        if not self.selected_codes or len(set(self.selected_codes)) != len(self.selected_codes):
+            raise ValueError(f"selected_codes must be distinct, got {self.selected_codes}")
+        if min(self.selected_codes) < 0 or max(self.selected_codes) >= d_s:
+            raise ValueError(f"selected_codes must be in [0, {d_s}), got {self.selected_codes}")
+        if self.threshold_mode not in calibration.THRESHOLD_MODES:
+            raise ValueError(f"threshold_mode must be one of {calibration.THRESHOLD_MODES}, "
+                             f"got {self.threshold_mode!r}")
+        if not 0.0 < self.rho <= 1.0 or not 0.0 < self.eta_reference_rho <= 1.0:
+            raise ValueError("rho and eta_reference_rho must be in (0, 1]")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+        if self.purify_zu not in PURIFY_ZU:
+            raise ValueError(f"purify_zu must be one of {PURIFY_ZU}, got {self.purify_zu!r}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+    @classmethod
+    def from_config_dataclass(cls, classifier, combo_vae, defense_cfg, **kwargs):
+        """Build from a `fmd_tf.config.DefenseConfig`."""
+        return cls(
+            classifier,
+            combo_vae,
+            num_morphs=defense_cfg.num_morphs,
+            candidates_per_step=defense_cfg.candidates_per_step,
+            radius_step=defense_cfg.radius_step,
+            max_steps=defense_cfg.max_steps,
+            range_percentiles=defense_cfg.range_percentiles,
+            selected_codes=defense_cfg.selected_codes,
+            threshold_mode=defense_cfg.threshold_mode,
+            rho=defense_cfg.rho,
+            eta=defense_cfg.eta,
+            min_suspicious=defense_cfg.min_suspicious,
+            eta_reference_rho=defense_cfg.eta_reference_rho,
+            purify_zu=defense_cfg.purify_zu,
+            chunk_size=defense_cfg.chunk_size,
+            seed=defense_cfg.seed,
+            **kwargs,
+        )
+
+    # ----------------------------------------------------------------------------- state
+    @property
+    def num_codes(self) -> int:
+        """m, the number of manipulated codes."""
+        return len(self.selected_codes)
+
+    def build(self, input_shape):
+        self._image_shape = tuple(int(s) for s in input_shape[1:])
+        for model in (self.classifier, self.combo_vae):
+            if not model.built:
+                model.build((None, *self._image_shape))
+        d_s, m = self.combo_vae.shared_dim, self.num_codes
+        table = morphs.search_offsets(
+            m, self.max_steps, self.candidates_per_step, self.radius_step, self.seed
+        )
+
+        def weight(name, shape, init):
+            return self.add_weight(
+                name=name, shape=shape, initializer=init, trainable=False, dtype="float32"
+            )
+
+        self.code_low = weight("code_low", (d_s,), "zeros")
+        self.code_high = weight("code_high", (d_s,), "zeros")
+        self.theta_r = weight("theta_r", (m,), "zeros")
+        self.theta_d = weight("theta_d", (), "zeros")
+        self.calibrated = weight("calibrated", (), "zeros")
+        self.search_table = weight(
+            "search_table", table.shape, keras.initializers.Constant(table)
+        )
+        self.built = True
+
+    def get_build_config(self):
+        return {"input_shape": [None, *self._image_shape]} if self._image_shape else {}
+
+    def build_from_config(self, config):
+        if config:
+            self.build(config["input_shape"])
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self.built and float(self.calibrated.numpy()) > 0.5
+
+    def _require_calibrated(self):
+        if not self.is_calibrated:
+            raise NotCalibratedError(
+                "FMDefense is not calibrated: call calibrate(x_val) on clean validation images "
+                "first (or load a calibrated model)"
+            )
+
+    # ----------------------------------------------------------------------------- graph
+    def _morph_labels(self, latents):
+        """Classifier labels of decoder(latents) for latents [M, D], in chunks -> [M] int64."""
+        count = tf.shape(latents)[0]
+        chunk = self.chunk_size
+        num_chunks = (count + chunk - 1) // chunk
+        padded = tf.pad(latents, [[0, num_chunks * chunk - count], [0, 0]])
+        chunks = tf.reshape(padded, [num_chunks, chunk, tf.shape(latents)[1]])
+
+        def label_chunk(z):
+            return tf.argmax(self.classifier(self.combo_vae.decoder(z)), axis=-1)
+
+        labels = tf.map_fn(
+            label_chunk, chunks, fn_output_signature=tf.int64, parallel_iterations=1
+        )
+        return tf.reshape(labels, [-1])[:count]
+
+    def _resistance(self, mean, zu, label):
+        """r [B, m]: share of each code's N morphs that keep `label`."""
+        selected = tf.constant(self.selected_codes, tf.int32)
+        low = tf.gather(self.code_low, selected)
+        high = tf.gather(self.code_high, selected)
+        values = morphs.natural_morph_codes(
+            tf.gather(mean, selected, axis=1), low, high, self.search_table, self.num_morphs
+        )
+        zs = morphs.morph_latents(mean, selected, values)  # [B, m, N, d_s]
+        batch, m, n = tf.shape(mean)[0], self.num_codes, self.num_morphs
+        zu_all = tf.broadcast_to(zu[:, None, None, :], [batch, m, n, tf.shape(zu)[-1]])
+        latents = tf.reshape(tf.concat([zs, zu_all], axis=-1), [batch * m * n, -1])
+        labels = tf.reshape(self._morph_labels(latents), [batch, m, n])
+        same = tf.cast(tf.equal(labels, label[:, None, None]), tf.float32)
+        return tf.reduce_mean(same, axis=-1)
+
+    def _defend(self, images):
+        images = validate_images(images, self._image_shape)
+        label = tf.argmax(self.classifier(images), axis=-1)
+        mean, _, zu = self.combo_vae.encode(images)
+        resistance = self._resistance(mean, zu, label)
+        shortfall = tf.nn.relu(self.theta_r[None, :] - resistance)
+        distance = tf.reduce_sum(shortfall, axis=-1)
+        suspicious = tf.reduce_any(resistance <= self.theta_r[None, :], axis=-1)
+        zu_purify = self.combo_vae.dgmm.class_mean(zu) if self.purify_zu == "class_mean" else zu
+        purified = self.combo_vae.decode(mean, zu_purify)
+        purified_label = tf.argmax(self.classifier(purified), axis=-1)
+        verdict = tf.where(
+            suspicious,
+            tf.where(distance <= self.theta_d, VERDICT_PURIFIED, VERDICT_REJECTED),
+            VERDICT_PASSED,
+        )
+        final = tf.where(
+            verdict == VERDICT_PASSED,
+            label,
+            tf.where(verdict == VERDICT_PURIFIED, purified_label, tf.constant(-1, tf.int64)),
+        )
+        return {
+            "label": final,
+            "verdict": tf.cast(verdict, tf.int32),
+            "classifier_label": label,
+            "resistance": resistance,
+            "distance": distance,
+            "purified": purified,
+        }
+
+    def _compiled(self):
+        if self._graph_fn is None:
+            jit = self.jit_compile
+            if jit is None:
+                jit = bool(tf.config.list_physical_devices("GPU"))
+            self._graph_fn = tf.function(self._defend, jit_compile=jit, reduce_retracing=True)
+        return self._graph_fn
+
+    def call(self, images):
+        if self._image_shape is not None:
+            _check_images_static(images, self._image_shape)
+        if tf.executing_eagerly():
+            return self._compiled()(images)
+        return self._defend(images)
+
+    # ----------------------------------------------------------------------------- numpy API
+    def _as_batch(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if not self.built:
+            self.build((None, *x.shape[1:]))
+        _check_images_static(x, self._image_shape)
+        if len(x) == 0:
+            raise ValueError("images: empty batch")
+        x = x.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(x)):
+            raise ValueError("images contain NaN or Inf")
+        if x.min() < 0.0 or x.max() > 1.0:
+            raise ValueError(
+                f"images must be in [0, 1], found values in [{x.min():.3g}, {x.max():.3g}]"
+            )
+        return x
+
+    def defend(self, x, batch_size: int = 64) -> dict:
+        """`call` on a numpy array of any length, in batches; numpy outputs."""
+        x = self._as_batch(x)
+        self._require_calibrated()
+        parts = [self(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        return {k: np.concatenate([p[k].numpy() for p in parts]) for k in OUTPUT_KEYS}
+
+    def detect(self, x, batch_size: int = 64):
+        """ART-style detection: (report dict, is_adversarial [n] bool = verdict != passed)."""
+        out = self.defend(x, batch_size)
+        return out, out["verdict"] != VERDICT_PASSED
+
+    def resistance(self, x, batch_size: int = 64) -> np.ndarray:
+        """Resistance vectors [n, m] (needs the normal ranges, not the thresholds)."""
+        x = self._as_batch(x)
+        if not np.any(self.code_high.numpy() > self.code_low.numpy()):
+            raise NotCalibratedError("normal ranges are not set: call calibrate(x_val) first")
+        parts = [self(x[i : i + batch_size])["resistance"].numpy()
+                 for i in range(0, len(x), batch_size)]
+        return np.concatenate(parts)
+
+    def morph_images(self, x, code: int, count: int | None = None) -> np.ndarray:
+        """The first `count` decoded natural morphs of selected code `code`: [n, count, H, W, C]."""
+        x = self._as_batch(x)
+        if code not in self.selected_codes:
+            raise ValueError(f"code {code} is not one of the selected codes {self.selected_codes}")
+        count = self.num_morphs if count is None else min(int(count), self.num_morphs)
+        position = self.selected_codes.index(code)
+        mean, _, zu = self.combo_vae.encode(x)
+        values = morphs.natural_morph_codes(
+            mean[:, code : code + 1], self.code_low[code : code + 1],
+            self.code_high[code : code + 1], self.search_table[position : position + 1],
+            self.num_morphs,
+        )[:, 0, :count]  # [n, count]
+        zs = morphs.morph_latents(mean, tf.constant([code]), values[:, None, :])[:, 0]
+        n = tf.shape(zs)[0]
+        flat_zs = tf.reshape(zs, [n * count, -1])
+        flat_zu = tf.reshape(tf.repeat(zu[:, None, :], count, axis=1), [n * count, -1])
+        images = self.combo_vae.decode(flat_zs, flat_zu).numpy()
+        return images.reshape(len(x), count, *images.shape[1:])
+
+    def calibrate(self, x_val, batch_size: int = 64) -> dict:
+        """Set normal ranges, θr and θd from clean validation images (ART's `fit`).
+
+        Returns the calibration figures (VAL false-positive rate, thresholds, mean resistance).
+        """
+        x_val = self._as_batch(x_val)
+        means = np.concatenate([
+            self.combo_vae.shared_encoder(x_val[i : i + 512])[0].numpy()
+            for i in range(0, len(x_val), 512)
+        ])
+        low, high = morphs.normal_ranges(means, self.range_percentiles)
+        self.code_low.assign(low)
+        self.code_high.assign(high)
+        r_val = self.resistance(x_val, batch_size)
+        theta_r = calibration.resistance_thresholds(
+            r_val, self.rho, self.threshold_mode, self.num_morphs
+        )
+        theta_d, theta_d_info = calibration.distance_threshold(
+            r_val, theta_r, self.eta, self.threshold_mode, self.num_morphs,
+            self.min_suspicious, self.eta_reference_rho,
+        )
+        self.theta_r.assign(theta_r)
+        self.theta_d.assign(theta_d)
+        self.calibrated.assign(1.0)
+        return {
+            "num_val": int(len(x_val)),
+            "code_low": low.tolist(),
+            "code_high": high.tolist(),
+            "theta_r": theta_r.tolist(),
+            "theta_d": float(theta_d),
+            "theta_d_rule": theta_d_info,
+            "val_false_positive_rate": calibration.false_positive_rate(r_val, theta_r),
+            "val_mean_resistance": r_val.mean(axis=0).tolist(),
+            "val_resistance": r_val,
+        }
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            classifier=keras.saving.serialize_keras_object(self.classifier),
+            combo_vae=keras.saving.serialize_keras_object(self.combo_vae),
+            num_morphs=self.num_morphs,
+            candidates_per_step=self.candidates_per_step,
+            radius_step=self.radius_step,
+            max_steps=self.max_steps,
+            range_percentiles=list(self.range_percentiles),
+            selected_codes=list(self.selected_codes),
+            threshold_mode=self.threshold_mode,
+            rho=self.rho,
+            eta=self.eta,
+            min_suspicious=self.min_suspicious,
+            eta_reference_rho=self.eta_reference_rho,
+            purify_zu=self.purify_zu,
+            chunk_size=self.chunk_size,
+            seed=self.seed,
+            jit_compile=self.jit_compile,
+        )
+        return config
+
+
+def _maybe_deserialize(obj):
+    if isinstance(obj, dict):
+        return keras.saving.deserialize_keras_object(obj)
+    return obj

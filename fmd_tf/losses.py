@@ -1,0 +1,285 @@
+"""Loss functions for FM-Defense ("Defending Adversarial Attacks via Semantic
+Feature Manipulation"), written as pure TensorFlow functions.
+
+The style follows ``disentanglement_lib/methods/unsupervised/vae.py``: every
+function is stateless, takes and returns ``tf.float32`` tensors, and documents
+the tensor shapes it expects.
+
+Notation (paper §III-B and §III-D):
+
+* ``B``  -- batch size (may be unknown inside ``tf.function``).
+* ``D``  -- dimensionality of the disentangled code ``z`` (``z_s``) produced by
+    the combo-VAE encoder ``q_phi(z|x) = N(mean, diag(exp(log_var)))``.
+* ``K``  -- dimensionality of the class-unique code ``z_u`` produced by the DGMM.
+* ``C``  -- number of classes; the DGMM prior over ``z_u`` is the Gaussian
+    mixture ``p(z_u) = sum_c N(z_u; mu_c, Sigma_c) p(c)`` with uniform
+    ``p(c) = 1/C`` and diagonal ``Sigma_c = diag(exp(log_var_c))`` (Eq. 9).
+* ``D_tc`` -- the total-correlation discriminator (FactorVAE); it outputs one
+    logit ``l`` per sample and ``D(z) = sigmoid(l)``, so that
+    ``log D(z) / (1 - D(z)) = l`` (Eq. 6).
+
+Combo-VAE objective (Eq. 8), to be minimised:
+``L_R + L_KL + gamma * L_TC`` with ``L_R = reconstruction_loss``,
+``L_KL = gaussian_kl`` and ``L_TC = total_correlation_estimate``.
+DGMM objective (Eq. 12): ``L_GM = L_cls + lambda_lkd * L_lkd`` (Eq. 10, 11).
+"""
+
+import math
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+tfd = tfp.distributions
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def gaussian_log_density(samples, mean, log_var):
+    """Elementwise log density of a diagonal Gaussian.
+
+    log N(samples; mean, exp(log_var))
+        = -0.5 * (log(2 pi) + log_var + (samples - mean)^2 * exp(-log_var)).
+
+    Args:
+        samples: Tensor, e.g. [B, D].
+        mean: Tensor broadcastable with `samples`, e.g. [B, D].
+        log_var: Tensor broadcastable with `samples`, e.g. [B, D].
+
+    Returns:
+        Tensor of the broadcast shape (e.g. [B, D]) with per-element log densities.
+    """
+    samples = tf.convert_to_tensor(samples, tf.float32)
+    mean = tf.convert_to_tensor(mean, tf.float32)
+    log_var = tf.convert_to_tensor(log_var, tf.float32)
+    inv_var = tf.exp(-log_var)
+    tmp = samples - mean
+    return -0.5 * (tmp * tmp * inv_var + log_var + _LOG_2PI)
+
+
+def gaussian_kl(mean, log_var):
+    """KL(N(mean, diag(exp(log_var))) || N(0, I)), the L_KL term of Eq. 8.
+
+    Per dimension: 0.5 * (mean^2 + exp(log_var) - log_var - 1), summed over the
+    last axis.
+
+    Args:
+        mean: [B, D] encoder means.
+        log_var: [B, D] encoder log variances.
+
+    Returns:
+        [B] KL divergence per sample.
+    """
+    mean = tf.convert_to_tensor(mean, tf.float32)
+    log_var = tf.convert_to_tensor(log_var, tf.float32)
+    return 0.5 * tf.reduce_sum(tf.square(mean) + tf.exp(log_var) - log_var - 1.0, axis=-1)
+
+
+def reconstruction_loss(x, x_hat):
+    """Squared L2 reconstruction error L_R of Eq. 8 ("l2 loss").
+
+    Args:
+        x: [B, ...] original instances.
+        x_hat: [B, ...] reconstructions, same shape as `x`.
+
+    Returns:
+        [B] sum over all non-batch axes of (x - x_hat)^2.
+    """
+    x = tf.convert_to_tensor(x, tf.float32)
+    x_hat = tf.convert_to_tensor(x_hat, tf.float32)
+    sq = tf.square(x - x_hat)
+    batch = tf.shape(sq)[0]
+    return tf.reduce_sum(tf.reshape(sq, [batch, -1]), axis=1)
+
+
+def permute_dims(z, seed):
+    """Permutes each latent dimension independently across the batch.
+
+    This is `permute_dims` of FactorVAE (Kim & Mnih, 2018, Alg. 2), used in
+    §III-B to draw samples of q_bar(z) = prod_j q(z_j) from samples of q(z).
+    Uses stateless random ops, so the result is a deterministic function of
+    (`z`, `seed`); works with an unknown batch size inside tf.function.
+
+    Args:
+        z: [B, D] latent codes.
+        seed: shape-[2] integer tensor, seed for `tf.random.stateless_uniform`.
+
+    Returns:
+        [B, D] tensor whose column d is a permutation of z[:, d], the
+        permutations being independent across columns.
+    """
+    z = tf.convert_to_tensor(z, tf.float32)
+    noise = tf.random.stateless_uniform(tf.shape(z), seed=seed)
+    perm = tf.argsort(noise, axis=0)  # [B, D]; column d is a permutation of 0..B-1
+    # out[i, d] = z[perm[i, d], d]: gather along the batch axis per dimension.
+    out_t = tf.gather(tf.transpose(z), tf.transpose(perm), batch_dims=1)  # [D, B]
+    return tf.transpose(out_t)
+
+
+def tc_discriminator_loss(logits_real, logits_permuted):
+    """Loss of the TC discriminator D_tc (§III-B).
+
+    L_D = -1/(2|B|) [sum_i log D(z_i) + sum_i log(1 - D(permute_dims(z)_i))]
+    with D = sigmoid(logit). Computed stably as
+    0.5 * (mean softplus(-logits_real) + mean softplus(logits_permuted)),
+    since -log sigmoid(l) = softplus(-l) and -log(1 - sigmoid(l)) = softplus(l).
+
+    Args:
+        logits_real: [B] or [B, 1] discriminator logits on samples of q(z).
+        logits_permuted: [B'] or [B', 1] logits on permuted samples (q_bar(z)).
+
+    Returns:
+        Scalar loss.
+    """
+    logits_real = tf.reshape(tf.convert_to_tensor(logits_real, tf.float32), [-1])
+    logits_permuted = tf.reshape(tf.convert_to_tensor(logits_permuted, tf.float32), [-1])
+    loss_real = tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=tf.ones_like(logits_real), logits=logits_real
+    )
+    loss_perm = tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=tf.zeros_like(logits_permuted), logits=logits_permuted
+    )
+    return 0.5 * (tf.reduce_mean(loss_real) + tf.reduce_mean(loss_perm))
+
+
+def total_correlation_estimate(logits_real):
+    """Density-ratio estimate of the total correlation, L_TC (Eq. 6).
+
+    TC(z) ~= E_q(z)[log D(z) / (1 - D(z))] = E_q(z)[logit(z)], because for
+    D = sigmoid(l) the log-odds log(D / (1 - D)) equal l.
+
+    Args:
+        logits_real: [B] or [B, 1] discriminator logits on samples of q(z).
+
+    Returns:
+        Scalar TC estimate (mean logit).
+    """
+    logits_real = tf.convert_to_tensor(logits_real, tf.float32)
+    return tf.reduce_mean(logits_real)
+
+
+def _gm_components(means, log_vars):
+    """Batch of C diagonal Gaussians N(mu_c, diag(exp(log_var_c))); batch shape [C]."""
+    means = tf.convert_to_tensor(means, tf.float32)
+    log_vars = tf.convert_to_tensor(log_vars, tf.float32)
+    return tfd.MultivariateNormalDiag(loc=means, scale_diag=tf.exp(0.5 * log_vars))
+
+
+def _log_uniform_prior(means):
+    """log(1/C) as a float32 scalar, C = number of rows of `means`."""
+    num_classes = tf.cast(tf.shape(means)[0], tf.float32)
+    return -tf.math.log(num_classes)
+
+
+def gm_log_prob(zu, means, log_vars):
+    """Per-class component log densities of the Gaussian mixture (Eq. 9).
+
+    Args:
+        zu: [B, K] class-unique codes.
+        means: [C, K] class means mu_c.
+        log_vars: [C, K] log of the diagonal of Sigma_c.
+
+    Returns:
+        [B, C] with entry (b, c) = log N(zu_b; mu_c, diag(exp(log_var_c))).
+    """
+    zu = tf.convert_to_tensor(zu, tf.float32)
+    return _gm_components(means, log_vars).log_prob(zu[:, None, :])
+
+
+def gm_class_logits(zu, means, log_vars):
+    """Unnormalised class log posteriors log q(c|zu) (Eq. 10), uniform p(c).
+
+    logit_c = log N(zu; mu_c, Sigma_c) + log(1/C); softmax over c gives
+    q(c|zu) = N(zu; mu_c, Sigma_c) p(c) / sum_k N(zu; mu_k, Sigma_k) p(k).
+
+    Args:
+        zu: [B, K] class-unique codes.
+        means: [C, K] class means.
+        log_vars: [C, K] class log variances.
+
+    Returns:
+        [B, C] logits.
+    """
+    means = tf.convert_to_tensor(means, tf.float32)
+    return gm_log_prob(zu, means, log_vars) + _log_uniform_prior(means)
+
+
+def gm_mixture_log_prob(zu, means, log_vars):
+    """Log density of the Gaussian-mixture prior p(zu) (Eq. 9), p(c) = 1/C.
+
+    log p(zu) = logsumexp_c(log N(zu; mu_c, Sigma_c) + log(1/C)).
+
+    Args:
+        zu: [B, K] class-unique codes.
+        means: [C, K] class means.
+        log_vars: [C, K] class log variances.
+
+    Returns:
+        [B] log p(zu).
+    """
+    zu = tf.convert_to_tensor(zu, tf.float32)
+    means = tf.convert_to_tensor(means, tf.float32)
+    mixture = tfd.MixtureSameFamily(
+        mixture_distribution=tfd.Categorical(logits=tf.zeros(tf.shape(means)[:1], tf.float32)),
+        components_distribution=_gm_components(means, log_vars),
+    )
+    return mixture.log_prob(zu)
+
+
+def dgmm_cls_loss(zu, labels, means, log_vars):
+    """Classification loss L_cls of the DGMM (Eq. 10).
+
+    L_cls = mean_b[-log q(y_b | zu_b)], the softmax cross-entropy of the
+    Gaussian-mixture class logits against the true labels.
+
+    Args:
+        zu: [B, K] class-unique codes.
+        labels: [B] integer class labels in [0, C).
+        means: [C, K] class means.
+        log_vars: [C, K] class log variances.
+
+    Returns:
+        Scalar loss.
+    """
+    logits = gm_class_logits(zu, means, log_vars)
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    return tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    )
+
+
+def dgmm_lkd_loss(zu, labels, means, log_vars):
+    """Likelihood regulariser L_lkd of the DGMM (Eq. 11).
+
+    L_lkd = mean_b[-log N(zu_b; mu_{y_b}, Sigma_{y_b})].
+
+    Args:
+        zu: [B, K] class-unique codes.
+        labels: [B] integer class labels in [0, C).
+        means: [C, K] class means.
+        log_vars: [C, K] class log variances.
+
+    Returns:
+        Scalar loss.
+    """
+    log_probs = gm_log_prob(zu, means, log_vars)  # [B, C]
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    own = tf.gather(log_probs, labels, axis=1, batch_dims=1)  # [B]
+    return -tf.reduce_mean(own)
+
+
+def dgmm_loss(zu, labels, means, log_vars, lambda_lkd=0.1):
+    """Total DGMM loss L_GM = L_cls + lambda_lkd * L_lkd (Eq. 12).
+
+    Args:
+        zu: [B, K] class-unique codes.
+        labels: [B] integer class labels in [0, C).
+        means: [C, K] class means.
+        log_vars: [C, K] class log variances.
+        lambda_lkd: non-negative weight of the likelihood regulariser.
+
+    Returns:
+        Scalar loss.
+    """
+    return dgmm_cls_loss(zu, labels, means, log_vars) + lambda_lkd * dgmm_lkd_loss(
+        zu, labels, means, log_vars
+    )

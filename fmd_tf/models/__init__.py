@@ -1,0 +1,13 @@
+"""Models: target classifier, β-TC-VAE encoder, TC discriminator, DGMM, decoder, combo-VAE."""
+
+from fmd_tf.models.classifier import Classifier
+from fmd_tf.models.combo_vae import ComboVAE, build_combo_vae
+from fmd_tf.models.decoder import Decoder
+from fmd_tf.models.dgmm import DGMM
+from fmd_tf.models.shared_encoder import SharedEncoder
+from fmd_tf.models.tc_discriminator import TCDiscriminator
+
+__all__ = [
+    "Classifier", "ComboVAE", "DGMM", "Decoder", "SharedEncoder", "TCDiscriminator",
+    "build_combo_vae",
+]

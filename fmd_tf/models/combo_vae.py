@@ -1,0 +1,217 @@
+"""Combo-VAE: β-TC-VAE encoder Es + frozen DGMM + decoder on concat(zs, zu) (paper §III-B, D)."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from fmd_tf import losses
+from fmd_tf.models.decoder import Decoder
+from fmd_tf.models.dgmm import DGMM
+from fmd_tf.models.shared_encoder import SharedEncoder
+from fmd_tf.models.tc_discriminator import TCDiscriminator
+
+
+@keras.saving.register_keras_serializable(package="fmd_tf")
+class ComboVAE(keras.Model):
+    """The combo-VAE and its stage-2 training step.
+
+    Stage 1 trains `dgmm` on its own (`DGMM.fit(x, y)`); stage 2 (`ComboVAE.fit(x)`) keeps it
+    frozen and trains, per batch (Eq. 8):
+
+    * encoder Es on L_R + β·L_KL + γ·L_TC,
+    * decoder on L_R (L_KL and L_TC do not depend on it),
+    * D_tc on its own loss with its own optimizer (`discriminator_optimizer` in `compile`).
+
+    Loss terms are divided by `num_replicas_in_sync` so that `tf.distribute` sums gradients
+    correctly.
+
+    Args:
+        shared_encoder: `SharedEncoder` (Es).
+        dgmm: trained `DGMM`; `compile` freezes it for stage 2.
+        decoder: `Decoder` on concat(zs, zu).
+        discriminator: `TCDiscriminator`.
+        gamma: γ, weight of L_TC.
+        beta: weight of L_KL.
+        seed: seed of the reparameterisation noise and of `permute_dims`.
+
+    Call: images [B, H, W, C] -> dict(mean [B, d_s], log_var [B, d_s], zu [B, K],
+    reconstruction [B, H, W, C]) with zs = mean (no sampling).
+    """
+
+    def __init__(
+        self, shared_encoder, dgmm, decoder, discriminator, gamma=40.0, beta=1.0, seed=0, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.shared_encoder = _maybe_deserialize(shared_encoder)
+        self.dgmm = _maybe_deserialize(dgmm)
+        self.decoder = _maybe_deserialize(decoder)
+        self.discriminator = _maybe_deserialize(discriminator)
+        self.gamma = float(gamma)
+        self.beta = float(beta)
+        self.seed = int(seed)
+        self.discriminator_optimizer = None
+        self.trackers = {
+            name: keras.metrics.Mean(name=name)
+            for name in ("loss", "recon_loss", "kl_loss", "tc", "disc_loss")
+        }
+
+    @property
+    def shared_dim(self) -> int:
+        return self.shared_encoder.latent_dim
+
+    @property
+    def unique_dim(self) -> int:
+        return self.dgmm.latent_dim
+
+    def build(self, input_shape):
+        shapes = {
+            self.shared_encoder: input_shape,
+            self.dgmm: input_shape,
+            self.decoder: (None, self.shared_dim + self.unique_dim),
+            self.discriminator: (None, self.shared_dim),
+        }
+        for model, shape in shapes.items():
+            if not model.built:
+                model.build(shape)
+        self.built = True
+
+    def compile(self, optimizer="adam", discriminator_optimizer=None, **kwargs):
+        """Prepare stage 2: freezes the DGMM; `optimizer` trains Es + decoder."""
+        self.dgmm.trainable = False
+        super().compile(optimizer=optimizer, **kwargs)
+        self.discriminator_optimizer = keras.optimizers.get(
+            discriminator_optimizer or keras.optimizers.Adam(1e-4, beta_1=0.5, beta_2=0.9)
+        )
+        if self.built:
+            self.discriminator_optimizer.build(self.discriminator.trainable_variables)
+
+    def encode(self, images):
+        """(mean [B, d_s], log_var [B, d_s], zu [B, K]) of a batch of images."""
+        mean, log_var = self.shared_encoder(images)
+        return mean, log_var, self.dgmm(images)
+
+    def decode(self, zs, zu):
+        """Images [B, H, W, C] from zs [B, d_s] and zu [B, K]."""
+        return self.decoder(tf.concat([zs, zu], axis=-1))
+
+    def call(self, images, training=False):
+        mean, log_var, zu = self.encode(images)
+        return {
+            "mean": mean,
+            "log_var": log_var,
+            "zu": zu,
+            "reconstruction": self.decode(mean, zu),
+        }
+
+    def _step_seed(self):
+        ctx = tf.distribute.get_replica_context()
+        replica = ctx.replica_id_in_sync_group if ctx is not None else 0
+        step = tf.cast(self.optimizer.iterations, tf.int32)
+        return tf.stack([tf.constant(self.seed, tf.int32) + 7919 * tf.cast(replica, tf.int32), step])
+
+    def _forward(self, x, seed, training):
+        mean, log_var = self.shared_encoder(x, training=training)
+        eps = tf.random.stateless_normal(tf.shape(mean), seed=seed)
+        zs = mean + tf.exp(0.5 * log_var) * eps
+        zu = tf.stop_gradient(self.dgmm(x, training=False))
+        x_hat = self.decode(zs, zu)
+        l_r = tf.reduce_mean(losses.reconstruction_loss(x, x_hat))
+        l_kl = tf.reduce_mean(losses.gaussian_kl(mean, log_var))
+        l_tc = losses.total_correlation_estimate(self.discriminator(zs, training=training))
+        zs_fixed = tf.stop_gradient(zs)
+        permuted = losses.permute_dims(zs_fixed, seed + tf.constant([0, 1], tf.int32))
+        l_d = losses.tc_discriminator_loss(
+            self.discriminator(zs_fixed, training=training),
+            self.discriminator(permuted, training=training),
+        )
+        return l_r, l_kl, l_tc, l_d
+
+    def _update_trackers(self, l_r, l_kl, l_tc, l_d):
+        values = {
+            "loss": l_r + self.beta * l_kl + self.gamma * l_tc,
+            "recon_loss": l_r,
+            "kl_loss": l_kl,
+            "tc": l_tc,
+            "disc_loss": l_d,
+        }
+        for name, value in values.items():
+            self.trackers[name].update_state(value)
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data):
+        x = data[0] if isinstance(data, (tuple, list)) else data
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        vae_vars = self.shared_encoder.trainable_variables + self.decoder.trainable_variables
+        disc_vars = self.discriminator.trainable_variables
+        with tf.GradientTape(persistent=True) as tape:
+            l_r, l_kl, l_tc, l_d = self._forward(x, self._step_seed(), training=True)
+            vae_loss = (l_r + self.beta * l_kl + self.gamma * l_tc) / replicas
+            disc_loss = l_d / replicas
+        vae_grads = tape.gradient(vae_loss, vae_vars)
+        disc_grads = tape.gradient(disc_loss, disc_vars)
+        del tape
+        self.optimizer.apply(vae_grads, vae_vars)
+        self.discriminator_optimizer.apply(disc_grads, disc_vars)
+        return self._update_trackers(l_r, l_kl, l_tc, l_d)
+
+    def test_step(self, data):
+        x = data[0] if isinstance(data, (tuple, list)) else data
+        seed = tf.constant([self.seed, 0], tf.int32)
+        return self._update_trackers(*self._forward(x, seed, training=False))
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def get_compile_config(self):
+        # Training-only state (two optimizers); a loaded combo-VAE is for inference.
+        return None
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            shared_encoder=keras.saving.serialize_keras_object(self.shared_encoder),
+            dgmm=keras.saving.serialize_keras_object(self.dgmm),
+            decoder=keras.saving.serialize_keras_object(self.decoder),
+            discriminator=keras.saving.serialize_keras_object(self.discriminator),
+            gamma=self.gamma,
+            beta=self.beta,
+            seed=self.seed,
+        )
+        return config
+
+
+def _maybe_deserialize(obj):
+    if isinstance(obj, dict):
+        return keras.saving.deserialize_keras_object(obj)
+    return obj
+
+
+def build_combo_vae(combo_cfg, image_shape, num_classes, seed=0) -> ComboVAE:
+    """A fresh, built combo-VAE from a `ComboVAEConfig`."""
+    dgmm = DGMM(
+        num_classes=num_classes,
+        latent_dim=combo_cfg.unique_dim,
+        filters=combo_cfg.encoder_filters,
+        dense_units=combo_cfg.encoder_dense,
+        lambda_lkd=combo_cfg.lambda_lkd,
+        name="dgmm",
+    )
+    model = ComboVAE(
+        shared_encoder=SharedEncoder(
+            combo_cfg.shared_dim, combo_cfg.encoder_filters, combo_cfg.encoder_dense,
+            name="shared_encoder",
+        ),
+        dgmm=dgmm,
+        decoder=Decoder(
+            image_shape, combo_cfg.decoder_dense, combo_cfg.decoder_filters, name="decoder"
+        ),
+        discriminator=TCDiscriminator(combo_cfg.discriminator_units, name="tc_discriminator"),
+        gamma=combo_cfg.gamma,
+        beta=combo_cfg.beta,
+        seed=seed,
+        name="combo_vae",
+    )
+    model.build((None, *image_shape))
+    return model

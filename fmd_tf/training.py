@@ -1,0 +1,156 @@
+"""Training stages used by `scripts/train.py`: classifier -> DGMM -> combo-VAE -> FM-Defense.
+
+Each stage is a function that builds its model inside the given `tf.distribute` strategy scope,
+trains it with Keras `fit` (progress bars, TensorBoard logs) and returns the model with the
+figures that go into the model card.
+"""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from fmd_tf.config import ExperimentConfig
+from fmd_tf.models.classifier import Classifier
+from fmd_tf.models.combo_vae import ComboVAE, build_combo_vae
+from fmd_tf.models.dgmm import DGMM
+
+STRATEGIES = ("default", "mirrored", "multiworker")
+
+
+def get_strategy(name: str) -> tf.distribute.Strategy:
+    """The `tf.distribute` strategy named on the command line."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+
+
+def _callbacks(log_dir: str | None, name: str):
+    if not log_dir:
+        return []
+    return [keras.callbacks.TensorBoard(log_dir=os.path.join(log_dir, name), write_graph=False)]
+
+
+def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:
+    """Share of `x` whose argmax logit equals `y`."""
+    logits = model.predict(x, batch_size=batch_size, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=-1) == y))
+
+
+def train_classifier(
+    cfg: ExperimentConfig,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    strategy: tf.distribute.Strategy,
+    log_dir: str | None = None,
+    verbose: int | str = "auto",
+) -> Classifier:
+    """Train the target classifier (sparse cross-entropy on logits, Adam, cosine-decayed rate)."""
+    c = cfg.classifier
+    if c.train_size is not None:
+        x_train, y_train = x_train[: c.train_size], y_train[: c.train_size]
+    with strategy.scope():
+        model = Classifier(
+            num_classes=cfg.num_classes,
+            conv_filters=c.conv_filters,
+            dense_units=c.dense_units,
+            dropout=c.dropout,
+            name="classifier",
+        )
+        model.build((None, *cfg.image_shape))
+        steps = c.epochs * int(np.ceil(len(x_train) / c.batch_size))
+        model.compile(
+            optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+                c.learning_rate, decay_steps=steps, alpha=0.01
+            )),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+    model.fit(
+        x_train, y_train, batch_size=c.batch_size, epochs=c.epochs, verbose=verbose,
+        callbacks=_callbacks(log_dir, "classifier"),
+    )
+    return model
+
+
+def inference_copy(model: keras.Model) -> keras.Model:
+    """An uncompiled copy with the same weights (drops optimizer state before saving)."""
+    copy = model.__class__.from_config(model.get_config())
+    copy.build(model.get_build_config()["input_shape"])
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def train_dgmm(
+    cfg: ExperimentConfig,
+    model: ComboVAE,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    log_dir: str | None = None,
+    verbose: int | str = "auto",
+) -> DGMM:
+    """Stage 1: the DGMM of `model` on labeled clean images with L_GM (Eq. 12)."""
+    c = cfg.combo
+    dgmm = model.dgmm
+    dgmm.trainable = True
+    dgmm.compile(optimizer=keras.optimizers.Adam(c.learning_rate))
+    dgmm.fit(
+        x_train, y_train, batch_size=c.batch_size, epochs=c.dgmm_epochs, verbose=verbose,
+        callbacks=_callbacks(log_dir, "dgmm"),
+    )
+    return dgmm
+
+
+def train_vae(
+    cfg: ExperimentConfig,
+    model: ComboVAE,
+    x_train: np.ndarray,
+    log_dir: str | None = None,
+    verbose: int | str = "auto",
+) -> ComboVAE:
+    """Stage 2: Es + decoder + D_tc with the DGMM frozen (Eq. 8)."""
+    c = cfg.combo
+    model.compile(
+        optimizer=keras.optimizers.Adam(c.learning_rate),
+        discriminator_optimizer=keras.optimizers.Adam(
+            c.discriminator_learning_rate, beta_1=0.5, beta_2=0.9
+        ),
+    )
+    model.fit(
+        x_train, batch_size=c.batch_size, epochs=c.vae_epochs, verbose=verbose,
+        callbacks=_callbacks(log_dir, "combo_vae"),
+    )
+    return model
+
+
+def new_combo_vae(cfg: ExperimentConfig, strategy: tf.distribute.Strategy, seed: int) -> ComboVAE:
+    with strategy.scope():
+        return build_combo_vae(cfg.combo, cfg.image_shape, cfg.num_classes, seed=seed)
+
+
+def combo_vae_metrics(
+    classifier: keras.Model, model: ComboVAE, x: np.ndarray, y: np.ndarray, batch_size: int = 512
+) -> dict:
+    """DGMM accuracy, reconstruction MSE and reconstruction label agreement on (x, y)."""
+    dgmm_pred, mse, agree = [], [], []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        out = model(xb)
+        dgmm_pred.append(np.argmax(model.dgmm.class_logits(out["zu"]).numpy(), axis=-1))
+        rec = out["reconstruction"].numpy()
+        mse.append(np.mean((rec - xb) ** 2, axis=(1, 2, 3)))
+        agree.append(
+            np.argmax(classifier(rec).numpy(), -1) == np.argmax(classifier(xb).numpy(), -1)
+        )
+    return {
+        "dgmm_test_accuracy": float(np.mean(np.concatenate(dgmm_pred) == y)),
+        "recon_mse": float(np.mean(np.concatenate(mse))),
+        "recon_label_agreement": float(np.mean(np.concatenate(agree))),
+    }

@@ -1,0 +1,449 @@
+"""Tests for fmd_tf.models: serialization, `.keras` saving, DGMM maths, training steps."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_case import TINY_COMBO_CONFIG, FmdTestCase, tiny_images
+
+from fmd_tf import losses
+from fmd_tf.models import (
+    DGMM,
+    Classifier,
+    ComboVAE,
+    Decoder,
+    SharedEncoder,
+    TCDiscriminator,
+    build_combo_vae,
+)
+from fmd_tf.models.dgmm import LOG_VAR_BOUNDS
+
+IMAGE_SHAPE = (28, 28, 1)
+LOG_2PI = math.log(2.0 * math.pi)
+COMBO_METRICS = {"loss", "recon_loss", "kl_loss", "tc", "disc_loss"}
+DGMM_METRICS = {"loss", "cls_loss", "lkd_loss", "accuracy"}
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Same initial weights in every run: each test starts from a fixed global seed."""
+    keras.utils.set_random_seed(0)
+
+
+def _small_dgmm(num_classes=10, latent_dim=3, lambda_lkd=0.1, name="dgmm"):
+    model = DGMM(
+        num_classes=num_classes, latent_dim=latent_dim, filters=(8, 8), dense_units=16,
+        lambda_lkd=lambda_lkd, name=name,
+    )
+    model.build((None, *IMAGE_SHAPE))
+    return model
+
+
+def _small_combo(seed=0):
+    return build_combo_vae(TINY_COMBO_CONFIG, IMAGE_SHAPE, 10, seed=seed)
+
+
+def _compile_combo(model):
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        discriminator_optimizer=keras.optimizers.Adam(1e-4),
+    )
+    return model
+
+
+def _np_gm_log_prob(zu, means, log_vars):
+    """[B, C] log N(zu_b; mu_c, diag exp(log_var_c)), float64."""
+    zu = np.asarray(zu, np.float64)[:, None, :]
+    mu = np.asarray(means, np.float64)[None]
+    lv = np.asarray(log_vars, np.float64)[None]
+    return (-0.5 * (LOG_2PI + lv + (zu - mu) ** 2 / np.exp(lv))).sum(-1)
+
+
+def _np_dgmm_reference(model, x):
+    """(zu, clipped log_vars, class logits) of `model` on `x`, from its weights, in numpy."""
+    zu = model(x).numpy()
+    log_vars = np.clip(model.class_log_vars.numpy(), *LOG_VAR_BOUNDS)
+    logits = _np_gm_log_prob(zu, model.class_means.numpy(), log_vars) - np.log(model.num_classes)
+    return zu, log_vars, logits
+
+
+def _weights(model):
+    return [w.numpy().copy() for w in model.weights]
+
+
+def _assert_finite_nonzero(history, names):
+    assert set(history) == names
+    for name in names:
+        assert len(history[name]) == 1, name
+        value = history[name][0]
+        assert np.isfinite(value) and value != 0.0, (name, value)
+
+
+# =========================================================================== serialization / saving
+
+
+class ClassifierTest(FmdTestCase):
+    def test_serialization_and_saving(self):
+        model = Classifier(
+            num_classes=7, conv_filters=(4, 4, 8, 8), dense_units=(16,), dropout=0.5, name="clf"
+        )
+        model.build((None, *IMAGE_SHAPE))
+        self.assertEqual(tuple(model(tiny_images()).shape), (4, 7))
+        revived = self.run_serialization_test(model)
+        self.assertEqual(revived.conv_filters, (4, 4, 8, 8))
+        self.assertEqual(revived.dense_units, (16,))
+        loaded = self.run_keras_saving_test(model, tiny_images())
+        self.assertEqual(loaded.num_classes, 7)
+
+    def test_dropout_only_in_training(self):
+        model = Classifier(conv_filters=(4, 4), dense_units=(32,), dropout=0.5)
+        x = tiny_images()
+        self.assertAllEqual(model(x), model(x, training=False))
+        self.assertNotAllClose(model(x, training=True), model(x, training=False))
+
+
+class SharedEncoderTest(FmdTestCase):
+    def test_serialization_and_saving(self):
+        model = SharedEncoder(latent_dim=5, filters=(8, 8, 16), dense_units=16, name="es")
+        model.build((None, *IMAGE_SHAPE))
+        mean, log_var = model(tiny_images())
+        self.assertEqual(tuple(mean.shape), (4, 5))
+        self.assertEqual(tuple(log_var.shape), (4, 5))
+        self.run_serialization_test(model)
+        self.run_keras_saving_test(model, tiny_images())
+
+
+class TCDiscriminatorTest(FmdTestCase):
+    def test_serialization_and_saving(self):
+        model = TCDiscriminator(units=(16, 8), name="dtc")
+        codes = np.random.default_rng(1).normal(size=(6, 5)).astype(np.float32)
+        model.build((None, 5))
+        self.assertEqual(tuple(model(codes).shape), (6,))
+        self.run_serialization_test(model)
+        self.run_keras_saving_test(model, codes)
+
+
+class DecoderTest(FmdTestCase):
+    def test_serialization_and_saving(self):
+        model = Decoder(image_shape=IMAGE_SHAPE, dense_units=16, filters=(8, 4), name="dec")
+        codes = np.random.default_rng(2).normal(size=(3, 7)).astype(np.float32)
+        model.build((None, 7))
+        images = model(codes).numpy()
+        self.assertEqual(images.shape, (3, *IMAGE_SHAPE))
+        self.assertTrue(np.all((images > 0.0) & (images < 1.0)))
+        self.run_serialization_test(model)
+        self.run_keras_saving_test(model, codes)
+
+    def test_rejects_indivisible_image_shape(self):
+        with self.assertRaisesRegex(ValueError, "not divisible by 4"):
+            Decoder(image_shape=(30, 28, 1), filters=(8, 4))
+
+
+class DGMMTest(FmdTestCase):
+    def test_serialization_and_saving(self):
+        model = _small_dgmm(num_classes=4, latent_dim=3, lambda_lkd=0.25)
+        revived = self.run_serialization_test(model)
+        self.assertEqual(revived.lambda_lkd, 0.25)
+        loaded = self.run_keras_saving_test(model, tiny_images())
+        # The prior lives in weights, so class_logits must survive saving too.
+        zu = model(tiny_images())
+        self.assertAllClose(model.class_logits(zu), loaded.class_logits(zu), atol=1e-6)
+
+
+class ComboVAETest(FmdTestCase):
+    def test_serialization_and_saving(self):
+        model = _small_combo(seed=5)
+        out = model(tiny_images())
+        self.assertEqual(sorted(out), ["log_var", "mean", "reconstruction", "zu"])
+        self.assertEqual(tuple(out["mean"].shape), (4, TINY_COMBO_CONFIG.shared_dim))
+        self.assertEqual(tuple(out["zu"].shape), (4, TINY_COMBO_CONFIG.unique_dim))
+        self.assertEqual(tuple(out["reconstruction"].shape), (4, *IMAGE_SHAPE))
+
+        revived = self.run_serialization_test(model)
+        self.assertEqual((revived.gamma, revived.beta, revived.seed), (40.0, 1.0, 5))
+        self.assertIsInstance(revived.dgmm, DGMM)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = self.run_keras_saving_test(model, tiny_images())
+        build_warnings = [str(w.message) for w in caught if "built" in str(w.message)]
+        self.assertEqual(build_warnings, [])
+        self.assertEqual(loaded.seed, 5)
+        self.assertEqual(loaded.shared_dim, TINY_COMBO_CONFIG.shared_dim)
+        self.assertEqual(loaded.unique_dim, TINY_COMBO_CONFIG.unique_dim)
+
+
+# =========================================================================== DGMM maths
+
+
+def test_dgmm_class_logits_match_numpy_reference(tiny_images):
+    model = _small_dgmm(num_classes=5, latent_dim=3)
+    rng = np.random.default_rng(3)
+    log_vars = rng.uniform(-1.0, 1.0, size=(5, 3)).astype(np.float32)
+    log_vars[0, 0], log_vars[1, 2] = -9.0, 7.0  # outside LOG_VAR_BOUNDS: must be clipped
+    model.class_log_vars.assign(log_vars)
+    # Means close to the codes, so that several classes win somewhere.
+    zu0 = model(tiny_images).numpy()
+    model.class_means.assign(
+        (zu0[rng.integers(0, 4, 5)] + rng.normal(0, 0.05, (5, 3))).astype(np.float32)
+    )
+
+    zu, clipped, ref = _np_dgmm_reference(model, tiny_images)
+    assert clipped[0, 0] == LOG_VAR_BOUNDS[0] and clipped[1, 2] == LOG_VAR_BOUNDS[1]
+    logits = model.class_logits(tf.constant(zu)).numpy()
+    assert logits.shape == (4, 5)
+    np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-4)
+    pred = np.argmax(logits, axis=-1)
+    np.testing.assert_array_equal(pred, np.argmax(ref, axis=-1))
+    np.testing.assert_array_equal(
+        model.class_mean(tf.constant(zu)).numpy(), model.class_means.numpy()[pred]
+    )
+
+
+def test_dgmm_prior_params_clip_log_vars():
+    model = _small_dgmm(num_classes=2, latent_dim=2)
+    model.class_log_vars.assign([[-100.0, 0.5], [100.0, -5.9]])
+    _, log_vars = model.prior_params()
+    np.testing.assert_array_equal(
+        log_vars.numpy(),
+        np.array([[LOG_VAR_BOUNDS[0], 0.5], [LOG_VAR_BOUNDS[1], -5.9]], np.float32),
+    )
+
+
+def test_dgmm_evaluate_matches_eq_10_to_12(toy_batch):
+    x, y = toy_batch
+    model = _small_dgmm(lambda_lkd=0.1)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    logs = model.evaluate(x, y, batch_size=len(x), verbose=0, return_dict=True)
+    assert set(logs) == DGMM_METRICS
+
+    zu, log_vars, logits = _np_dgmm_reference(model, x)
+    top = logits.max(1, keepdims=True)
+    log_softmax = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+    cls = -np.mean(log_softmax[np.arange(len(y)), y])
+    own = _np_gm_log_prob(zu, model.class_means.numpy(), log_vars)[np.arange(len(y)), y]
+    lkd = -np.mean(own)
+    np.testing.assert_allclose(logs["cls_loss"], cls, rtol=1e-5)
+    np.testing.assert_allclose(logs["lkd_loss"], lkd, rtol=1e-5)
+    np.testing.assert_allclose(logs["loss"], cls + 0.1 * lkd, rtol=1e-5)
+    np.testing.assert_allclose(logs["accuracy"], np.mean(np.argmax(logits, 1) == y), atol=1e-7)
+
+
+def test_dgmm_fit_logs_metrics_and_lowers_loss(toy_batch):
+    x, y = toy_batch
+    model = _small_dgmm(lambda_lkd=0.1)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    before = model.evaluate(x, y, batch_size=len(x), verbose=0, return_dict=True)["loss"]
+    history = model.fit(x, y, batch_size=10, epochs=1, shuffle=False, verbose=0).history
+    _assert_finite_nonzero(history, DGMM_METRICS)
+    # Epoch means of per-batch values: the identity L_GM = L_cls + lambda * L_lkd still holds.
+    np.testing.assert_allclose(
+        history["loss"][0], history["cls_loss"][0] + 0.1 * history["lkd_loss"][0], rtol=1e-5
+    )
+    assert 0.0 <= history["accuracy"][0] <= 1.0
+    assert int(model.optimizer.iterations.numpy()) == 2
+    model.fit(x, y, batch_size=len(x), epochs=3, verbose=0)
+    after = model.evaluate(x, y, batch_size=len(x), verbose=0, return_dict=True)["loss"]
+    assert after < before, (before, after)
+
+
+@pytest.mark.xfail(
+    raises=ValueError, strict=True,
+    reason="library bug: DGMM.train_step/test_step unpack `x, y = data`, but Keras 3 "
+    "train_on_batch/test_on_batch pass (x, y, sample_weight)",
+)
+def test_dgmm_train_on_batch(toy_batch):
+    x, y = toy_batch
+    model = _small_dgmm()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.train_on_batch(x, y)
+    model.test_on_batch(x, y)
+
+
+# =========================================================================== combo-VAE
+
+
+def test_combo_vae_compile_default_discriminator_optimizer():
+    model = _small_combo()
+    model.compile(optimizer="adam")
+    opt = model.discriminator_optimizer
+    assert isinstance(opt, keras.optimizers.Adam)
+    assert (float(opt.learning_rate), opt.beta_1, opt.beta_2) == pytest.approx((1e-4, 0.5, 0.9))
+
+
+def test_combo_vae_test_step_matches_eq_8(toy_batch):
+    x, _ = toy_batch
+    model = _compile_combo(_small_combo(seed=3))
+    logs = model.evaluate(x, batch_size=len(x), verbose=0, return_dict=True)
+    assert set(logs) == COMBO_METRICS
+
+    # Reference with the same noise: test_step uses the stateless seed [seed, 0].
+    mean, log_var = (t.numpy() for t in model.shared_encoder(x))
+    eps = tf.random.stateless_normal(mean.shape, seed=[3, 0]).numpy()
+    zs = mean + np.exp(0.5 * log_var) * eps
+    zu = model.dgmm(x).numpy()
+    x_hat = model.decoder(np.concatenate([zs, zu], -1).astype(np.float32)).numpy()
+    recon = np.mean(np.sum((x - x_hat) ** 2, axis=(1, 2, 3)))
+    kl = np.mean(0.5 * np.sum(mean**2 + np.exp(log_var) - log_var - 1.0, axis=-1))
+    logit_real = model.discriminator(zs.astype(np.float32)).numpy()
+    permuted = losses.permute_dims(zs.astype(np.float32), tf.constant([3, 1]))
+    logit_perm = model.discriminator(permuted).numpy()
+    disc = 0.5 * (np.mean(np.logaddexp(0.0, -logit_real)) + np.mean(np.logaddexp(0.0, logit_perm)))
+    tc = np.mean(logit_real)
+
+    np.testing.assert_allclose(logs["recon_loss"], recon, rtol=1e-4)
+    np.testing.assert_allclose(logs["kl_loss"], kl, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(logs["tc"], tc, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logs["disc_loss"], disc, rtol=1e-4)
+    np.testing.assert_allclose(logs["loss"], recon + kl + 40.0 * tc, rtol=1e-4, atol=1e-4)
+
+
+def test_combo_vae_train_steps_lower_loss_and_freeze_dgmm(toy_batch):
+    x, _ = toy_batch
+    model = _compile_combo(_small_combo())
+    before = model.test_on_batch(x, return_dict=True)
+    dgmm_w = _weights(model.dgmm)
+    parts = {"encoder": model.shared_encoder, "decoder": model.decoder,
+             "discriminator": model.discriminator}
+    part_w = {k: _weights(m) for k, m in parts.items()}
+
+    assert not model.dgmm.trainable  # compile freezes it for stage 2
+    assert model.dgmm.trainable_weights == []
+    steps = 8
+    for _ in range(steps):
+        model.train_on_batch(x)
+    after = model.test_on_batch(x, return_dict=True)
+
+    assert after["loss"] < before["loss"], (before, after)
+    assert after["recon_loss"] < before["recon_loss"], (before, after)
+    for w0, w in zip(dgmm_w, model.dgmm.weights, strict=True):
+        np.testing.assert_array_equal(w0, w.numpy(), err_msg=f"frozen DGMM changed: {w.path}")
+    for key, m in parts.items():
+        for w0, w in zip(part_w[key], m.trainable_weights, strict=True):
+            assert not np.array_equal(w0, w.numpy()), f"{key} weight {w.path} did not change"
+    assert int(model.optimizer.iterations.numpy()) == steps
+    assert int(model.discriminator_optimizer.iterations.numpy()) == steps
+
+
+def test_combo_vae_fit_logs_named_metrics(toy_batch):
+    x, _ = toy_batch
+    model = _compile_combo(_small_combo())
+    history = model.fit(x, batch_size=10, epochs=1, shuffle=False, verbose=0).history
+    _assert_finite_nonzero(history, COMBO_METRICS)
+    h = {k: v[0] for k, v in history.items()}
+    np.testing.assert_allclose(
+        h["loss"], h["recon_loss"] + h["kl_loss"] + 40.0 * h["tc"], rtol=1e-5, atol=1e-4
+    )
+    assert int(model.optimizer.iterations.numpy()) == 2
+
+
+def test_combo_vae_accepts_trained_dgmm(toy_batch):
+    x, y = toy_batch
+    dgmm = _small_dgmm()  # stage 1: a DGMM trained on its own
+    dgmm.compile(optimizer=keras.optimizers.Adam(1e-3))
+    dgmm.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
+    trained = _weights(dgmm)
+    zu = dgmm(x).numpy()
+    model = ComboVAE(
+        shared_encoder=SharedEncoder(4, (8, 8), 16),
+        dgmm=dgmm,
+        decoder=Decoder(IMAGE_SHAPE, 16, (8, 4)),
+        discriminator=TCDiscriminator((16,)),
+    )
+    model.build((None, *IMAGE_SHAPE))  # must not rebuild (or re-initialise) the DGMM
+    assert model.dgmm is dgmm
+    for w0, w in zip(trained, dgmm.weights, strict=True):
+        np.testing.assert_array_equal(w0, w.numpy())
+    np.testing.assert_array_equal(model(x)["zu"].numpy(), zu)
+    assert model.shared_encoder.built and model.decoder.built and model.discriminator.built
+
+
+# =========================================================================== tf.distribute
+
+_MIRRORED_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+    import keras
+    import numpy as np
+
+    sys.path.insert(0, sys.argv[1])
+    from test_case import TINY_COMBO_CONFIG
+
+    from fmd_tf.models import DGMM, build_combo_vae
+
+    def small_dgmm(optimizer):
+        d = DGMM(latent_dim=3, filters=(8, 8), dense_units=16)
+        d.build((None, 28, 28, 1))
+        d.compile(optimizer=optimizer)
+        return d
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(128, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, 128)
+    reference = small_dgmm(keras.optimizers.SGD(0.5))  # single device
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        combo = build_combo_vae(TINY_COMBO_CONFIG, (28, 28, 1), 10)
+        combo.compile(
+            optimizer=keras.optimizers.Adam(1e-3),
+            discriminator_optimizer=keras.optimizers.Adam(1e-4),
+        )
+        dgmm = small_dgmm(keras.optimizers.Adam(1e-3))
+        mirrored_sgd = small_dgmm(keras.optimizers.SGD(0.5))
+        mirrored_sgd.set_weights(reference.get_weights())
+    combo_h = combo.fit(x, batch_size=32, epochs=1, verbose=0).history
+    dgmm_h = dgmm.fit(x, y, batch_size=32, epochs=1, verbose=0).history
+    # One SGD step on the same global batch must give the same weights as on one device
+    # (checks the 1/num_replicas loss scaling; Adam's first step is scale-invariant).
+    reference.fit(x[:32], y[:32], batch_size=32, epochs=1, shuffle=False, verbose=0)
+    mirrored_sgd.fit(x[:32], y[:32], batch_size=32, epochs=1, shuffle=False, verbose=0)
+    diff = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(reference.get_weights(), mirrored_sgd.get_weights())
+    )
+    print(json.dumps({
+        "logical_cpus": len(tf.config.list_logical_devices("CPU")),
+        "replicas": strategy.num_replicas_in_sync,
+        "combo": combo_h,
+        "dgmm": dgmm_h,
+        "combo_iterations": int(combo.optimizer.iterations.numpy()),
+        "disc_iterations": int(combo.discriminator_optimizer.iterations.numpy()),
+        "dgmm_iterations": int(dgmm.optimizer.iterations.numpy()),
+        "sgd_step_max_diff": diff,
+    }))
+    """
+)
+
+
+def test_mirrored_strategy_two_logical_cpus():
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, "-c", _MIRRORED_SCRIPT, tests_dir],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["logical_cpus"] == 2
+    assert result["replicas"] == 2
+    assert set(result["combo"]) == COMBO_METRICS
+    assert set(result["dgmm"]) == DGMM_METRICS
+    for name, values in [*result["combo"].items(), *result["dgmm"].items()]:
+        assert len(values) == 1 and np.isfinite(values[0]), (name, values)
+    assert result["combo_iterations"] == result["disc_iterations"] == 4  # 128 / 32
+    assert result["dgmm_iterations"] == 4
+    assert result["sgd_step_max_diff"] < 1e-6
