@@ -8,7 +8,9 @@ import os as _os
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from fmd_tf import models  # noqa: E402,F401  (registers the Keras classes)
-from fmd_tf import defense  # noqa: E402,F401
+from fmd_tf import (
+    defense,  # noqa: E402,F401
+    models,  # noqa: E402,F401  (registers the Keras classes)
+)
 
 __version__ = "0.1.0"

@@ -10,9 +10,9 @@ Fashion-MNIST sources, in search order:
 3. the Keras cache ``~/.keras/datasets/fashion-mnist``;
 4. a ``keras.datasets.fashion_mnist`` download (skipped when ``FMD_NO_DOWNLOAD=1``).
 
-`paper_splits(name, seed)` (§IV-A of the paper): TRAIN is `train_size` (20,000) images of the official
-training set (for the combo-VAE); VAL (2,000, threshold calibration) and CLE (5,000, clean test
-images) are disjoint subsets of the official *test* set, which the classifier never trains on.
+`paper_splits(name, seed)` (§IV-A of the paper): TRAIN is `train_size` (20,000) images of the
+official training set (for the combo-VAE); VAL (2,000, threshold calibration) and CLE (5,000,
+clean test images) are disjoint subsets of the official *test* set, which the classifier never trains on.
 The permutation is ``numpy.random.default_rng(seed)``; the same seed always gives the same sets.
 """
 
@@ -96,6 +96,9 @@ def _load_idx_dataset(name: str, keras_loader: str):
                 arrays = {k: _read_idx(p) for k, p in files.items()}
             except (OSError, EOFError, DataNotAvailableError) as e:
                 looked.append(f"{d} (unreadable: {e})")
+                continue
+            if any(len(arrays["x" + s]) != len(arrays["y" + s]) for s in ("_train", "_test")):
+                looked.append(f"{d} (image and label counts differ)")
                 continue
             return (
                 _normalise(arrays["x_train"], arrays["y_train"]),

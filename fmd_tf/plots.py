@@ -20,7 +20,7 @@ def latent_traversals(combo_vae, images, low, high, path, steps: int = 9) -> Non
     fig, axes = plt.subplots(
         d_s, len(images) * (steps + 1), figsize=(len(images) * (steps + 1) * 0.6, d_s * 0.6)
     )
-    for k, (m, u) in enumerate(zip(mean, zu)):
+    for k, (m, u) in enumerate(zip(mean, zu, strict=True)):
         for i in range(d_s):
             z = np.repeat(m[None], steps, axis=0)
             z[:, i] = np.linspace(low[i], high[i], steps)

@@ -53,6 +53,42 @@ def validate_images(images, image_shape):
         return tf.identity(images)
 
 
+def decide(resistance, theta_r, theta_d):
+    """Verdicts of the detector-purifier from resistance vectors (§III-A, Eq. 5).
+
+    Args:
+        resistance: [B, m] float32.
+        theta_r: [m] resistance thresholds; a row is normal iff r(i) > θr(i) for all i.
+        theta_d: scalar distance threshold; suspicious rows with Dis <= θd are purified.
+
+    Returns:
+        (verdict int32 [B]: 0 passed, 1 purified, 2 rejected; distance Dis(r, θr) float32 [B]).
+    """
+    resistance = tf.convert_to_tensor(resistance, tf.float32)
+    theta_r = tf.convert_to_tensor(theta_r, tf.float32)
+    distance = tf.reduce_sum(tf.nn.relu(theta_r[None, :] - resistance), axis=-1)
+    suspicious = tf.reduce_any(resistance <= theta_r[None, :], axis=-1)
+    verdict = tf.where(
+        suspicious,
+        tf.where(distance <= theta_d, VERDICT_PURIFIED, VERDICT_REJECTED),
+        VERDICT_PASSED,
+    )
+    return tf.cast(verdict, tf.int32), distance
+
+
+def final_label(verdict, label, purified_label):
+    """The classifier's label if passed, the purified image's label if purified, else -1."""
+    return tf.where(
+        verdict == VERDICT_PASSED,
+        tf.cast(label, tf.int64),
+        tf.where(
+            verdict == VERDICT_PURIFIED,
+            tf.cast(purified_label, tf.int64),
+            tf.constant(-1, tf.int64),
+        ),
+    )
+
+
 @keras.saving.register_keras_serializable(package="fmd_tf")
 class FMDefense(keras.Model):
     """Classifier + combo-VAE + calibration state; `call` detects and purifies a batch.
@@ -117,8 +153,9 @@ class FMDefense(keras.Model):
         self.max_steps = int(max_steps)
         self.range_percentiles = tuple(float(p) for p in range_percentiles)
         d_s = self.combo_vae.shared_dim
-        codes = tuple(range(d_s)) if selected_codes is None else tuple(int(c) for c in selected_codes)
-        self.selected_codes = codes
+        if selected_codes is None:
+            selected_codes = range(d_s)
+        self.selected_codes = tuple(int(c) for c in selected_codes)
         self.threshold_mode = str(threshold_mode)
         self.rho = float(rho)
         self.eta = float(eta)
@@ -275,25 +312,13 @@ class FMDefense(keras.Model):
         label = tf.argmax(self.classifier(images), axis=-1)
         mean, _, zu = self.combo_vae.encode(images)
         resistance = self._resistance(mean, zu, label)
-        shortfall = tf.nn.relu(self.theta_r[None, :] - resistance)
-        distance = tf.reduce_sum(shortfall, axis=-1)
-        suspicious = tf.reduce_any(resistance <= self.theta_r[None, :], axis=-1)
         zu_purify = self.combo_vae.dgmm.class_mean(zu) if self.purify_zu == "class_mean" else zu
         purified = self.combo_vae.decode(mean, zu_purify)
         purified_label = tf.argmax(self.classifier(purified), axis=-1)
-        verdict = tf.where(
-            suspicious,
-            tf.where(distance <= self.theta_d, VERDICT_PURIFIED, VERDICT_REJECTED),
-            VERDICT_PASSED,
-        )
-        final = tf.where(
-            verdict == VERDICT_PASSED,
-            label,
-            tf.where(verdict == VERDICT_PURIFIED, purified_label, tf.constant(-1, tf.int64)),
-        )
+        verdict, distance = decide(resistance, self.theta_r, self.theta_d)
         return {
-            "label": final,
-            "verdict": tf.cast(verdict, tf.int32),
+            "label": final_label(verdict, label, purified_label),
+            "verdict": verdict,
             "classifier_label": label,
             "resistance": resistance,
             "distance": distance,

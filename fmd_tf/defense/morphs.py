@@ -10,7 +10,9 @@ import numpy as np
 import tensorflow as tf
 
 
-def normal_ranges(code_means: np.ndarray, percentiles=(1.0, 99.0)) -> tuple[np.ndarray, np.ndarray]:
+def normal_ranges(
+    code_means: np.ndarray, percentiles=(1.0, 99.0)
+) -> tuple[np.ndarray, np.ndarray]:
     """Normal value range of every code on clean data.
 
     Args:
@@ -22,7 +24,9 @@ def normal_ranges(code_means: np.ndarray, percentiles=(1.0, 99.0)) -> tuple[np.n
     """
     lo, hi = percentiles
     if not 0.0 <= lo < hi <= 100.0:
-        raise ValueError(f"range_percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
+        raise ValueError(
+            f"range_percentiles must satisfy 0 <= low < high <= 100, got {percentiles}"
+        )
     low = np.percentile(code_means, lo, axis=0).astype(np.float32)
     high = np.percentile(code_means, hi, axis=0).astype(np.float32)
     return low, high

@@ -108,7 +108,8 @@ class ComboVAE(keras.Model):
         ctx = tf.distribute.get_replica_context()
         replica = ctx.replica_id_in_sync_group if ctx is not None else 0
         step = tf.cast(self.optimizer.iterations, tf.int32)
-        return tf.stack([tf.constant(self.seed, tf.int32) + 7919 * tf.cast(replica, tf.int32), step])
+        base = tf.constant(self.seed, tf.int32) + 7919 * tf.cast(replica, tf.int32)
+        return tf.stack([base, step])
 
     def _forward(self, x, seed, training):
         mean, log_var = self.shared_encoder(x, training=training)

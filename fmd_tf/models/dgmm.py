@@ -110,7 +110,7 @@ class DGMM(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
     def train_step(self, data):
-        x, y = data
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             zu, total, l_cls, l_lkd = self._compute_losses(x, y, training=True)
@@ -120,7 +120,7 @@ class DGMM(keras.Model):
         return self._update_metrics(zu, y, total, l_cls, l_lkd)
 
     def test_step(self, data):
-        x, y = data
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         zu, total, l_cls, l_lkd = self._compute_losses(x, y, training=False)
         return self._update_metrics(zu, y, total, l_cls, l_lkd)
 

@@ -1,0 +1,243 @@
+"""Export a calibrated `FMDefense` as one SavedModel for TensorFlow Serving.
+
+    from fmd_tf.export import export_serving
+    path = export_serving(fmd, "saved_models/fmnist/serving", version=1)
+    # -> saved_models/fmnist/serving/1/{saved_model.pb, variables/, fingerprint.pb, assets/}
+
+The directory layout is TF Serving's: `<base_path>/<version>/`, with `base_path` mounted at
+`/models/fmd` in the server (see `serving/`). The command-line wrapper is `scripts/export.py`.
+
+Signatures (every one takes a single input `images`, float32 [None, 28, 28, 1] in [0, 1]):
+
+====================  ===========================================================================
+`serving_default`     the full defense (`FMDefense.call`): `label` int64 [B] (-1 = rejected),
+                      `verdict` int32 [B] (0 passed, 1 purified, 2 rejected), `classifier_label`
+                      int64 [B], `resistance` float32 [B, m], `distance` float32 [B], `purified`
+                      float32 [B, 28, 28, 1]
+`classify`            the undefended classifier: `logits` float32 [B, classes], `label` int64 [B]
+`detect`              `resistance`, `distance`, `verdict` (same values as `serving_default`)
+`purify`              `purified` float32 [B, 28, 28, 1] (decoder(μs(x) ‖ zu)) and `label` int64
+                      [B], the classifier's label of the purified image (no morph search, cheap)
+====================  ===========================================================================
+
+Every signature first runs `fmd_tf.defense.fm_defense.validate_images` inside the graph, so a
+bad request fails with INVALID_ARGUMENT and a message naming the problem (shape, empty batch,
+NaN/Inf, value < 0, value > 1) instead of a wrong answer. The image size in the graph check
+and in the signatures is the model's own (`fmd._image_shape`, 28x28x1 for (Fashion-)MNIST).
+
+How it is built: plain `tf.function`s with a fixed `input_signature` close over the model's
+graph methods (`fmd._defend`, `fmd.classifier`, `fmd.combo_vae`); the `tf.Variable`s their
+concrete functions capture are attached to a `tf.Module` root, which `tf.saved_model.save`
+writes with the four signatures. (This is what `keras.export.ExportArchive` does as well, minus
+its `jit_compile` limitation.) The SavedModel needs no Python or `fmd_tf` to run: the server
+only sees TensorFlow ops. It is written to a temporary sibling directory and renamed into
+place, so the version directory is either complete or absent - TF Serving polls `base_path` and
+must never see a half-written version.
+
+XLA on GPU: by default nothing is XLA-compiled (on CPU XLA made the morph search ~3x slower).
+When exporting *for a GPU server*, pass `jit_compile=True` (`scripts/export.py --xla`): the
+expensive signatures (`serving_default`, `detect`) are then traced with
+`tf.function(..., jit_compile=True)`, which SavedModel records as the `_XlaMustCompile`
+attribute of the function call, so TF Serving (`tensorflow/serving:latest-gpu`) compiles them
+with XLA at load / first request; no server flag is needed (`--xla_cpu_compilation_enabled` only
+concerns CPU servers and should stay off). `keras.export.ExportArchive.add_endpoint` ignores
+`jit_compile`, which is why this module uses `tf.function` + `tf.saved_model.save` directly.
+The input checks stay outside the XLA cluster (asserts do not compile). Export on the kind of
+device you will serve on and compare timings: on CPU keep the default.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import tensorflow as tf
+
+from fmd_tf.defense.fm_defense import OUTPUT_KEYS, validate_images
+
+__all__ = [
+    "SIGNATURES",
+    "INPUT_NAME",
+    "export_serving",
+    "export_after_training",
+    "serving_functions",
+    "describe_signatures",
+    "VersionExistsError",
+]
+
+INPUT_NAME = "images"
+# signature name -> output keys, in the order documented above.
+SIGNATURES = {
+    "serving_default": tuple(OUTPUT_KEYS),
+    "classify": ("logits", "label"),
+    "detect": ("resistance", "distance", "verdict"),
+    "purify": ("purified", "label"),
+}
+
+
+class VersionExistsError(FileExistsError):
+    """The version directory exists and `overwrite` was not given."""
+
+
+def _check_ready(fmd):
+    if not getattr(fmd, "built", False) or fmd._image_shape is None:
+        raise ValueError("FMDefense is not built: call it on a batch or load a saved model first")
+    if not fmd.is_calibrated:
+        from fmd_tf.defense import NotCalibratedError
+
+        raise NotCalibratedError(
+            "FMDefense is not calibrated: call calibrate(x_val) before exporting (an "
+            "uncalibrated defense would reject or pass everything)"
+        )
+
+
+def serving_functions(fmd, jit_compile: bool = False) -> dict:
+    """{signature name: `tf.function` with input_signature} for the four signatures.
+
+    Each function takes `images` (keyword) float32 [None, *image_shape] and returns a dict of
+    tensors. `jit_compile=True` XLA-compiles the morph-search signatures (`serving_default`,
+    `detect`) behind the input checks; see the module docstring.
+    """
+    image_shape = tuple(int(s) for s in fmd._image_shape)
+    spec = tf.TensorSpec([None, *image_shape], tf.float32, name=INPUT_NAME)
+
+    def defend_body(images):
+        # `_defend` validates too; the second check is a no-op and keeps this usable alone.
+        return fmd._defend(images)
+
+    defend_core = tf.function(defend_body, jit_compile=True) if jit_compile else defend_body
+
+    def checked(images):
+        return validate_images(images, image_shape)
+
+    def serving_default(images):
+        out = defend_core(checked(images))
+        return {key: out[key] for key in SIGNATURES["serving_default"]}
+
+    def classify(images):
+        logits = fmd.classifier(checked(images))
+        return {"logits": logits, "label": tf.argmax(logits, axis=-1)}
+
+    def detect(images):
+        out = defend_core(checked(images))
+        return {key: out[key] for key in SIGNATURES["detect"]}
+
+    def purify(images):
+        images = checked(images)
+        # The purifier branch of `FMDefense._defend` (same ops, no morph search).
+        mean, _, zu = fmd.combo_vae.encode(images)
+        if fmd.purify_zu == "class_mean":
+            zu = fmd.combo_vae.dgmm.class_mean(zu)
+        purified = fmd.combo_vae.decode(mean, zu)
+        return {"purified": purified, "label": tf.argmax(fmd.classifier(purified), axis=-1)}
+
+    bodies = {"serving_default": serving_default, "classify": classify, "detect": detect,
+              "purify": purify}
+    return {
+        name: tf.function(body, input_signature=[spec], autograph=False, reduce_retracing=True)
+        for name, body in bodies.items()
+    }
+
+
+def _write_saved_model(fmd, path: str, jit_compile: bool) -> None:
+    functions = serving_functions(fmd, jit_compile=jit_compile)
+    concrete = {name: fn.get_concrete_function() for name, fn in functions.items()}
+    root = tf.Module(name="fmd_serving")
+    # Track exactly the variables the graphs capture (keras variables wrap tf.Variables).
+    variables, seen = [], set()
+    for fn in concrete.values():
+        for v in fn.variables:
+            if id(v) not in seen:
+                seen.add(id(v))
+                variables.append(v)
+    root.captured_variables = variables
+    for name, fn in functions.items():
+        setattr(root, name, fn)
+    tf.saved_model.save(root, path, signatures=concrete)
+
+
+def export_serving(fmd, out_dir, version: int = 1, overwrite: bool = False,
+                   jit_compile: bool = False) -> str:
+    """Write `fmd` as a TF Serving SavedModel in `out_dir/<version>/`; returns that path.
+
+    Args:
+        fmd: a built, calibrated `fmd_tf.defense.FMDefense` (e.g. `keras.models.load_model(
+            "saved_models/fmnist/fmd.keras")` after `import fmd_tf`).
+        out_dir: the model's base path (what TF Serving's `base_path` points at).
+        version: positive integer version; TF Serving serves the highest one by default.
+        overwrite: replace an existing `out_dir/<version>` (atomically swapped; the old one is
+            removed only after the new one is complete).
+        jit_compile: XLA-compile the morph search (for GPU servers only; see module docstring).
+
+    Raises:
+        VersionExistsError: the version exists and `overwrite` is False (nothing is touched).
+        ValueError: bad version; NotCalibratedError: the defense is not calibrated.
+    """
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"version must be a positive integer, got {version!r}")
+    _check_ready(fmd)
+    out_dir = os.fspath(out_dir)
+    final = os.path.join(out_dir, str(version))
+    if os.path.exists(final) and not overwrite:
+        raise VersionExistsError(
+            f"{final} already exists; pass overwrite=True (--overwrite) or choose another version"
+        )
+    os.makedirs(out_dir, exist_ok=True)
+    # A dot-prefixed sibling: same filesystem (rename is atomic) and TF Serving ignores it
+    # (only all-digit directory names are versions).
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=out_dir)
+    try:
+        staged = os.path.join(tmp, "model")
+        _write_saved_model(fmd, staged, jit_compile)
+        if os.path.exists(final):  # overwrite: swap, restoring the old version on failure
+            old = os.path.join(tmp, "old")
+            os.rename(final, old)
+            try:
+                os.rename(staged, final)
+            except BaseException:
+                os.rename(old, final)
+                raise
+        else:
+            os.rename(staged, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def export_after_training(fmd, out_dir) -> str:
+    """Hook for `scripts/train.py`: write `out_dir/serving/1` (replacing it); returns the path.
+
+    train.py checks `--overwrite` for its own outputs before training, so this replaces an
+    existing version 1 unconditionally.
+    """
+    return export_serving(fmd, os.path.join(os.fspath(out_dir), "serving"), version=1,
+                          overwrite=True)
+
+
+def describe_signatures(path) -> dict:
+    """{signature: {"inputs": {name: (dtype, shape)}, "outputs": {...}}} of a SavedModel dir.
+
+    Read from `saved_model.pb` without loading the graphs (like `saved_model_cli show`); shapes
+    use -1 for unknown sizes. Internal signatures (`__saved_model_init_op`) are left out.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(os.fspath(path), "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    meta = next(m for m in proto.meta_graphs if "serve" in m.meta_info_def.tags)
+
+    def info(tensors):
+        return {
+            name: (tf.dtypes.as_dtype(t.dtype).name,
+                   tuple(d.size for d in t.tensor_shape.dim) if not t.tensor_shape.unknown_rank
+                   else None)
+            for name, t in sorted(tensors.items())
+        }
+
+    return {
+        name: {"inputs": info(sig.inputs), "outputs": info(sig.outputs)}
+        for name, sig in sorted(meta.signature_def.items())
+        if not name.startswith("__")
+    }

@@ -1,0 +1,405 @@
+"""Command-line and Python client for FM-Defense served by TensorFlow Serving.
+
+Expected server: TensorFlow Serving (the official `tensorflow/serving` image, see
+`serving/docker-compose.yml`) serving the SavedModel written by `scripts/export.py` under the
+model name `fmd`: gRPC on port 8500, REST on port 8501. Host and port are flags; nothing is
+hard-wired. Signatures: `serving_default` (full defense), `classify`, `detect`, `purify`; each
+takes `images` float32 [N, 28, 28, 1] in [0, 1] (see `fmd_tf.export`).
+
+    python -m fmd_tf.serving.client --target localhost:8500 --model fmd --images x.npy \\
+        [--signature serving_default] [--version N] [--timeout 10] [--outputs label,verdict]
+    python -m fmd_tf.serving.client --rest http://localhost:8501 --images x.npy ...
+    python -m fmd_tf.serving.client --target localhost:8500 --metadata
+    python -m fmd_tf.serving.client --images x.npy --warmup 3 --repeat 20   # latency
+
+`--images` is a .npy file, float32 or float64, [N, 28, 28, 1] or [N, 28, 28] (a channel axis is
+added; float64 is cast to float32). Value checks (NaN, range) are the server's: it answers
+INVALID_ARGUMENT naming the problem. Prints the outputs as JSON (lists) on stdout; timings go to
+stderr. Errors (server unreachable, unknown model or signature, rejected input, bad input file)
+are one line on stderr and exit status 2.
+
+Python API: `predict_grpc`, `predict_rest` (dict of numpy arrays), `get_model_metadata`,
+`load_images`; failures raise `ServingError` (with a gRPC-style `code`) or `ImageInputError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+DEFAULT_TARGET = "localhost:8500"
+DEFAULT_MODEL = "fmd"
+IMAGE_SHAPE = (28, 28, 1)
+# Messages of a few MB (big batches, `purified` outputs) exceed gRPC's 4 MB default.
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+]
+# REST answers are JSON: restore the signatures' dtypes by output name.
+_REST_DTYPES = {"label": np.int64, "classifier_label": np.int64, "verdict": np.int32}
+
+
+class ServingError(RuntimeError):
+    """The server (or the connection to it) failed a request.
+
+    `code` is the gRPC status name (UNAVAILABLE, NOT_FOUND, FAILED_PRECONDITION,
+    INVALID_ARGUMENT, DEADLINE_EXCEEDED, ...; REST errors are mapped to the same names) and
+    `message` the server's text.
+    """
+
+    def __init__(self, code: str, message: str, target: str = ""):
+        self.code, self.message, self.target = code, message, target
+        super().__init__(f"{code}: {message}")
+
+
+class ImageInputError(ValueError):
+    """The images file or array cannot be sent (missing, not .npy, wrong dtype or shape)."""
+
+
+# ----------------------------------------------------------------------------------- input
+
+
+def check_images(images) -> np.ndarray:
+    """float32 [N, 28, 28, 1] from float32/float64 [N, 28, 28, 1] or [N, 28, 28]; else error."""
+    images = np.asarray(images)
+    if images.dtype not in (np.float32, np.float64):
+        hint = " (divide uint8 images by 255 first)" if images.dtype.kind in "ui" else ""
+        raise ImageInputError(
+            f"images must be float32 or float64 in [0, 1], found dtype {images.dtype}{hint}"
+        )
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+        raise ImageInputError(
+            f"images must have shape [N, 28, 28, 1] or [N, 28, 28], found {list(images.shape)}"
+        )
+    if images.shape[0] == 0:
+        raise ImageInputError("images: empty batch (N = 0)")
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
+def load_images(path) -> np.ndarray:
+    """Read and check a .npy file of images (see `check_images`)."""
+    path = os.fspath(path)
+    if not path.endswith(".npy"):
+        raise ImageInputError(f"{path}: expected a .npy file (numpy.save), got another extension")
+    if not os.path.isfile(path):
+        raise ImageInputError(f"{path}: no such file")
+    try:
+        images = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ImageInputError(f"{path}: not a readable .npy array ({e})") from None
+    if not isinstance(images, np.ndarray):
+        raise ImageInputError(f"{path}: holds a {type(images).__name__}, not one array")
+    try:
+        return check_images(images)
+    except ImageInputError as e:
+        raise ImageInputError(f"{path}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------ gRPC
+
+
+def _grpc_error(e, target: str) -> ServingError:
+    code = e.code().name if e.code() is not None else "UNKNOWN"
+    return ServingError(code, e.details() or str(e), target)
+
+
+def _model_spec(spec, model, signature=None, version=None):
+    spec.name = model
+    if signature is not None:
+        spec.signature_name = signature
+    if version is not None:
+        spec.version.value = int(version)
+
+
+class GrpcClient:
+    """A PredictionService connection to reuse across requests (`with GrpcClient(...) as c`)."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, timeout: float = 10.0):
+        import grpc
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        self.target, self.timeout, self._grpc = target, float(timeout), grpc
+        self.channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+
+    def close(self):
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def predict(self, model, images, signature="serving_default", version=None,
+                output_filter=None) -> dict:
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        images = check_images(images)
+        request = predict_pb2.PredictRequest()
+        _model_spec(request.model_spec, model, signature, version)
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(images))
+        request.output_filter.extend(output_filter or [])
+        try:
+            response = self.stub.Predict(request, timeout=self.timeout)
+        except self._grpc.RpcError as e:
+            raise _grpc_error(e, self.target) from None
+        return {key: tf.make_ndarray(proto) for key, proto in sorted(response.outputs.items())}
+
+    def metadata(self, model, version=None) -> dict:
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        _model_spec(request.model_spec, model, version=version)
+        request.metadata_field.append("signature_def")
+        try:
+            response = self.stub.GetModelMetadata(request, timeout=self.timeout)
+        except self._grpc.RpcError as e:
+            raise _grpc_error(e, self.target) from None
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        if not response.metadata["signature_def"].Unpack(signature_map):
+            raise ServingError("INTERNAL", "metadata is not a SignatureDefMap", self.target)
+        return {
+            "model": response.model_spec.name,
+            "version": response.model_spec.version.value,
+            "signatures": signature_summary(signature_map.signature_def),
+        }
+
+
+def signature_summary(signature_defs) -> dict:
+    """{name: {"inputs"|"outputs": {key: (dtype, shape)}}} of SignatureDef protos (-1 = any)."""
+    import tensorflow as tf
+
+    def info(tensors):
+        return {
+            key: (tf.dtypes.as_dtype(t.dtype).name,
+                  None if t.tensor_shape.unknown_rank
+                  else tuple(d.size for d in t.tensor_shape.dim))
+            for key, t in sorted(tensors.items())
+        }
+
+    return {
+        name: {"inputs": info(sig.inputs), "outputs": info(sig.outputs)}
+        for name, sig in sorted(signature_defs.items())
+        if not name.startswith("__")  # __saved_model_init_op
+    }
+
+
+def predict_grpc(target, model, images, signature="serving_default", timeout=10.0,
+                 version=None, output_filter=None) -> dict:
+    """One gRPC Predict call; {output name: numpy array}. Raises ServingError/ImageInputError."""
+    with GrpcClient(target, timeout) as client:
+        return client.predict(model, images, signature, version, output_filter)
+
+
+def get_model_metadata(target, model=DEFAULT_MODEL, timeout=10.0, version=None) -> dict:
+    """{"model", "version", "signatures": {name: {"inputs", "outputs"}}} via GetModelMetadata."""
+    with GrpcClient(target, timeout) as client:
+        return client.metadata(model, version)
+
+
+# ------------------------------------------------------------------------------------ REST
+
+
+def _rest_code(status: int, message: str) -> str:
+    if status == 404:
+        return "NOT_FOUND"
+    if status == 400:
+        return "FAILED_PRECONDITION" if "signature" in message.lower() else "INVALID_ARGUMENT"
+    if status in (503, 502):
+        return "UNAVAILABLE"
+    return f"HTTP_{status}"
+
+
+def predict_rest(url, model, images, signature="serving_default", timeout=10.0,
+                 version=None) -> dict:
+    """One REST predict call (columnar "inputs" format) to TF Serving at `url`.
+
+    POSTs {"signature_name", "inputs": {"images": ...}} to
+    `url/v1/models/<model>[/versions/N]:predict`; returns {output name: numpy array}.
+    """
+    images = check_images(images)
+    base = url.rstrip("/")
+    if "://" not in base:
+        base = "http://" + base
+    path = f"/v1/models/{model}" + (f"/versions/{int(version)}" if version is not None else "")
+    body = json.dumps({"signature_name": signature, "inputs": {"images": images.tolist()}})
+    request = urllib.request.Request(
+        base + path + ":predict", data=body.encode(), method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            payload = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        try:
+            message = json.loads(text).get("error", text)
+        except (ValueError, AttributeError):
+            message = text or e.reason
+        raise ServingError(_rest_code(e.code, str(message)), str(message), base) from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        code = "DEADLINE_EXCEEDED" if isinstance(reason, (socket.timeout, TimeoutError)) \
+            else "UNAVAILABLE"
+        raise ServingError(code, f"{base}: {reason}", base) from None
+    outputs = payload.get("outputs")
+    if outputs is None:
+        raise ServingError("INTERNAL", f"unexpected REST answer: keys {sorted(payload)}", base)
+    if not isinstance(outputs, dict):  # TF Serving drops the name of a single output
+        outputs = {"output": outputs}
+    return {key: _rest_array(key, value) for key, value in sorted(outputs.items())}
+
+
+def _rest_array(key, value) -> np.ndarray:
+    array = np.asarray(value)
+    if key in _REST_DTYPES:
+        return array.astype(_REST_DTYPES[key])
+    return array.astype(np.float32) if array.dtype.kind == "f" else array
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+class UsageError(Exception):
+    """Printed as one line on stderr; exit status 2."""
+
+
+def _explain(e: ServingError, args) -> str:
+    where = args.rest or args.target
+    if e.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        return (f"cannot reach TF Serving at {where} ({e.code}: {e.message}); is the server "
+                "running (docker compose -f serving/docker-compose.yml up) and the "
+                f"{'--rest URL' if args.rest else '--target host:port'} right?")
+    if e.code == "NOT_FOUND":
+        version = f" version {args.version}" if args.version is not None else ""
+        return (f"model {args.model!r}{version} not found on {where} ({e.message}); check "
+                "--model / --version against serving/models.config")
+    if e.code == "FAILED_PRECONDITION" or (e.code == "INVALID_ARGUMENT"
+                                           and "signature" in e.message.lower()):
+        return (f"signature {args.signature!r} not served by model {args.model!r} "
+                f"({e.message}); expected one of serving_default, classify, detect, purify")
+    if e.code == "INVALID_ARGUMENT":
+        return f"the server rejected the input (INVALID_ARGUMENT): {e.message}"
+    return f"request to {where} failed ({e.code}): {e.message}"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m fmd_tf.serving.client", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--target", default=DEFAULT_TARGET, help="gRPC host:port of TF Serving")
+    p.add_argument("--rest", default=None, metavar="URL",
+                   help="use REST at URL (e.g. http://localhost:8501) instead of gRPC")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
+    p.add_argument("--version", type=int, default=None, help="model version (default latest)")
+    p.add_argument("--signature", default="serving_default")
+    p.add_argument("--images", default=None, help=".npy file, [N, 28, 28(, 1)] float in [0, 1]")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    p.add_argument("--outputs", default=None,
+                   help="comma-separated outputs to print (default all)")
+    p.add_argument("--metadata", action="store_true",
+                   help="print the served signatures (gRPC GetModelMetadata) and exit")
+    p.add_argument("--warmup", type=int, default=0, help="untimed requests before timing")
+    p.add_argument("--repeat", type=int, default=1, help="timed requests (latency on stderr)")
+    args = p.parse_args(argv)
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+    if args.warmup < 0 or args.repeat < 1:
+        raise UsageError("--warmup must be >= 0 and --repeat >= 1")
+    if not args.metadata and args.images is None:
+        raise UsageError("--images FILE.npy is required (or pass --metadata)")
+    if args.metadata and args.rest:
+        raise UsageError("--metadata uses gRPC (--target); drop --rest")
+    return args
+
+
+def _expected_keys(signature):
+    from fmd_tf.export import SIGNATURES
+
+    return set(SIGNATURES.get(signature, ()))
+
+
+def run(args, out=None, err=None) -> dict:
+    out, err = out or sys.stdout, err or sys.stderr
+    if args.metadata:
+        meta = get_model_metadata(args.target, args.model, args.timeout, args.version)
+        print(json.dumps(meta, indent=2), file=out)
+        return meta
+    try:
+        images = load_images(args.images)
+    except ImageInputError as e:
+        raise UsageError(str(e)) from None
+    grpc_client = None if args.rest else GrpcClient(args.target, args.timeout)
+
+    def request():
+        if args.rest:
+            return predict_rest(args.rest, args.model, images, args.signature, args.timeout,
+                                args.version)
+        return grpc_client.predict(args.model, images, args.signature, args.version)
+
+    try:
+        expected = _expected_keys(args.signature)
+        for _ in range(args.warmup):
+            _check_keys(request(), expected, args.signature)
+        seconds = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            outputs = request()
+            seconds.append(time.perf_counter() - start)
+            _check_keys(outputs, expected, args.signature)
+    finally:
+        if grpc_client is not None:
+            grpc_client.close()
+    if args.warmup or args.repeat > 1:
+        ms = np.array(seconds) * 1e3
+        print(f"{len(images)} images x {args.repeat} requests ({args.warmup} warm-up) via "
+              f"{'REST' if args.rest else 'gRPC'}: median {np.median(ms):.1f} ms, p90 "
+              f"{np.percentile(ms, 90):.1f} ms, min {ms.min():.1f} ms, "
+              f"{len(images) / np.median(seconds):.1f} images/s", file=err)
+    if args.outputs:
+        wanted = [k.strip() for k in args.outputs.split(",") if k.strip()]
+        missing = [k for k in wanted if k not in outputs]
+        if missing:
+            raise UsageError(f"--outputs: {missing} not in the answer ({sorted(outputs)})")
+        outputs = {k: outputs[k] for k in wanted}
+    print(json.dumps({k: v.tolist() for k, v in outputs.items()}), file=out)
+    return outputs
+
+
+def _check_keys(outputs, expected, signature):
+    missing = sorted(expected - set(outputs))
+    if missing:
+        raise ServingError(
+            "INTERNAL", f"answer of signature {signature!r} lacks outputs {missing} (got "
+            f"{sorted(outputs)}): is the served model an fmd_tf export?"
+        )
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ServingError as e:
+        print(f"error: {_explain(e, args)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""FM-Defense: natural morphs, calibration, verdicts and the FMDefense model (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_case import TINY_COMBO_CONFIG, FmdTestCase, tiny_images
+
+import fmd_tf  # noqa: F401
+from fmd_tf.defense import FMDefense, NotCalibratedError, calibration, morphs
+from fmd_tf.defense.fm_defense import decide, final_label
+from fmd_tf.models import Classifier, build_combo_vae
+
+# ----------------------------------------------------------------------------- morphs
+
+
+def _reference_morphs(codes, low, high, offsets, n):
+    """Plain-Python §III-C search: walk the candidates in order, keep the first n in range."""
+    out = np.zeros((*codes.shape, n), np.float32)
+    for b in range(codes.shape[0]):
+        for i in range(codes.shape[1]):
+            cand = codes[b, i] + offsets[i] * (high[i] - low[i])
+            inside = [c for c in cand if low[i] <= c <= high[i]]
+            outside = [c for c in cand if not low[i] <= c <= high[i]]
+            out[b, i] = np.clip((inside + outside)[:n], low[i], high[i])
+    return out
+
+
+def test_search_offsets_radius_grows_by_delta_r():
+    table = morphs.search_offsets(3, steps=5, candidates_per_step=4, radius_step=0.1, seed=1)
+    assert table.shape == (3, 20) and table.dtype == np.float32
+    radius = np.abs(table).reshape(3, 5, 4).max(axis=(0, 2))
+    # step t draws in [-0.1 t, 0.1 t]: every step stays within its radius ...
+    assert np.all(radius <= 0.1 * np.arange(1, 6) + 1e-7)
+    # ... and later steps reach beyond the first step's radius.
+    assert radius[-1] > 0.1
+    np.testing.assert_array_equal(table, morphs.search_offsets(3, 5, 4, 0.1, seed=1))
+    assert not np.array_equal(table, morphs.search_offsets(3, 5, 4, 0.1, seed=2))
+
+
+def test_natural_morphs_inside_range_exactly_n_and_in_search_order():
+    rng = np.random.default_rng(0)
+    low = np.array([-1.0, 0.0, -2.0], np.float32)
+    high = np.array([1.0, 0.5, 2.0], np.float32)
+    codes = rng.uniform(-1.5, 1.5, size=(6, 3)).astype(np.float32)
+    codes[0, 1] = 5.0  # far outside its range: the search must still give N values in range
+    offsets = morphs.search_offsets(3, steps=6, candidates_per_step=5, radius_step=0.1, seed=0)
+    got = morphs.natural_morph_codes(codes, low, high, offsets, num_morphs=12).numpy()
+    assert got.shape == (6, 3, 12)
+    assert np.all(got >= low[None, :, None]) and np.all(got <= high[None, :, None])
+    np.testing.assert_allclose(got, _reference_morphs(codes, low, high, offsets, 12), atol=1e-6)
+    # Far outside the range, every candidate is clipped to the nearest bound.
+    np.testing.assert_allclose(got[0, 1], np.full(12, 0.5))
+
+
+def test_morph_latents_change_only_the_selected_code():
+    mean = tf.constant(np.arange(8, dtype=np.float32).reshape(2, 4))
+    values = tf.constant(np.full((2, 2, 3), -7.0, np.float32))
+    z = morphs.morph_latents(mean, tf.constant([1, 3]), values).numpy()
+    assert z.shape == (2, 2, 3, 4)
+    expected = np.broadcast_to(mean.numpy()[:, None, None, :], z.shape).copy()
+    expected[:, 0, :, 1] = -7.0
+    expected[:, 1, :, 3] = -7.0
+    np.testing.assert_array_equal(z, expected)
+
+
+def test_normal_ranges_percentiles_and_bad_rule():
+    means = np.stack([np.arange(101.0), -np.arange(101.0)], axis=1)
+    low, high = morphs.normal_ranges(means, (1.0, 99.0))
+    np.testing.assert_allclose(low, [1.0, -99.0])
+    np.testing.assert_allclose(high, [99.0, -1.0])
+    with pytest.raises(ValueError, match="range_percentiles"):
+        morphs.normal_ranges(means, (50.0, 10.0))
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def test_unified_threshold_hand_example():
+    # N = 10 morphs; sorted min resistances of the 10 clean images: 0.1, 0.3, 0.5, 0.7, ...;
+    # rho = 0.8 allows 2 false positives: flag below the third, theta = 0.5 - 0.5/10 = 0.45.
+    r = np.array([[0.1, 0.9], [0.3, 1.0], [0.5, 0.6], [0.7, 0.8], [0.9, 0.9],
+                  [1.0, 1.0], [1.0, 0.9], [0.8, 1.0], [0.9, 0.7], [1.0, 1.0]])
+    theta = calibration.resistance_thresholds(r, rho=0.8, mode="unified", num_morphs=10)
+    np.testing.assert_allclose(theta, [0.45, 0.45])
+    assert calibration.false_positive_rate(r, theta) == pytest.approx(0.2)
+
+
+def test_per_code_threshold_hand_example():
+    # Per-code budget alpha = 1/4 flags exactly the lowest image of each code; those are two
+    # different images -> joint FPR 2/4 = 0.5 <= 1 - rho = 0.5. alpha = 2/4 would flag 3 or 4.
+    r = np.array([[0.2, 1.0], [1.0, 0.4], [0.6, 0.8], [0.8, 0.6]])
+    theta = calibration.resistance_thresholds(r, rho=0.5, mode="per_code", num_morphs=10)
+    np.testing.assert_allclose(theta, [0.55, 0.55])
+    assert calibration.false_positive_rate(r, theta) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("mode", ["per_code", "unified"])
+@pytest.mark.parametrize("rho", [0.999, 0.99, 0.9])
+def test_calibration_reaches_requested_fpr_on_synthetic_data(mode, rho):
+    rng = np.random.default_rng(7)
+    n_morphs = 100
+    r = rng.binomial(n_morphs, rng.beta(8, 1, size=(4000, 1)), size=(4000, 6)) / n_morphs
+    theta = calibration.resistance_thresholds(r, rho, mode, n_morphs)
+    fpr = calibration.false_positive_rate(r, theta)
+    assert fpr <= 1 - rho + 1e-12
+    # Tight: one more grid step on every code would break the budget.
+    assert calibration.false_positive_rate(r, theta + 1.0 / n_morphs) > 1 - rho
+    # Held-out clean data from the same distribution stays near the budget.
+    r_new = rng.binomial(n_morphs, rng.beta(8, 1, size=(4000, 1)), size=(4000, 6)) / n_morphs
+    assert calibration.false_positive_rate(r_new, theta) < 3 * (1 - rho) + 0.005
+
+
+def test_calibration_bad_arguments():
+    with pytest.raises(ValueError, match="rho"):
+        calibration.resistance_thresholds(np.ones((3, 2)), rho=0.0)
+    with pytest.raises(ValueError, match="threshold_mode"):
+        calibration.resistance_thresholds(np.ones((3, 2)), rho=0.9, mode="max")
+    with pytest.raises(ValueError, match="non-empty"):
+        calibration.resistance_thresholds(np.ones((0, 2)), rho=0.9)
+
+
+def test_distance_eq5_and_theta_d_rules():
+    theta = np.array([0.5, 0.5, 0.5])
+    r = np.array([[0.9, 0.9, 0.9], [0.4, 0.9, 0.2], [0.0, 0.0, 0.0]])
+    # Dis = sum of shortfalls below the thresholds: 0; 0.1 + 0.3; 3 * 0.5.
+    np.testing.assert_allclose(calibration.distance(r, theta), [0.0, 0.4, 1.5])
+    # Enough suspicious rows: eta-quantile of their distances (0.4, 1.5) -> 0.4 + 0.5 * 1.1.
+    theta_d, info = calibration.distance_threshold(r, theta, eta=0.5, min_suspicious=2)
+    assert theta_d == pytest.approx(0.95)
+    assert info == {"num_suspicious_val": 2, "rule": "suspicious_val"}
+    # Too few: the reference thresholds at reference_rho are used instead.
+    theta_d, info = calibration.distance_threshold(
+        r, theta, eta=1.0, min_suspicious=3, num_morphs=10, reference_rho=0.3
+    )
+    assert info["rule"] == "reference_rho"
+    ref = calibration.resistance_thresholds(r, 0.3, "per_code", 10)
+    flagged = calibration.is_suspicious(r, ref)
+    assert theta_d == pytest.approx(calibration.distance(r[flagged], ref).max())
+
+
+def test_select_codes_keeps_highest_clean_resistance():
+    r = np.array([[0.1, 0.9, 0.5, 0.8], [0.3, 0.7, 0.5, 0.9]])
+    np.testing.assert_array_equal(calibration.select_codes(r, 2), [1, 3])
+    with pytest.raises(ValueError, match="num_codes"):
+        calibration.select_codes(r, 5)
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+def test_verdicts_on_hand_made_resistance_vectors():
+    theta_r = [0.5, 0.3]
+    resistance = [
+        [0.9, 0.9],  # all above: passed, Dis 0
+        [0.45, 0.9],  # code 0 below by 0.05: suspicious, Dis 0.05 <= 0.1: purified
+        [0.5, 0.9],  # equal is not above: suspicious, Dis 0: purified
+        [0.2, 0.1],  # Dis 0.3 + 0.2 = 0.5 > 0.1: rejected
+    ]
+    verdict, dist = decide(resistance, theta_r, 0.1)
+    np.testing.assert_array_equal(verdict.numpy(), [0, 1, 1, 2])
+    np.testing.assert_allclose(dist.numpy(), [0.0, 0.05, 0.0, 0.5], atol=1e-6)
+    labels = final_label(verdict, tf.constant([3, 3, 3, 3]), tf.constant([7, 7, 7, 7]))
+    np.testing.assert_array_equal(labels.numpy(), [3, 7, 7, -1])
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@keras.saving.register_keras_serializable(package="fmd_tf_tests")
+class ConstantClassifier(keras.Model):
+    """Ignores its input: always class 4."""
+
+    def call(self, images):
+        batch = tf.shape(images)[0]
+        return tf.one_hot(tf.fill([batch], 4), 10) * 5.0
+
+
+def _tiny_defense(classifier=None, **kwargs):
+    keras.utils.set_random_seed(0)
+    classifier = classifier or Classifier(conv_filters=(4, 4), dense_units=(8,), name="clf")
+    combo = build_combo_vae(TINY_COMBO_CONFIG, (28, 28, 1), 10)
+    args = dict(num_morphs=4, candidates_per_step=2, max_steps=4, chunk_size=16, rho=0.9)
+    args.update(kwargs)
+    fmd = FMDefense(classifier, combo, **args)
+    fmd.build((None, 28, 28, 1))
+    return fmd
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    fmd = _tiny_defense()
+    report = fmd.calibrate(tiny_images(24, seed=3))
+    return fmd, report
+
+
+class FMDefenseTest(FmdTestCase):
+    def test_constant_classifier_gives_resistance_one(self):
+        fmd = _tiny_defense(classifier=ConstantClassifier())
+        report = fmd.calibrate(tiny_images(8, seed=1))
+        out = fmd.defend(tiny_images(5, seed=2))
+        np.testing.assert_array_equal(out["resistance"], np.ones((5, 4), np.float32))
+        np.testing.assert_array_equal(out["verdict"], np.zeros(5))
+        np.testing.assert_array_equal(out["label"], np.full(5, 4))
+        assert report["val_false_positive_rate"] == 0.0
+
+    def test_output_contract(self):
+        fmd = _tiny_defense()
+        fmd.calibrate(tiny_images(8, seed=1))
+        x = tiny_images(3, seed=5)
+        out = fmd(x)
+        shapes = {"label": (3,), "verdict": (3,), "classifier_label": (3,),
+                  "resistance": (3, 4), "distance": (3,), "purified": (3, 28, 28, 1)}
+        dtypes = {"label": tf.int64, "verdict": tf.int32, "classifier_label": tf.int64,
+                  "resistance": tf.float32, "distance": tf.float32, "purified": tf.float32}
+        for key in shapes:
+            self.assertEqual(tuple(out[key].shape), shapes[key], key)
+            self.assertEqual(out[key].dtype, dtypes[key], key)
+        r = out["resistance"].numpy()
+        np.testing.assert_array_equal(r * 4, np.round(r * 4))  # multiples of 1/N
+        # Batch-invariance: one image alone gives the same outputs as inside the batch.
+        alone = fmd(x[1:2])
+        for key in ("resistance", "verdict", "label"):
+            np.testing.assert_array_equal(alone[key].numpy()[0], out[key].numpy()[1])
+
+    def test_chunk_size_does_not_change_results(self):
+        a = _tiny_defense(chunk_size=5)
+        b = _tiny_defense(chunk_size=1000)
+        a.calibrate(tiny_images(8, seed=1))
+        b.set_weights(a.get_weights())
+        x = tiny_images(3, seed=4)
+        np.testing.assert_array_equal(a(x)["resistance"].numpy(), b(x)["resistance"].numpy())
+
+    def test_keras_round_trip_identical(self):
+        fmd = _tiny_defense(threshold_mode="unified", purify_zu="class_mean")
+        fmd.calibrate(tiny_images(8, seed=1))
+        self.run_serialization_test(fmd)
+        loaded = self.run_keras_saving_test(fmd, tiny_images(3, seed=6), atol=0, rtol=0)
+        self.assertTrue(loaded.is_calibrated)
+        self.assertEqual(loaded.threshold_mode, "unified")
+
+    def test_not_calibrated_raises(self):
+        fmd = _tiny_defense()
+        with self.assertRaisesRegex(NotCalibratedError, "calibrate"):
+            fmd.detect(tiny_images(2))
+
+    def test_constructor_checks(self):
+        cases = [
+            (dict(num_morphs=0), "num_morphs"),
+            (dict(num_morphs=50), "fewer than num_morphs"),
+            (dict(selected_codes=(0, 9)), "selected_codes"),
+            (dict(selected_codes=(1, 1)), "distinct"),
+            (dict(threshold_mode="max"), "threshold_mode"),
+            (dict(rho=1.5), "rho"),
+            (dict(eta=-0.1), "eta"),
+            (dict(purify_zu="x"), "purify_zu"),
+            (dict(radius_step=0.0), "radius_step"),
+            (dict(range_percentiles=(99, 1)), "range_percentiles"),
+            (dict(chunk_size=0), "chunk_size"),
+        ]
+        for kwargs, message in cases:
+            with self.assertRaisesRegex(ValueError, message):
+                _tiny_defense(**kwargs)
+
+
+def test_calibration_report_and_detect(calibrated):
+    fmd, report = calibrated
+    assert report["num_val"] == 24
+    assert report["val_false_positive_rate"] <= 0.1 + 1e-9
+    assert np.all(np.array(report["code_high"]) >= np.array(report["code_low"]))
+    out, is_adv = fmd.detect(tiny_images(70, seed=8), batch_size=32)
+    assert is_adv.shape == (70,) and is_adv.dtype == bool
+    np.testing.assert_array_equal(is_adv, out["verdict"] != 0)
+    np.testing.assert_array_equal(out["label"][out["verdict"] == 2], -1)
+
+
+BAD_INPUTS = [
+    (np.zeros((2, 28, 28), np.float32), ValueError, "rank 4"),
+    (np.zeros((2, 27, 28, 1), np.float32), ValueError, r"\[batch, 28, 28, 1\]"),
+    (np.zeros((0, 28, 28, 1), np.float32), ValueError, "empty batch"),
+    (np.full((1, 28, 28, 1), np.nan, np.float32), ValueError, "NaN or Inf"),
+    (np.full((1, 28, 28, 1), np.inf, np.float32), ValueError, "NaN or Inf"),
+    (np.full((1, 28, 28, 1), 1.5, np.float32), ValueError, r"\[0, 1\]"),
+    (np.full((1, 28, 28, 1), -0.5, np.float32), ValueError, r"\[0, 1\]"),
+    (np.zeros((1, 28, 28, 1), np.uint8), TypeError, "uint8"),
+]
+
+
+@pytest.mark.parametrize("x,error,message", BAD_INPUTS)
+def test_bad_input_numpy_api(calibrated, x, error, message):
+    fmd, _ = calibrated
+    for method in (fmd.detect, fmd.calibrate, fmd.defend):
+        with pytest.raises(error, match=message):
+            method(x)
+    assert fmd.is_calibrated  # a failed calibrate leaves the old state
+
+
+@pytest.mark.parametrize(
+    "x,message",
+    [
+        (np.full((1, 28, 28, 1), np.nan, np.float32), "NaN or Inf"),
+        (np.full((1, 28, 28, 1), 2.0, np.float32), "found a value > 1"),
+        (np.full((1, 28, 28, 1), -1.0, np.float32), "found a value < 0"),
+    ],
+)
+def test_bad_input_in_graph(calibrated, x, message):
+    fmd, _ = calibrated
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        fmd(tf.constant(x))
+    with pytest.raises((ValueError, TypeError), match="rank 4|dtype"):
+        fmd(tf.zeros((28, 28, 1)))
+    with pytest.raises(TypeError, match="int32"):
+        fmd(tf.zeros((1, 28, 28, 1), tf.int32))
+
+
+_CHILD = """
+import json, sys, numpy as np, keras
+import fmd_tf
+fmd = keras.models.load_model(sys.argv[1])
+x = np.load(sys.argv[2])
+out = fmd.defend(x)
+print(json.dumps({k: np.asarray(v).tolist() for k, v in out.items() if k != "purified"}))
+"""
+
+
+def test_deterministic_across_processes(calibrated):
+    fmd, _ = calibrated
+    x = tiny_images(6, seed=11)
+    expected = {k: v.tolist() for k, v in fmd.defend(x).items() if k != "purified"}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path, x_path = os.path.join(tmp, "fmd.keras"), os.path.join(tmp, "x.npy")
+        fmd.save(model_path)
+        np.save(x_path, x)
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        runs = [
+            json.loads(subprocess.run(
+                [sys.executable, "-c", _CHILD, model_path, x_path], check=True,
+                capture_output=True, text=True, env=env,
+            ).stdout.strip().splitlines()[-1])
+            for _ in range(2)
+        ]
+    assert runs[0] == runs[1] == expected
