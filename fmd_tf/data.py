@@ -12,7 +12,8 @@ Fashion-MNIST sources, in search order:
 
 `paper_splits(name, seed)` (§IV-A of the paper): TRAIN is `train_size` (20,000) images of the
 official training set (for the combo-VAE); VAL (2,000, threshold calibration) and CLE (5,000,
-clean test images) are disjoint subsets of the official *test* set, which the classifier never trains on.
+clean test images) are disjoint subsets of the official *test* set, which the classifier never
+trains on.
 The permutation is ``numpy.random.default_rng(seed)``; the same seed always gives the same sets.
 """
 
