@@ -1,0 +1,1 @@
+"""Evaluation: metrics, attack caches and report figures (paper §IV)."""

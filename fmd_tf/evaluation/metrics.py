@@ -1,0 +1,79 @@
+"""Evaluation metrics of the paper's §IV and of the report schema (pure numpy).
+
+Conventions: verdict 0 passed, 1 purified, 2 rejected; final label -1 when rejected.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+VERDICT_PASSED, VERDICT_PURIFIED, VERDICT_REJECTED = 0, 1, 2
+
+
+def roc_auc(scores_negative: np.ndarray, scores_positive: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties count 1/2); positives should score high."""
+    neg = np.asarray(scores_negative, np.float64).ravel()
+    pos = np.asarray(scores_positive, np.float64).ravel()
+    if len(neg) == 0 or len(pos) == 0:
+        raise ValueError("roc_auc needs at least one negative and one positive score")
+    allv = np.concatenate([neg, pos])
+    order = np.argsort(allv, kind="mergesort")
+    ranks = np.empty(len(allv))
+    sorted_v = allv[order]
+    # average ranks over ties
+    i = 0
+    while i < len(sorted_v):
+        j = i
+        while j + 1 < len(sorted_v) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1.0
+        i = j + 1
+    rank_sum = ranks[len(neg) :].sum()
+    return float((rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def roc_curve(scores_negative, scores_positive):
+    """(fpr, tpr) arrays over all thresholds, flagging score >= threshold."""
+    neg = np.asarray(scores_negative, np.float64).ravel()
+    pos = np.asarray(scores_positive, np.float64).ravel()
+    thresholds = np.unique(np.concatenate([neg, pos, [np.inf]]))[::-1]
+    fpr = np.array([np.mean(neg >= t) for t in thresholds])
+    tpr = np.array([np.mean(pos >= t) for t in thresholds])
+    return fpr, tpr
+
+
+def defended_accuracy(label, verdict, y, adversarial: bool) -> float:
+    """Clean: final label correct. Adversarial: rejected or final label correct."""
+    correct = np.asarray(label) == np.asarray(y)
+    if adversarial:
+        correct |= np.asarray(verdict) == VERDICT_REJECTED
+    return float(np.mean(correct))
+
+
+def purification_recall(label, verdict, y) -> float | None:
+    """Share of purified inputs (the salvageable set) whose final label is correct (Fig. 5)."""
+    purified = np.asarray(verdict) == VERDICT_PURIFIED
+    if not purified.any():
+        return None
+    return float(np.mean(np.asarray(label)[purified] == np.asarray(y)[purified]))
+
+
+def paper_final_accuracy(clean: dict, adversarial: dict, y_clean, y_adv) -> float:
+    """The paper's "final accuracy" (§IV-B2): (TP + TN + Recovered) / (|CLE| + |ADV|).
+
+    TP: adversarial inputs rejected; TN: clean inputs passed; Recovered: purified inputs (clean
+    or adversarial) whose purified label is correct. As in the paper, a passed clean image counts
+    whatever its label and a passed adversarial image counts as a miss.
+    """
+    tp = np.sum(adversarial["verdict"] == VERDICT_REJECTED)
+    tn = np.sum(clean["verdict"] == VERDICT_PASSED)
+    recovered = sum(
+        np.sum((out["verdict"] == VERDICT_PURIFIED) & (out["label"] == y))
+        for out, y in ((clean, y_clean), (adversarial, y_adv))
+    )
+    return float((tp + tn + recovered) / (len(y_clean) + len(y_adv)))
+
+
+def detection_rates(is_adv_clean, is_adv_attack) -> tuple[float, float]:
+    """(TPR on the attack set, FPR on the clean set)."""
+    return float(np.mean(is_adv_attack)), float(np.mean(is_adv_clean))

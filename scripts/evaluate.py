@@ -1,0 +1,267 @@
+"""Reproduce the paper's evaluation (§IV: Table II, Fig. 1, 4, 5, 6) on the shipped model.
+
+    python scripts/evaluate.py --dataset fmnist --model saved_models/fmnist \
+        --attacks fgsm,pgd,cw,deepfool --n 1000 [--seed 0] [--out results/fmnist]
+        [--cache results/cache] [--no-baselines]
+
+Writes OUT/report.json, OUT/report.md and PNG figures. Adversarial sets are cached in --cache
+(keyed by attack, parameters, images and classifier fingerprint). Baselines (MagNet, Feature
+Squeezing) are loaded from MODEL/baselines (train them with scripts/train_baselines.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+class UsageError(Exception):
+    """Printed without a traceback; exit status 2."""
+
+
+def parse_args(argv):
+    from fmd_tf.evaluation.harness import ATTACKS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset", default="fmnist")
+    p.add_argument("--model", default="saved_models/fmnist")
+    p.add_argument("--attacks", default="fgsm,pgd,cw,deepfool")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="default results/DATASET")
+    p.add_argument("--cache", default="results/cache")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-baselines", action="store_true")
+    args = p.parse_args(argv)
+    args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    unknown = [a for a in args.attacks if a not in ATTACKS]
+    if unknown or not args.attacks:
+        raise UsageError(f"--attacks: unknown {unknown}; known: {', '.join(ATTACKS)}")
+    if args.n < 2:
+        raise UsageError(f"--n must be >= 2, got {args.n}")
+    if not os.path.isfile(os.path.join(args.model, "fmd.keras")):
+        raise UsageError(f"{os.path.join(args.model, 'fmd.keras')} not found; run "
+                         "`python scripts/train.py --dataset fmnist` or pass --model")
+    args.out = args.out or os.path.join("results", args.dataset)
+    return args
+
+
+def _run_fm(fmd, x, batch_size):
+    import numpy as np
+
+    from fmd_tf.evaluation.harness import fm_scores
+
+    out = fmd.defend(x, batch_size=batch_size)
+    logits = fmd.classifier.predict(out["purified"], batch_size=512, verbose=0)
+    out["purified_label"] = np.argmax(logits, axis=-1)
+    out["score"] = fm_scores(out, fmd.theta_r.numpy())
+    return out
+
+
+def _load_baselines(model_dir, classifier):
+    base = os.path.join(model_dir, "baselines")
+    loaded, notes = {}, []
+    try:
+        from fmd_tf.baselines import FeatureSqueezing, MagNet
+    except ImportError as e:  # pragma: no cover
+        return loaded, [f"baselines unavailable: {e}"]
+    magnet_dir = os.path.join(base, "magnet")
+    fs_path = os.path.join(base, "feature_squeezing.json")
+    if os.path.isdir(magnet_dir):
+        loaded["magnet"] = MagNet.load(magnet_dir, classifier)
+    else:
+        notes.append(f"MagNet not found in {magnet_dir} (run scripts/train_baselines.py)")
+    if os.path.isfile(fs_path):
+        loaded["feature_squeezing"] = FeatureSqueezing.load(fs_path, classifier)
+    else:
+        notes.append(f"Feature Squeezing not found at {fs_path} (run scripts/train_baselines.py)")
+    return loaded, notes
+
+
+def _eta_curves(fmd, r_val, clean, adv, y, etas):
+    from fmd_tf.defense import calibration
+    from fmd_tf.evaluation import harness, metrics
+
+    theta_r = fmd.theta_r.numpy()
+    curve = {"eta": list(etas), "adversarial_recall": [], "clean_recall": [],
+             "paper_final_accuracy": []}
+    for eta in etas:
+        theta_d, _ = calibration.distance_threshold(
+            r_val, theta_r, eta, fmd.threshold_mode, fmd.num_morphs, fmd.min_suspicious,
+            fmd.eta_reference_rho)
+        c = {**clean, **harness.reverdict(clean, theta_r, theta_d)}
+        a = {**adv, **harness.reverdict(adv, theta_r, theta_d)}
+        curve["adversarial_recall"].append(metrics.purification_recall(a["label"], a["verdict"], y))
+        curve["clean_recall"].append(metrics.purification_recall(c["label"], c["verdict"], y))
+        curve["paper_final_accuracy"].append(metrics.paper_final_accuracy(c, a, y, y))
+    return curve
+
+
+def _markdown(report) -> str:
+    from fmd_tf.evaluation.harness import PAPER_TABLE_II_MNIST
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    lines = [
+        f"# FM-Defense evaluation: {report['dataset']}, n = {report['n']}",
+        "",
+        f"Model `{report['model']}`; command: `{report['command']}`; "
+        f"{report['seconds']:.0f} s.",
+        "",
+        "## Clean",
+        "",
+        "| classifier accuracy | defended accuracy | rejected | purified |",
+        "|---|---|---|---|",
+        "| {} | {} | {} | {} |".format(*(pct(report["clean"][k]) for k in (
+            "classifier_accuracy", "defended_accuracy", "rejected_rate", "purified_rate"))),
+        "",
+        "## Table II: accuracy (%) under attack",
+        "",
+        "Defended accuracy: an adversarial input counts if rejected or its final label is right. "
+        "Paper columns are the paper's MNIST numbers (it reports no Fashion-MNIST table).",
+        "",
+        "| attack | no defense | FM-Defense | MagNet | Feature Squeezing | paper MNIST: no "
+        "defense / FM-Defense / MagNet |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, a in report["attacks"].items():
+        paper = PAPER_TABLE_II_MNIST.get(name, {})
+        paper_s = " / ".join("n/a" if paper.get(k) is None else f"{paper[k]}"
+                             for k in ("no_defense", "fm_defense", "magnet")) if paper else "n/a"
+        cols = [pct(a["undefended_accuracy"])]
+        for d in ("fm_defense", "magnet", "feature_squeezing"):
+            cols.append(pct(a[d]["defended_accuracy"]) if d in a else "n/a")
+        lines.append(f"| {name} | " + " | ".join(cols) + f" | {paper_s} |")
+    lines += ["", "## Detection", "",
+              "| attack | defense | TPR | FPR (clean) | AUC | purification recall | "
+              "paper final accuracy |", "|---|---|---|---|---|---|---|"]
+    for name, a in report["attacks"].items():
+        for d in ("fm_defense", "magnet", "feature_squeezing"):
+            if d in a:
+                m = a[d]
+                lines.append(f"| {name} | {d} | {pct(m['detection_tpr'])} | "
+                             f"{pct(m['detection_fpr'])} | {m['auc']:.4f} | "
+                             f"{pct(m['purification_recall'])} | "
+                             f"{pct(m['paper_final_accuracy'])} |")
+    lines += ["", "Attack success rate (share of clean-correct images misclassified) and "
+              "generation time:", ""]
+    for name, a in report["attacks"].items():
+        lines.append(f"- {name} {json.dumps(a['params'])}: success "
+                     f"{pct(a['attack_success_rate'])} %, {a['attack_seconds']:.0f} s"
+                     + (" (cached)" if a.get("attack_cached") else ""))
+    if report.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    lines += ["", "Figures: " + ", ".join(f"`{f}`" for f in report["figures"]), ""]
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    import keras
+    import numpy as np
+
+    import fmd_tf  # noqa: F401
+    from fmd_tf.data import paper_splits
+    from fmd_tf.evaluation import figures, harness
+
+    started = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    fmd = keras.models.load_model(os.path.join(args.model, "fmd.keras"))
+    splits = paper_splits(args.dataset, args.seed)
+    if args.n > len(splits.x_cle):
+        raise UsageError(f"--n {args.n} > {len(splits.x_cle)} CLE images")
+    x, y = splits.x_cle[: args.n], splits.y_cle[: args.n]
+    baselines, notes = ({}, ["baselines skipped (--no-baselines)"]) if args.no_baselines \
+        else _load_baselines(args.model, fmd.classifier)
+    steps = 1 + len(args.attacks)
+    bar = keras.utils.Progbar(steps, stateful_metrics=["stage"], unit_name="set")
+    print(f"evaluating {args.model} on {args.n} CLE images: clean + {', '.join(args.attacks)}")
+    clean = _run_fm(fmd, x, args.batch_size)
+    clean_base = {name: b.defend(x) for name, b in baselines.items()}
+    bar.update(1)
+    report = {"dataset": args.dataset, "n": args.n, "model": args.model, "seed": args.seed,
+              "command": "python scripts/evaluate.py " + " ".join(sys.argv[1:]),
+              "clean": harness.clean_metrics(clean, y), "attacks": {}, "notes": notes}
+    for name, b in clean_base.items():
+        report["clean"][name] = harness.clean_metrics(b, y)
+    classifier_correct = clean["classifier_label"] == y
+    r_val_path = os.path.join(args.model, "val_resistance.npy")
+    r_val = np.load(r_val_path) if os.path.exists(r_val_path) else None
+    adv_out, eta_curves, grid_rows, roc = {}, {}, {"clean": (x, clean["purified"])}, {}
+    for k, attack in enumerate(args.attacks):
+        x_adv, info = harness.adversarial_set(attack, fmd.classifier, x, y, args.cache, args.seed)
+        adv = _run_fm(fmd, x_adv, args.batch_size)
+        adv_out[attack] = adv
+        entry = {
+            "params": info["params"],
+            "attack_seconds": info["seconds"],
+            "attack_cached": info["cached"],
+            "attack_success_rate": float(np.mean(adv["classifier_label"][classifier_correct]
+                                                 != y[classifier_correct])),
+            "undefended_accuracy": float(np.mean(adv["classifier_label"] == y)),
+            "linf_median": float(np.median(np.abs(x_adv - x).reshape(len(x), -1).max(1))),
+            "l2_median": float(np.median(np.linalg.norm((x_adv - x).reshape(len(x), -1), axis=1))),
+            "fm_defense": harness.defense_metrics(clean, adv, y, y),
+        }
+        roc[attack] = {"FM-Defense": (clean["score"], adv["score"])}
+        for bname, b in baselines.items():
+            bout = b.defend(x_adv)
+            entry[bname] = harness.defense_metrics(clean_base[bname], bout, y, y)
+            roc[attack][bname] = (clean_base[bname]["score"], bout["score"])
+        report["attacks"][attack] = entry
+        grid_rows[attack] = (x_adv, adv["purified"])
+        if r_val is not None:
+            eta_curves[attack] = _eta_curves(fmd, r_val, clean, adv, y,
+                                             [0.1, 0.3, 0.5, 0.7, 0.9, 1.0])
+        bar.update(k + 2)
+    report["attacks_eta_curves"] = eta_curves
+    fig = lambda name: os.path.join(args.out, name)  # noqa: E731
+    figures.resistance_histograms(
+        {"clean": clean["resistance"].mean(1),
+         **{a: o["resistance"].mean(1) for a, o in adv_out.items()}}, fig("fig1_resistance.png"))
+    figures.detection_vs_unified_threshold(
+        clean["resistance"], {a: o["resistance"] for a, o in adv_out.items()},
+        fig("fig4_detection_vs_threshold.png"))
+    names = ["fig1_resistance.png", "fig4_detection_vs_threshold.png"]
+    if r_val is not None:
+        figures.detection_vs_rho(r_val, clean["resistance"],
+                                 {a: o["resistance"] for a, o in adv_out.items()},
+                                 fmd.num_morphs, fmd.threshold_mode, fig("fig4_detection_vs_rho.png"))
+        figures.purification_vs_eta(eta_curves, fig("fig5_purification_vs_eta.png"))
+        names += ["fig4_detection_vs_rho.png", "fig5_purification_vs_eta.png"]
+    else:
+        notes.append(f"{r_val_path} missing: no ρ / η figures")
+    figures.purified_grid(grid_rows, fig("fig6_purified.png"))
+    figures.roc_curves(roc, fig("roc.png"))
+    report["figures"] = names + ["fig6_purified.png", "roc.png"]
+    report["seconds"] = time.time() - started
+    with open(fig("report.json.tmp"), "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(fig("report.json.tmp"), fig("report.json"))
+    with open(fig("report.md"), "w") as f:
+        f.write(_markdown(report))
+    print(_markdown(report))
+    return report
+
+
+def main(argv=None) -> int:
+    try:
+        run(parse_args(argv))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001
+        from fmd_tf.data import DataNotAvailableError
+
+        if isinstance(e, DataNotAvailableError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
