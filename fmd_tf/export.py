@@ -34,16 +34,21 @@ only sees TensorFlow ops. It is written to a temporary sibling directory and ren
 place, so the version directory is either complete or absent - TF Serving polls `base_path` and
 must never see a half-written version.
 
-XLA on GPU: by default nothing is XLA-compiled (on CPU XLA made the morph search ~3x slower).
-When exporting *for a GPU server*, pass `jit_compile=True` (`scripts/export.py --xla`): the
-expensive signatures (`serving_default`, `detect`) are then traced with
-`tf.function(..., jit_compile=True)`, which SavedModel records as the `_XlaMustCompile`
-attribute of the function call, so TF Serving (`tensorflow/serving:latest-gpu`) compiles them
-with XLA at load / first request; no server flag is needed (`--xla_cpu_compilation_enabled` only
-concerns CPU servers and should stay off). `keras.export.ExportArchive.add_endpoint` ignores
-`jit_compile`, which is why this module uses `tf.function` + `tf.saved_model.save` directly.
-The input checks stay outside the XLA cluster (asserts do not compile). Export on the kind of
-device you will serve on and compare timings: on CPU keep the default.
+XLA on GPU: by default nothing is XLA-compiled (on CPU XLA made the morph search ~3x slower),
+and that default export is what `serving/` runs. For a *GPU* server you may pass
+`jit_compile=True` (`scripts/export.py --xla`): the morph-search signatures (`serving_default`,
+`detect`) then call a `tf.function(..., jit_compile=True)`, which SavedModel records as the
+`_XlaMustCompile` attribute of that function, so the server compiles it with XLA at the first
+request; no server flag is meant to be needed (`--xla_cpu_compilation_enabled` only concerns
+XLA on CPU). `keras.export.ExportArchive.add_endpoint` ignores `jit_compile`, which is why this
+module uses `tf.function` + `tf.saved_model.save` directly. The input checks stay outside the
+XLA function (XLA drops asserts). Caveats: this path is tested here on CPU with TensorFlow only
+(the flag is recorded, outputs match); it has not been run in `tensorflow/serving:latest-gpu`,
+and TF Serving GPU images have been reported to fail jit-compiled SavedModels with "Could not
+find compiler for platform CUDA" (tensorflow/serving#2214, #2217, 2.13/2.14). Export it to its
+own base path (`--out saved_models/fmnist/serving_xla`: TF Serving serves the highest version
+it finds, so an XLA version next to the default one would replace it), check one request,
+compare latency with the default export, and never serve an XLA export from the CPU image.
 """
 
 from __future__ import annotations
@@ -106,7 +111,9 @@ def serving_functions(fmd, jit_compile: bool = False) -> dict:
         # `_defend` validates too; the second check is a no-op and keeps this usable alone.
         return fmd._defend(images)
 
-    defend_core = tf.function(defend_body, jit_compile=True) if jit_compile else defend_body
+    # One traced graph of the defense, called by both `serving_default` and `detect`.
+    defend_core = tf.function(defend_body, jit_compile=True if jit_compile else None,
+                              autograph=False, reduce_retracing=True)
 
     def checked(images):
         return validate_images(images, image_shape)

@@ -229,7 +229,8 @@ def run(args) -> dict:
     if r_val is not None:
         figures.detection_vs_rho(r_val, clean["resistance"],
                                  {a: o["resistance"] for a, o in adv_out.items()},
-                                 fmd.num_morphs, fmd.threshold_mode, fig("fig4_detection_vs_rho.png"))
+                                 fmd.num_morphs, fmd.threshold_mode,
+                                 fig("fig4_detection_vs_rho.png"))
         figures.purification_vs_eta(eta_curves, fig("fig5_purification_vs_eta.png"))
         names += ["fig4_detection_vs_rho.png", "fig5_purification_vs_eta.png"]
     else:

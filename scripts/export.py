@@ -82,6 +82,8 @@ def run(args) -> str:
                               jit_compile=args.xla)
     except (NotCalibratedError, FileExistsError, ValueError) as e:
         raise UsageError(str(e)) from None
+    except OSError as e:  # e.g. --out not writable
+        raise UsageError(f"cannot write {args.out}: {e}") from None
     print(f"wrote {path}" + (" (XLA)" if args.xla else ""))
     for name, sig in describe_signatures(path).items():
         print(f"signature {name!r}:")

@@ -4,9 +4,9 @@
         [--stages classifier,dgmm,vae,defense] [--epochs N] [--quick]
         [--strategy default|mirrored|multiworker] [--overwrite]
 
-Writes into --out: classifier.keras, combo_vae.keras, fmd.keras, model_card.json (figures,
-hyperparameters, the command), latent_traversals.png, val_resistance.npy and TensorBoard logs in
-logs/. Stages not selected load their model from --out. Existing models are never replaced
+Writes into --out: classifier.keras, combo_vae.keras, fmd.keras, the TF Serving SavedModel
+serving/1/, model_card.json (figures, hyperparameters, the command), latent_traversals.png,
+val_resistance.npy and TensorBoard logs in logs/. Stages not selected load their model from --out. Existing models are never replaced
 without --overwrite.
 """
 
@@ -25,7 +25,7 @@ OUTPUTS = {
     "classifier": ["classifier.keras"],
     "dgmm": ["combo_vae.keras"],
     "vae": ["combo_vae.keras", "latent_traversals.png"],
-    "defense": ["fmd.keras", "val_resistance.npy"],
+    "defense": ["fmd.keras", "val_resistance.npy", "serving"],
 }
 
 
@@ -111,6 +111,7 @@ def run(args) -> dict:
     from fmd_tf.config import to_dict
     from fmd_tf.data import load_dataset, paper_splits
     from fmd_tf.defense import FMDefense
+    from fmd_tf.export import export_after_training
 
     cfg = _config(args)
     _check_outputs(args)
@@ -178,6 +179,7 @@ def run(args) -> dict:
         np.save(path("val_resistance.npy"), report.pop("val_resistance"))
         fmd.save(path("fmd.keras"))
         seconds["defense"] = time.time() - t
+        card["serving_export"] = export_after_training(fmd, args.out)
         card["calibration"] = report
         print(f"calibrated on {report['num_val']} VAL images: theta_r {report['theta_r']}, "
               f"theta_d {report['theta_d']:.4f}, VAL FPR {report['val_false_positive_rate']:.4f}")

@@ -216,10 +216,15 @@ def _rest_code(status: int, message: str) -> str:
     if status == 404:
         return "NOT_FOUND"
     if status == 400:
-        return "FAILED_PRECONDITION" if "signature" in message.lower() else "INVALID_ARGUMENT"
+        return "FAILED_PRECONDITION" if _is_signature_error(message) else "INVALID_ARGUMENT"
     if status in (503, 502):
         return "UNAVAILABLE"
     return f"HTTP_{status}"
+
+
+def _is_signature_error(message: str) -> bool:
+    # TF Serving: 'Serving signature name: "x" not found in signature def'
+    return "not found in signature def" in message
 
 
 def predict_rest(url, model, images, signature="serving_default", timeout=10.0,
@@ -278,7 +283,11 @@ class UsageError(Exception):
 
 def _explain(e: ServingError, args) -> str:
     where = args.rest or args.target
-    if e.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+    if e.code == "DEADLINE_EXCEEDED":
+        return (f"no answer from {where} within --timeout {args.timeout:g} s ({e.message}); the "
+                "server is unreachable or slow (the full defense runs m*N morphs per image): "
+                "raise --timeout or send fewer images")
+    if e.code == "UNAVAILABLE":
         return (f"cannot reach TF Serving at {where} ({e.code}: {e.message}); is the server "
                 "running (docker compose -f serving/docker-compose.yml up) and the "
                 f"{'--rest URL' if args.rest else '--target host:port'} right?")
@@ -286,8 +295,7 @@ def _explain(e: ServingError, args) -> str:
         version = f" version {args.version}" if args.version is not None else ""
         return (f"model {args.model!r}{version} not found on {where} ({e.message}); check "
                 "--model / --version against serving/models.config")
-    if e.code == "FAILED_PRECONDITION" or (e.code == "INVALID_ARGUMENT"
-                                           and "signature" in e.message.lower()):
+    if e.code == "FAILED_PRECONDITION" or _is_signature_error(e.message):
         return (f"signature {args.signature!r} not served by model {args.model!r} "
                 f"({e.message}); expected one of serving_default, classify, detect, purify")
     if e.code == "INVALID_ARGUMENT":
@@ -336,7 +344,7 @@ def run(args, out=None, err=None) -> dict:
     out, err = out or sys.stdout, err or sys.stderr
     if args.metadata:
         meta = get_model_metadata(args.target, args.model, args.timeout, args.version)
-        print(json.dumps(meta, indent=2), file=out)
+        print(json.dumps(_readable(meta), indent=2), file=out)
         return meta
     try:
         images = load_images(args.images)
@@ -377,6 +385,20 @@ def run(args, out=None, err=None) -> dict:
         outputs = {k: outputs[k] for k in wanted}
     print(json.dumps({k: v.tolist() for k, v in outputs.items()}), file=out)
     return outputs
+
+
+def _readable(meta):
+    """Metadata with "dtype [d0, d1, ...]" strings instead of (dtype, shape) pairs."""
+    def text(dtype, shape):
+        dims = "?" if shape is None else "[" + ", ".join(
+            "None" if d < 0 else str(d) for d in shape) + "]"
+        return f"{dtype} {dims}"
+
+    signatures = {
+        name: {kind: {k: text(*v) for k, v in sig[kind].items()} for kind in sig}
+        for name, sig in meta["signatures"].items()
+    }
+    return {**meta, "signatures": signatures}
 
 
 def _check_keys(outputs, expected, signature):

@@ -1,0 +1,117 @@
+"""End-to-end checks of the command-line entry points on the --quick config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _run(*args, env=None, timeout=600):
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env=env or ENV,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick") / "fmnist"
+    proc = _run("scripts/train.py", "--quick", "--out", str(out), "--verbose", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_train_quick_writes_models_and_card(quick_model):
+    for name in ("classifier.keras", "combo_vae.keras", "fmd.keras", "model_card.json",
+                 "latent_traversals.png", "val_resistance.npy", "serving/1/saved_model.pb"):
+        assert (quick_model / name).is_file(), name
+    card = json.loads((quick_model / "model_card.json").read_text())
+    for key in ("dataset", "seed", "command", "training_seconds", "classifier_test_accuracy",
+                "dgmm_test_accuracy", "recon_mse", "recon_label_agreement", "latent_dims",
+                "hyperparameters", "calibration"):
+        assert key in card, key
+    assert card["dataset"] == "fmnist" and card["quick"] is True
+    assert card["command"].startswith("python scripts/train.py --quick")
+    assert card["hyperparameters"]["combo"]["gamma"] == 40.0
+    assert card["hyperparameters"]["combo"]["lambda_lkd"] == 0.1
+    assert card["latent_dims"] == {"shared": 10, "unique": 10}
+    assert 0.0 <= card["classifier_test_accuracy"] <= 1.0
+    r_val = np.load(quick_model / "val_resistance.npy")
+    assert r_val.shape == (128, 10)
+    assert card["calibration"]["val_false_positive_rate"] <= 1 - 0.95 + 1e-9
+
+
+def test_train_refuses_to_overwrite(quick_model):
+    before = {p.name: p.stat().st_mtime_ns for p in quick_model.iterdir()}
+    proc = _run("scripts/train.py", "--quick", "--out", str(quick_model), "--stages",
+                "classifier")
+    assert proc.returncode == 2
+    assert "--overwrite" in proc.stderr and "classifier.keras" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in quick_model.iterdir()} == before
+
+
+def test_train_bad_arguments():
+    proc = _run("scripts/train.py", "--stages", "classifier,foo", "--out", "/nonexistent/x")
+    assert proc.returncode == 2 and "unknown stage" in proc.stderr
+    proc = _run("scripts/train.py", "--dataset", "cifar", "--out", "/nonexistent/x")
+    assert proc.returncode == 2 and "cifar" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_missing_data_exits_2(tmp_path):
+    env = dict(ENV, FMD_DATA_DIR=str(tmp_path / "empty"), HOME=str(tmp_path),
+               FMD_NO_DOWNLOAD="1")
+    code = ("import sys, runpy; import fmd_tf.data as d; d.DEBIAN_FMNIST_DIR = "
+            "d.Path('/nonexistent'); sys.argv = ['train.py', '--quick', '--out', "
+            f"{str(tmp_path / 'out')!r}]; runpy.run_path('scripts/train.py', run_name='__main__')")
+    proc = _run("-c", code, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "apt-get install dataset-fashion-mnist" in proc.stderr
+    assert "FMD_DATA_DIR" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_runs_on_quick_model(quick_model, tmp_path):
+    figure = tmp_path / "demo.png"
+    proc = _run("scripts/demo.py", "--model", str(quick_model), "--n", "8", "--figure",
+                str(figure))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accuracy with FM-Defense" in proc.stdout and "FGSM eps=0.3" in proc.stdout
+    assert figure.stat().st_size > 1000
+
+
+def test_demo_missing_model_exits_2(tmp_path):
+    proc = _run("scripts/demo.py", "--model", str(tmp_path))
+    assert proc.returncode == 2 and "fmd.keras" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_evaluate_report_schema(quick_model, tmp_path):
+    out = tmp_path / "eval"
+    proc = _run("scripts/evaluate.py", "--model", str(quick_model), "--attacks", "fgsm",
+                "--n", "12", "--out", str(out), "--cache", str(tmp_path / "cache"),
+                "--no-baselines")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert {"dataset", "n", "model", "clean", "attacks"} <= set(report)
+    assert set(report["clean"]) >= {"classifier_accuracy", "defended_accuracy",
+                                     "rejected_rate", "purified_rate"}
+    fgsm = report["attacks"]["fgsm"]
+    assert {"params", "attack_success_rate", "undefended_accuracy", "fm_defense"} <= set(fgsm)
+    assert set(fgsm["fm_defense"]) >= {"detection_tpr", "detection_fpr", "auc",
+                                       "defended_accuracy", "purification_recall"}
+    assert fgsm["params"] == {"eps": 0.3}
+    assert fgsm["linf_median"] <= 0.3 + 1e-6
+    assert (out / "report.md").is_file() and (out / "roc.png").is_file()
+    # Second run uses the cached adversarial set.
+    proc = _run("scripts/evaluate.py", "--model", str(quick_model), "--attacks", "fgsm",
+                "--n", "12", "--out", str(out), "--cache", str(tmp_path / "cache"),
+                "--no-baselines")
+    assert proc.returncode == 0
+    assert json.loads((out / "report.json").read_text())["attacks"]["fgsm"]["attack_cached"]
