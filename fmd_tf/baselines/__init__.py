@@ -1,0 +1,19 @@
+"""Baseline adversarial-example defenses compared with FM-Defense: MagNet and Feature Squeezing.
+
+Both follow FM-Defense's verdict convention (0 passed, 2 rejected; label -1 when rejected) and
+are calibrated on clean VAL images to a target false-positive rate (FM-Defense: 1 - ρ).
+Importing this package registers `MagNetAutoencoder` for ``keras.models.load_model``.
+"""
+
+from fmd_tf.baselines.feature_squeezing import FeatureSqueezing, median_filter, reduce_bit_depth
+from fmd_tf.baselines.magnet import (
+    DEFAULT_EPOCHS,
+    MagNet,
+    MagNetAutoencoder,
+    calibrate_thresholds,
+)
+
+__all__ = [
+    "DEFAULT_EPOCHS", "FeatureSqueezing", "MagNet", "MagNetAutoencoder", "calibrate_thresholds",
+    "median_filter", "reduce_bit_depth",
+]
