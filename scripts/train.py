@@ -147,7 +147,12 @@ def run(args) -> dict:
         if "dgmm" in args.stages:
             t = time.time()
             combo = training.new_combo_vae(cfg, strategy, args.seed)
-            training.train_dgmm(cfg, combo, splits.x_train, splits.y_train, log_dir, args.verbose)
+            if cfg.combo.dgmm_train_size is None:
+                x_dgmm, y_dgmm = x_train_full, y_train_full
+            else:
+                k = cfg.combo.dgmm_train_size
+                x_dgmm, y_dgmm = splits.x_train[:k], splits.y_train[:k]
+            training.train_dgmm(cfg, combo, x_dgmm, y_dgmm, log_dir, args.verbose)
             seconds["dgmm"] = time.time() - t
         else:
             with strategy.scope():
