@@ -60,6 +60,7 @@ class ComboVAEConfig:
     unique_dim: int = 10  # K, class-unique codes zu
     gamma: float = 40.0  # weight of the total-correlation term (Eq. 8)
     beta: float = 1.0  # weight of L_KL (Eq. 8 has 1)
+    recon_weight: float = 1.0  # weight of L_R (Eq. 8 has 1)
     lambda_lkd: float = 0.1  # weight of L_lkd in L_GM (Eq. 12)
     encoder_filters: tuple[int, ...] = (32, 32, 64, 64)  # C k4 s2 ReLU (Table I)
     encoder_dense: int = 128

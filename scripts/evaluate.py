@@ -100,6 +100,33 @@ def _eta_curves(fmd, r_val, clean, adv, y, etas):
     return curve
 
 
+def _operating_points(fmd, r_val, clean, adv_out, y):
+    """Defended accuracies if the thresholds were calibrated at other ρ / modes (same VAL)."""
+    import numpy as np
+
+    from fmd_tf.defense import calibration
+    from fmd_tf.evaluation import harness, metrics
+
+    rows = []
+    for mode in ("per_code", "unified"):
+        for rho in (0.999, 0.99, 0.95, 0.9, 0.8, 0.7):
+            theta_r = calibration.resistance_thresholds(r_val, rho, mode, fmd.num_morphs)
+            theta_d, _ = calibration.distance_threshold(
+                r_val, theta_r, fmd.eta, mode, fmd.num_morphs, fmd.min_suspicious,
+                fmd.eta_reference_rho)
+            c = harness.reverdict(clean, theta_r, theta_d)
+            row = {"threshold_mode": mode, "rho": rho, "theta_d": theta_d,
+                   "clean_defended_accuracy": metrics.defended_accuracy(
+                       c["label"], c["verdict"], y, False),
+                   "clean_flagged": float(np.mean(c["verdict"] != 0))}
+            for name, out in adv_out.items():
+                a = harness.reverdict(out, theta_r, theta_d)
+                row[f"{name}_defended_accuracy"] = metrics.defended_accuracy(
+                    a["label"], a["verdict"], y, True)
+            rows.append(row)
+    return rows
+
+
 def _markdown(report) -> str:
     from fmd_tf.evaluation.harness import PAPER_TABLE_II_MNIST
 
@@ -153,6 +180,17 @@ def _markdown(report) -> str:
         lines.append(f"- {name} {json.dumps(a['params'])}: success "
                      f"{pct(a['attack_success_rate'])} %, {a['attack_seconds']:.0f} s"
                      + (" (cached)" if a.get("attack_cached") else ""))
+    ops = report.get("operating_points")
+    if ops:
+        attacks = list(report["attacks"])
+        lines += ["", "## Operating points (same VAL resistances, thresholds re-calibrated)", "",
+                  "| mode | ρ | θd | clean flagged | clean defended | "
+                  + " | ".join(f"{a} defended" for a in attacks) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(attacks)]
+        for r in ops:
+            lines.append(f"| {r['threshold_mode']} | {r['rho']} | {r['theta_d']:.3f} | "
+                         f"{pct(r['clean_flagged'])} | {pct(r['clean_defended_accuracy'])} | "
+                         + " | ".join(pct(r[f"{a}_defended_accuracy"]) for a in attacks) + " |")
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     lines += ["", "Figures: " + ", ".join(f"`{f}`" for f in report["figures"]), ""]
@@ -233,6 +271,7 @@ def run(args) -> dict:
                                  fig("fig4_detection_vs_rho.png"))
         figures.purification_vs_eta(eta_curves, fig("fig5_purification_vs_eta.png"))
         names += ["fig4_detection_vs_rho.png", "fig5_purification_vs_eta.png"]
+        report["operating_points"] = _operating_points(fmd, r_val, clean, adv_out, y)
     else:
         notes.append(f"{r_val_path} missing: no ρ / η figures")
     figures.purified_grid(grid_rows, fig("fig6_purified.png"))

@@ -3,11 +3,12 @@
     python scripts/train.py --dataset fmnist [--out saved_models/fmnist] [--seed 0]
         [--stages classifier,dgmm,vae,defense] [--epochs N] [--quick]
         [--strategy default|mirrored|multiworker] [--overwrite]
+        [--rho R] [--eta E] [--threshold-mode per_code|unified] [--radius-step S] [--num-morphs N]
 
 Writes into --out: classifier.keras, combo_vae.keras, fmd.keras, the TF Serving SavedModel
 serving/1/, model_card.json (figures, hyperparameters, the command), latent_traversals.png,
-val_resistance.npy and TensorBoard logs in logs/. Stages not selected load their model from --out. Existing models are never replaced
-without --overwrite.
+val_resistance.npy and TensorBoard logs in logs/. Stages not selected load their model from
+--out. Existing models are never replaced without --overwrite.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def parse_args(argv):
     p.add_argument("--strategy", default="default", choices=["default", "mirrored", "multiworker"])
     p.add_argument("--overwrite", action="store_true", help="replace existing models in --out")
     p.add_argument("--verbose", default="auto", help="Keras verbosity: auto, 0, 1 or 2")
+    d = p.add_argument_group("defense overrides (recorded in the card's hyperparameters)")
+    d.add_argument("--rho", type=float, default=None, help="clean VAL true-negative target")
+    d.add_argument("--eta", type=float, default=None, help="fractile for theta_d")
+    d.add_argument("--threshold-mode", default=None, choices=["per_code", "unified"])
+    d.add_argument("--radius-step", type=float, default=None, help="morph search radius step")
+    d.add_argument("--num-morphs", type=int, default=None, help="N morphs per code")
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
@@ -67,6 +74,20 @@ def _config(args):
         raise UsageError(str(e)) from None
     if args.quick:
         cfg = quick_config(cfg)
+    overrides = {k: getattr(args, k) for k in ("rho", "eta", "threshold_mode", "radius_step",
+                                               "num_morphs") if getattr(args, k) is not None}
+    if overrides:
+        if "rho" in overrides and not 0.0 < overrides["rho"] <= 1.0:
+            raise UsageError(f"--rho must be in (0, 1], got {overrides['rho']}")
+        if "eta" in overrides and not 0.0 <= overrides["eta"] <= 1.0:
+            raise UsageError(f"--eta must be in [0, 1], got {overrides['eta']}")
+        if overrides.get("radius_step", 1.0) <= 0 or overrides.get("num_morphs", 1) < 1:
+            raise UsageError("--radius-step must be > 0 and --num-morphs >= 1")
+        defense = dataclasses.replace(cfg.defense, **overrides)
+        if defense.candidates_per_step * defense.max_steps < defense.num_morphs:
+            steps = -(-defense.num_morphs // defense.candidates_per_step)
+            defense = dataclasses.replace(defense, max_steps=steps)
+        cfg = dataclasses.replace(cfg, defense=defense)
     if args.epochs is not None:
         cfg = dataclasses.replace(
             cfg,

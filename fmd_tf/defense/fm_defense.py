@@ -6,7 +6,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fmd_tf.defense import calibration, morphs
+from fmd_tf.defense import adaptive_budget as adaptive
+from fmd_tf.defense import calibration, morphs, precision
 
 VERDICT_PASSED, VERDICT_PURIFIED, VERDICT_REJECTED = 0, 1, 2
 OUTPUT_KEYS = ("label", "verdict", "classifier_label", "resistance", "distance", "purified")
@@ -116,7 +117,13 @@ class FMDefense(keras.Model):
         chunk_size: morphs per decoder+classifier pass.
         seed: randomness key of the morph search.
         jit_compile: XLA for the graph; None = on when a GPU is visible (XLA was ~3x slower on
-            CPU).
+            CPU) and `adaptive_budget` is off.
+        adaptive_budget: once calibrated, draw each pair's morphs in rounds and stop when r(i) is
+            clearly above or below θr(i) (`fmd_tf.defense.adaptive_budget`); calibration always
+            uses all N. Not XLA-compatible.
+        adaptive_round, adaptive_alpha: morphs per round and level α of that sequential test.
+        morph_dtype: "float32", "bfloat16" or "float16" for the decoder+classifier pass over
+            the morphs (`fmd_tf.defense.precision`); weights stay float32.
 
     Call: images float32 [B, H, W, C] in [0, 1] -> dict with `label` int64 [B] (-1 when
     rejected), `verdict` int32 [B] (0 passed, 1 purified, 2 rejected), `classifier_label` int64
@@ -142,6 +149,10 @@ class FMDefense(keras.Model):
         chunk_size=2000,
         seed=0,
         jit_compile=None,
+        adaptive_budget=False,
+        adaptive_round=10,
+        adaptive_alpha=0.01,
+        morph_dtype="float32",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -165,6 +176,10 @@ class FMDefense(keras.Model):
         self.chunk_size = int(chunk_size)
         self.seed = int(seed)
         self.jit_compile = jit_compile
+        self.adaptive_budget = bool(adaptive_budget)
+        self.adaptive_round = int(adaptive_round)
+        self.adaptive_alpha = float(adaptive_alpha)
+        self.morph_dtype = str(morph_dtype)
         self._check_arguments(d_s)
         self._image_shape = None
         self._graph_fn = None
@@ -201,6 +216,16 @@ class FMDefense(keras.Model):
             raise ValueError(f"purify_zu must be one of {PURIFY_ZU}, got {self.purify_zu!r}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.adaptive_round < 1:
+            raise ValueError(f"adaptive_round must be >= 1, got {self.adaptive_round}")
+        if not 0.0 < self.adaptive_alpha < 0.5:
+            raise ValueError(f"adaptive_alpha must be in (0, 0.5), got {self.adaptive_alpha}")
+        if self.adaptive_budget and self.jit_compile:
+            raise ValueError("adaptive_budget has data-dependent shapes: jit_compile must be "
+                             "None or False")
+        if self.morph_dtype not in precision.COMPUTE_DTYPES:
+            raise ValueError(f"morph_dtype must be one of {precision.COMPUTE_DTYPES}, "
+                             f"got {self.morph_dtype!r}")
 
     @classmethod
     def from_config_dataclass(cls, classifier, combo_vae, defense_cfg, **kwargs):
@@ -222,6 +247,10 @@ class FMDefense(keras.Model):
             purify_zu=defense_cfg.purify_zu,
             chunk_size=defense_cfg.chunk_size,
             seed=defense_cfg.seed,
+            adaptive_budget=defense_cfg.adaptive_budget,
+            adaptive_round=defense_cfg.adaptive_round,
+            adaptive_alpha=defense_cfg.adaptive_alpha,
+            morph_dtype=defense_cfg.morph_dtype,
             **kwargs,
         )
 
@@ -284,14 +313,38 @@ class FMDefense(keras.Model):
         chunks = tf.reshape(padded, [num_chunks, chunk, tf.shape(latents)[1]])
 
         def label_chunk(z):
-            return tf.argmax(self.classifier(self.combo_vae.decoder(z)), axis=-1)
+            return precision.morph_labels(self.classifier, self.combo_vae.decoder, z,
+                                          self.morph_dtype)
 
         labels = tf.map_fn(
             label_chunk, chunks, fn_output_signature=tf.int64, parallel_iterations=1
         )
         return tf.reshape(labels, [-1])[:count]
 
-    def _resistance(self, mean, zu, label):
+    def _resistance(self, mean, zu, label, return_used=False):
+        """r [B, m] (and, with `return_used`, morphs drawn per pair [B, m] int32)."""
+        if self.adaptive_budget:  # the sequential test once calibrated; all N while calibrating
+            r, used = tf.cond(self.calibrated > 0.5,
+                              lambda: self._adaptive_resistance(mean, zu, label),
+                              lambda: self._full_resistance(mean, zu, label, True))
+            return (r, used) if return_used else r
+        return self._full_resistance(mean, zu, label, return_used)
+
+    def _adaptive_resistance(self, mean, zu, label):
+        """(r [B, m], morphs drawn [B, m]) with the adaptive budget (same first-N morphs)."""
+        selected = tf.constant(self.selected_codes, tf.int32)
+        values = morphs.natural_morph_codes(
+            tf.gather(mean, selected, axis=1), tf.gather(self.code_low, selected),
+            tf.gather(self.code_high, selected), self.search_table, self.num_morphs,
+        )
+        return adaptive.adaptive_resistance(
+            mean, zu, label, selected, values, self.theta_r,
+            lambda z: precision.morph_labels(self.classifier, self.combo_vae.decoder, z,
+                                             self.morph_dtype),
+            self.adaptive_round, self.adaptive_alpha, self.chunk_size,
+        )
+
+    def _full_resistance(self, mean, zu, label, return_used=False):
         """r [B, m]: share of each code's N morphs that keep `label`."""
         selected = tf.constant(self.selected_codes, tf.int32)
         low = tf.gather(self.code_low, selected)
@@ -305,13 +358,14 @@ class FMDefense(keras.Model):
         latents = tf.reshape(tf.concat([zs, zu_all], axis=-1), [batch * m * n, -1])
         labels = tf.reshape(self._morph_labels(latents), [batch, m, n])
         same = tf.cast(tf.equal(labels, label[:, None, None]), tf.float32)
-        return tf.reduce_mean(same, axis=-1)
+        r = tf.reduce_mean(same, axis=-1)
+        return (r, tf.fill(tf.shape(r), tf.constant(n, tf.int32))) if return_used else r
 
-    def _defend(self, images):
+    def _defend(self, images, with_stats=False):
         images = validate_images(images, self._image_shape)
         label = tf.argmax(self.classifier(images), axis=-1)
         mean, _, zu = self.combo_vae.encode(images)
-        resistance = self._resistance(mean, zu, label)
+        resistance, morphs_used = self._resistance(mean, zu, label, return_used=True)
         zu_purify = self.combo_vae.dgmm.class_mean(zu) if self.purify_zu == "class_mean" else zu
         purified = self.combo_vae.decode(mean, zu_purify)
         purified_label = tf.argmax(self.classifier(purified), axis=-1)
@@ -323,13 +377,14 @@ class FMDefense(keras.Model):
             "resistance": resistance,
             "distance": distance,
             "purified": purified,
+            **({"morphs_used": morphs_used} if with_stats else {}),
         }
 
     def _compiled(self):
         if self._graph_fn is None:
             jit = self.jit_compile
             if jit is None:
-                jit = bool(tf.config.list_physical_devices("GPU"))
+                jit = bool(tf.config.list_physical_devices("GPU")) and not self.adaptive_budget
             self._graph_fn = tf.function(self._defend, jit_compile=jit, reduce_retracing=True)
         return self._graph_fn
 
@@ -363,6 +418,16 @@ class FMDefense(keras.Model):
         self._require_calibrated()
         parts = [self(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         return {k: np.concatenate([p[k].numpy() for p in parts]) for k in OUTPUT_KEYS}
+
+    def defend_with_stats(self, x, batch_size: int = 64) -> dict:
+        """`defend` plus `morphs_used` int32 [n, m], the morphs drawn per (image, code) pair."""
+        x = self._as_batch(x)
+        self._require_calibrated()
+        fn = self._compiled()
+        parts = [fn(tf.constant(x[i : i + batch_size]), with_stats=True)
+                 for i in range(0, len(x), batch_size)]
+        return {k: np.concatenate([p[k].numpy() for p in parts])
+                for k in (*OUTPUT_KEYS, "morphs_used")}
 
     def detect(self, x, batch_size: int = 64):
         """ART-style detection: (report dict, is_adversarial [n] bool = verdict != passed)."""
@@ -411,6 +476,7 @@ class FMDefense(keras.Model):
         low, high = morphs.normal_ranges(means, self.range_percentiles)
         self.code_low.assign(low)
         self.code_high.assign(high)
+        self.calibrated.assign(0.0)  # new ranges: old thresholds are void; full budget below
         r_val = self.resistance(x_val, batch_size)
         theta_r = calibration.resistance_thresholds(
             r_val, self.rho, self.threshold_mode, self.num_morphs
@@ -454,6 +520,10 @@ class FMDefense(keras.Model):
             chunk_size=self.chunk_size,
             seed=self.seed,
             jit_compile=self.jit_compile,
+            adaptive_budget=self.adaptive_budget,
+            adaptive_round=self.adaptive_round,
+            adaptive_alpha=self.adaptive_alpha,
+            morph_dtype=self.morph_dtype,
         )
         return config
 

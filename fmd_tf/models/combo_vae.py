@@ -34,13 +34,24 @@ class ComboVAE(keras.Model):
         gamma: γ, weight of L_TC.
         beta: weight of L_KL.
         seed: seed of the reparameterisation noise and of `permute_dims`.
+        recon_weight: weight w of L_R (1 in Eq. 8); w = 1/(2σ²) is a Gaussian decoder with
+            pixel variance σ², trading KL pressure against reconstruction fidelity.
 
     Call: images [B, H, W, C] -> dict(mean [B, d_s], log_var [B, d_s], zu [B, K],
     reconstruction [B, H, W, C]) with zs = mean (no sampling).
     """
 
     def __init__(
-        self, shared_encoder, dgmm, decoder, discriminator, gamma=40.0, beta=1.0, seed=0, **kwargs
+        self,
+        shared_encoder,
+        dgmm,
+        decoder,
+        discriminator,
+        gamma=40.0,
+        beta=1.0,
+        seed=0,
+        recon_weight=1.0,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.shared_encoder = _maybe_deserialize(shared_encoder)
@@ -50,6 +61,7 @@ class ComboVAE(keras.Model):
         self.gamma = float(gamma)
         self.beta = float(beta)
         self.seed = int(seed)
+        self.recon_weight = float(recon_weight)
         self.discriminator_optimizer = None
         self.trackers = {
             name: keras.metrics.Mean(name=name)
@@ -130,7 +142,7 @@ class ComboVAE(keras.Model):
 
     def _update_trackers(self, l_r, l_kl, l_tc, l_d):
         values = {
-            "loss": l_r + self.beta * l_kl + self.gamma * l_tc,
+            "loss": self.recon_weight * l_r + self.beta * l_kl + self.gamma * l_tc,
             "recon_loss": l_r,
             "kl_loss": l_kl,
             "tc": l_tc,
@@ -147,7 +159,7 @@ class ComboVAE(keras.Model):
         disc_vars = self.discriminator.trainable_variables
         with tf.GradientTape(persistent=True) as tape:
             l_r, l_kl, l_tc, l_d = self._forward(x, self._step_seed(), training=True)
-            vae_loss = (l_r + self.beta * l_kl + self.gamma * l_tc) / replicas
+            vae_loss = (self.recon_weight * l_r + self.beta * l_kl + self.gamma * l_tc) / replicas
             disc_loss = l_d / replicas
         vae_grads = tape.gradient(vae_loss, vae_vars)
         disc_grads = tape.gradient(disc_loss, disc_vars)
@@ -179,6 +191,7 @@ class ComboVAE(keras.Model):
             gamma=self.gamma,
             beta=self.beta,
             seed=self.seed,
+            recon_weight=self.recon_weight,
         )
         return config
 
@@ -212,6 +225,7 @@ def build_combo_vae(combo_cfg, image_shape, num_classes, seed=0) -> ComboVAE:
         gamma=combo_cfg.gamma,
         beta=combo_cfg.beta,
         seed=seed,
+        recon_weight=combo_cfg.recon_weight,
         name="combo_vae",
     )
     model.build((None, *image_shape))

@@ -1,0 +1,244 @@
+"""Adaptive morph budget: a sequential test that stops drawing morphs once r(i) vs θr(i) is clear.
+
+The full-budget detector evaluates all N natural morphs of every (image, code) pair and compares
+the resistance r = k_N / N (k_N morphs keep the label) with θr(i). Most pairs are far from their
+threshold (clean images near r = 1, adversarial ones near r = 0), so the answer is usually clear
+after a few morphs. Here each pair draws its morphs in rounds of R (`round_size`), in the same
+order as the full budget (the first n of the same N natural morphs, same search table: the
+adaptive path sees a prefix of the full one), and stops as soon as one of these holds:
+
+1. **Curtailment (exact).** The full-budget verdict is already fixed whatever the remaining
+   morphs give: k > θ·N (surely above) or k + (N - n) <= θ·N (surely below).
+2. **Exact binomial test, Bonferroni over the looks.** Model the morph outcomes as Bernoulli(p)
+   draws and test p against θ with the one-sided exact binomial tails (equivalently: stop when
+   the one-sided Clopper-Pearson bound at level α' lies on one side of θ):
+
+   * above if P(X >= k | n, θ) = I_θ(k, n - k + 1) <= α'  (and k/n > θ),
+   * below if P(X <= k | n, θ) = I_{1-θ}(n - k, k + 1) <= α'  (and k/n <= θ),
+
+   with X ~ Binomial(n, θ), I the regularised incomplete beta function (`tf.math.betainc`) and
+   α' = α / L, L = ceil(N / R) - 1 the number of interim looks (the last round has no test: the
+   pair has drawn all N). Each look tests at α', so by the union bound the probability that a
+   pair whose p is on one side of θ is stopped on the other side is at most α (under the
+   Bernoulli model), whatever p is - there is no indifference region to tune.
+3. The pair has drawn all N morphs (its resistance is then exactly the full-budget one).
+
+The resistance of a stopped pair is k / n (successes over morphs drawn); its side of θ is the
+side it was stopped on (the extra conditions k/n > θ, k/n <= θ make that hold by construction),
+so `decide` gives the verdict of the test. Pairs close to θ run to N and get exactly the
+full-budget resistance.
+
+Why this test. Wilson / normal-approximation bounds are cheap but wrong at small n near 0 and 1,
+exactly where most pairs sit. Wald's SPRT needs an indifference half-width δ around θ, its error
+bounds are approximate once truncated at N, and it is tuned for the two points θ ± δ. The exact
+binomial tails need no approximation, no tuning beyond α, are computable in the graph with
+`tf.math.betainc`, and curtailment adds the stops that are certain. Bonferroni is conservative
+(the looks are strongly correlated), which only costs a few morphs.
+
+Caveats. (a) The natural morphs are not a random sample of the N: they come in search order,
+smallest radius first, and near morphs keep the label more often than far ones, so an early
+stop tends to over-estimate r slightly. The Bernoulli model is an idealisation; the prefix
+property, curtailment and the `scripts/bench.py` comparison with the full budget (verdict
+agreement, AUC) are what to trust. (b) With θ close to 1 (e.g. a classifier that never
+changes its label gives θr = 1 - 1/(2N)) "above" can never be shown early: confirming p > θ
+needs about log(α') / log(θ) successes in a row. (c) Early stops below θ give a noisier r, so
+Dis(r, θr) (purify vs reject) is noisier too.
+
+All functions are plain TensorFlow and run inside `tf.function`. The round loop is a
+`tf.while_loop` that gathers the still-active pairs (`tf.where`), evaluates only their next
+round of morphs and scatters the counts back, so the work really drops as pairs stop. It has
+data-dependent shapes and is therefore not XLA-compatible (`jit_compile` must be off).
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+__all__ = [
+    "look_alpha",
+    "stop_decision",
+    "sequential_counts",
+    "sequential_test_on_streams",
+    "adaptive_resistance",
+    "chunked_labels",
+]
+
+
+def look_alpha(alpha: float, num_morphs: int, round_size: int) -> float:
+    """Per-look level α' = α / L, L = max(1, ceil(N / R) - 1) interim looks (Bonferroni)."""
+    looks = max(1, math.ceil(num_morphs / round_size) - 1)
+    return float(alpha) / looks
+
+
+def stop_decision(successes, drawn, theta, num_morphs: int, alpha_per_look: float):
+    """Which pairs can stop, and on which side of θ (module docstring, rules 1 and 2).
+
+    Args:
+        successes: [P] int, k = morphs (so far) that kept the label.
+        drawn: [P] int, n >= 1 morphs drawn so far.
+        theta: [P] float, the pair's resistance threshold θr(i) (may lie outside [0, 1]).
+        num_morphs: N, the full budget.
+        alpha_per_look: α' of `look_alpha`.
+
+    Returns:
+        (above [P] bool, below [P] bool): the pair is shown to have r > θ, resp. r <= θ
+        (never both).
+    """
+    k = tf.cast(successes, tf.float64)
+    n = tf.cast(drawn, tf.float64)
+    theta = tf.cast(theta, tf.float64)
+    budget = tf.constant(float(num_morphs), tf.float64)
+    sure_above = k > theta * budget
+    sure_below = k + (budget - n) <= theta * budget
+    p = tf.clip_by_value(theta, 0.0, 1.0)
+    one = tf.ones_like(k)
+    # P(X >= k) = I_p(k, n - k + 1) for k >= 1 (1 for k = 0); P(X <= k) = I_{1-p}(n - k, k + 1)
+    # for k < n (1 for k = n). The maximum() keeps betainc's arguments valid in unused branches.
+    upper_tail = tf.where(
+        k >= 1.0, tf.math.betainc(tf.maximum(k, 1.0), tf.maximum(n - k + 1.0, 1.0), p), one
+    )
+    lower_tail = tf.where(
+        k < n, tf.math.betainc(tf.maximum(n - k, 1.0), k + 1.0, 1.0 - p), one
+    )
+    alpha = tf.constant(float(alpha_per_look), tf.float64)
+    above = sure_above | ((upper_tail <= alpha) & (k > theta * n))
+    below = (sure_below | ((lower_tail <= alpha) & (k <= theta * n))) & ~above
+    return above, below
+
+
+def sequential_counts(count_fn, theta, num_morphs: int, round_size: int, alpha: float):
+    """Runs the sequential test for P pairs; only still-active pairs are evaluated each round.
+
+    Args:
+        count_fn: `(index [A] int32, start int32 scalar, size int32 scalar) -> [A] int32`, the
+            number of label-keeping morphs among morphs start .. start+size-1 of each pair in
+            `index` (A = the active pairs, A >= 1).
+        theta: [P] float32 thresholds.
+        num_morphs: N.
+        round_size: R, morphs per pair per round.
+        alpha: overall level α of the test (per pair).
+
+    Returns:
+        (successes [P] int32, drawn [P] int32, rounds int32 scalar): per pair k and n at its stop,
+        and how many rounds the loop ran.
+    """
+    num_pairs = tf.shape(theta)[0]
+    num_rounds = math.ceil(num_morphs / round_size)
+    alpha_look = look_alpha(alpha, num_morphs, round_size)
+
+    def body(t, successes, drawn, active):
+        index = tf.cast(tf.where(active)[:, 0], tf.int32)
+        start = t * round_size
+        size = tf.minimum(round_size, num_morphs - start)
+        hits = tf.cast(count_fn(index, start, size), tf.int32)
+        successes = tf.tensor_scatter_nd_add(successes, index[:, None], hits)
+        drawn = tf.tensor_scatter_nd_add(drawn, index[:, None], tf.fill(tf.shape(index), size))
+        above, below = stop_decision(successes, drawn, theta, num_morphs, alpha_look)
+        active = active & ~above & ~below & (drawn < num_morphs)
+        return t + 1, successes, drawn, active
+
+    zeros = tf.zeros([num_pairs], tf.int32)
+    rounds, successes, drawn, _ = tf.while_loop(
+        lambda t, s, d, active: (t < num_rounds) & tf.reduce_any(active),
+        body,
+        (tf.constant(0), zeros, zeros, tf.ones([num_pairs], tf.bool)),
+    )
+    return successes, drawn, rounds
+
+
+def sequential_test_on_streams(outcomes, theta, round_size: int, alpha: float):
+    """The sequential test on precomputed outcome streams (for tests and analysis).
+
+    Args:
+        outcomes: [P, N] bool, morph j of pair p kept the label.
+        theta: [P] float32.
+
+    Returns:
+        (resistance [P] float32 = k / n, drawn [P] int32).
+    """
+    outcomes = tf.cast(outcomes, tf.int32)
+    num_morphs = int(outcomes.shape[1])
+
+    def count_fn(index, start, size):
+        return tf.reduce_sum(tf.gather(outcomes, index)[:, start : start + size], axis=1)
+
+    successes, drawn, _ = sequential_counts(
+        count_fn, tf.convert_to_tensor(theta, tf.float32), num_morphs, round_size, alpha
+    )
+    return tf.cast(successes, tf.float32) / tf.cast(drawn, tf.float32), drawn
+
+
+def chunked_labels(label_fn, latents, chunk_size: int):
+    """`label_fn` over latents [M, D] in chunks of at most `chunk_size` rows -> [M] int64.
+
+    Unlike padding to a multiple of the chunk size, the last chunk is just shorter, so a round
+    with few active pairs costs few evaluations.
+    """
+    count = tf.shape(latents)[0]
+    num_chunks = (count + chunk_size - 1) // chunk_size
+
+    def body(i, parts):
+        chunk = latents[i * chunk_size : tf.minimum((i + 1) * chunk_size, count)]
+        return i + 1, parts.write(i, tf.cast(label_fn(chunk), tf.int64))
+
+    _, parts = tf.while_loop(
+        lambda i, _: i < num_chunks, body,
+        (tf.constant(0), tf.TensorArray(tf.int64, size=num_chunks, infer_shape=False,
+                                        element_shape=tf.TensorShape([None]))),
+        parallel_iterations=1,
+    )
+    return tf.reshape(parts.concat(), [count])
+
+
+def adaptive_resistance(mean, zu, label, selected, morph_values, theta_r, label_fn,
+                        round_size: int, alpha: float, chunk_size: int):
+    """Resistance [B, m] with the adaptive morph budget, and the morphs each pair used.
+
+    Pair p = b·m + i is (image b, selected code i). Its morph j has the latent of the full-budget
+    path (`morphs.morph_latents` + zu): μs(x_b) with code selected[i] set to
+    morph_values[b, i, j], concatenated with zu[b]; same arithmetic, so the same labels.
+
+    Args:
+        mean: [B, d_s] μs(x).
+        zu: [B, K] class-unique codes.
+        label: [B] int64, the classifier's label of each image.
+        selected: [m] int32 indices of the manipulated codes.
+        morph_values: [B, m, N] from `morphs.natural_morph_codes` (the full-budget values).
+        theta_r: [m] thresholds θr.
+        label_fn: latents [M, d_s + K] -> classifier labels [M] int64 of the decoded morphs.
+        round_size, alpha: the sequential test (`sequential_counts`).
+        chunk_size: at most this many latents per `label_fn` call.
+
+    Returns:
+        (resistance [B, m] float32 = k / n, morphs_used [B, m] int32 = n).
+    """
+    batch = tf.shape(mean)[0]
+    m = int(selected.shape[0])
+    num_morphs = int(morph_values.shape[-1])
+    d_s = tf.shape(mean)[1]
+    pair_image = tf.repeat(tf.range(batch), m)  # [P]
+    pair_code = tf.tile(selected, [batch])  # [P] index into d_s
+    values = tf.reshape(morph_values, [batch * m, num_morphs])  # [P, N]
+    theta = tf.tile(tf.cast(theta_r, tf.float32), [batch])
+    one_hot = tf.one_hot(selected, d_s, dtype=mean.dtype)  # [m, d_s]
+    pair_one_hot = tf.tile(one_hot, [batch, 1])  # [P, d_s]
+
+    def count_fn(index, start, size):
+        image = tf.gather(pair_image, index)
+        code_means = tf.gather(mean, image)  # [A, d_s]
+        current = tf.gather(code_means, tf.gather(pair_code, index), batch_dims=1)  # [A]
+        delta = tf.gather(values, index)[:, start : start + size] - current[:, None]  # [A, s]
+        zs = code_means[:, None, :] + delta[..., None] * tf.gather(pair_one_hot, index)[:, None]
+        zu_all = tf.broadcast_to(tf.gather(zu, image)[:, None, :],
+                                 [tf.shape(index)[0], size, tf.shape(zu)[-1]])
+        latents = tf.reshape(tf.concat([zs, zu_all], axis=-1),
+                             [-1, d_s + tf.shape(zu)[-1]])
+        labels = tf.reshape(chunked_labels(label_fn, latents, chunk_size), [-1, size])
+        same = tf.equal(labels, tf.gather(tf.cast(label, tf.int64), image)[:, None])
+        return tf.reduce_sum(tf.cast(same, tf.int32), axis=1)
+
+    successes, drawn, _ = sequential_counts(count_fn, theta, num_morphs, round_size, alpha)
+    resistance = tf.cast(successes, tf.float32) / tf.cast(tf.maximum(drawn, 1), tf.float32)
+    return tf.reshape(resistance, [batch, m]), tf.reshape(drawn, [batch, m])

@@ -1,0 +1,680 @@
+"""Performance benchmark of FM-Defense: naive loop, machine limit, attacks, serving, options.
+
+    python scripts/bench.py [--model saved_models/fmnist] [--out results/bench.json] [--n 256]
+        [--naive-n 4] [--attack-n 100] [--batch-size 64] [--sections all] [--quick]
+
+Every figure is a measurement or a ratio of two measurements taken in this one run, on this
+machine (written to --out as JSON and printed as a table):
+
+speedup_vs_naive   FMDefense detect+purify throughput (`defend`, images/s, on --n CLE images,
+                   after a warm-up batch) over a naive reference: an eager Python loop over
+                   images, codes and morphs that calls decoder + classifier once per morph (same
+                   maths: the §III-C search walked in Python, same table, same verdict rule). The
+                   naive side is timed on the first --naive-n images only and extrapolated per
+                   image (`naive_images_timed`); its resistances are compared with FMDefense's.
+                   A second reference, one batched call per (image, code), is reported as well.
+roofline_share     achieved FLOP/s of the defense over this machine's dense float32 matmul FLOP/s
+                   (`tf.linalg.matmul` of two SxS matrices, S = 2048, best of a few, FLOPs 2·S³).
+                   FLOPs are counted from the op shapes of the traced decoder+classifier graph
+                   (batch 1): MatMul 2·M·K·N, Conv2D 2·(output elements)·kh·kw·C_in, transposed
+                   conv (Conv2DBackpropInput) 2·(input elements)·kh·kw·C_out, i.e. multiply-adds
+                   x 2; bias adds, activations and pooling are not counted. Per image: m·N morphs
+                   x (decoder + classifier) + the image's own classifier, encoder, DGMM and
+                   purification pass. Chunk padding is not counted (useful FLOPs only).
+attack_speedup_vs_art  own DeepFool and C&W-L2 (fmd_tf.attacks) vs ART's on the same --attack-n
+                   images, same nominal hyper-parameters, ART's TensorFlowV2Classifier around the
+                   Keras classifier; success = the classifier's label changes; own attacks timed
+                   warm (after a first, tracing run, also reported). Skipped with a note when
+                   either side is not importable.
+serving_latency    p50 / p99 of the exported SavedModel's `serving_default` signature
+                   (`fmd_tf.export.export_serving` to a temp dir, `tf.saved_model.load`), batch 1
+                   and batch 64, after warm-up calls.
+adaptive_budget    the same defense with `adaptive_budget=True`: mean morphs per image (vs m·N),
+                   ROC AUC clean vs FGSM (eps 0.3, same images; score max_i(θr_i - r_i)) of the
+                   adaptive and the full-budget detector, verdict agreement, throughput ratio.
+bfloat16_vs_float32  `morph_dtype="bfloat16"` vs float32: throughput ratio (timed back to back)
+                   and agreement of verdicts / resistances on the clean and FGSM images.
+peak_rss_mib       resource.getrusage peak resident memory of this process.
+
+XLA (`jit_compile`) is used only when a GPU is visible (FMDefense's default). --quick shrinks
+everything (a smoke test, e.g. on the `scripts/train.py --quick` model); the defaults are the
+full-size benchmark. Exit status 2 (no traceback) for a missing model or data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+
+SECTIONS = ("speed", "roofline", "attacks", "serving", "adaptive", "bf16")
+
+
+class UsageError(Exception):
+    """Printed without a traceback; exit status 2."""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="saved_models/fmnist", help="directory holding fmd.keras")
+    p.add_argument("--dataset", default="fmnist")
+    p.add_argument("--out", default="results/bench.json")
+    p.add_argument("--n", type=int, default=256, help="CLE images for the throughput figures")
+    p.add_argument("--naive-n", type=int, default=4, help="images timed by the naive loop")
+    p.add_argument("--attack-n", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--eps", type=float, default=0.3, help="FGSM L∞ budget (adaptive, bf16)")
+    p.add_argument("--adaptive-round", type=int, default=10)
+    p.add_argument("--adaptive-alpha", type=float, default=0.01)
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--latency-reps", type=int, nargs=2, default=(50, 10), metavar=("B1", "B64"),
+                   help="timed serving calls at batch 1 and batch 64")
+    p.add_argument("--cw-iterations", type=int, default=100)
+    p.add_argument("--cw-search-steps", type=int, default=5)
+    p.add_argument("--df-iterations", type=int, default=50)
+    p.add_argument("--sections", default="all", help=f"comma list of {', '.join(SECTIONS)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.naive_n, args.attack_n = min(args.n, 16), 1, min(args.attack_n, 4)
+        args.matmul_size, args.latency_reps = 1024, (5, 2)
+        args.cw_iterations, args.cw_search_steps, args.df_iterations = 10, 2, 20
+    sections = SECTIONS if args.sections == "all" else tuple(
+        s.strip() for s in args.sections.split(",") if s.strip())
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise UsageError(f"--sections: unknown {unknown}; known: all, {', '.join(SECTIONS)}")
+    args.sections = sections
+    for name in ("n", "naive_n", "attack_n", "batch_size", "adaptive_round", "matmul_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.naive_n > args.n:
+        raise UsageError(f"--naive-n ({args.naive_n}) must be <= --n ({args.n})")
+    if not os.path.isfile(os.path.join(args.model, "fmd.keras")):
+        raise UsageError(
+            f"{os.path.join(args.model, 'fmd.keras')} not found; train it with "
+            "`python scripts/train.py --dataset fmnist` (or --quick) or pass --model"
+        )
+    return args
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _timed(fn, *a, **kw):
+    start = time.perf_counter()
+    out = fn(*a, **kw)
+    return out, time.perf_counter() - start
+
+
+def device_info() -> dict:
+    import tensorflow as tf
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpus = []
+    for dev in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(dev)
+        gpus.append(details.get("device_name", dev.name))
+    return {
+        "name": gpus[0] if gpus else cpu,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "gpus": gpus,
+        "tensorflow": tf.__version__,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+    }
+
+
+def variant(fmd, **changes):
+    """A copy of `fmd` with other options, sharing its classifier and combo-VAE (and state)."""
+    import inspect
+
+    from fmd_tf.defense import FMDefense
+
+    config = fmd.get_config()
+    params = set(inspect.signature(FMDefense.__init__).parameters) - {
+        "self", "classifier", "combo_vae", "kwargs"}
+    kwargs = {k: config[k] for k in params if k in config}
+    kwargs.update(changes)
+    if kwargs.get("adaptive_budget") and kwargs.get("jit_compile"):
+        kwargs["jit_compile"] = None  # the adaptive loop cannot be XLA-compiled
+    out = FMDefense(fmd.classifier, fmd.combo_vae, **kwargs)
+    out.build((None, *fmd._image_shape))
+    for name in ("code_low", "code_high", "theta_r", "theta_d", "calibrated", "search_table"):
+        getattr(out, name).assign(getattr(fmd, name))
+    return out
+
+
+def graph_flops(fn, spec) -> int:
+    """2 x multiply-adds of MatMul / Conv2D / transposed-conv ops in fn's graph for `spec`."""
+    import numpy as np
+    import tensorflow as tf
+
+    graph = tf.function(fn, autograph=False).get_concrete_function(spec).graph
+    total = 0
+    for op in graph.get_operations():
+        if op.type in ("MatMul", "BatchMatMulV2", "BatchMatMulV3"):
+            a, b = (t.shape.as_list() for t in op.inputs[:2])
+            ta = op.get_attr("transpose_a") if op.type == "MatMul" else op.get_attr("adj_x")
+            tb = op.get_attr("transpose_b") if op.type == "MatMul" else op.get_attr("adj_y")
+            k = a[-2] if ta else a[-1]
+            n = b[-2] if tb else b[-1]
+            rows = int(np.prod(op.outputs[0].shape.as_list()[:-1]))
+            total += 2 * rows * k * n
+        elif op.type == "Conv2D":
+            kh, kw, cin, _ = op.inputs[1].shape.as_list()
+            total += 2 * int(np.prod(op.outputs[0].shape.as_list())) * kh * kw * cin
+        elif op.type == "Conv2DBackpropInput":  # transposed convolution
+            kh, kw, cout, _ = op.inputs[1].shape.as_list()
+            total += 2 * int(np.prod(op.inputs[2].shape.as_list())) * kh * kw * cout
+    return int(total)
+
+
+def matmul_flops_per_s(size: int, dtype: str, reps: int) -> dict:
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    a = tf.cast(tf.constant(rng.standard_normal((size, size), np.float32)), dtype)
+    b = tf.cast(tf.constant(rng.standard_normal((size, size), np.float32)), dtype)
+    mm = tf.function(lambda a, b: tf.reduce_sum(tf.linalg.matmul(a, b)[:1, :1]))
+    mm(a, b).numpy()  # warm-up
+    times = []
+    for _ in range(reps):
+        _, t = _timed(lambda: mm(a, b).numpy())
+        times.append(t)
+    flops = 2.0 * size**3
+    return {"size": size, "dtype": dtype, "reps": reps, "best_s": min(times),
+            "median_s": float(np.median(times)), "flops_per_s": flops / min(times),
+            "flops_per_s_median": flops / float(np.median(times))}
+
+
+# ----------------------------------------------------------------------------- naive reference
+
+
+def naive_defend(fmd, x, per_code: bool = False) -> dict:
+    """FM-Defense written the obvious way: eager Keras calls in Python loops (the reference).
+
+    per_code=False: one decoder and one classifier call per morph; per_code=True: one call of
+    each per (image, code) on its N morphs. Same maths as `FMDefense._defend`.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from fmd_tf.defense.fm_defense import VERDICT_PASSED, VERDICT_PURIFIED, VERDICT_REJECTED
+
+    clf, vae = fmd.classifier, fmd.combo_vae
+    low, high = fmd.code_low.numpy(), fmd.code_high.numpy()
+    table = fmd.search_table.numpy()
+    theta_r, theta_d = fmd.theta_r.numpy(), float(fmd.theta_d.numpy())
+    n_morphs = fmd.num_morphs
+    out = {"resistance": [], "verdict": [], "label": []}
+    for image in x:
+        batch = tf.constant(image[None])
+        y0 = int(np.argmax(clf(batch).numpy()[0]))
+        mean, _, zu = vae.encode(batch)
+        mean, zu = mean.numpy()[0], zu.numpy()[0]
+        r = np.zeros(fmd.num_codes, np.float32)
+        for i, code in enumerate(fmd.selected_codes):
+            width = np.float32(high[code] - low[code])
+            inside, outside = [], []
+            for offset in table[i]:  # §III-C: walk the search candidates in order
+                value = np.float32(mean[code] + np.float32(offset * width))
+                (inside if low[code] <= value <= high[code] else outside).append(value)
+            values = np.clip(np.array((inside + outside)[:n_morphs], np.float32),
+                             low[code], high[code])
+            latents = np.repeat(np.concatenate([mean, zu])[None], n_morphs, axis=0)
+            latents[:, code] = mean[code] + (values - mean[code])  # as morphs.morph_latents
+            if per_code:
+                labels = np.argmax(clf(vae.decoder(tf.constant(latents))).numpy(), axis=-1)
+                kept = int(np.sum(labels == y0))
+            else:
+                kept = 0
+                for latent in latents:
+                    logits = clf(vae.decoder(tf.constant(latent[None]))).numpy()[0]
+                    kept += int(np.argmax(logits) == y0)
+            r[i] = kept / n_morphs
+        zu_p = vae.dgmm.class_mean(zu[None]).numpy()[0] if fmd.purify_zu == "class_mean" else zu
+        purified = vae.decode(tf.constant(mean[None]), tf.constant(zu_p[None]))
+        y_p = int(np.argmax(clf(purified).numpy()[0]))
+        distance = float(np.sum(np.maximum(theta_r - r, 0.0)))
+        if np.all(r > theta_r):
+            verdict, label = VERDICT_PASSED, y0
+        elif distance <= theta_d:
+            verdict, label = VERDICT_PURIFIED, y_p
+        else:
+            verdict, label = VERDICT_REJECTED, -1
+        out["resistance"].append(r)
+        out["verdict"].append(verdict)
+        out["label"].append(label)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def section_speed(ctx) -> dict:
+    import numpy as np
+
+    fmd, x, args = ctx["fmd"], ctx["x"], ctx["args"]
+    fmd.defend(x[: args.batch_size], batch_size=args.batch_size)  # warm-up / trace
+    out, t_fmd = _timed(fmd.defend, x, batch_size=args.batch_size)
+    ctx["t_fmd"], ctx["out_clean"] = t_fmd, out
+    sub = x[: args.naive_n]
+    naive_per_code(fmd, sub[:1])  # warm-up of the eager Keras calls
+    ref, t_naive = _timed(naive_defend, fmd, sub)
+    ref_code, t_code = _timed(naive_defend, fmd, sub, per_code=True)
+    diff = np.abs(ref["resistance"] - out["resistance"][: len(sub)])
+    per_img_fmd = t_fmd / len(x)
+    per_img_naive = t_naive / len(sub)
+    per_img_code = t_code / len(sub)
+    return {
+        "value": per_img_naive / per_img_fmd,
+        "fmd_images_per_s": len(x) / t_fmd,
+        "fmd_seconds": t_fmd,
+        "fmd_images": len(x),
+        "naive_images_per_s": 1.0 / per_img_naive,
+        "naive_images_timed": len(sub),
+        "naive_extrapolated_per_image": True,
+        "naive_mode": "eager, one decoder + one classifier call per morph",
+        "speedup_vs_naive_per_code": per_img_code / per_img_fmd,
+        "naive_per_code_images_per_s": 1.0 / per_img_code,
+        "naive_resistance_matches": bool(np.all(diff == 0)),
+        "naive_max_abs_resistance_diff": float(diff.max()),
+        "naive_verdict_agreement": float(np.mean(ref["verdict"] == out["verdict"][: len(sub)])),
+        "morphs_per_image": fmd.num_codes * fmd.num_morphs,
+        "batch_size": args.batch_size,
+    }
+
+
+def naive_per_code(fmd, x):
+    return naive_defend(fmd, x, per_code=True)
+
+
+def section_roofline(ctx) -> dict:
+    import tensorflow as tf
+
+    fmd, x, args = ctx["fmd"], ctx["x"], ctx["args"]
+    clf, vae = fmd.classifier, fmd.combo_vae
+    latent_dim = vae.shared_dim + vae.unique_dim
+    f_morph = graph_flops(lambda z: clf(vae.decoder(z)),
+                          tf.TensorSpec([1, latent_dim], tf.float32))
+
+    def image_part(images):
+        mean, _, zu = vae.encode(images)
+        return clf(images), clf(vae.decode(mean, zu))
+
+    f_image = graph_flops(image_part, tf.TensorSpec([1, *fmd._image_shape], tf.float32))
+    per_image = fmd.num_codes * fmd.num_morphs * f_morph + f_image
+    if "t_fmd" not in ctx:
+        fmd.defend(x[: args.batch_size], batch_size=args.batch_size)
+        _, ctx["t_fmd"] = _timed(fmd.defend, x, batch_size=args.batch_size)
+    reps = 3 if args.quick else 7
+    peak = matmul_flops_per_s(args.matmul_size, "float32", reps)
+    peak_bf16 = matmul_flops_per_s(args.matmul_size, "bfloat16", reps)
+    ctx["peak"], ctx["peak_bf16"] = peak, peak_bf16
+    achieved = len(x) * per_image / ctx["t_fmd"]
+    return {
+        "value": achieved / peak["flops_per_s"],
+        "achieved_flops_per_s": achieved,
+        "peak_matmul_float32": peak,
+        "peak_matmul_bfloat16": peak_bf16,
+        "flops_per_morph": f_morph,
+        "flops_per_image_other": f_image,
+        "flops_per_image": per_image,
+        "morph_share_of_flops": fmd.num_codes * fmd.num_morphs * f_morph / per_image,
+        "flop_count": "2 x multiply-adds of MatMul, Conv2D, Conv2DBackpropInput ops of the traced "
+                      "batch-1 graphs; bias, activations, pooling, chunk padding not counted",
+    }
+
+
+def _own_attack(name, module):
+    import importlib
+
+    import fmd_tf.attacks as attacks
+
+    fn = getattr(attacks, name, None)
+    if callable(fn):
+        return fn
+    return getattr(importlib.import_module(f"fmd_tf.attacks.{module}"), name)
+
+
+def section_attacks(ctx) -> dict:
+    import numpy as np
+
+    fmd, args = ctx["fmd"], ctx["args"]
+    try:
+        deepfool = _own_attack("deepfool", "deepfool")
+        cw = _own_attack("carlini_wagner_l2", "carlini_wagner")
+    except (ImportError, AttributeError) as e:
+        return {"skipped": f"own DeepFool / C&W not importable from fmd_tf.attacks: {e}"}
+    try:
+        import keras
+        from art.attacks.evasion import CarliniL2Method, DeepFool
+        from art.estimators.classification import TensorFlowV2Classifier
+    except ImportError as e:
+        return {"skipped": f"ART not importable (pip install -e '.[dev]'): {e}"}
+    clf = fmd.classifier
+    x = ctx["x_all"][: args.attack_n]
+    batch = 128
+    art_clf = TensorFlowV2Classifier(
+        model=clf, nb_classes=int(clf(x[:1]).shape[-1]), input_shape=tuple(x.shape[1:]),
+        loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        clip_values=(0.0, 1.0),
+    )
+    pred = np.argmax(clf.predict(x, verbose=0), axis=1)
+
+    def summary(adv, seconds):
+        adv_pred = np.argmax(clf.predict(adv, verbose=0), axis=1)
+        success = adv_pred != pred
+        l2 = np.linalg.norm((adv - x).reshape(len(x), -1), axis=1)
+        return {"seconds": seconds, "success_rate": float(success.mean()),
+                "mean_l2_successful": float(l2[success].mean()) if success.any() else None}
+
+    result = {"images": len(x), "batch_size": batch,
+              "success": "the classifier's label of the adversarial image differs from the clean"}
+    num_classes = int(clf(x[:1]).shape[-1])
+    df_kw = dict(overshoot=0.02, max_iterations=args.df_iterations)
+    _, cold = _timed(deepfool, clf, x, num_classes=num_classes, batch_size=batch, **df_kw)
+    adv, warm = _timed(deepfool, clf, x, num_classes=num_classes, batch_size=batch, **df_kw)
+    own = summary(adv, warm) | {"seconds_first_call": cold}
+    art_adv, t_art = _timed(DeepFool(art_clf, max_iter=args.df_iterations, epsilon=0.02,
+                                     nb_grads=num_classes, batch_size=batch,
+                                     verbose=False).generate, x)
+    art = summary(art_adv.astype(np.float32), t_art)
+    result["deepfool"] = {"speedup": t_art / warm, "speedup_first_call": t_art / cold,
+                          "own": own, "art": art,
+                          "params": {"overshoot": 0.02, "max_iterations": args.df_iterations,
+                                     "classes": num_classes, "norm": "l2"}}
+    cw_kw = dict(learning_rate=0.01, max_iterations=args.cw_iterations,
+                 binary_search_steps=args.cw_search_steps, initial_const=1.0, confidence=0.0)
+    _, cold = _timed(cw, clf, x, batch_size=batch, **cw_kw)
+    adv, warm = _timed(cw, clf, x, batch_size=batch, **cw_kw)
+    own = summary(adv, warm) | {"seconds_first_call": cold}
+    art_adv, t_art = _timed(CarliniL2Method(
+        art_clf, confidence=0.0, learning_rate=0.01, binary_search_steps=args.cw_search_steps,
+        max_iter=args.cw_iterations, initial_const=1.0, batch_size=batch, verbose=False,
+    ).generate, x)
+    art = summary(art_adv.astype(np.float32), t_art)
+    result["carlini_wagner_l2"] = {
+        "speedup": t_art / warm, "speedup_first_call": t_art / cold, "own": own, "art": art,
+        "params": cw_kw,
+        "note": "ART's C&W uses its own step-size line search (halving / doubling), so equal "
+                "nominal parameters are not identical iterations: compare success and L2 too",
+    }
+    return result
+
+
+def section_serving(ctx) -> dict:
+    import numpy as np
+    import tensorflow as tf
+
+    from fmd_tf.export import export_serving
+
+    fmd, args = ctx["fmd"], ctx["args"]
+    x = ctx["x"]
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_serving(fmd, tmp, version=1)
+        fn = tf.saved_model.load(path).signatures["serving_default"]
+        for batch, reps in ((1, args.latency_reps[0]), (64, args.latency_reps[1])):
+            images = tf.constant(np.resize(x, (batch, *x.shape[1:])))
+            for _ in range(2):  # warm-up
+                fn(images=images)["label"].numpy()
+            times = []
+            for _ in range(reps):
+                _, t = _timed(lambda images=images: fn(images=images)["label"].numpy())
+                times.append(1000.0 * t)
+            result[f"batch_{batch}"] = {
+                "p50_ms": float(np.percentile(times, 50)),
+                "p99_ms": float(np.percentile(times, 99)),
+                "mean_ms": float(np.mean(times)), "reps": reps,
+                "images_per_s": 1000.0 * batch / float(np.median(times)),
+            }
+    result["note"] = "tf.saved_model.load in this process (no TF Serving server / network)"
+    return result
+
+
+def _adversarial(ctx):
+    if "x_adv" not in ctx:
+        from fmd_tf.attacks import fgsm
+
+        ctx["x_adv"] = fgsm(ctx["fmd"].classifier, ctx["x"], eps=ctx["args"].eps, y=ctx["y"])
+    return ctx["x_adv"]
+
+
+def section_adaptive(ctx) -> dict:
+    import numpy as np
+
+    from fmd_tf.evaluation.harness import fm_scores
+    from fmd_tf.evaluation.metrics import roc_auc
+
+    fmd, x, args = ctx["fmd"], ctx["x"], ctx["args"]
+    x_adv = _adversarial(ctx)
+    ada = variant(fmd, adaptive_budget=True, adaptive_round=args.adaptive_round,
+                  adaptive_alpha=args.adaptive_alpha)
+    theta = fmd.theta_r.numpy()
+    bs = args.batch_size
+    for model in (fmd, ada):  # warm-up / trace
+        model.defend_with_stats(x[:bs], batch_size=bs)
+    runs = {}
+    for name, model in (("full", fmd), ("adaptive", ada)):
+        clean, t_clean = _timed(model.defend_with_stats, x, batch_size=bs)
+        adv, t_adv = _timed(model.defend_with_stats, x_adv, batch_size=bs)
+        runs[name] = {"clean": clean, "adv": adv, "seconds": t_clean + t_adv}
+    ctx["adaptive_runs"] = runs
+    full, ada_r = runs["full"], runs["adaptive"]
+
+    def morphs(run):
+        return float(np.mean(np.concatenate([run["clean"]["morphs_used"].sum(1),
+                                             run["adv"]["morphs_used"].sum(1)])))
+
+    def auc(run):
+        return roc_auc(fm_scores(run["clean"], theta), fm_scores(run["adv"], theta))
+
+    def agree(key):
+        return float(np.mean(np.concatenate([ada_r[s][key] == full[s][key]
+                                             for s in ("clean", "adv")])))
+
+    return {
+        "mean_morphs_per_image": morphs(ada_r),
+        "mean_morphs_per_image_clean": float(ada_r["clean"]["morphs_used"].sum(1).mean()),
+        "mean_morphs_per_image_adv": float(ada_r["adv"]["morphs_used"].sum(1).mean()),
+        "full_morphs_per_image": morphs(full),
+        "morph_reduction": morphs(full) / morphs(ada_r),
+        "auc_adaptive": auc(ada_r),
+        "auc_full": auc(full),
+        "verdict_agreement": agree("verdict"),
+        "detection_rate_adv": {k: float(np.mean(runs[k]["adv"]["verdict"] != 0)) for k in runs},
+        "false_positive_rate_clean": {k: float(np.mean(runs[k]["clean"]["verdict"] != 0))
+                                      for k in runs},
+        "throughput_ratio": full["seconds"] / ada_r["seconds"],
+        "images_per_s": {k: 2 * len(x) / runs[k]["seconds"] for k in runs},
+        "round_size": args.adaptive_round, "alpha": args.adaptive_alpha,
+        "attack": f"FGSM eps={args.eps} on the same {len(x)} images (all, successful or not)",
+        "score": "max_i(theta_r_i - r_i)",
+    }
+
+
+def section_bf16(ctx) -> dict:
+    import numpy as np
+
+    fmd, x, args = ctx["fmd"], ctx["x"], ctx["args"]
+    x_adv = _adversarial(ctx)
+    bf16 = variant(fmd, morph_dtype="bfloat16")
+    bs = args.batch_size
+    for model in (fmd, bf16):
+        model.defend(x[:bs], batch_size=bs)
+    ref, t_f32 = _timed(fmd.defend, x, batch_size=bs)
+    out, t_bf16 = _timed(bf16.defend, x, batch_size=bs)
+    if "adaptive_runs" in ctx:  # the same float32 model on the same images: reuse
+        ref_adv = ctx["adaptive_runs"]["full"]["adv"]
+    else:
+        ref_adv = fmd.defend(x_adv, batch_size=bs)
+    out_adv = bf16.defend(x_adv, batch_size=bs)
+    r_diff = np.abs(np.concatenate([out["resistance"] - ref["resistance"],
+                                    out_adv["resistance"] - ref_adv["resistance"]]))
+    result = {
+        "throughput_ratio": t_f32 / t_bf16,
+        "images_per_s": {"float32": len(x) / t_f32, "bfloat16": len(x) / t_bf16},
+        "verdict_agreement_clean": float(np.mean(out["verdict"] == ref["verdict"])),
+        "verdict_agreement_adv": float(np.mean(out_adv["verdict"] == ref_adv["verdict"])),
+        "verdict_agreement": float(np.mean(np.concatenate(
+            [out["verdict"] == ref["verdict"], out_adv["verdict"] == ref_adv["verdict"]]))),
+        "resistance_mean_abs_diff": float(r_diff.mean()),
+        "resistance_max_abs_diff": float(r_diff.max()),
+        "label_agreement": float(np.mean(np.concatenate([out["label"] == ref["label"],
+                                                         out_adv["label"] == ref_adv["label"]]))),
+    }
+    if "peak_bf16" in ctx and "roofline_share" in ctx["report"]:
+        per_image = ctx["report"]["roofline_share"]["flops_per_image"]
+        result["roofline_share_vs_bf16_matmul"] = (
+            len(x) * per_image / t_bf16 / ctx["peak_bf16"]["flops_per_s"])
+    return result
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def print_table(report: dict) -> None:
+    rows = []
+    speed = report.get("speedup_vs_naive", {})
+    if "value" in speed:
+        rows += [("speedup_vs_naive", speed["value"],
+                  f"{speed['fmd_images_per_s']:.3g} vs {speed['naive_images_per_s']:.3g} img/s "
+                  f"(naive on {speed['naive_images_timed']} images, extrapolated)"),
+                 ("speedup_vs_naive_per_code", speed["speedup_vs_naive_per_code"],
+                  "naive with one call per (image, code)")]
+    roof = report.get("roofline_share", {})
+    if "value" in roof:
+        rows.append(("roofline_share", roof["value"],
+                     f"{roof['achieved_flops_per_s'] / 1e9:.3g} / "
+                     f"{roof['peak_matmul_float32']['flops_per_s'] / 1e9:.3g} GFLOP/s"))
+    attacks = report.get("attack_speedup_vs_art", {})
+    if "skipped" in attacks:
+        rows.append(("attack_speedup_vs_art", "skipped", attacks["skipped"][:60]))
+    for name in ("deepfool", "carlini_wagner_l2"):
+        if name in attacks:
+            a = attacks[name]
+            rows.append((f"{name}_speedup_vs_art", a["speedup"],
+                         f"success own {a['own']['success_rate']:.2f} / "
+                         f"ART {a['art']['success_rate']:.2f}"))
+    serving = report.get("serving_latency", {})
+    for key in ("batch_1", "batch_64"):
+        if key in serving:
+            rows.append((f"serving_{key}_p50_ms", serving[key]["p50_ms"],
+                         f"p99 {serving[key]['p99_ms']:.3g} ms over {serving[key]['reps']} calls"))
+    ada = report.get("adaptive_budget", {})
+    if ada:
+        rows += [("adaptive_mean_morphs_per_image", ada["mean_morphs_per_image"],
+                  f"full budget {ada['full_morphs_per_image']:.0f}"),
+                 ("adaptive_auc", ada["auc_adaptive"], f"full budget {ada['auc_full']:.3f}"),
+                 ("adaptive_throughput_ratio", ada["throughput_ratio"],
+                  f"verdict agreement {ada['verdict_agreement']:.3f}")]
+    bf = report.get("bfloat16_vs_float32", {})
+    if bf:
+        rows.append(("bfloat16_throughput_ratio", bf["throughput_ratio"],
+                     f"verdict agreement {bf['verdict_agreement']:.3f}"))
+    rows.append(("peak_rss_mib", report["peak_rss_mib"], report["device"]["name"]))
+    width = max(len(r[0]) for r in rows)
+    print(f"\n| {'metric':{width}s} | {'value':>9s} | detail")
+    print(f"|{'-' * (width + 2)}|{'-' * 11}|{'-' * 40}")
+    for name, value, detail in rows:
+        print(f"| {name:{width}s} | {_fmt(value):>9s} | {detail}")
+    s = report["settings"]
+    print(f"(m={s['num_codes']}, N={s['num_morphs']}, {s['n']} images, "
+          f"{'QUICK smoke-test sizes' if s['quick'] else 'full-size settings'})")
+
+
+def run(args) -> dict:
+    import keras
+    import numpy as np
+
+    import fmd_tf  # noqa: F401
+    from fmd_tf.data import paper_splits
+
+    fmd = keras.models.load_model(os.path.join(args.model, "fmd.keras"))
+    if not fmd.is_calibrated:
+        raise UsageError(f"{args.model}/fmd.keras is not calibrated")
+    splits = paper_splits(args.dataset, args.seed)
+    count = max(args.n, args.attack_n)
+    if count > len(splits.x_cle):
+        raise UsageError(f"--n / --attack-n must be <= {len(splits.x_cle)} CLE images")
+    x_all = np.ascontiguousarray(splits.x_cle[:count])
+    if args.quick and args.adaptive_round >= fmd.num_morphs:  # e.g. N = 8 on the quick model
+        args.adaptive_round = max(1, fmd.num_morphs // 4)
+    ctx = {"fmd": fmd, "args": args, "x": x_all[: args.n], "y": splits.y_cle[: args.n],
+           "x_all": x_all, "report": {}}
+    import tensorflow as tf
+
+    report = ctx["report"]
+    report["device"] = device_info()
+    report["settings"] = {
+        "quick": args.quick, "model": args.model, "n": args.n, "naive_n": args.naive_n,
+        "attack_n": args.attack_n, "batch_size": args.batch_size, "num_codes": fmd.num_codes,
+        "num_morphs": fmd.num_morphs, "chunk_size": fmd.chunk_size,
+        "jit_compile": fmd.jit_compile if fmd.jit_compile is not None
+        else bool(tf.config.list_physical_devices("GPU")),
+        "sections": list(args.sections), "keras": keras.__version__,
+        "adaptive_round": args.adaptive_round, "adaptive_alpha": args.adaptive_alpha,
+        "fgsm_eps": args.eps,
+    }
+    steps = [("speed", "speedup_vs_naive", section_speed),
+             ("roofline", "roofline_share", section_roofline),
+             ("attacks", "attack_speedup_vs_art", section_attacks),
+             ("serving", "serving_latency", section_serving),
+             ("adaptive", "adaptive_budget", section_adaptive),
+             ("bf16", "bfloat16_vs_float32", section_bf16)]
+    for section, key, fn in steps:
+        if section in args.sections:
+            print(f"[bench] {section} ...", flush=True)
+            report[key], seconds = _timed(fn, ctx)
+            report[key]["section_seconds"] = seconds
+    report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    print_table(report)
+    print(f"wrote {args.out}")
+    return report
+
+
+def main(argv=None) -> int:
+    try:
+        run(parse_args(argv))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001
+        from fmd_tf.data import DataNotAvailableError
+
+        if isinstance(e, DataNotAvailableError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Adaptive morph budget (sequential test), reduced-precision morphs and `scripts/bench.py`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_case import TINY_COMBO_CONFIG, tiny_images
+from test_defense import ConstantClassifier, _tiny_defense
+
+import fmd_tf  # noqa: F401
+from fmd_tf.config import DefenseConfig
+from fmd_tf.defense import FMDefense
+from fmd_tf.defense import adaptive_budget as ab
+from fmd_tf.models import build_combo_vae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ----------------------------------------------------------------------------- the test itself
+
+
+def test_look_alpha_is_bonferroni_over_interim_looks():
+    assert ab.look_alpha(0.01, 100, 10) == pytest.approx(0.01 / 9)
+    assert ab.look_alpha(0.01, 8, 3) == pytest.approx(0.01 / 2)
+    assert ab.look_alpha(0.01, 10, 10) == pytest.approx(0.01)  # no interim look
+
+
+def test_stop_decision_exact_binomial_and_curtailment():
+    # N = 100, theta = 0.5, alpha' = 0.01 / 9: 10/10 is clear (0.5^10 ~ 1e-3 <= 1.1e-3),
+    # 9/10 is not (P(X >= 9) ~ 0.011); 0/10 clearly below; 5/10 undecided.
+    k = tf.constant([10, 9, 0, 5, 51, 40])
+    n = tf.constant([10, 10, 10, 10, 60, 90])
+    theta = tf.constant([0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+    above, below = ab.stop_decision(k, n, theta, 100, ab.look_alpha(0.01, 100, 10))
+    # 51 > 50: surely above (curtailment); 40 + 10 <= 50: surely below.
+    np.testing.assert_array_equal(above.numpy(), [1, 0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(below.numpy(), [0, 0, 1, 0, 0, 1])
+    # Thresholds outside [0, 1] are settled by curtailment at once.
+    above, below = ab.stop_decision(
+        tf.constant([0, 10]), tf.constant([10, 10]), tf.constant([-0.05, 1.05]), 100, 0.001
+    )
+    np.testing.assert_array_equal(above.numpy(), [1, 0])
+    np.testing.assert_array_equal(below.numpy(), [0, 1])
+
+
+def test_sequential_test_on_bernoulli_streams():
+    rng = np.random.default_rng(0)
+    n = 100
+    p = np.array([0.99, 0.01, 0.98, 0.02, 0.5, 0.52, 0.48])
+    theta = np.array([0.5, 0.5, 0.6, 0.4, 0.5, 0.5, 0.5], np.float32)
+    streams = rng.random((len(p), n)) < p[:, None]
+    r, drawn = ab.sequential_test_on_streams(streams, theta, round_size=10, alpha=0.01)
+    r, drawn = r.numpy(), drawn.numpy()
+    full = streams.mean(axis=1)
+    # Clear cases stop early, on the right side of theta.
+    assert np.all(drawn[:4] <= 20)
+    np.testing.assert_array_equal(r[:4] > theta[:4], full[:4] > theta[:4])
+    np.testing.assert_array_equal(r[:4] > theta[:4], [True, False, True, False])
+    # Borderline cases run (almost) to N: only curtailment, which is exact, may save the last
+    # round(s); their side of theta is the full-budget one, and at N the resistance is too.
+    assert np.all(drawn[4:] >= 80)
+    np.testing.assert_array_equal(r[4:] > theta[4:], full[4:] > theta[4:])
+    at_n = drawn == n
+    np.testing.assert_allclose(r[at_n], full[at_n], atol=1e-6)
+    # Whole rounds only.
+    assert np.all((drawn % 10 == 0) | (drawn == n))
+    # A stream sitting exactly on theta never becomes clear: it draws all N.
+    alternating = (np.arange(n) % 2 == 0)[None, :]
+    r, drawn = ab.sequential_test_on_streams(alternating, np.array([0.5], np.float32), 10, 0.01)
+    assert drawn.numpy()[0] == n and r.numpy()[0] == pytest.approx(0.5)
+
+
+def test_sequential_test_error_rate_is_bounded():
+    # p on one side of theta: the share of pairs stopped on the wrong side stays below alpha.
+    rng = np.random.default_rng(1)
+    pairs, n, alpha = 2000, 100, 0.05
+    theta = np.full(pairs, 0.7, np.float32)
+    p = np.where(np.arange(pairs) % 2 == 0, 0.75, 0.65)
+    streams = rng.random((pairs, n)) < p[:, None]
+    r, drawn = ab.sequential_test_on_streams(streams, theta, round_size=10, alpha=alpha)
+    early = drawn.numpy() < n
+    wrong = early & ((r.numpy() > theta) != (p > theta))
+    assert early.mean() > 0.05  # it does stop early sometimes ...
+    assert wrong.mean() <= alpha  # ... and rarely on the wrong side
+
+
+def test_chunked_labels_matches_one_pass():
+    latents = tf.constant(np.arange(23 * 3, dtype=np.float32).reshape(23, 3))
+
+    def label_fn(z):
+        return tf.argmax(z * tf.constant([1.0, -1.0, 0.5]), axis=-1)
+
+    fn = tf.function(lambda z: ab.chunked_labels(label_fn, z, 5))
+    np.testing.assert_array_equal(fn(latents).numpy(), label_fn(latents).numpy())
+    assert fn(latents[:0]).shape == (0,)
+
+
+# ----------------------------------------------------------------------------- FMDefense
+
+
+def _sensitive(fmd):
+    """Make the tiny (untrained) decoder react to its codes, so that morphs change labels."""
+    for layer in fmd.combo_vae.decoder.stack[:2]:
+        layer.kernel.assign(layer.kernel * 20.0)
+    return fmd
+
+
+def _state(fmd, theta_r, theta_d=0.05):
+    fmd.calibrate(tiny_images(8, seed=1))
+    m = fmd.num_codes
+    fmd.code_low.assign(np.full(m, -3.0, np.float32))  # wide ranges: morphs differ
+    fmd.code_high.assign(np.full(m, 3.0, np.float32))
+    fmd.theta_r.assign(np.asarray(theta_r, np.float32))
+    fmd.theta_d.assign(theta_d)
+
+
+MORPHS = dict(num_morphs=40, candidates_per_step=10, max_steps=4)
+
+
+@pytest.fixture(scope="module")
+def full_and_adaptive():
+    full = _sensitive(_tiny_defense(**MORPHS))
+    # Code 0 and 3 far above their threshold, 1 and 2 near it (half-grid values of N = 40).
+    _state(full, [0.5, 0.9125, 0.8875, 0.5])
+    adaptive = _sensitive(_tiny_defense(adaptive_budget=True, adaptive_round=10, **MORPHS))
+    adaptive.set_weights(full.get_weights())
+    x = tiny_images(12, seed=2)
+    return full, adaptive, full.defend_with_stats(x), adaptive.defend_with_stats(x)
+
+
+def test_adaptive_equals_full_budget_where_it_ran_to_n(full_and_adaptive):
+    full, adaptive, out_full, out_ada = full_and_adaptive
+    used = out_ada["morphs_used"]
+    assert used.shape == (12, 4) and used.dtype == np.int32
+    np.testing.assert_array_equal(out_full["morphs_used"], np.full((12, 4), 40))
+    assert np.all((used % 10 == 0) & (used >= 10) & (used <= 40))
+    ran = used == 40
+    assert ran.any() and (~ran).any()
+    np.testing.assert_array_equal(out_ada["resistance"][ran], out_full["resistance"][ran])
+    assert used.sum() < 0.8 * out_full["morphs_used"].sum()
+    # Early stops land on the same side of the thresholds; same verdicts on this batch.
+    theta = full.theta_r.numpy()
+    np.testing.assert_array_equal(out_ada["resistance"] > theta, out_full["resistance"] > theta)
+    np.testing.assert_array_equal(out_ada["verdict"], out_full["verdict"])
+    assert set(out_full["verdict"].tolist()) >= {0, 2}  # both sides are exercised
+    # The numpy APIs agree with each other; `defend` keeps the fixed output keys.
+    plain = adaptive.defend(tiny_images(12, seed=2))
+    assert set(plain) == set(fmd_tf.defense.OUTPUT_KEYS)
+    np.testing.assert_array_equal(plain["resistance"], out_ada["resistance"])
+
+
+def test_adaptive_constant_classifier_stops_after_first_round():
+    fmd = _tiny_defense(classifier=ConstantClassifier(), adaptive_budget=True, adaptive_round=10,
+                        **MORPHS)
+    report = fmd.calibrate(tiny_images(8, seed=1))
+    # Calibration used the full budget: theta = 1 - 1/(2N), where "above" needs all N morphs.
+    np.testing.assert_allclose(report["theta_r"], np.full(4, 1 - 0.5 / 40))
+    x = tiny_images(5, seed=2)
+    np.testing.assert_array_equal(fmd.defend_with_stats(x)["morphs_used"], 40)
+    fmd.theta_r.assign(np.full(4, 0.3, np.float32))
+    out = fmd.defend_with_stats(x)
+    np.testing.assert_array_equal(out["resistance"], np.ones((5, 4), np.float32))
+    np.testing.assert_array_equal(out["morphs_used"], np.full((5, 4), 10))
+    np.testing.assert_array_equal(out["verdict"], np.zeros(5))
+    np.testing.assert_array_equal(out["label"], np.full(5, 4))
+
+
+def test_recalibration_uses_full_budget(full_and_adaptive):
+    _, adaptive, _, _ = full_and_adaptive
+    fresh = _sensitive(_tiny_defense(adaptive_budget=True, **MORPHS))
+    fresh.set_weights(adaptive.get_weights())
+    ref = _sensitive(_tiny_defense(**MORPHS))
+    ref.set_weights(adaptive.get_weights())
+    x_val = tiny_images(8, seed=3)
+    report = fresh.calibrate(x_val)  # calibrated before: must still draw all N
+    expected = ref.calibrate(x_val)
+    np.testing.assert_array_equal(report["val_resistance"], expected["val_resistance"])
+    np.testing.assert_array_equal(report["theta_r"], expected["theta_r"])
+
+
+def test_new_arguments_round_trip_and_checks():
+    fmd = _tiny_defense(adaptive_budget=True, adaptive_round=3, adaptive_alpha=0.05,
+                        morph_dtype="bfloat16")
+    config = fmd.get_config()
+    assert (config["adaptive_budget"], config["adaptive_round"], config["adaptive_alpha"],
+            config["morph_dtype"]) == (True, 3, 0.05, "bfloat16")
+    clone = FMDefense.from_config(config)
+    assert (clone.adaptive_budget, clone.adaptive_round, clone.adaptive_alpha,
+            clone.morph_dtype) == (True, 3, 0.05, "bfloat16")
+    # A config written before these options existed loads with the defaults.
+    for key in ("adaptive_budget", "adaptive_round", "adaptive_alpha", "morph_dtype"):
+        config.pop(key)
+    old = FMDefense.from_config(config)
+    assert (old.adaptive_budget, old.adaptive_round, old.adaptive_alpha, old.morph_dtype) == (
+        False, 10, 0.01, "float32")
+    cases = [
+        (dict(adaptive_round=0), "adaptive_round"),
+        (dict(adaptive_alpha=0.0), "adaptive_alpha"),
+        (dict(adaptive_alpha=0.5), "adaptive_alpha"),
+        (dict(adaptive_budget=True, jit_compile=True), "jit_compile"),
+        (dict(morph_dtype="int8"), "morph_dtype"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            _tiny_defense(**kwargs)
+
+
+def test_from_config_dataclass_passes_new_fields():
+    cfg = dataclasses.replace(
+        DefenseConfig(), num_morphs=8, candidates_per_step=4, max_steps=4, chunk_size=64,
+        adaptive_budget=True, adaptive_round=4, adaptive_alpha=0.02, morph_dtype="float16",
+    )
+    assert DefenseConfig().adaptive_budget is False and DefenseConfig().morph_dtype == "float32"
+    combo = build_combo_vae(TINY_COMBO_CONFIG, (28, 28, 1), 10)
+    fmd = FMDefense.from_config_dataclass(ConstantClassifier(), combo, cfg)
+    assert (fmd.adaptive_budget, fmd.adaptive_round, fmd.adaptive_alpha, fmd.morph_dtype) == (
+        True, 4, 0.02, "float16")
+
+
+def test_adaptive_keras_round_trip(full_and_adaptive, tmp_path):
+    _, adaptive, _, out = full_and_adaptive
+    path = str(tmp_path / "fmd.keras")
+    adaptive.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.adaptive_budget and loaded.adaptive_round == 10
+    again = loaded.defend_with_stats(tiny_images(12, seed=2))
+    for key in ("resistance", "morphs_used", "verdict"):
+        np.testing.assert_array_equal(again[key], out[key])
+
+
+def test_adaptive_savedmodel_export_matches(full_and_adaptive, tmp_path):
+    from fmd_tf.export import export_serving
+
+    _, adaptive, _, out = full_and_adaptive
+    path = export_serving(adaptive, str(tmp_path / "serving"), version=1)
+    fn = tf.saved_model.load(path).signatures["serving_default"]
+    served = fn(images=tf.constant(tiny_images(12, seed=2)))
+    for key in ("resistance", "verdict", "label"):
+        np.testing.assert_array_equal(served[key].numpy(), out[key])
+
+
+def _bf16_ops(fmd):
+    graph = fmd._compiled().get_concrete_function(
+        tf.TensorSpec([None, 28, 28, 1], tf.float32)).graph.as_graph_def()
+    nodes = [n for f in graph.library.function for n in f.node_def] + list(graph.node)
+    return {n.op for n in nodes
+            if n.op in ("Conv2D", "MatMul", "Conv2DBackpropInput")
+            and n.attr["T"].type == tf.bfloat16.as_datatype_enum}
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_bfloat16_morphs_agree_with_float32(full_and_adaptive, adaptive):
+    full = full_and_adaptive[0]
+    ref = full_and_adaptive[1 if adaptive else 0]
+    bf16 = _sensitive(_tiny_defense(morph_dtype="bfloat16", adaptive_budget=adaptive, **MORPHS))
+    bf16.set_weights(full.get_weights())
+    x = tiny_images(12, seed=2)
+    out, expected = bf16.defend_with_stats(x), ref.defend_with_stats(x)
+    assert out["resistance"].dtype == np.float32
+    assert np.mean(np.abs(out["resistance"] - expected["resistance"])) < 0.05
+    assert np.mean(out["verdict"] == expected["verdict"]) >= 0.75
+    # The image's own label and the purifier stay float32: identical.
+    np.testing.assert_array_equal(out["classifier_label"], expected["classifier_label"])
+    np.testing.assert_array_equal(out["purified"], expected["purified"])
+    # The decoder and classifier really ran in bfloat16 (conv, transposed conv, dense), and the
+    # models' own policies are back to float32 afterwards.
+    assert _bf16_ops(bf16) == {"Conv2D", "MatMul", "Conv2DBackpropInput"}
+    assert bf16.classifier.dtype_policy.name == "float32"
+    assert bf16.combo_vae.decoder.stack[0].dtype_policy.name == "float32"
+
+
+# ----------------------------------------------------------------------------- bench script
+
+BENCH_KEYS = {
+    "device", "settings", "speedup_vs_naive", "roofline_share", "attack_speedup_vs_art",
+    "serving_latency", "adaptive_budget", "bfloat16_vs_float32", "peak_rss_mib",
+}
+
+
+def test_bench_missing_model_exits_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--quick", "--model", str(tmp_path / "none"),
+         "--out", str(tmp_path / "bench.json")],
+        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert proc.returncode == 2
+    assert "fmd.keras" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.fixture(scope="module")
+def quick_model_dir(tmp_path_factory):
+    """The quick model: $FMD_QUICK_MODEL (e.g. /tmp/q) if it holds one, else trained here."""
+    given = os.environ.get("FMD_QUICK_MODEL")
+    if given and os.path.isfile(os.path.join(given, "fmd.keras")):
+        return given
+    out = tmp_path_factory.mktemp("quick") / "fmnist"
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "--quick", "--out", str(out), "--verbose", "0"],
+        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return str(out)
+
+
+@pytest.mark.slow
+def test_bench_quick_end_to_end(quick_model_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--quick", "--model", quick_model_dir,
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert BENCH_KEYS <= set(report)
+    assert report["settings"]["quick"] is True
+    assert report["speedup_vs_naive"]["value"] > 0
+    # Same maths as the naive loop (a near-tie label may flip between kernels: allow 2 of N).
+    n_morphs = report["settings"]["num_morphs"]
+    assert report["speedup_vs_naive"]["naive_max_abs_resistance_diff"] <= 2 / n_morphs + 1e-6
+    assert 0 < report["roofline_share"]["value"] < 1.5
+    for key in ("batch_1", "batch_64"):
+        lat = report["serving_latency"][key]
+        assert 0 < lat["p50_ms"] <= lat["p99_ms"]
+    ada = report["adaptive_budget"]
+    assert 0 < ada["mean_morphs_per_image"] <= ada["full_morphs_per_image"]
+    assert 0.0 <= ada["auc_adaptive"] <= 1.0 and 0.0 <= ada["auc_full"] <= 1.0
+    assert 0.0 <= report["bfloat16_vs_float32"]["verdict_agreement"] <= 1.0
+    assert report["peak_rss_mib"] > 0
+    attacks = report["attack_speedup_vs_art"]
+    assert attacks.get("skipped") or {"deepfool", "carlini_wagner_l2"} <= set(attacks)
+    assert "| " in proc.stdout  # the printed table
