@@ -17,7 +17,7 @@ ATTACKS = {
     "fgsm": ("fgsm", {"eps": 0.3}),
     "pgd": ("pgd", {"eps": 0.3, "eps_iter": 0.01, "nb_iter": 40}),
     "mim": ("mim", {"eps": 0.3, "eps_iter": 0.01, "nb_iter": 40}),
-    "cw": ("carlini_wagner_l2", {"confidence": 0.0, "max_iterations": 100,
+    "cw": ("carlini_wagner_l2", {"confidence": 0.0, "max_iterations": 100, "learning_rate": 0.1,
                                  "binary_search_steps": 5}),
     "deepfool": ("deepfool", {"overshoot": 0.02, "max_iterations": 50, "norm": "linf"}),
 }
