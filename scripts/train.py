@@ -52,6 +52,8 @@ def parse_args(argv):
     d.add_argument("--threshold-mode", default=None, choices=["per_code", "unified"])
     d.add_argument("--radius-step", type=float, default=None, help="morph search radius step")
     d.add_argument("--num-morphs", type=int, default=None, help="N morphs per code")
+    p.add_argument("--recon-weight", type=float, default=None,
+                   help="weight of L_R in the combo-VAE loss (config default otherwise)")
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
@@ -88,6 +90,12 @@ def _config(args):
             steps = -(-defense.num_morphs // defense.candidates_per_step)
             defense = dataclasses.replace(defense, max_steps=steps)
         cfg = dataclasses.replace(cfg, defense=defense)
+    if args.recon_weight is not None:
+        if args.recon_weight <= 0:
+            raise UsageError(f"--recon-weight must be > 0, got {args.recon_weight}")
+        cfg = dataclasses.replace(
+            cfg, combo=dataclasses.replace(cfg.combo, recon_weight=args.recon_weight)
+        )
     if args.epochs is not None:
         cfg = dataclasses.replace(
             cfg,
@@ -176,8 +184,10 @@ def run(args) -> dict:
             training.train_dgmm(cfg, combo, x_dgmm, y_dgmm, log_dir, args.verbose)
             seconds["dgmm"] = time.time() - t
         else:
-            with strategy.scope():
-                combo = keras.models.load_model(path("combo_vae.keras"))
+            # Fresh Es + decoder + D_tc on top of the saved, trained DGMM.
+            saved = keras.models.load_model(path("combo_vae.keras"))
+            combo = training.new_combo_vae(cfg, strategy, args.seed)
+            combo.dgmm.set_weights(saved.dgmm.get_weights())
         if "vae" in args.stages:
             t = time.time()
             training.train_vae(cfg, combo, splits.x_train, log_dir, args.verbose)
