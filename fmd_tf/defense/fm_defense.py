@@ -307,8 +307,10 @@ class FMDefense(keras.Model):
     def _morph_labels(self, latents):
         """Classifier labels of decoder(latents) for latents [M, D], in chunks -> [M] int64."""
         count = tf.shape(latents)[0]
-        chunk = self.chunk_size
-        num_chunks = (count + chunk - 1) // chunk
+        num_chunks = tf.maximum((count + self.chunk_size - 1) // self.chunk_size, 1)
+        # Balanced chunks of at most chunk_size: padding is below num_chunks rows (a single
+        # image's 1,000 morphs run as one chunk of 1,000, not as a padded chunk_size).
+        chunk = (count + num_chunks - 1) // num_chunks
         padded = tf.pad(latents, [[0, num_chunks * chunk - count], [0, 0]])
         chunks = tf.reshape(padded, [num_chunks, chunk, tf.shape(latents)[1]])
 
