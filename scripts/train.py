@@ -220,10 +220,16 @@ def run(args) -> dict:
         print(f"calibrated on {report['num_val']} VAL images: theta_r {report['theta_r']}, "
               f"theta_d {report['theta_d']:.4f}, VAL FPR {report['val_false_positive_rate']:.4f}")
 
+    command = "python scripts/train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    runs = list(card.get("runs", []))
+    runs.append({"command": command, "stages": args.stages,
+                 "stage_seconds": {k: v for k, v in seconds.items() if k in args.stages},
+                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     card.update(
+        runs=runs,
         dataset=args.dataset,
         seed=args.seed,
-        command="python scripts/train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        command=command,
         stages_run=args.stages,
         quick=args.quick,
         strategy=args.strategy,

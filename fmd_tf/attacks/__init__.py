@@ -1,7 +1,17 @@
 """Attacks against the (undefended) classifier; the defense is not known to them (paper §IV)."""
 
+from fmd_tf.attacks.adaptive import (
+    adaptive_pgd,
+    adaptive_resistance,
+    adaptive_success,
+    cw_high_confidence_transfer,
+    soft_resistance,
+)
 from fmd_tf.attacks.carlini_wagner import carlini_wagner_l2
 from fmd_tf.attacks.deepfool import deepfool
 from fmd_tf.attacks.gradient_attacks import fgsm, mim, pgd
 
-__all__ = ["carlini_wagner_l2", "deepfool", "fgsm", "mim", "pgd"]
+__all__ = [
+    "adaptive_pgd", "adaptive_resistance", "adaptive_success", "carlini_wagner_l2",
+    "cw_high_confidence_transfer", "deepfool", "fgsm", "mim", "pgd", "soft_resistance",
+]

@@ -20,6 +20,9 @@ ATTACKS = {
     "cw": ("carlini_wagner_l2", {"confidence": 0.0, "max_iterations": 100, "learning_rate": 0.1,
                                  "binary_search_steps": 5}),
     "deepfool": ("deepfool", {"overshoot": 0.02, "max_iterations": 50, "norm": "linf"}),
+    # High-confidence C&W-L2 on the classifier alone (Carlini & Wagner's attack on MagNet).
+    "cw_hc": ("cw_high_confidence_transfer", {"kappa": 20.0, "max_iterations": 100,
+                                              "learning_rate": 0.1, "binary_search_steps": 5}),
 }
 
 # Table II of the paper, MNIST (classification accuracy %, "No defense" / "FM-Defense" /
