@@ -52,6 +52,9 @@ def parse_args(argv):
     d.add_argument("--threshold-mode", default=None, choices=["per_code", "unified"])
     d.add_argument("--radius-step", type=float, default=None, help="morph search radius step")
     d.add_argument("--num-morphs", type=int, default=None, help="N morphs per code")
+    p.add_argument("--reuse-val-resistance", action="store_true",
+                   help="with --stages defense: re-threshold from OUT/val_resistance.npy "
+                        "(verified on 32 VAL images) instead of recomputing all morphs")
     p.add_argument("--recon-weight", type=float, default=None,
                    help="weight of L_R in the combo-VAE loss (config default otherwise)")
     args = p.parse_args(argv)
@@ -211,7 +214,18 @@ def run(args) -> dict:
     if "defense" in args.stages:
         t = time.time()
         fmd = FMDefense.from_config_dataclass(classifier, combo, cfg.defense, name="fmd")
-        report = fmd.calibrate(splits.x_val)
+        reuse = None
+        if args.reuse_val_resistance:
+            if "vae" in args.stages or "dgmm" in args.stages or "classifier" in args.stages:
+                raise UsageError("--reuse-val-resistance needs models trained by an earlier run "
+                                 "(use it with --stages defense)")
+            if not os.path.exists(path("val_resistance.npy")):
+                raise UsageError(f"{path('val_resistance.npy')} not found")
+            reuse = np.load(path("val_resistance.npy"))
+        try:
+            report = fmd.calibrate(splits.x_val, val_resistance=reuse)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         np.save(path("val_resistance.npy"), report.pop("val_resistance"))
         fmd.save(path("fmd.keras"))
         seconds["defense"] = time.time() - t

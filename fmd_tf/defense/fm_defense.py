@@ -465,8 +465,14 @@ class FMDefense(keras.Model):
         images = self.combo_vae.decode(flat_zs, flat_zu).numpy()
         return images.reshape(len(x), count, *images.shape[1:])
 
-    def calibrate(self, x_val, batch_size: int = 64) -> dict:
+    def calibrate(self, x_val, batch_size: int = 64, val_resistance=None,
+                  verify_rows: int = 32) -> dict:
         """Set normal ranges, θr and θd from clean validation images (ART's `fit`).
+
+        `val_resistance` [n, m]: resistances of `x_val` computed earlier by this very model and
+        morph settings (e.g. `val_resistance.npy` from a previous calibration), to change ρ / η /
+        the threshold mode without recomputing all n·m·N morphs. The first `verify_rows` rows are
+        recomputed and must match exactly, otherwise ValueError.
 
         Returns the calibration figures (VAL false-positive rate, thresholds, mean resistance).
         """
@@ -479,7 +485,17 @@ class FMDefense(keras.Model):
         self.code_low.assign(low)
         self.code_high.assign(high)
         self.calibrated.assign(0.0)  # new ranges: old thresholds are void; full budget below
-        r_val = self.resistance(x_val, batch_size)
+        if val_resistance is None:
+            r_val = self.resistance(x_val, batch_size)
+        else:
+            r_val = np.asarray(val_resistance, dtype=np.float32)
+            if r_val.shape != (len(x_val), self.num_codes):
+                raise ValueError(f"val_resistance must be [{len(x_val)}, {self.num_codes}], "
+                                 f"got {r_val.shape}")
+            k = min(int(verify_rows), len(x_val))
+            if not np.array_equal(self.resistance(x_val[:k], batch_size), r_val[:k]):
+                raise ValueError("val_resistance does not match this model's resistances on the "
+                                 f"first {k} VAL images: recompute it (omit val_resistance)")
         theta_r = calibration.resistance_thresholds(
             r_val, self.rho, self.threshold_mode, self.num_morphs
         )
