@@ -160,6 +160,7 @@ def run(args) -> dict:
     splits = paper_splits(args.dataset, args.seed, cfg.splits)
     started = time.time()
     seconds = dict(card.get("stage_seconds", {}))
+    seconds_before = dict(seconds)
     path = lambda name: os.path.join(args.out, name)  # noqa: E731
 
     t = time.time()
@@ -228,7 +229,7 @@ def run(args) -> dict:
             raise UsageError(str(e)) from None
         np.save(path("val_resistance.npy"), report.pop("val_resistance"))
         fmd.save(path("fmd.keras"))
-        seconds["defense"] = time.time() - t
+        seconds["defense_rethreshold" if reuse is not None else "defense"] = time.time() - t
         card["serving_export"] = export_after_training(fmd, args.out)
         card["calibration"] = report
         print(f"calibrated on {report['num_val']} VAL images: theta_r {report['theta_r']}, "
@@ -237,7 +238,8 @@ def run(args) -> dict:
     command = "python scripts/train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     runs = list(card.get("runs", []))
     runs.append({"command": command, "stages": args.stages,
-                 "stage_seconds": {k: v for k, v in seconds.items() if k in args.stages},
+                 "stage_seconds": {k: v for k, v in seconds.items()
+                                   if seconds_before.get(k) != v},
                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     card.update(
         runs=runs,

@@ -515,6 +515,7 @@ class FMDefense(keras.Model):
             "theta_d_rule": theta_d_info,
             "val_false_positive_rate": calibration.false_positive_rate(r_val, theta_r),
             "val_mean_resistance": r_val.mean(axis=0).tolist(),
+            "val_share_min_resistance_zero": float(np.mean(r_val.min(axis=1) == 0.0)),
             "val_resistance": r_val,
         }
 
