@@ -301,7 +301,9 @@ def test_combo_vae_test_step_matches_eq_8(toy_batch):
     np.testing.assert_allclose(logs["kl_loss"], kl, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(logs["tc"], tc, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(logs["disc_loss"], disc, rtol=1e-4)
-    np.testing.assert_allclose(logs["loss"], recon + kl + 40.0 * tc, rtol=1e-4, atol=1e-4)
+    # Eq. 8 with the configured weights: w·L_R + β·L_KL + γ·L_TC (w = 10, β = 1, γ = 40).
+    assert (model.recon_weight, model.beta, model.gamma) == (10.0, 1.0, 40.0)
+    np.testing.assert_allclose(logs["loss"], 10.0 * recon + kl + 40.0 * tc, rtol=1e-4, atol=1e-4)
 
 
 def test_combo_vae_train_steps_lower_loss_and_freeze_dgmm(toy_batch):
@@ -338,7 +340,7 @@ def test_combo_vae_fit_logs_named_metrics(toy_batch):
     _assert_finite_nonzero(history, COMBO_METRICS)
     h = {k: v[0] for k, v in history.items()}
     np.testing.assert_allclose(
-        h["loss"], h["recon_loss"] + h["kl_loss"] + 40.0 * h["tc"], rtol=1e-5, atol=1e-4
+        h["loss"], 10.0 * h["recon_loss"] + h["kl_loss"] + 40.0 * h["tc"], rtol=1e-5, atol=1e-4
     )
     assert int(model.optimizer.iterations.numpy()) == 2
 
