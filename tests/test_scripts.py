@@ -94,7 +94,7 @@ def test_demo_missing_model_exits_2(tmp_path):
 
 def test_evaluate_report_schema(quick_model, tmp_path):
     out = tmp_path / "eval"
-    proc = _run("scripts/evaluate.py", "--model", str(quick_model), "--attacks", "fgsm",
+    proc = _run("scripts/evaluate.py", "--model", str(quick_model), "--attacks", "fgsm,deepfool",
                 "--n", "12", "--out", str(out), "--cache", str(tmp_path / "cache"),
                 "--no-baselines")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -108,6 +108,8 @@ def test_evaluate_report_schema(quick_model, tmp_path):
                                        "defended_accuracy", "purification_recall"}
     assert fgsm["params"] == {"eps": 0.3}
     assert fgsm["linf_median"] <= 0.3 + 1e-6
+    # DeepFool takes no labels (it attacks the prediction): the harness must not pass y.
+    assert report["attacks"]["deepfool"]["params"]["norm"] == "linf"
     assert (out / "report.md").is_file() and (out / "roc.png").is_file()
     # Second run uses the cached adversarial set.
     proc = _run("scripts/evaluate.py", "--model", str(quick_model), "--attacks", "fgsm",

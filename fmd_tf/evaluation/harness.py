@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -70,7 +71,11 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
 
     keras.utils.set_random_seed(seed)
     start = time.time()
-    x_adv = getattr(attacks, fn_name)(classifier, x, y=y, **params)
+    fn = getattr(attacks, fn_name)
+    if "y" in inspect.signature(fn).parameters:  # DeepFool attacks the predicted label instead
+        x_adv = fn(classifier, x, y=y, **params)
+    else:
+        x_adv = fn(classifier, x, **params)
     seconds = time.time() - start
     if path:
         tmp = path + ".tmp.npz"
