@@ -66,6 +66,11 @@ class ComboVAEConfig:
     # 85 % target in our runs. w = 10 (a Gaussian decoder with pixel variance 0.05) keeps about
     # 2-3 nats in most codes. `scripts/train.py --recon-weight 1` trains the paper's weighting.
     recon_weight: float = 10.0
+    # Weight of the decoder-only label-consistency term (not in the paper; 0 turns it off):
+    # KL between the classifier's outputs on x and on its reconstruction, see
+    # `losses.label_consistency_loss`. Clean resistance is bounded by how often reconstructions
+    # keep the input's label, which L_R alone left at 85 %.
+    consistency_weight: float = 10.0
     lambda_lkd: float = 0.1  # weight of L_lkd in L_GM (Eq. 12)
     encoder_filters: tuple[int, ...] = (32, 32, 64, 64)  # C k4 s2 ReLU (Table I)
     encoder_dense: int = 128

@@ -91,6 +91,31 @@ def reconstruction_loss(x, x_hat):
     return tf.reduce_sum(tf.reshape(sq, [batch, -1]), axis=1)
 
 
+def label_consistency_loss(target_logits, logits):
+    """KL(p || q) between the classifier's class distributions on x (p) and on x_hat (q).
+
+    Not in the paper: an optional decoder term (``ComboVAEConfig.consistency_weight``). The
+    detector compares morph labels with the input's label, so reconstructions must keep the
+    classifier's label; this term asks the decoder for exactly that. ``target_logits`` is
+    treated as a constant.
+
+    KL(p || q) = sum_c p_c (log p_c - log q_c), with p = softmax(target_logits),
+    q = softmax(logits).
+
+    Args:
+        target_logits: [B, C] classifier logits on the original images.
+        logits: [B, C] classifier logits on the reconstructions.
+
+    Returns:
+        [B] KL divergence per sample (nats).
+    """
+    target_logits = tf.stop_gradient(tf.convert_to_tensor(target_logits, tf.float32))
+    logits = tf.convert_to_tensor(logits, tf.float32)
+    log_p = tf.nn.log_softmax(target_logits, axis=-1)
+    log_q = tf.nn.log_softmax(logits, axis=-1)
+    return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
+
+
 def permute_dims(z, seed):
     """Permutes each latent dimension independently across the batch.
 

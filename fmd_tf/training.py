@@ -114,9 +114,17 @@ def train_vae(
     x_train: np.ndarray,
     log_dir: str | None = None,
     verbose: int | str = "auto",
+    classifier: keras.Model | None = None,
 ) -> ComboVAE:
-    """Stage 2: Es + decoder + D_tc with the DGMM frozen (Eq. 8)."""
+    """Stage 2: Es + decoder + D_tc with the DGMM frozen (Eq. 8).
+
+    `classifier` feeds the decoder's label-consistency term; it is required when
+    `cfg.combo.consistency_weight` > 0.
+    """
     c = cfg.combo
+    if c.consistency_weight > 0 and classifier is None:
+        raise ValueError("consistency_weight > 0 needs the classifier")
+    model.set_consistency_classifier(classifier if c.consistency_weight > 0 else None)
     model.compile(
         optimizer=keras.optimizers.Adam(c.learning_rate),
         discriminator_optimizer=keras.optimizers.Adam(

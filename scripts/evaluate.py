@@ -4,6 +4,11 @@
         --attacks fgsm,pgd,cw,deepfool --n 1000 [--seed 0] [--out results/fmnist]
         [--cache results/cache] [--no-baselines]
 
+Security evaluation (adaptive white-box attacks on the whole defense, one run per budget):
+
+    python scripts/evaluate.py --attacks adaptive_pgd,adaptive_resistance,cw_hiconf \
+        --linf-eps 0.05,0.1,0.3 --l2-eps 1.5,3.0 --n 500 --out results/fmnist_adaptive
+
 Writes OUT/report.json, OUT/report.md and PNG figures. Adversarial sets are cached in --cache
 (keyed by attack, parameters, images and classifier fingerprint). Baselines (MagNet, Feature
 Squeezing) are loaded from MODEL/baselines (train them with scripts/train_baselines.py).
@@ -23,7 +28,7 @@ class UsageError(Exception):
 
 
 def parse_args(argv):
-    from fmd_tf.evaluation.harness import ATTACKS
+    from fmd_tf.evaluation.harness import ATTACKS, BUDGETED, expand_budgets
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="fmnist")
@@ -35,11 +40,24 @@ def parse_args(argv):
     p.add_argument("--cache", default="results/cache")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--linf-eps", default="", help="comma-separated L-inf budgets for "
+                   + ", ".join(BUDGETED) + " (one run each)")
+    p.add_argument("--l2-eps", default="", help="comma-separated L2 budgets, as --linf-eps")
     args = p.parse_args(argv)
     args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     unknown = [a for a in args.attacks if a not in ATTACKS]
     if unknown or not args.attacks:
         raise UsageError(f"--attacks: unknown {unknown}; known: {', '.join(ATTACKS)}")
+    for flag in ("linf_eps", "l2_eps"):
+        raw = getattr(args, flag)
+        try:
+            values = [float(v) for v in raw.split(",") if v.strip()]
+        except ValueError:
+            raise UsageError(f"--{flag.replace('_', '-')}: not a list of numbers: {raw!r}") from None
+        if any(not v > 0 for v in values):
+            raise UsageError(f"--{flag.replace('_', '-')}: budgets must be > 0, got {raw!r}")
+        setattr(args, flag, values)
+    args.runs = expand_budgets(args.attacks, args.linf_eps, args.l2_eps)
     if args.n < 2:
         raise UsageError(f"--n must be >= 2, got {args.n}")
     if not os.path.isfile(os.path.join(args.model, "fmd.keras")):
@@ -155,7 +173,9 @@ def _markdown(report) -> str:
         "defense / FM-Defense / MagNet |",
         "|---|---|---|---|---|---|",
     ]
-    for name, a in report["attacks"].items():
+    paper_attacks = {k: v for k, v in report["attacks"].items() if not k.startswith("adaptive")}
+    adaptive = {k: v for k, v in report["attacks"].items() if k.startswith("adaptive")}
+    for name, a in paper_attacks.items():
         paper = PAPER_TABLE_II_MNIST.get(name, {})
         paper_s = " / ".join("n/a" if paper.get(k) is None else f"{paper[k]}"
                              for k in ("no_defense", "fm_defense", "magnet")) if paper else "n/a"
@@ -163,6 +183,23 @@ def _markdown(report) -> str:
         for d in ("fm_defense", "magnet", "feature_squeezing"):
             cols.append(pct(a[d]["defended_accuracy"]) if d in a else "n/a")
         lines.append(f"| {name} | " + " | ".join(cols) + f" | {paper_s} |")
+    if adaptive:
+        lines += ["", "## Security evaluation: adaptive attacks", "",
+                  "White-box attacks on the whole defense (fmd_tf.attacks.adaptive). Defended "
+                  "accuracy: rejected or final label right. MagNet / Feature Squeezing columns "
+                  "are the same examples (crafted against FM-Defense, i.e. transferred), not "
+                  "attacks adapted to them.", "",
+                  "| attack | norm | ε | no defense | FM-Defense | verdicts (pass/purify/reject) "
+                  "| MagNet | Feature Squeezing |", "|---|---|---|---|---|---|---|---|"]
+        for name, a in adaptive.items():
+            fm = a["fm_defense"]
+            cols = [pct(a[d]["defended_accuracy"]) if d in a else "n/a"
+                    for d in ("magnet", "feature_squeezing")]
+            lines.append(f"| {a['method']} | {a['params'].get('norm', 'l2')} | "
+                         f"{a['params'].get('eps', 'none')} | {pct(a['undefended_accuracy'])} | "
+                         f"{pct(fm['defended_accuracy'])} | "
+                         f"{'/'.join(str(c) for c in fm['verdict_counts'])} | "
+                         + " | ".join(cols) + " |")
     lines += ["", "## Detection", "",
               "| attack | defense | TPR | FPR (clean) | AUC | purification recall | "
               "paper final accuracy |", "|---|---|---|---|---|---|---|"]
@@ -182,7 +219,7 @@ def _markdown(report) -> str:
                      + (" (cached)" if a.get("attack_cached") else ""))
     ops = report.get("operating_points")
     if ops:
-        attacks = list(report["attacks"])
+        attacks = list(paper_attacks)
         lines += ["", "## Operating points (same VAL resistances, thresholds re-calibrated)", "",
                   "| mode | ρ | θd | clean flagged | clean defended | "
                   + " | ".join(f"{a} defended" for a in attacks) + " |",
@@ -214,9 +251,10 @@ def run(args) -> dict:
     x, y = splits.x_cle[: args.n], splits.y_cle[: args.n]
     baselines, notes = ({}, ["baselines skipped (--no-baselines)"]) if args.no_baselines \
         else _load_baselines(args.model, fmd.classifier)
-    steps = 1 + len(args.attacks)
+    steps = 1 + len(args.runs)
     bar = keras.utils.Progbar(steps, stateful_metrics=["stage"], unit_name="set")
-    print(f"evaluating {args.model} on {args.n} CLE images: clean + {', '.join(args.attacks)}")
+    print(f"evaluating {args.model} on {args.n} CLE images: clean + "
+          f"{', '.join(name for name, _, _ in args.runs)}")
     clean = _run_fm(fmd, x, args.batch_size)
     clean_base = {name: b.defend(x) for name, b in baselines.items()}
     bar.update(1)
@@ -229,11 +267,13 @@ def run(args) -> dict:
     r_val_path = os.path.join(args.model, "val_resistance.npy")
     r_val = np.load(r_val_path) if os.path.exists(r_val_path) else None
     adv_out, eta_curves, grid_rows, roc = {}, {}, {"clean": (x, clean["purified"])}, {}
-    for k, attack in enumerate(args.attacks):
-        x_adv, info = harness.adversarial_set(attack, fmd.classifier, x, y, args.cache, args.seed)
+    for k, (attack, method, overrides) in enumerate(args.runs):
+        x_adv, info = harness.adversarial_set(method, fmd.classifier, x, y, args.cache, args.seed,
+                                              params=overrides, defense=fmd)
         adv = _run_fm(fmd, x_adv, args.batch_size)
         adv_out[attack] = adv
         entry = {
+            "method": method,
             "params": info["params"],
             "attack_seconds": info["seconds"],
             "attack_cached": info["cached"],
@@ -250,32 +290,35 @@ def run(args) -> dict:
             entry[bname] = harness.defense_metrics(clean_base[bname], bout, y, y)
             roc[attack][bname] = (clean_base[bname]["score"], bout["score"])
         report["attacks"][attack] = entry
+        bar.update(k + 2)
+        if attack.startswith("adaptive"):  # the paper's figures cover the paper's attacks
+            continue
         grid_rows[attack] = (x_adv, adv["purified"])
         if r_val is not None:
             eta_curves[attack] = _eta_curves(fmd, r_val, clean, adv, y,
                                              [0.1, 0.3, 0.5, 0.7, 0.9, 1.0])
-        bar.update(k + 2)
     report["attacks_eta_curves"] = eta_curves
+    paper_out = {a: o for a, o in adv_out.items() if not a.startswith("adaptive")}
     fig = lambda name: os.path.join(args.out, name)  # noqa: E731
     figures.resistance_histograms(
         {"clean": clean["resistance"].mean(1),
          **{a: o["resistance"].mean(1) for a, o in adv_out.items()}}, fig("fig1_resistance.png"))
     figures.detection_vs_unified_threshold(
-        clean["resistance"], {a: o["resistance"] for a, o in adv_out.items()},
+        clean["resistance"], {a: o["resistance"] for a, o in paper_out.items()},
         fig("fig4_detection_vs_threshold.png"))
     names = ["fig1_resistance.png", "fig4_detection_vs_threshold.png"]
     if r_val is not None:
         figures.detection_vs_rho(r_val, clean["resistance"],
-                                 {a: o["resistance"] for a, o in adv_out.items()},
+                                 {a: o["resistance"] for a, o in paper_out.items()},
                                  fmd.num_morphs, fmd.threshold_mode,
                                  fig("fig4_detection_vs_rho.png"))
         figures.purification_vs_eta(eta_curves, fig("fig5_purification_vs_eta.png"))
         names += ["fig4_detection_vs_rho.png", "fig5_purification_vs_eta.png"]
-        report["operating_points"] = _operating_points(fmd, r_val, clean, adv_out, y)
+        report["operating_points"] = _operating_points(fmd, r_val, clean, paper_out, y)
     else:
         notes.append(f"{r_val_path} missing: no ρ / η figures")
     figures.purified_grid(grid_rows, fig("fig6_purified.png"))
-    figures.roc_curves(roc, fig("roc.png"))
+    figures.roc_curves({a: r for a, r in roc.items() if a in paper_out}, fig("roc.png"))
     report["figures"] = names + ["fig6_purified.png", "roc.png"]
     report["seconds"] = time.time() - started
     with open(fig("report.json.tmp"), "w") as f:

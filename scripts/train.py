@@ -57,6 +57,8 @@ def parse_args(argv):
                         "(verified on 32 VAL images) instead of recomputing all morphs")
     p.add_argument("--recon-weight", type=float, default=None,
                    help="weight of L_R in the combo-VAE loss (config default otherwise)")
+    p.add_argument("--consistency-weight", type=float, default=None,
+                   help="weight of the decoder's label-consistency term (0 = paper's loss)")
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
@@ -98,6 +100,12 @@ def _config(args):
             raise UsageError(f"--recon-weight must be > 0, got {args.recon_weight}")
         cfg = dataclasses.replace(
             cfg, combo=dataclasses.replace(cfg.combo, recon_weight=args.recon_weight)
+        )
+    if args.consistency_weight is not None:
+        if args.consistency_weight < 0:
+            raise UsageError(f"--consistency-weight must be >= 0, got {args.consistency_weight}")
+        cfg = dataclasses.replace(
+            cfg, combo=dataclasses.replace(cfg.combo, consistency_weight=args.consistency_weight)
         )
     if args.epochs is not None:
         cfg = dataclasses.replace(
@@ -194,7 +202,7 @@ def run(args) -> dict:
             combo.dgmm.set_weights(saved.dgmm.get_weights())
         if "vae" in args.stages:
             t = time.time()
-            training.train_vae(cfg, combo, splits.x_train, log_dir, args.verbose)
+            training.train_vae(cfg, combo, splits.x_train, log_dir, args.verbose, classifier)
             seconds["vae"] = time.time() - t
         combo = training.inference_copy(combo)
         combo.save(path("combo_vae.keras"))

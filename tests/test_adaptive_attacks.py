@@ -227,7 +227,7 @@ def test_cw_high_confidence_margins(setup):
         x_adv, cw_high_confidence_transfer(fmd.classifier, x[:6], y[:6], **params))
     clipped = cw_high_confidence_transfer(fmd, x[:6], y[:6], eps=0.5, **params)
     _assert_in_ball(clipped, x[:6], 0.5, "l2")
-    assert ATTACKS["cw_hc"][0] == "cw_high_confidence_transfer"
+    assert ATTACKS["cw_hiconf"][0] == "cw_high_confidence_transfer"
 
 
 def test_argument_checks(setup):
@@ -242,3 +242,46 @@ def test_argument_checks(setup):
         adaptive_pgd(fmd, x[:2], y[:1], eps=0.1)
     with pytest.raises(NotCalibratedError):
         adaptive_pgd(_defense(fmd.classifier), x[:1], y[:1], eps=0.1)
+
+
+def test_expand_budgets_names_and_params():
+    from fmd_tf.evaluation.harness import expand_budgets
+
+    runs = expand_budgets(["fgsm", "adaptive_pgd", "cw_hiconf"], [0.05, 0.1], [1.5])
+    assert runs == [
+        ("fgsm", "fgsm", {}),
+        ("adaptive_pgd_linf_0.05", "adaptive_pgd", {"eps": 0.05, "norm": "linf"}),
+        ("adaptive_pgd_linf_0.1", "adaptive_pgd", {"eps": 0.1, "norm": "linf"}),
+        ("adaptive_pgd_l2_1.5", "adaptive_pgd", {"eps": 1.5, "norm": "l2"}),
+        ("adaptive_cw_hiconf_linf_0.05", "cw_hiconf", {"eps": 0.05, "norm": "linf"}),
+        ("adaptive_cw_hiconf_linf_0.1", "cw_hiconf", {"eps": 0.1, "norm": "linf"}),
+        ("adaptive_cw_hiconf_l2_1.5", "cw_hiconf", {"eps": 1.5, "norm": "l2"}),
+    ]
+    assert expand_budgets(["adaptive_resistance"]) == [
+        ("adaptive_resistance", "adaptive_resistance", {})]
+    with pytest.raises(ValueError, match="unknown attack"):
+        expand_budgets(["nope"])
+
+
+def test_harness_defense_aware_cache_covers_the_defense(setup, tmp_path):
+    from fmd_tf.evaluation.harness import adversarial_set
+
+    fmd, x, y = setup
+    params = dict(eps=0.1, nb_iter=2, eot_samples=2, check_every=None, batch_size=8)
+    with pytest.raises(ValueError, match="needs the defense"):
+        adversarial_set("adaptive_pgd", fmd.classifier, x[:4], y[:4], None, params=params)
+    first, info = adversarial_set("adaptive_pgd", fmd.classifier, x[:4], y[:4], str(tmp_path),
+                                  params=params, defense=fmd)
+    assert not info["cached"]
+    np.testing.assert_array_equal(first, adaptive_pgd(fmd, x[:4], y[:4], **params))
+    again, info = adversarial_set("adaptive_pgd", fmd.classifier, x[:4], y[:4], str(tmp_path),
+                                  params=params, defense=fmd)
+    assert info["cached"]
+    np.testing.assert_array_equal(again, first)
+    # Same classifier, other thresholds: a different defense, so a cache miss.
+    other = _defense(fmd.classifier)
+    other.set_weights(fmd.get_weights())
+    other.theta_r.assign(fmd.theta_r.numpy() + 0.25)
+    _, info = adversarial_set("adaptive_pgd", fmd.classifier, x[:4], y[:4], str(tmp_path),
+                              params=params, defense=other)
+    assert not info["cached"]

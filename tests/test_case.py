@@ -53,6 +53,7 @@ TINY_COMBO_CONFIG = ComboVAEConfig(
     decoder_filters=(8, 4),
     discriminator_units=(16, 16),
     batch_size=8,
+    consistency_weight=0.0,
 )
 
 

@@ -74,6 +74,31 @@ def test_gaussian_kl_closed_form():
     )
 
 
+def test_label_consistency_loss_closed_form():
+    # Row 0: p = q -> 0.
+    # Row 1: p = (0.75, 0.25), q = (0.5, 0.5) -> 0.75 log 1.5 + 0.25 log 0.5.
+    # Row 2: logits shifted by a constant give the same softmax -> 0.
+    target = tf.constant([[1.0, 2.0], [math.log(0.75), math.log(0.25)], [0.0, 1.0]])
+    logits = tf.constant([[1.0, 2.0], [0.0, 0.0], [5.0, 6.0]])
+    out = losses.label_consistency_loss(target, logits)
+    assert out.shape == (3,)
+    np.testing.assert_allclose(
+        _np(out), [0.0, 0.75 * math.log(1.5) + 0.25 * math.log(0.5), 0.0], atol=1e-6
+    )
+
+
+def test_label_consistency_loss_gradient_reaches_logits_only():
+    target = tf.Variable([[2.0, 0.0, -1.0]])
+    logits = tf.Variable([[0.0, 1.0, 0.0]])
+    with tf.GradientTape(persistent=True) as tape:
+        loss = tf.reduce_sum(losses.label_consistency_loss(target, logits))
+    assert tape.gradient(loss, target) is None
+    # d KL / d logits = q - p.
+    p = tf.nn.softmax(target).numpy()
+    q = tf.nn.softmax(logits).numpy()
+    np.testing.assert_allclose(tape.gradient(loss, logits).numpy(), q - p, atol=1e-6)
+
+
 def test_gaussian_kl_is_nonnegative_and_matches_tfp():
     import tensorflow_probability as tfp
 

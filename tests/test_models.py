@@ -1,5 +1,6 @@
 """Tests for fmd_tf.models: serialization, `.keras` saving, DGMM maths, training steps."""
 
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from fmd_tf.models.dgmm import LOG_VAR_BOUNDS
 
 IMAGE_SHAPE = (28, 28, 1)
 LOG_2PI = math.log(2.0 * math.pi)
-COMBO_METRICS = {"loss", "recon_loss", "kl_loss", "tc", "disc_loss"}
+COMBO_METRICS = {"loss", "recon_loss", "kl_loss", "tc", "disc_loss", "consistency"}
 DGMM_METRICS = {"loss", "cls_loss", "lkd_loss", "accuracy"}
 
 
@@ -337,12 +338,73 @@ def test_combo_vae_fit_logs_named_metrics(toy_batch):
     x, _ = toy_batch
     model = _compile_combo(_small_combo())
     history = model.fit(x, batch_size=10, epochs=1, shuffle=False, verbose=0).history
-    _assert_finite_nonzero(history, COMBO_METRICS)
+    assert history.pop("consistency") == [0.0]  # consistency_weight 0: the term is off
+    _assert_finite_nonzero(history, COMBO_METRICS - {"consistency"})
     h = {k: v[0] for k, v in history.items()}
     np.testing.assert_allclose(
         h["loss"], 10.0 * h["recon_loss"] + h["kl_loss"] + 40.0 * h["tc"], rtol=1e-5, atol=1e-4
     )
     assert int(model.optimizer.iterations.numpy()) == 2
+
+
+def _consistency_combo(weight, seed=0):
+    cfg = dataclasses.replace(TINY_COMBO_CONFIG, consistency_weight=weight)
+    return build_combo_vae(cfg, IMAGE_SHAPE, 10, seed=seed)
+
+
+def _tiny_classifier():
+    clf = Classifier(num_classes=10, conv_filters=(4, 4), dense_units=(8,))
+    clf.build((None, *IMAGE_SHAPE))
+    return clf
+
+
+def test_combo_vae_consistency_term_in_loss(toy_batch):
+    x, _ = toy_batch
+    clf = _tiny_classifier()
+    model = _compile_combo(_consistency_combo(2.5, seed=3))
+    with pytest.raises(ValueError, match="set_consistency_classifier"):
+        model.evaluate(x, batch_size=len(x), verbose=0)
+    model.set_consistency_classifier(clf)
+    logs = model.evaluate(x, batch_size=len(x), verbose=0, return_dict=True)
+    assert set(logs) == COMBO_METRICS
+    # Same reconstruction as test_step (noise seed [3, 0]).
+    mean, log_var = (t.numpy() for t in model.shared_encoder(x))
+    zs = mean + np.exp(0.5 * log_var) * tf.random.stateless_normal(mean.shape, seed=[3, 0])
+    x_hat = model.decode(zs, model.dgmm(x))
+    expected = np.mean(losses.label_consistency_loss(clf(x), clf(x_hat)).numpy())
+    assert expected > 1e-6  # a random classifier disagrees somewhat
+    np.testing.assert_allclose(logs["consistency"], expected, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        logs["loss"],
+        10.0 * logs["recon_loss"] + logs["kl_loss"] + 40.0 * logs["tc"] + 2.5 * expected,
+        rtol=1e-4, atol=1e-4,
+    )
+    # The classifier is a training-time helper: not in the config, not in the weights.
+    assert model.get_config()["consistency_weight"] == 2.5
+    assert len(model.weights) == len(_consistency_combo(0.0).weights)
+
+
+def test_combo_vae_consistency_gradient_reaches_decoder_only(toy_batch):
+    x, _ = toy_batch
+    clf = _tiny_classifier()
+    trained = {}
+    start = _consistency_combo(0.0, seed=1).get_weights()
+    for weight in (0.0, 50.0):
+        model = _compile_combo(_consistency_combo(weight, seed=1))
+        model.set_weights(start)
+        if weight:
+            model.set_consistency_classifier(clf)
+        clf_before = _weights(clf)
+        model.train_on_batch(x)
+        for w0, w in zip(clf_before, clf.weights, strict=True):
+            np.testing.assert_array_equal(w0, w.numpy())
+        trained[weight] = (_weights(model.shared_encoder), _weights(model.decoder))
+    for a, b in zip(trained[0.0][0], trained[50.0][0], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # encoder: no consistency grad
+    assert any(
+        not np.allclose(a, b, atol=1e-6)
+        for a, b in zip(trained[0.0][1], trained[50.0][1], strict=True)
+    ), "the consistency term did not change the decoder's update"
 
 
 def test_combo_vae_accepts_trained_dgmm(toy_batch):
@@ -370,7 +432,7 @@ def test_combo_vae_accepts_trained_dgmm(toy_batch):
 
 _MIRRORED_SCRIPT = textwrap.dedent(
     """
-    import json, os, sys
+    import dataclasses, json, os, sys
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -383,7 +445,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from test_case import TINY_COMBO_CONFIG
 
-    from fmd_tf.models import DGMM, build_combo_vae
+    from fmd_tf.models import DGMM, Classifier, build_combo_vae
 
     def small_dgmm(optimizer):
         d = DGMM(latent_dim=3, filters=(8, 8), dense_units=16)
@@ -395,9 +457,14 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     x = rng.uniform(size=(128, 28, 28, 1)).astype("float32")
     y = rng.integers(0, 10, 128)
     reference = small_dgmm(keras.optimizers.SGD(0.5))  # single device
+    # As in scripts/train.py: the consistency classifier is built outside the strategy scope.
+    clf = Classifier(num_classes=10, conv_filters=(4, 4), dense_units=(8,))
+    clf.build((None, 28, 28, 1))
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
-        combo = build_combo_vae(TINY_COMBO_CONFIG, (28, 28, 1), 10)
+        cfg = dataclasses.replace(TINY_COMBO_CONFIG, consistency_weight=1.0)
+        combo = build_combo_vae(cfg, (28, 28, 1), 10)
+        combo.set_consistency_classifier(clf)
         combo.compile(
             optimizer=keras.optimizers.Adam(1e-3),
             discriminator_optimizer=keras.optimizers.Adam(1e-4),
@@ -444,6 +511,7 @@ def test_mirrored_strategy_two_logical_cpus():
     assert set(result["dgmm"]) == DGMM_METRICS
     for name, values in [*result["combo"].items(), *result["dgmm"].items()]:
         assert len(values) == 1 and np.isfinite(values[0]), (name, values)
+    assert result["combo"]["consistency"][0] > 0
     assert result["combo_iterations"] == result["disc_iterations"] == 4  # 128 / 32
     assert result["dgmm_iterations"] == 4
     assert result["sgd_step_max_diff"] < 1e-6

@@ -22,9 +22,22 @@ ATTACKS = {
                                  "binary_search_steps": 5}),
     "deepfool": ("deepfool", {"overshoot": 0.02, "max_iterations": 50, "norm": "linf"}),
     # High-confidence C&W-L2 on the classifier alone (Carlini & Wagner's attack on MagNet).
-    "cw_hc": ("cw_high_confidence_transfer", {"kappa": 20.0, "max_iterations": 100,
-                                              "learning_rate": 0.1, "binary_search_steps": 5}),
+    "cw_hiconf": ("cw_high_confidence_transfer", {"kappa": 20.0, "max_iterations": 100,
+                                                  "learning_rate": 0.1,
+                                                  "binary_search_steps": 5}),
+    # Adaptive white-box attacks on the whole FM-Defense (fmd_tf.attacks.adaptive).
+    "adaptive_pgd": ("adaptive_pgd", {"eps": 0.1, "norm": "linf", "nb_iter": 50,
+                                      "eot_samples": 4, "purified_weight": 1.0,
+                                      "check_every": 25}),
+    "adaptive_resistance": ("adaptive_resistance", {"eps": 0.1, "norm": "linf", "nb_iter": 50,
+                                                    "eot_samples": 4, "check_every": 25}),
 }
+
+# Attacks that get the whole FMDefense (not only its classifier); their cache key covers all of
+# the defense's weights and config.
+DEFENSE_AWARE = ("adaptive_pgd", "adaptive_resistance")
+# Attacks with an (eps, norm) budget, expanded over scripts/evaluate.py's --linf-eps/--l2-eps.
+BUDGETED = ("cw_hiconf", "adaptive_pgd", "adaptive_resistance")
 
 # Table II of the paper, MNIST (classification accuracy %, "No defense" / "FM-Defense" /
 # "MagNet"); the paper gives no Feature Squeezing column and no PGD row.
@@ -43,17 +56,57 @@ def classifier_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def expand_budgets(attacks, linf_eps=(), l2_eps=()) -> list[tuple[str, str, dict]]:
+    """[(report name, attack, parameter overrides)] of a list of attack names.
+
+    Attacks in `BUDGETED` are run once per budget of the grid (L∞ radii `linf_eps`, L2 radii
+    `l2_eps`) when a grid is given, reported as ``adaptive_<attack>_<norm>_<eps>`` (the
+    ``adaptive_`` prefix is not doubled); without a grid, and for the other attacks, once with
+    their defaults under their own name.
+    """
+    grid = [("linf", float(e)) for e in linf_eps] + [("l2", float(e)) for e in l2_eps]
+    runs = []
+    for attack in attacks:
+        if attack not in ATTACKS:
+            raise ValueError(f"unknown attack {attack!r}; known: {', '.join(ATTACKS)}")
+        if attack not in BUDGETED or not grid:
+            runs.append((attack, attack, {}))
+            continue
+        stem = attack if attack.startswith("adaptive") else f"adaptive_{attack}"
+        for norm, eps in grid:
+            runs.append((f"{stem}_{norm}_{eps:g}", attack, {"eps": eps, "norm": norm}))
+    return runs
+
+
+def defense_fingerprint(fmd) -> str:
+    """sha256 (16 hex digits) of all of a defense's weights and its config."""
+    h = hashlib.sha256(classifier_fingerprint(fmd).encode())
+    h.update(json.dumps(fmd.get_config(), sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
 def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: int = 0,
-                    params: dict | None = None):
+                    params: dict | None = None, defense=None):
     """(x_adv, info): generated with `fmd_tf.attacks`, or loaded from the .npz cache when the
-    attack, parameters, images and classifier fingerprint all match."""
+    attack, parameters, images and fingerprint all match.
+
+    Attacks in `DEFENSE_AWARE` run on `defense` (an `FMDefense`, required for them) and are
+    keyed by its fingerprint; the others run on `classifier` and are keyed by its weights.
+    """
     import fmd_tf.attacks as attacks
 
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; known: {', '.join(ATTACKS)}")
     fn_name, defaults = ATTACKS[attack]
     params = {**defaults, **(params or {})}
-    fingerprint = classifier_fingerprint(classifier)
+    target = classifier
+    if attack in DEFENSE_AWARE:
+        if defense is None:
+            raise ValueError(f"attack {attack!r} needs the defense (defense=FMDefense)")
+        target = defense
+        fingerprint = "defense:" + defense_fingerprint(defense)
+    else:
+        fingerprint = classifier_fingerprint(classifier)
     data_hash = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
     key = json.dumps({"attack": attack, "params": params, "classifier": fingerprint,
                       "data": data_hash, "seed": seed}, sort_keys=True)
@@ -73,9 +126,9 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
     start = time.time()
     fn = getattr(attacks, fn_name)
     if "y" in inspect.signature(fn).parameters:  # DeepFool attacks the predicted label instead
-        x_adv = fn(classifier, x, y=y, **params)
+        x_adv = fn(target, x, y=y, **params)
     else:
-        x_adv = fn(classifier, x, **params)
+        x_adv = fn(target, x, **params)
     seconds = time.time() - start
     if path:
         tmp = path + ".tmp.npz"

@@ -36,6 +36,11 @@ class ComboVAE(keras.Model):
         seed: seed of the reparameterisation noise and of `permute_dims`.
         recon_weight: weight w of L_R (1 in Eq. 8); w = 1/(2σ²) is a Gaussian decoder with
             pixel variance σ², trading KL pressure against reconstruction fidelity.
+        consistency_weight: weight of `losses.label_consistency_loss` (not in the paper), a
+            decoder-only term: KL between the classifier's outputs on x and on the
+            reconstruction. Its gradient reaches the decoder only, never Es, so the encoder
+            is not taught the classifier's (attackable) features. Needs the classifier from
+            `set_consistency_classifier` at training time; the classifier is not saved.
 
     Call: images [B, H, W, C] -> dict(mean [B, d_s], log_var [B, d_s], zu [B, K],
     reconstruction [B, H, W, C]) with zs = mean (no sampling).
@@ -51,6 +56,7 @@ class ComboVAE(keras.Model):
         beta=1.0,
         seed=0,
         recon_weight=1.0,
+        consistency_weight=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -62,10 +68,14 @@ class ComboVAE(keras.Model):
         self.beta = float(beta)
         self.seed = int(seed)
         self.recon_weight = float(recon_weight)
+        self.consistency_weight = float(consistency_weight)
         self.discriminator_optimizer = None
+        # A plain callable, not an attribute Keras tracks: the classifier is not part of the
+        # saved combo-VAE.
+        self._consistency_fn = None
         self.trackers = {
             name: keras.metrics.Mean(name=name)
-            for name in ("loss", "recon_loss", "kl_loss", "tc", "disc_loss")
+            for name in ("loss", "recon_loss", "kl_loss", "tc", "disc_loss", "consistency")
         }
 
     @property
@@ -97,6 +107,14 @@ class ComboVAE(keras.Model):
         )
         if self.built:
             self.discriminator_optimizer.build(self.discriminator.trainable_variables)
+
+    def set_consistency_classifier(self, classifier):
+        """Use `classifier` (frozen) for the consistency term during `fit`; None clears it."""
+        if classifier is None:
+            self._consistency_fn = None
+            return
+        classifier.trainable = False
+        self._consistency_fn = lambda x: classifier(x, training=False)
 
     def encode(self, images):
         """(mean [B, d_s], log_var [B, d_s], zu [B, K]) of a batch of images."""
@@ -132,21 +150,30 @@ class ComboVAE(keras.Model):
         l_r = tf.reduce_mean(losses.reconstruction_loss(x, x_hat))
         l_kl = tf.reduce_mean(losses.gaussian_kl(mean, log_var))
         l_tc = losses.total_correlation_estimate(self.discriminator(zs, training=training))
+        l_c = tf.zeros([])
+        if self.consistency_weight > 0.0:
+            if self._consistency_fn is None:
+                raise ValueError("consistency_weight > 0 needs set_consistency_classifier()")
+            l_c = tf.reduce_mean(losses.label_consistency_loss(
+                self._consistency_fn(x), self._consistency_fn(x_hat)
+            ))
         zs_fixed = tf.stop_gradient(zs)
         permuted = losses.permute_dims(zs_fixed, seed + tf.constant([0, 1], tf.int32))
         l_d = losses.tc_discriminator_loss(
             self.discriminator(zs_fixed, training=training),
             self.discriminator(permuted, training=training),
         )
-        return l_r, l_kl, l_tc, l_d
+        return l_r, l_kl, l_tc, l_d, l_c
 
-    def _update_trackers(self, l_r, l_kl, l_tc, l_d):
+    def _update_trackers(self, l_r, l_kl, l_tc, l_d, l_c):
         values = {
-            "loss": self.recon_weight * l_r + self.beta * l_kl + self.gamma * l_tc,
+            "loss": self.recon_weight * l_r + self.beta * l_kl + self.gamma * l_tc
+            + self.consistency_weight * l_c,
             "recon_loss": l_r,
             "kl_loss": l_kl,
             "tc": l_tc,
             "disc_loss": l_d,
+            "consistency": l_c,
         }
         for name, value in values.items():
             self.trackers[name].update_state(value)
@@ -155,18 +182,22 @@ class ComboVAE(keras.Model):
     def train_step(self, data):
         x = data[0] if isinstance(data, (tuple, list)) else data
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        vae_vars = self.shared_encoder.trainable_variables + self.decoder.trainable_variables
+        enc_vars = self.shared_encoder.trainable_variables
+        dec_vars = self.decoder.trainable_variables
         disc_vars = self.discriminator.trainable_variables
         with tf.GradientTape(persistent=True) as tape:
-            l_r, l_kl, l_tc, l_d = self._forward(x, self._step_seed(), training=True)
+            terms = self._forward(x, self._step_seed(), training=True)
+            l_r, l_kl, l_tc, l_d, l_c = terms
             vae_loss = (self.recon_weight * l_r + self.beta * l_kl + self.gamma * l_tc) / replicas
+            dec_loss = vae_loss + self.consistency_weight * l_c / replicas
             disc_loss = l_d / replicas
-        vae_grads = tape.gradient(vae_loss, vae_vars)
+        enc_grads = tape.gradient(vae_loss, enc_vars)
+        dec_grads = tape.gradient(dec_loss, dec_vars)
         disc_grads = tape.gradient(disc_loss, disc_vars)
         del tape
-        self.optimizer.apply(vae_grads, vae_vars)
+        self.optimizer.apply(enc_grads + dec_grads, enc_vars + dec_vars)
         self.discriminator_optimizer.apply(disc_grads, disc_vars)
-        return self._update_trackers(l_r, l_kl, l_tc, l_d)
+        return self._update_trackers(*terms)
 
     def test_step(self, data):
         x = data[0] if isinstance(data, (tuple, list)) else data
@@ -192,6 +223,7 @@ class ComboVAE(keras.Model):
             beta=self.beta,
             seed=self.seed,
             recon_weight=self.recon_weight,
+            consistency_weight=self.consistency_weight,
         )
         return config
 
@@ -226,6 +258,7 @@ def build_combo_vae(combo_cfg, image_shape, num_classes, seed=0) -> ComboVAE:
         beta=combo_cfg.beta,
         seed=seed,
         recon_weight=combo_cfg.recon_weight,
+        consistency_weight=combo_cfg.consistency_weight,
         name="combo_vae",
     )
     model.build((None, *image_shape))
