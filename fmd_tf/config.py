@@ -118,6 +118,9 @@ class DefenseConfig:
     adaptive_round: int = 10
     adaptive_alpha: float = 0.01
     morph_dtype: str = "float32"  # or "bfloat16" / "float16": morph decoder+classifier compute
+    # Reconstruction gate (not in the paper; 0 = off): reject inputs whose combo-VAE
+    # reconstruction error exceeds the clean VAL (1 - recon_fpr) quantile.
+    recon_fpr: float = 0.0
 
 
 @dataclass(frozen=True)

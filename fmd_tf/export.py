@@ -13,9 +13,9 @@ Signatures (every one takes a single input `images`, float32 [None, 28, 28, 1] i
 `serving_default`     the full defense (`FMDefense.call`): `label` int64 [B] (-1 = rejected),
                       `verdict` int32 [B] (0 passed, 1 purified, 2 rejected), `classifier_label`
                       int64 [B], `resistance` float32 [B, m], `distance` float32 [B], `purified`
-                      float32 [B, 28, 28, 1]
+                      float32 [B, 28, 28, 1], `recon_error` float32 [B]
 `classify`            the undefended classifier: `logits` float32 [B, classes], `label` int64 [B]
-`detect`              `resistance`, `distance`, `verdict` (same values as `serving_default`)
+`detect`              `resistance`, `distance`, `recon_error`, `verdict` (as `serving_default`)
 `purify`              `purified` float32 [B, 28, 28, 1] (decoder(μs(x) ‖ zu)) and `label` int64
                       [B], the classifier's label of the purified image (no morph search, cheap)
 ====================  ===========================================================================
@@ -76,7 +76,7 @@ INPUT_NAME = "images"
 SIGNATURES = {
     "serving_default": tuple(OUTPUT_KEYS),
     "classify": ("logits", "label"),
-    "detect": ("resistance", "distance", "verdict"),
+    "detect": ("resistance", "distance", "recon_error", "verdict"),
     "purify": ("purified", "label"),
 }
 

@@ -49,13 +49,13 @@ def parse_args(argv):
     if unknown or not args.attacks:
         raise UsageError(f"--attacks: unknown {unknown}; known: {', '.join(ATTACKS)}")
     for flag in ("linf_eps", "l2_eps"):
-        raw = getattr(args, flag)
+        raw, option = getattr(args, flag), "--" + flag.replace("_", "-")
         try:
             values = [float(v) for v in raw.split(",") if v.strip()]
         except ValueError:
-            raise UsageError(f"--{flag.replace('_', '-')}: not a list of numbers: {raw!r}") from None
+            raise UsageError(f"{option}: not a list of numbers: {raw!r}") from None
         if any(not v > 0 for v in values):
-            raise UsageError(f"--{flag.replace('_', '-')}: budgets must be > 0, got {raw!r}")
+            raise UsageError(f"{option}: budgets must be > 0, got {raw!r}")
         setattr(args, flag, values)
     args.runs = expand_budgets(args.attacks, args.linf_eps, args.l2_eps)
     if args.n < 2:
@@ -100,6 +100,7 @@ def _load_baselines(model_dir, classifier):
 
 
 def _eta_curves(fmd, r_val, clean, adv, y, etas):
+    theta_e = float(fmd.theta_e.numpy())
     from fmd_tf.defense import calibration
     from fmd_tf.evaluation import harness, metrics
 
@@ -110,38 +111,44 @@ def _eta_curves(fmd, r_val, clean, adv, y, etas):
         theta_d, _ = calibration.distance_threshold(
             r_val, theta_r, eta, fmd.threshold_mode, fmd.num_morphs, fmd.min_suspicious,
             fmd.eta_reference_rho)
-        c = {**clean, **harness.reverdict(clean, theta_r, theta_d)}
-        a = {**adv, **harness.reverdict(adv, theta_r, theta_d)}
+        c = {**clean, **harness.reverdict(clean, theta_r, theta_d, theta_e)}
+        a = {**adv, **harness.reverdict(adv, theta_r, theta_d, theta_e)}
         curve["adversarial_recall"].append(metrics.purification_recall(a["label"], a["verdict"], y))
         curve["clean_recall"].append(metrics.purification_recall(c["label"], c["verdict"], y))
         curve["paper_final_accuracy"].append(metrics.paper_final_accuracy(c, a, y, y))
     return curve
 
 
-def _operating_points(fmd, r_val, clean, adv_out, y):
-    """Defended accuracies if the thresholds were calibrated at other ρ / modes (same VAL)."""
+def _operating_points(fmd, r_val, e_val, clean, adv_out, y):
+    """Defended accuracies if the thresholds were calibrated at other ρ / modes / reconstruction
+    gate budgets (same VAL)."""
+    import itertools
+
     import numpy as np
 
     from fmd_tf.defense import calibration
     from fmd_tf.evaluation import harness, metrics
 
     rows = []
-    for mode in ("per_code", "unified"):
-        for rho in (0.999, 0.99, 0.95, 0.9, 0.8, 0.7):
-            theta_r = calibration.resistance_thresholds(r_val, rho, mode, fmd.num_morphs)
-            theta_d, _ = calibration.distance_threshold(
-                r_val, theta_r, fmd.eta, mode, fmd.num_morphs, fmd.min_suspicious,
-                fmd.eta_reference_rho)
-            c = harness.reverdict(clean, theta_r, theta_d)
-            row = {"threshold_mode": mode, "rho": rho, "theta_d": theta_d,
-                   "clean_defended_accuracy": metrics.defended_accuracy(
-                       c["label"], c["verdict"], y, False),
-                   "clean_flagged": float(np.mean(c["verdict"] != 0))}
-            for name, out in adv_out.items():
-                a = harness.reverdict(out, theta_r, theta_d)
-                row[f"{name}_defended_accuracy"] = metrics.defended_accuracy(
-                    a["label"], a["verdict"], y, True)
-            rows.append(row)
+    grid = itertools.product(("per_code", "unified"), (0.999, 0.99, 0.95, 0.9, 0.8),
+                             (0.0, 0.01, 0.05))
+    for mode, rho, recon_fpr in grid:
+        theta_r = calibration.resistance_thresholds(r_val, rho, mode, fmd.num_morphs)
+        theta_d, _ = calibration.distance_threshold(
+            r_val, theta_r, fmd.eta, mode, fmd.num_morphs, fmd.min_suspicious,
+            fmd.eta_reference_rho)
+        theta_e = calibration.recon_threshold(e_val, recon_fpr)
+        c = harness.reverdict(clean, theta_r, theta_d, theta_e)
+        row = {"threshold_mode": mode, "rho": rho, "recon_fpr": recon_fpr,
+               "theta_d": theta_d,
+               "clean_defended_accuracy": metrics.defended_accuracy(
+                   c["label"], c["verdict"], y, False),
+               "clean_flagged": float(np.mean(c["verdict"] != 0))}
+        for name, out in adv_out.items():
+            a = harness.reverdict(out, theta_r, theta_d, theta_e)
+            row[f"{name}_defended_accuracy"] = metrics.defended_accuracy(
+                a["label"], a["verdict"], y, True)
+        rows.append(row)
     return rows
 
 
@@ -186,14 +193,17 @@ def _markdown(report) -> str:
     if adaptive:
         lines += ["", "## Security evaluation: adaptive attacks", "",
                   "White-box attacks on the whole defense (fmd_tf.attacks.adaptive). Defended "
-                  "accuracy: rejected or final label right. MagNet / Feature Squeezing columns "
-                  "are the same examples (crafted against FM-Defense, i.e. transferred), not "
-                  "attacks adapted to them.", "",
+                  "accuracy: rejected or final label right. MagNet / Feature Squeezing: first "
+                  "the same examples (crafted against FM-Defense, transferred), then, for "
+                  "adaptive_pgd, PGD adapted to that baseline at the same budget "
+                  "(fmd_tf.attacks.adaptive_detector_pgd).", "",
                   "| attack | norm | ε | no defense | FM-Defense | verdicts (pass/purify/reject) "
-                  "| MagNet | Feature Squeezing |", "|---|---|---|---|---|---|---|---|"]
-        for name, a in adaptive.items():
+                  "| MagNet (transfer / adaptive) | Feature Squeezing (transfer / adaptive) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for a in adaptive.values():
             fm = a["fm_defense"]
-            cols = [pct(a[d]["defended_accuracy"]) if d in a else "n/a"
+            cols = [" / ".join(pct(a[k]["defended_accuracy"]) if k in a else "n/a"
+                               for k in (d, f"{d}_adaptive"))
                     for d in ("magnet", "feature_squeezing")]
             lines.append(f"| {a['method']} | {a['params'].get('norm', 'l2')} | "
                          f"{a['params'].get('eps', 'none')} | {pct(a['undefended_accuracy'])} | "
@@ -221,11 +231,13 @@ def _markdown(report) -> str:
     if ops:
         attacks = list(paper_attacks)
         lines += ["", "## Operating points (same VAL resistances, thresholds re-calibrated)", "",
-                  "| mode | ρ | θd | clean flagged | clean defended | "
+                  "Reconstruction gate budget 0 is the paper's rule.", "",
+                  "| mode | ρ | recon gate budget | θd | clean flagged | clean defended | "
                   + " | ".join(f"{a} defended" for a in attacks) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(attacks)]
+                  "|---|---|---|---|---|---|" + "---|" * len(attacks)]
         for r in ops:
-            lines.append(f"| {r['threshold_mode']} | {r['rho']} | {r['theta_d']:.3f} | "
+            lines.append(f"| {r['threshold_mode']} | {r['rho']} | {r['recon_fpr']} | "
+                         f"{r['theta_d']:.3f} | "
                          f"{pct(r['clean_flagged'])} | {pct(r['clean_defended_accuracy'])} | "
                          + " | ".join(pct(r[f"{a}_defended_accuracy"]) for a in attacks) + " |")
     if report.get("notes"):
@@ -239,6 +251,7 @@ def run(args) -> dict:
     import numpy as np
 
     import fmd_tf  # noqa: F401
+    from fmd_tf.attacks import adaptive_detector_pgd
     from fmd_tf.data import paper_splits
     from fmd_tf.evaluation import figures, harness
 
@@ -289,6 +302,12 @@ def run(args) -> dict:
             bout = b.defend(x_adv)
             entry[bname] = harness.defense_metrics(clean_base[bname], bout, y, y)
             roc[attack][bname] = (clean_base[bname]["score"], bout["score"])
+            if method == "adaptive_pgd":  # the same budget, adapted to this baseline
+                x_b = adaptive_detector_pgd(b, x, y, eps=info["params"]["eps"],
+                                            norm=info["params"]["norm"],
+                                            nb_iter=info["params"]["nb_iter"], seed=args.seed)
+                entry[f"{bname}_adaptive"] = harness.defense_metrics(
+                    clean_base[bname], b.defend(x_b), y, y)
         report["attacks"][attack] = entry
         bar.update(k + 2)
         if attack.startswith("adaptive"):  # the paper's figures cover the paper's attacks
@@ -314,7 +333,8 @@ def run(args) -> dict:
                                  fig("fig4_detection_vs_rho.png"))
         figures.purification_vs_eta(eta_curves, fig("fig5_purification_vs_eta.png"))
         names += ["fig4_detection_vs_rho.png", "fig5_purification_vs_eta.png"]
-        report["operating_points"] = _operating_points(fmd, r_val, clean, paper_out, y)
+        e_val = fmd.reconstruction_error(splits.x_val)
+        report["operating_points"] = _operating_points(fmd, r_val, e_val, clean, paper_out, y)
     else:
         notes.append(f"{r_val_path} missing: no ρ / η figures")
     figures.purified_grid(grid_rows, fig("fig6_purified.png"))

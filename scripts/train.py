@@ -52,6 +52,8 @@ def parse_args(argv):
     d.add_argument("--threshold-mode", default=None, choices=["per_code", "unified"])
     d.add_argument("--radius-step", type=float, default=None, help="morph search radius step")
     d.add_argument("--num-morphs", type=int, default=None, help="N morphs per code")
+    d.add_argument("--recon-fpr", type=float, default=None,
+                   help="clean VAL budget of the reconstruction gate (0 = off, paper's rule)")
     p.add_argument("--reuse-val-resistance", action="store_true",
                    help="with --stages defense: re-threshold from OUT/val_resistance.npy "
                         "(verified on 32 VAL images) instead of recomputing all morphs")
@@ -82,8 +84,11 @@ def _config(args):
     if args.quick:
         cfg = quick_config(cfg)
     overrides = {k: getattr(args, k) for k in ("rho", "eta", "threshold_mode", "radius_step",
-                                               "num_morphs") if getattr(args, k) is not None}
+                                               "num_morphs", "recon_fpr")
+                 if getattr(args, k) is not None}
     if overrides:
+        if not 0.0 <= overrides.get("recon_fpr", 0.0) < 1.0:
+            raise UsageError(f"--recon-fpr must be in [0, 1), got {overrides['recon_fpr']}")
         if "rho" in overrides and not 0.0 < overrides["rho"] <= 1.0:
             raise UsageError(f"--rho must be in (0, 1], got {overrides['rho']}")
         if "eta" in overrides and not 0.0 <= overrides["eta"] <= 1.0:

@@ -399,3 +399,55 @@ def test_script_overwrite_replaces_outputs(tmp_path):
     with open(model_dir / "baselines" / "feature_squeezing.json") as f:
         assert json.load(f)["fpr"] == pytest.approx(0.1)
     assert MagNet.load(str(model_dir / "baselines" / "magnet")).epochs == 2
+
+
+# ----------------------------------------------------------------------------- adaptive attacks
+def test_magnet_adaptive_surface_matches_defend(fitted_magnet):
+    magnet, _ = fitted_magnet
+    x = np.concatenate([toy_images(10, seed=5), tiny_images(5, seed=6)])
+    logits, ratio = magnet.adaptive_surface(tf.constant(x))
+    out = magnet.defend(x)
+    np.testing.assert_allclose(ratio.numpy(), out["score"], rtol=1e-5)
+    passed = out["verdict"] == 0
+    np.testing.assert_array_equal(np.argmax(logits.numpy(), -1)[passed], out["label"][passed])
+
+
+def test_feature_squeezing_adaptive_surface_matches_score():
+    fs = FeatureSqueezing(tiny_classifier())
+    fs.calibrate(tiny_images(50, seed=3), fpr=0.1)
+    x = tiny_images(6, seed=4)
+    logits, ratio = fs.adaptive_surface(tf.constant(x))
+    np.testing.assert_allclose(ratio.numpy(), fs.score(x) / fs.threshold, rtol=1e-5)
+    np.testing.assert_array_equal(np.argmax(logits.numpy(), -1), fs.defend(x)["classifier_label"])
+    # BPDA: the bit-depth squeezer passes the identity gradient, so the ratio has a gradient.
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        r = tf.reduce_sum(fs.adaptive_surface(xt)[1])
+    assert np.any(tape.gradient(r, xt).numpy() != 0)
+
+
+def test_adaptive_detector_pgd_keeps_magnet_scores_down(fitted_magnet):
+    from fmd_tf.attacks import adaptive_detector_pgd
+
+    magnet, _ = fitted_magnet
+    x = toy_images(20, seed=7)
+    y = magnet.defend(x)["label"]
+    args = dict(eps=0.3, nb_iter=20, seed=1)
+    plain = adaptive_detector_pgd(magnet, x, y, detection_weight=0.0, **args)
+    aware = adaptive_detector_pgd(magnet, x, y, detection_weight=50.0, **args)
+    for x_adv in (plain, aware):
+        assert np.abs(x_adv - x).max() <= 0.3 + 1e-6
+        assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    np.testing.assert_array_equal(aware, adaptive_detector_pgd(magnet, x, y,
+                                                               detection_weight=50.0, **args))
+    plain_ratio = magnet.defend(plain)["score"]
+    aware_ratio = magnet.defend(aware)["score"]
+    # Ignoring the detector, PGD at eps 0.3 leaves the clean manifold: rejected.
+    assert np.mean(plain_ratio > 1) >= 0.9
+    # The detector-aware attack keeps the scores far lower.
+    assert np.median(aware_ratio) < 0.5 * np.median(plain_ratio)
+    with pytest.raises(TypeError, match="adaptive_surface"):
+        adaptive_detector_pgd(object(), x, y)
+    with pytest.raises(ValueError, match="norm"):
+        adaptive_detector_pgd(magnet, x, y, norm="l1")

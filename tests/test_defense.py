@@ -172,6 +172,26 @@ def test_verdicts_on_hand_made_resistance_vectors():
     np.testing.assert_array_equal(labels.numpy(), [3, 7, 7, -1])
 
 
+def test_recon_threshold_hand_example_and_off():
+    errors = np.array([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 1.0, 0.4, 0.8, 0.6])
+    # fpr 0.2 of 10 images: at most 2 may exceed θe -> θe = third largest = 0.8.
+    assert calibration.recon_threshold(errors, 0.2) == 0.8
+    assert np.sum(errors > 0.8) == 2
+    # fpr 0.05: 0 allowed -> θe = max, nothing exceeds it.
+    assert calibration.recon_threshold(errors, 0.05) == 1.0
+    assert calibration.recon_threshold(errors, 0.0) == np.inf  # gate off
+    with pytest.raises(ValueError, match="recon_fpr"):
+        calibration.recon_threshold(errors, 1.0)
+
+
+def test_recon_gate_rejects_whatever_the_resistance():
+    resistance = [[0.9, 0.9], [0.9, 0.9], [0.45, 0.9]]
+    verdict, _ = decide(resistance, [0.5, 0.3], 0.1, tf.constant([0.01, 0.2, 0.01]), 0.05)
+    np.testing.assert_array_equal(verdict.numpy(), [0, 2, 1])
+    verdict, _ = decide(resistance, [0.5, 0.3], 0.1, tf.constant([0.01, 0.2, 0.01]), np.inf)
+    np.testing.assert_array_equal(verdict.numpy(), [0, 0, 1])
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -218,9 +238,12 @@ class FMDefenseTest(FmdTestCase):
         x = tiny_images(3, seed=5)
         out = fmd(x)
         shapes = {"label": (3,), "verdict": (3,), "classifier_label": (3,),
-                  "resistance": (3, 4), "distance": (3,), "purified": (3, 28, 28, 1)}
+                  "resistance": (3, 4), "distance": (3,), "purified": (3, 28, 28, 1),
+                  "recon_error": (3,)}
         dtypes = {"label": tf.int64, "verdict": tf.int32, "classifier_label": tf.int64,
-                  "resistance": tf.float32, "distance": tf.float32, "purified": tf.float32}
+                  "resistance": tf.float32, "distance": tf.float32, "purified": tf.float32,
+                  "recon_error": tf.float32}
+        self.assertEqual(set(out), set(shapes))
         for key in shapes:
             self.assertEqual(tuple(out[key].shape), shapes[key], key)
             self.assertEqual(out[key].dtype, dtypes[key], key)
@@ -247,6 +270,28 @@ class FMDefenseTest(FmdTestCase):
         self.assertTrue(loaded.is_calibrated)
         self.assertEqual(loaded.threshold_mode, "unified")
 
+    def test_recon_gate_calibration(self):
+        x_val = tiny_images(20, seed=1)
+        off = _tiny_defense()
+        report_off = off.calibrate(x_val)
+        self.assertEqual(off.theta_e.numpy(), np.inf)
+        self.assertIsNone(report_off["theta_e"])
+        gated = _tiny_defense(recon_fpr=0.1)
+        gated.set_weights(off.get_weights())
+        report = gated.calibrate(x_val)
+        e_val = gated.reconstruction_error(x_val)
+        # At most floor(0.1 * 20) = 2 VAL images above θe; the largest two are.
+        self.assertEqual(int(np.sum(e_val > report["theta_e"])), 2)
+        self.assertAlmostEqual(report["val_recon_rejected_rate"], 0.1)
+        x = np.concatenate([x_val[:4], np.clip(x_val[:4] + 0.4, 0, 1)])
+        out, base = gated.defend(x), off.defend(x)
+        np.testing.assert_allclose(out["recon_error"], gated.reconstruction_error(x), rtol=1e-5)
+        above = out["recon_error"] > report["theta_e"]
+        self.assertTrue(above[4:].any())  # brightened images leave the manifold
+        np.testing.assert_array_equal(out["verdict"][above], 2)
+        np.testing.assert_array_equal(out["label"][above], -1)
+        np.testing.assert_array_equal(out["verdict"][~above], base["verdict"][~above])
+
     def test_not_calibrated_raises(self):
         fmd = _tiny_defense()
         with self.assertRaisesRegex(NotCalibratedError, "calibrate"):
@@ -265,6 +310,7 @@ class FMDefenseTest(FmdTestCase):
             (dict(radius_step=0.0), "radius_step"),
             (dict(range_percentiles=(99, 1)), "range_percentiles"),
             (dict(chunk_size=0), "chunk_size"),
+            (dict(recon_fpr=1.0), "recon_fpr"),
         ]
         for kwargs, message in cases:
             with self.assertRaisesRegex(ValueError, message):

@@ -64,6 +64,10 @@ def test_train_bad_arguments():
     assert proc.returncode == 2 and "unknown stage" in proc.stderr
     proc = _run("scripts/train.py", "--dataset", "cifar", "--out", "/nonexistent/x")
     assert proc.returncode == 2 and "cifar" in proc.stderr and "Traceback" not in proc.stderr
+    for flag, value in (("--recon-fpr", "1.5"), ("--consistency-weight", "-1")):
+        proc = _run("scripts/train.py", flag, value, "--out", "/nonexistent/x")
+        assert proc.returncode == 2 and flag in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
 
 
 def test_train_missing_data_exits_2(tmp_path):
@@ -117,3 +121,33 @@ def test_evaluate_report_schema(quick_model, tmp_path):
                 "--no-baselines")
     assert proc.returncode == 0
     assert json.loads((out / "report.json").read_text())["attacks"]["fgsm"]["attack_cached"]
+
+
+def test_evaluate_adaptive_budget_grid(quick_model, tmp_path):
+    out = tmp_path / "adaptive"
+    proc = _run("scripts/evaluate.py", "--model", str(quick_model), "--attacks",
+                "fgsm,adaptive_pgd", "--linf-eps", "0.05", "--l2-eps", "1.5", "--n", "4",
+                "--out", str(out), "--cache", str(tmp_path / "cache"), "--no-baselines")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["attacks"]) == ["fgsm", "adaptive_pgd_linf_0.05", "adaptive_pgd_l2_1.5"]
+    linf, l2 = report["attacks"]["adaptive_pgd_linf_0.05"], report["attacks"]["adaptive_pgd_l2_1.5"]
+    assert linf["method"] == "adaptive_pgd" and linf["params"]["norm"] == "linf"
+    assert linf["linf_median"] <= 0.05 + 1e-6 and l2["l2_median"] <= 1.5 + 1e-4
+    assert "defended_accuracy" in linf["fm_defense"]
+    md = (out / "report.md").read_text()
+    assert "## Security evaluation: adaptive attacks" in md
+    assert "| adaptive_pgd | l2 | 1.5 |" in md
+    # The paper's figures and operating points cover only the paper's attacks.
+    assert all("adaptive" not in k for row in report["operating_points"] for k in row)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--linf-eps", "abc", "not a list of numbers"),
+    ("--l2-eps", "1.5,-1", "must be > 0"),
+    ("--attacks", "adaptive_foo", "unknown"),
+])
+def test_evaluate_bad_budget_arguments(quick_model, flag, value, message):
+    proc = _run("scripts/evaluate.py", "--model", str(quick_model), flag, value)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr

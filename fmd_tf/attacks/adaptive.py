@@ -32,7 +32,9 @@ the verdict is a hard threshold test. The surrogate replaces
   (``δ`` = ``resistance_margin``, a safety margin for the soft/hard gap), the detection penalty
   is ``τ·softplus(smoothmax_τ(gap)/τ)``, ``smoothmax_τ = τ·logsumexp(·/τ)`` (``τ`` =
   ``tau``): ~0 when every code is above its threshold with margin, ~``max_i gap_i`` when one
-  is below. Passing (verdict 0) needs r(i) > θr(i) for all i, hence the max.
+  is below. Passing (verdict 0) needs r(i) > θr(i) for all i, hence the max. When the
+  defense's reconstruction gate is on, ``τ·softplus((e(x)/θe - 1 + δ)/τ)`` is added (the
+  reconstruction error e(x) is differentiable as it is).
 
 **Objective** (maximised, per example):
 ``min(margin_y(x), κ) - λ·penalty(x) [+ μ·min(margin_y(purified(x)), κ)]`` with
@@ -170,6 +172,14 @@ def _margin(logits, onehot):
     return other - real
 
 
+def _recon_gate_penalty(fmd, x, mean, zu, margin_r, tau):
+    """τ·softplus((e(x)/θe - 1 + δ)/τ): smooth surrogate of 'rejected by the reconstruction
+    gate' [B]; ~0 when the gate is off (θe = inf)."""
+    error = fm_defense._mean_squared_error(x, fmd.combo_vae.decode(mean, zu))
+    gap = error / tf.convert_to_tensor(fmd.theta_e) - 1.0 + margin_r
+    return tau * tf.nn.softplus(gap / tau)
+
+
 def _detection_penalty(soft_r, theta_r, margin_r, tau):
     """τ·softplus(smoothmax_τ(θr + δ - r~)/τ): smooth surrogate of 'flagged' [B]."""
     gap = theta_r[None, :] + margin_r - soft_r
@@ -228,17 +238,19 @@ def _make_loop_fn(fmd, mode, norm, eot_samples, morph_source, use_purified):
         if mode == "targeted":
             return tf.minimum(_margin(logits, target_onehot) * -1.0, p["kappa"])
         if mode == "agreement":
-            _, _, soft_r = _encode_and_soft_resistance(
+            mean, zu, soft_r = _encode_and_soft_resistance(
                 fmd, x_adv, target_onehot, seed, eot_samples, morph_source, p["temperature"]
             )
             fooled = tf.minimum(-_margin(logits, target_onehot), p["kappa"])
-            return fooled + p["resistance_weight"] * tf.reduce_mean(soft_r, axis=-1)
+            gate = _recon_gate_penalty(fmd, x_adv, mean, zu, 0.05, 0.05)
+            return fooled + p["resistance_weight"] * (tf.reduce_mean(soft_r, axis=-1) - gate)
         fooled = tf.minimum(_margin(logits, y_onehot), p["kappa"])
         label = _straight_through_label(logits, y_onehot)  # the adversarial label
         mean, zu, soft_r = _encode_and_soft_resistance(
             fmd, x_adv, label, seed, eot_samples, morph_source, p["temperature"]
         )
         penalty = _detection_penalty(soft_r, fmd.theta_r, p["resistance_margin"], p["tau"])
+        penalty += _recon_gate_penalty(fmd, x_adv, mean, zu, p["resistance_margin"], p["tau"])
         total = fooled - p["resistance_weight"] * penalty
         if use_purified:
             zu_p = fmd.combo_vae.dgmm.class_mean(zu) if fmd.purify_zu == "class_mean" else zu

@@ -159,6 +159,26 @@ class FeatureSqueezing:
         }
         return tf.argmax(p, axis=-1), distances
 
+    def adaptive_surface(self, x):
+        """Differentiable white-box view for adaptive attacks (tensors in, tensors out).
+
+        Returns (logits [B, K] of the classifier on x, the label a passed input gets; ratio [B]
+        = score / threshold, the input is rejected iff > 1). Bit-depth reduction is not
+        differentiable: its gradient is replaced by the identity (BPDA, Athalye et al. 2018);
+        the median filter's gradient flows through `tf.sort`.
+        """
+        self._require_calibrated()
+        x = tf.convert_to_tensor(x, tf.float32)
+        logits = tf.convert_to_tensor(self.classifier(x), tf.float32)
+        p = tf.nn.softmax(logits, axis=-1) if self.from_logits else logits
+        distances = []
+        for name, squeezed in self.squeeze(x).items():
+            if name.startswith("bit_depth"):
+                squeezed = x + tf.stop_gradient(squeezed - x)
+            distances.append(tf.reduce_sum(tf.abs(p - self._probabilities(squeezed)), axis=-1))
+        score = tf.reduce_max(tf.stack(distances), axis=0)
+        return logits, score / max(self.threshold, 1e-12)
+
     def _run(self, x, batch_size):
         x = check_images(x)
         if self._score_fn is None:

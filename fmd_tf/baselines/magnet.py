@@ -508,6 +508,22 @@ class MagNet:
             "classifier_label": self._labels(x, batch_size),
         }
 
+    def adaptive_surface(self, x):
+        """Differentiable white-box view for adaptive attacks (tensors in, tensors out).
+
+        Returns (logits [B, K] of classifier(AE_I(x)), the label a passed input gets;
+        ratio [B] = max over detectors of score / threshold, the input is rejected iff > 1).
+        """
+        self._require_calibrated()
+        x = tf.convert_to_tensor(x, tf.float32)
+        ratios = []
+        for name, p in DETECTOR_NORMS.items():
+            err = tf.abs(x - self.autoencoders[name](x, training=False)) ** p
+            score = tf.reduce_mean(tf.reshape(err, [tf.shape(x)[0], -1]), axis=-1)
+            ratios.append(score / max(self.thresholds[name], 1e-12))
+        logits = self.classifier(self.reformer(x, training=False), training=False)
+        return tf.convert_to_tensor(logits, tf.float32), tf.reduce_max(tf.stack(ratios), axis=0)
+
     def _labels(self, x, batch_size):
         return np.concatenate([
             np.argmax(np.asarray(self.classifier(x[i : i + batch_size])), axis=-1)

@@ -15,6 +15,12 @@ Calibration of θr (clean VAL resistances R [n, m], target ρ, FPR budget f = 1 
 
 Distance (Eq. 5): Dis(r, θr) = Σ_i max(θr(i) - r(i), 0).
 
+Reconstruction gate (not in the paper, off when `recon_fpr` = 0): an input whose
+reconstruction error e(x) = mean((x - decoder(μs(x) ‖ zu(x)))²) exceeds θe is rejected
+whatever its resistance, as far from the combo-VAE's manifold. θe is the smallest VAL error
+value such that at most ⌊recon_fpr·n⌋ clean VAL images have e > θe. The clean false-positive
+budget of the whole defense is then at most (1 - ρ) + recon_fpr.
+
 θd (η-fractile rule): the η-quantile (linear interpolation) of Dis over the suspicious VAL
 images. With ρ = 0.999 and 2,000 VAL images at most two are suspicious, too few for a
 fractile; when fewer than `min_suspicious` are suspicious, the same rule is applied with the
@@ -110,3 +116,18 @@ def select_codes(resistance: np.ndarray, num_codes: int) -> np.ndarray:
     if not 1 <= num_codes <= r.shape[1]:
         raise ValueError(f"num_codes must be in [1, {r.shape[1]}], got {num_codes}")
     return np.sort(np.argsort(-r.mean(axis=0), kind="stable")[:num_codes])
+
+
+def recon_threshold(errors: np.ndarray, fpr: float) -> float:
+    """θe of the reconstruction gate: at most ⌊fpr·n⌋ of the clean `errors` [n] exceed it.
+
+    `fpr` = 0 disables the gate (θe = +inf).
+    """
+    if not 0.0 <= fpr < 1.0:
+        raise ValueError(f"recon_fpr must be in [0, 1), got {fpr}")
+    e = np.sort(np.asarray(errors, dtype=np.float64).reshape(-1))[::-1]
+    if e.size == 0:
+        raise ValueError("errors must be non-empty")
+    if fpr == 0.0:
+        return float("inf")
+    return float(e[int(np.floor(fpr * e.size + 1e-9))])

@@ -10,7 +10,8 @@ from fmd_tf.defense import adaptive_budget as adaptive
 from fmd_tf.defense import calibration, morphs, precision
 
 VERDICT_PASSED, VERDICT_PURIFIED, VERDICT_REJECTED = 0, 1, 2
-OUTPUT_KEYS = ("label", "verdict", "classifier_label", "resistance", "distance", "purified")
+OUTPUT_KEYS = ("label", "verdict", "classifier_label", "resistance", "distance", "purified",
+               "recon_error")
 PURIFY_ZU = ("encoded", "class_mean")
 
 
@@ -54,13 +55,15 @@ def validate_images(images, image_shape):
         return tf.identity(images)
 
 
-def decide(resistance, theta_r, theta_d):
+def decide(resistance, theta_r, theta_d, recon_error=None, theta_e=None):
     """Verdicts of the detector-purifier from resistance vectors (§III-A, Eq. 5).
 
     Args:
         resistance: [B, m] float32.
         theta_r: [m] resistance thresholds; a row is normal iff r(i) > θr(i) for all i.
         theta_d: scalar distance threshold; suspicious rows with Dis <= θd are purified.
+        recon_error, theta_e: optional reconstruction gate (not in the paper): rows with
+            recon_error [B] > θe are rejected whatever their resistance.
 
     Returns:
         (verdict int32 [B]: 0 passed, 1 purified, 2 rejected; distance Dis(r, θr) float32 [B]).
@@ -74,6 +77,8 @@ def decide(resistance, theta_r, theta_d):
         tf.where(distance <= theta_d, VERDICT_PURIFIED, VERDICT_REJECTED),
         VERDICT_PASSED,
     )
+    if recon_error is not None:
+        verdict = tf.where(recon_error > theta_e, VERDICT_REJECTED, verdict)
     return tf.cast(verdict, tf.int32), distance
 
 
@@ -98,7 +103,9 @@ class FMDefense(keras.Model):
     N natural morphs (`morphs.natural_morph_codes`) decoded with the other codes and zu fixed;
     resistance r(i) = share of morphs classified y0. Verdict: passed if r(i) > θr(i) for all i;
     else purified if Dis(r, θr) <= θd (label = classifier(decoder(μs(x) ‖ zu))); else rejected
-    (label -1). See `fmd_tf.defense.calibration` for how θr and θd are set.
+    (label -1). With `recon_fpr` > 0 (not in the paper) an input whose reconstruction error
+    exceeds θe is rejected first. See `fmd_tf.defense.calibration` for how θr, θd and θe are
+    set.
 
     All B·m·N morphs run through decoder and classifier in chunks of `chunk_size` inside one
     graph (`tf.map_fn`), so memory is bounded and there is no Python loop at run time. The
@@ -124,10 +131,12 @@ class FMDefense(keras.Model):
         adaptive_round, adaptive_alpha: morphs per round and level α of that sequential test.
         morph_dtype: "float32", "bfloat16" or "float16" for the decoder+classifier pass over
             the morphs (`fmd_tf.defense.precision`); weights stay float32.
+        recon_fpr: clean VAL budget of the reconstruction gate (0 = off, the paper's rule).
 
     Call: images float32 [B, H, W, C] in [0, 1] -> dict with `label` int64 [B] (-1 when
     rejected), `verdict` int32 [B] (0 passed, 1 purified, 2 rejected), `classifier_label` int64
-    [B], `resistance` float32 [B, m], `distance` float32 [B], `purified` float32 [B, H, W, C].
+    [B], `resistance` float32 [B, m], `distance` float32 [B], `purified` float32 [B, H, W, C],
+    `recon_error` float32 [B] (mean squared error of decoder(μs(x) ‖ zu(x)) against x).
     """
 
     def __init__(
@@ -153,6 +162,7 @@ class FMDefense(keras.Model):
         adaptive_round=10,
         adaptive_alpha=0.01,
         morph_dtype="float32",
+        recon_fpr=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -180,6 +190,7 @@ class FMDefense(keras.Model):
         self.adaptive_round = int(adaptive_round)
         self.adaptive_alpha = float(adaptive_alpha)
         self.morph_dtype = str(morph_dtype)
+        self.recon_fpr = float(recon_fpr)
         self._check_arguments(d_s)
         self._image_shape = None
         self._graph_fn = None
@@ -223,6 +234,8 @@ class FMDefense(keras.Model):
         if self.adaptive_budget and self.jit_compile:
             raise ValueError("adaptive_budget has data-dependent shapes: jit_compile must be "
                              "None or False")
+        if not 0.0 <= self.recon_fpr < 1.0:
+            raise ValueError(f"recon_fpr must be in [0, 1), got {self.recon_fpr}")
         if self.morph_dtype not in precision.COMPUTE_DTYPES:
             raise ValueError(f"morph_dtype must be one of {precision.COMPUTE_DTYPES}, "
                              f"got {self.morph_dtype!r}")
@@ -251,6 +264,7 @@ class FMDefense(keras.Model):
             adaptive_round=defense_cfg.adaptive_round,
             adaptive_alpha=defense_cfg.adaptive_alpha,
             morph_dtype=defense_cfg.morph_dtype,
+            recon_fpr=defense_cfg.recon_fpr,
             **kwargs,
         )
 
@@ -279,6 +293,7 @@ class FMDefense(keras.Model):
         self.code_high = weight("code_high", (d_s,), "zeros")
         self.theta_r = weight("theta_r", (m,), "zeros")
         self.theta_d = weight("theta_d", (), "zeros")
+        self.theta_e = weight("theta_e", (), keras.initializers.Constant(np.inf))
         self.calibrated = weight("calibrated", (), "zeros")
         self.search_table = weight(
             "search_table", table.shape, keras.initializers.Constant(table)
@@ -368,10 +383,14 @@ class FMDefense(keras.Model):
         label = tf.argmax(self.classifier(images), axis=-1)
         mean, _, zu = self.combo_vae.encode(images)
         resistance, morphs_used = self._resistance(mean, zu, label, return_used=True)
-        zu_purify = self.combo_vae.dgmm.class_mean(zu) if self.purify_zu == "class_mean" else zu
-        purified = self.combo_vae.decode(mean, zu_purify)
+        reconstruction = self.combo_vae.decode(mean, zu)
+        purified = reconstruction
+        if self.purify_zu == "class_mean":
+            purified = self.combo_vae.decode(mean, self.combo_vae.dgmm.class_mean(zu))
         purified_label = tf.argmax(self.classifier(purified), axis=-1)
-        verdict, distance = decide(resistance, self.theta_r, self.theta_d)
+        recon_error = _mean_squared_error(images, reconstruction)
+        verdict, distance = decide(resistance, self.theta_r, self.theta_d, recon_error,
+                                   self.theta_e)
         return {
             "label": final_label(verdict, label, purified_label),
             "verdict": verdict,
@@ -379,6 +398,7 @@ class FMDefense(keras.Model):
             "resistance": resistance,
             "distance": distance,
             "purified": purified,
+            "recon_error": recon_error,
             **({"morphs_used": morphs_used} if with_stats else {}),
         }
 
@@ -465,6 +485,16 @@ class FMDefense(keras.Model):
         images = self.combo_vae.decode(flat_zs, flat_zu).numpy()
         return images.reshape(len(x), count, *images.shape[1:])
 
+    def reconstruction_error(self, x, batch_size: int = 512) -> np.ndarray:
+        """[n] mean squared error of decoder(μs(x) ‖ zu(x)) against x (the gate's e(x))."""
+        x = self._as_batch(x)
+        parts = []
+        for i in range(0, len(x), batch_size):
+            xb = tf.constant(x[i : i + batch_size])
+            mean, _, zu = self.combo_vae.encode(xb)
+            parts.append(_mean_squared_error(xb, self.combo_vae.decode(mean, zu)).numpy())
+        return np.concatenate(parts)
+
     def calibrate(self, x_val, batch_size: int = 64, val_resistance=None,
                   verify_rows: int = 32) -> dict:
         """Set normal ranges, θr and θd from clean validation images (ART's `fit`).
@@ -503,9 +533,13 @@ class FMDefense(keras.Model):
             r_val, theta_r, self.eta, self.threshold_mode, self.num_morphs,
             self.min_suspicious, self.eta_reference_rho,
         )
+        e_val = self.reconstruction_error(x_val)
+        theta_e = calibration.recon_threshold(e_val, self.recon_fpr)
         self.theta_r.assign(theta_r)
         self.theta_d.assign(theta_d)
+        self.theta_e.assign(theta_e)
         self.calibrated.assign(1.0)
+        flagged = calibration.is_suspicious(r_val, theta_r) | (e_val > theta_e)
         return {
             "num_val": int(len(x_val)),
             "code_low": low.tolist(),
@@ -513,7 +547,12 @@ class FMDefense(keras.Model):
             "theta_r": theta_r.tolist(),
             "theta_d": float(theta_d),
             "theta_d_rule": theta_d_info,
-            "val_false_positive_rate": calibration.false_positive_rate(r_val, theta_r),
+            "val_false_positive_rate": float(np.mean(flagged)),
+            "val_resistance_false_positive_rate": calibration.false_positive_rate(r_val, theta_r),
+            "recon_fpr": self.recon_fpr,
+            "theta_e": theta_e if np.isfinite(theta_e) else None,
+            "val_recon_rejected_rate": float(np.mean(e_val > theta_e)),
+            "val_recon_error_median": float(np.median(e_val)),
             "val_mean_resistance": r_val.mean(axis=0).tolist(),
             "val_share_min_resistance_zero": float(np.mean(r_val.min(axis=1) == 0.0)),
             "val_resistance": r_val,
@@ -543,8 +582,15 @@ class FMDefense(keras.Model):
             adaptive_round=self.adaptive_round,
             adaptive_alpha=self.adaptive_alpha,
             morph_dtype=self.morph_dtype,
+            recon_fpr=self.recon_fpr,
         )
         return config
+
+
+def _mean_squared_error(images, reconstruction):
+    """[B] mean over pixels of (images - reconstruction)²."""
+    diff = tf.reshape(images - reconstruction, [tf.shape(images)[0], -1])
+    return tf.reduce_mean(tf.square(diff), axis=-1)
 
 
 def _maybe_deserialize(obj):

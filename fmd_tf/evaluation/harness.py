@@ -167,15 +167,18 @@ def clean_metrics(clean: dict, y) -> dict:
     }
 
 
-def reverdict(out: dict, theta_r, theta_d) -> dict:
+def reverdict(out: dict, theta_r, theta_d, theta_e=np.inf) -> dict:
     """Verdicts and final labels of stored FM-Defense outputs under other thresholds.
 
-    Needs `purified_label` (classifier label of the purified image) in `out`.
+    Needs `purified_label` (classifier label of the purified image) in `out`, and
+    `recon_error` when the reconstruction gate θe is finite.
     """
     theta_r = np.asarray(theta_r)
     suspicious = calibration.is_suspicious(out["resistance"], theta_r)
     dist = calibration.distance(out["resistance"], theta_r)
     verdict = np.where(suspicious, np.where(dist <= theta_d, 1, 2), 0)
+    if np.isfinite(theta_e):
+        verdict = np.where(out["recon_error"] > theta_e, 2, verdict)
     label = np.where(verdict == 0, out["classifier_label"],
                      np.where(verdict == 1, out["purified_label"], -1))
     return {"verdict": verdict, "label": label}
