@@ -140,6 +140,14 @@ def test_evaluate_adaptive_budget_grid(quick_model, tmp_path):
     assert "| adaptive_pgd | l2 | 1.5 |" in md
     # The paper's figures and operating points cover only the paper's attacks.
     assert all("adaptive" not in k for row in report["operating_points"] for k in row)
+    # Adaptive attacks alone: no paper figures, still a report.
+    proc = _run("scripts/evaluate.py", "--model", str(quick_model), "--attacks", "cw_hiconf",
+                "--linf-eps", "0.05", "--n", "4", "--out", str(out / "only"),
+                "--cache", str(tmp_path / "cache"), "--no-baselines")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    only = json.loads((out / "only" / "report.json").read_text())
+    assert list(only["attacks"]) == ["adaptive_cw_hiconf_linf_0.05"]
+    assert only["figures"] == ["fig1_resistance.png"] and "operating_points" not in only
 
 
 @pytest.mark.parametrize("flag,value,message", [
