@@ -607,6 +607,13 @@ def print_table(report: dict) -> None:
           f"{'QUICK smoke-test sizes' if s['quick'] else 'full-size settings'})")
 
 
+def _write(path, report):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    os.replace(tmp, path)
+
+
 def run(args) -> dict:
     import keras
     import numpy as np
@@ -646,15 +653,15 @@ def run(args) -> dict:
              ("serving", "serving_latency", section_serving),
              ("adaptive", "adaptive_budget", section_adaptive),
              ("bf16", "bfloat16_vs_float32", section_bf16)]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for section, key, fn in steps:
         if section in args.sections:
             print(f"[bench] {section} ...", flush=True)
             report[key], seconds = _timed(fn, ctx)
             report[key]["section_seconds"] = seconds
+            _write(args.out, {**report, "incomplete": True})  # keep finished sections
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    _write(args.out, report)
     print_table(report)
     print(f"wrote {args.out}")
     return report
