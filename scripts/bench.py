@@ -155,7 +155,8 @@ def variant(fmd, **changes):
         kwargs["jit_compile"] = None  # the adaptive loop cannot be XLA-compiled
     out = FMDefense(fmd.classifier, fmd.combo_vae, **kwargs)
     out.build((None, *fmd._image_shape))
-    for name in ("code_low", "code_high", "theta_r", "theta_d", "calibrated", "search_table"):
+    for name in ("code_low", "code_high", "theta_r", "theta_d", "theta_e", "calibrated",
+                 "search_table"):
         getattr(out, name).assign(getattr(fmd, name))
     return out
 
