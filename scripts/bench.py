@@ -36,6 +36,10 @@ bfloat16_vs_float32  `morph_dtype="bfloat16"` vs float32: throughput ratio (time
                    and agreement of verdicts / resistances on the clean and FGSM images.
 peak_rss_mib       resource.getrusage peak resident memory of this process.
 
+With a subset of --sections and an existing --out of the same model and sizes, the other
+sections are kept from that file (listed in `carried_over`; each measured section has its own
+`measured_at` time): ratios are always taken within one section of one run.
+
 XLA (`jit_compile`) is used only when a GPU is visible (FMDefense's default). --quick shrinks
 everything (a smoke test, e.g. on the `scripts/train.py --quick` model); the defaults are the
 full-size benchmark. Exit status 2 (no traceback) for a missing model or data set.
@@ -615,6 +619,25 @@ def _write(path, report):
     os.replace(tmp, path)
 
 
+def _earlier_sections(args, keys) -> dict:
+    """With a subset of --sections: the other sections of an existing --out file, kept as
+    they were (same model and sizes only), so that a partial rerun never drops results."""
+    if not keys or not os.path.exists(args.out):
+        return {}
+    try:
+        with open(args.out) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{args.out} exists but is not readable JSON ({e}); move it away or "
+                         "choose another --out") from None
+    old = earlier.get("settings", {})
+    same = all(old.get(k) == getattr(args, k) for k in ("model", "n", "attack_n", "quick"))
+    if not same:
+        raise UsageError(f"{args.out} holds a bench of other settings ({old.get('model')}, "
+                         f"n={old.get('n')}); rerun all sections or choose another --out")
+    return {k: earlier[k] for k in keys if k in earlier}
+
+
 def run(args) -> dict:
     import keras
     import numpy as np
@@ -655,11 +678,17 @@ def run(args) -> dict:
              ("adaptive", "adaptive_budget", section_adaptive),
              ("bf16", "bfloat16_vs_float32", section_bf16)]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    carried = _earlier_sections(args, [key for section, key, _ in steps
+                                       if section not in args.sections])
+    report.update(carried)
+    if carried:
+        report["carried_over"] = sorted(carried)
     for section, key, fn in steps:
         if section in args.sections:
             print(f"[bench] {section} ...", flush=True)
             report[key], seconds = _timed(fn, ctx)
             report[key]["section_seconds"] = seconds
+            report[key]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             _write(args.out, {**report, "incomplete": True})  # keep finished sections
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     _write(args.out, report)
