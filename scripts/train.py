@@ -46,6 +46,12 @@ def parse_args(argv):
     p.add_argument("--strategy", default="default", choices=["default", "mirrored", "multiworker"])
     p.add_argument("--overwrite", action="store_true", help="replace existing models in --out")
     p.add_argument("--verbose", default="auto", help="Keras verbosity: auto, 0, 1 or 2")
+    p.add_argument("--classifier", default=None,
+                   help="classifier.keras to defend (default OUT/classifier.keras); not with "
+                        "the classifier stage")
+    p.add_argument("--member-index", type=int, default=0,
+                   help="train ensemble member I: model and morph seeds offset by I, the same "
+                        "data splits (those of --seed); used by --ensemble")
     d = p.add_argument_group("defense overrides (recorded in the card's hyperparameters)")
     d.add_argument("--rho", type=float, default=None, help="clean VAL true-negative target")
     d.add_argument("--eta", type=float, default=None, help="fractile for theta_d")
@@ -67,6 +73,12 @@ def parse_args(argv):
     if unknown or not stages:
         raise UsageError(f"--stages: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
     args.stages = [s for s in STAGES if s in stages]
+    if args.classifier is not None and "classifier" in args.stages:
+        raise UsageError("--classifier names an existing classifier: drop the classifier stage")
+    if args.classifier is not None and not os.path.isfile(args.classifier):
+        raise UsageError(f"--classifier {args.classifier} not found")
+    if args.member_index < 0:
+        raise UsageError(f"--member-index must be >= 0, got {args.member_index}")
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     args.out = args.out or os.path.join("saved_models", args.dataset)
@@ -100,6 +112,9 @@ def _config(args):
             steps = -(-defense.num_morphs // defense.candidates_per_step)
             defense = dataclasses.replace(defense, max_steps=steps)
         cfg = dataclasses.replace(cfg, defense=defense)
+    if args.member_index:
+        cfg = dataclasses.replace(cfg, defense=dataclasses.replace(
+            cfg.defense, seed=cfg.defense.seed + args.member_index))
     if args.recon_weight is not None:
         if args.recon_weight <= 0:
             raise UsageError(f"--recon-weight must be > 0, got {args.recon_weight}")
@@ -133,6 +148,8 @@ def _check_outputs(args):
     for stage, needed in (("classifier", "classifier.keras"), ("vae", "combo_vae.keras")):
         needs_it = any(STAGES.index(s) > STAGES.index(stage) for s in args.stages)
         path = os.path.join(args.out, needed)
+        if stage == "classifier" and args.classifier is not None:
+            path = args.classifier
         if needs_it and stage not in args.stages and not (
             stage == "vae" and "dgmm" in args.stages
         ) and not os.path.exists(path):
@@ -161,7 +178,8 @@ def run(args) -> dict:
     cfg = _config(args)
     _check_outputs(args)
     os.makedirs(args.out, exist_ok=True)
-    keras.utils.set_random_seed(args.seed)
+    model_seed = args.seed + args.member_index  # the data splits always follow --seed
+    keras.utils.set_random_seed(model_seed)
     strategy = training.get_strategy(args.strategy)
     log_dir = os.path.join(args.out, "logs")
     card_path = os.path.join(args.out, "model_card.json")
@@ -185,14 +203,14 @@ def run(args) -> dict:
         classifier.save(path("classifier.keras"))
         seconds["classifier"] = time.time() - t
     else:
-        classifier = keras.models.load_model(path("classifier.keras"))
+        classifier = keras.models.load_model(args.classifier or path("classifier.keras"))
     card["classifier_test_accuracy"] = training.accuracy(classifier, x_test, y_test)
     print(f"classifier test accuracy: {card['classifier_test_accuracy']:.4f}")
 
     if "dgmm" in args.stages or "vae" in args.stages:
         if "dgmm" in args.stages:
             t = time.time()
-            combo = training.new_combo_vae(cfg, strategy, args.seed)
+            combo = training.new_combo_vae(cfg, strategy, model_seed)
             if cfg.combo.dgmm_train_size is None:
                 x_dgmm, y_dgmm = x_train_full, y_train_full
             else:
@@ -203,7 +221,7 @@ def run(args) -> dict:
         else:
             # Fresh Es + decoder + D_tc on top of the saved, trained DGMM.
             saved = keras.models.load_model(path("combo_vae.keras"))
-            combo = training.new_combo_vae(cfg, strategy, args.seed)
+            combo = training.new_combo_vae(cfg, strategy, model_seed)
             combo.dgmm.set_weights(saved.dgmm.get_weights())
         if "vae" in args.stages:
             t = time.time()
@@ -258,6 +276,8 @@ def run(args) -> dict:
         runs=runs,
         dataset=args.dataset,
         seed=args.seed,
+        member_index=args.member_index,
+        classifier_path=args.classifier or path("classifier.keras"),
         command=command,
         stages_run=args.stages,
         quick=args.quick,
