@@ -131,13 +131,8 @@ def serving_functions(fmd, jit_compile: bool = False) -> dict:
         return {key: out[key] for key in SIGNATURES["detect"]}
 
     def purify(images):
-        images = checked(images)
         # The purifier branch of `FMDefense._defend` (same ops, no morph search).
-        mean, _, zu = fmd.combo_vae.encode(images)
-        if fmd.purify_zu == "class_mean":
-            zu = fmd.combo_vae.dgmm.class_mean(zu)
-        purified = fmd.combo_vae.decode(mean, zu)
-        return {"purified": purified, "label": tf.argmax(fmd.classifier(purified), axis=-1)}
+        return fmd._purify_valid(checked(images))
 
     bodies = {"serving_default": serving_default, "classify": classify, "detect": detect,
               "purify": purify}

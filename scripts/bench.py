@@ -25,13 +25,16 @@ attack_speedup_vs_art  own DeepFool and C&W-L2 (fmd_tf.attacks) vs ART's on the 
                    images, same nominal hyper-parameters, ART's TensorFlowV2Classifier around the
                    Keras classifier; success = the classifier's label changes; own attacks timed
                    warm (after a first, tracing run, also reported). Skipped with a note when
-                   either side is not importable.
+                   either side is not importable. --art-attacks deepfool reruns DeepFool only
+                   and carries C&W over from the existing --out file (ART's C&W takes ~25 min).
 serving_latency    p50 / p99 of the exported SavedModel's `serving_default` signature
                    (`fmd_tf.export.export_serving` to a temp dir, `tf.saved_model.load`), batch 1
                    and batch 64, after warm-up calls.
 adaptive_budget    the same defense with `adaptive_budget=True`: mean morphs per image (vs m·N),
                    ROC AUC clean vs FGSM (eps 0.3, same images; score max_i(θr_i - r_i)) of the
-                   adaptive and the full-budget detector, verdict agreement, throughput ratio.
+                   adaptive and the full-budget detector, verdict agreement, throughput ratio;
+                   under `refined` the same for `adaptive_refine_min=True` (each image's
+                   deciding code finished to all N morphs).
 bfloat16_vs_float32  `morph_dtype="bfloat16"` vs float32: throughput ratio (timed back to back)
                    and agreement of verdicts / resistances on the clean and FGSM images.
 peak_rss_mib       resource.getrusage peak resident memory of this process.
@@ -81,6 +84,9 @@ def parse_args(argv):
     p.add_argument("--cw-iterations", type=int, default=100)
     p.add_argument("--cw-search-steps", type=int, default=5)
     p.add_argument("--df-iterations", type=int, default=50)
+    p.add_argument("--art-attacks", default="deepfool,cw",
+                   help="attacks section: which of deepfool,cw to time against ART (one left "
+                        "out is carried over from an existing --out file)")
     p.add_argument("--sections", default="all", help=f"comma list of {', '.join(SECTIONS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
@@ -95,6 +101,9 @@ def parse_args(argv):
     if unknown or not sections:
         raise UsageError(f"--sections: unknown {unknown}; known: all, {', '.join(SECTIONS)}")
     args.sections = sections
+    args.art_attacks = tuple(a.strip() for a in args.art_attacks.split(",") if a.strip())
+    if not args.art_attacks or set(args.art_attacks) - {"deepfool", "cw"}:
+        raise UsageError(f"--art-attacks: choose from deepfool,cw, got {args.art_attacks}")
     for name in ("n", "naive_n", "attack_n", "batch_size", "adaptive_round", "matmul_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
@@ -146,23 +155,7 @@ def device_info() -> dict:
 
 def variant(fmd, **changes):
     """A copy of `fmd` with other options, sharing its classifier and combo-VAE (and state)."""
-    import inspect
-
-    from fmd_tf.defense import FMDefense
-
-    config = fmd.get_config()
-    params = set(inspect.signature(FMDefense.__init__).parameters) - {
-        "self", "classifier", "combo_vae", "kwargs"}
-    kwargs = {k: config[k] for k in params if k in config}
-    kwargs.update(changes)
-    if kwargs.get("adaptive_budget") and kwargs.get("jit_compile"):
-        kwargs["jit_compile"] = None  # the adaptive loop cannot be XLA-compiled
-    out = FMDefense(fmd.classifier, fmd.combo_vae, **kwargs)
-    out.build((None, *fmd._image_shape))
-    for name in ("code_low", "code_high", "theta_r", "theta_d", "theta_e", "calibrated",
-                 "search_table"):
-        getattr(out, name).assign(getattr(fmd, name))
-    return out
+    return fmd.copy_with(**changes)
 
 
 def graph_flops(fn, spec) -> int:
@@ -393,7 +386,24 @@ def section_attacks(ctx) -> dict:
 
     result = {"images": len(x), "batch_size": batch,
               "success": "the classifier's label of the adversarial image differs from the clean"}
+    earlier = _earlier_sections(args, ["attack_speedup_vs_art"]).get("attack_speedup_vs_art", {})
+    for name, key in (("deepfool", "deepfool"), ("cw", "carlini_wagner_l2")):
+        if name not in args.art_attacks and key in earlier:
+            result[key] = {**earlier[key],
+                           "carried_over_from": earlier.get("measured_at", "an earlier run")}
     num_classes = int(clf(x[:1]).shape[-1])
+    if "deepfool" in args.art_attacks:
+        result["deepfool"] = _time_deepfool(deepfool, clf, art_clf, DeepFool, x, num_classes,
+                                            batch, args, summary)
+    if "cw" in args.art_attacks:
+        result["carlini_wagner_l2"] = _time_cw(cw, clf, art_clf, CarliniL2Method, x, batch,
+                                               args, summary)
+    return result
+
+
+def _time_deepfool(deepfool, clf, art_clf, DeepFool, x, num_classes, batch, args, summary):  # noqa: N803
+    import numpy as np
+
     df_kw = dict(overshoot=0.02, max_iterations=args.df_iterations)
     _, cold = _timed(deepfool, clf, x, num_classes=num_classes, batch_size=batch, **df_kw)
     adv, warm = _timed(deepfool, clf, x, num_classes=num_classes, batch_size=batch, **df_kw)
@@ -402,10 +412,14 @@ def section_attacks(ctx) -> dict:
                                      nb_grads=num_classes, batch_size=batch,
                                      verbose=False).generate, x)
     art = summary(art_adv.astype(np.float32), t_art)
-    result["deepfool"] = {"speedup": t_art / warm, "speedup_first_call": t_art / cold,
-                          "own": own, "art": art,
-                          "params": {"overshoot": 0.02, "max_iterations": args.df_iterations,
-                                     "classes": num_classes, "norm": "l2"}}
+    return {"speedup": t_art / warm, "speedup_first_call": t_art / cold, "own": own, "art": art,
+            "params": {"overshoot": 0.02, "max_iterations": args.df_iterations,
+                       "classes": num_classes, "norm": "l2"}}
+
+
+def _time_cw(cw, clf, art_clf, CarliniL2Method, x, batch, args, summary):  # noqa: N803
+    import numpy as np
+
     cw_kw = dict(learning_rate=0.01, max_iterations=args.cw_iterations,
                  binary_search_steps=args.cw_search_steps, initial_const=1.0, confidence=0.0)
     _, cold = _timed(cw, clf, x, batch_size=batch, **cw_kw)
@@ -416,13 +430,12 @@ def section_attacks(ctx) -> dict:
         max_iter=args.cw_iterations, initial_const=1.0, batch_size=batch, verbose=False,
     ).generate, x)
     art = summary(art_adv.astype(np.float32), t_art)
-    result["carlini_wagner_l2"] = {
+    return {
         "speedup": t_art / warm, "speedup_first_call": t_art / cold, "own": own, "art": art,
         "params": cw_kw,
         "note": "ART's C&W uses its own step-size line search (halving / doubling), so equal "
                 "nominal parameters are not identical iterations: compare success and L2 too",
     }
-    return result
 
 
 def section_serving(ctx) -> dict:
@@ -471,19 +484,21 @@ def section_adaptive(ctx) -> dict:
 
     fmd, x, args = ctx["fmd"], ctx["x"], ctx["args"]
     x_adv = _adversarial(ctx)
-    ada = variant(fmd, adaptive_budget=True, adaptive_round=args.adaptive_round,
-                  adaptive_alpha=args.adaptive_alpha)
+    options = dict(adaptive_budget=True, adaptive_round=args.adaptive_round,
+                   adaptive_alpha=args.adaptive_alpha)
+    models = {"full": fmd, "adaptive": variant(fmd, **options),
+              "adaptive_refined": variant(fmd, adaptive_refine_min=True, **options)}
     theta = fmd.theta_r.numpy()
     bs = args.batch_size
-    for model in (fmd, ada):  # warm-up / trace
+    for model in models.values():  # warm-up / trace
         model.defend_with_stats(x[:bs], batch_size=bs)
     runs = {}
-    for name, model in (("full", fmd), ("adaptive", ada)):
+    for name, model in models.items():
         clean, t_clean = _timed(model.defend_with_stats, x, batch_size=bs)
         adv, t_adv = _timed(model.defend_with_stats, x_adv, batch_size=bs)
         runs[name] = {"clean": clean, "adv": adv, "seconds": t_clean + t_adv}
     ctx["adaptive_runs"] = runs
-    full, ada_r = runs["full"], runs["adaptive"]
+    full = runs["full"]
 
     def morphs(run):
         return float(np.mean(np.concatenate([run["clean"]["morphs_used"].sum(1),
@@ -492,27 +507,44 @@ def section_adaptive(ctx) -> dict:
     def auc(run):
         return roc_auc(fm_scores(run["clean"], theta), fm_scores(run["adv"], theta))
 
-    def agree(key):
-        return float(np.mean(np.concatenate([ada_r[s][key] == full[s][key]
+    def agree(run, key):
+        return float(np.mean(np.concatenate([run[s][key] == full[s][key]
                                              for s in ("clean", "adv")])))
 
+    def summary(name):
+        run = runs[name]
+        return {
+            "mean_morphs_per_image": morphs(run),
+            "mean_morphs_per_image_clean": float(run["clean"]["morphs_used"].sum(1).mean()),
+            "mean_morphs_per_image_adv": float(run["adv"]["morphs_used"].sum(1).mean()),
+            "morph_reduction": morphs(full) / morphs(run),
+            "auc": auc(run),
+            "auc_minus_full": auc(run) - auc(full),
+            "verdict_agreement": agree(run, "verdict"),
+            "detection_rate_adv": float(np.mean(run["adv"]["verdict"] != 0)),
+            "false_positive_rate_clean": float(np.mean(run["clean"]["verdict"] != 0)),
+            "throughput_ratio": full["seconds"] / run["seconds"],
+            "images_per_s": 2 * len(x) / run["seconds"],
+        }
+
+    ada, refined = summary("adaptive"), summary("adaptive_refined")
     return {
-        "mean_morphs_per_image": morphs(ada_r),
-        "mean_morphs_per_image_clean": float(ada_r["clean"]["morphs_used"].sum(1).mean()),
-        "mean_morphs_per_image_adv": float(ada_r["adv"]["morphs_used"].sum(1).mean()),
+        **{k: ada[k] for k in ("mean_morphs_per_image", "mean_morphs_per_image_clean",
+                               "mean_morphs_per_image_adv", "morph_reduction",
+                               "verdict_agreement", "throughput_ratio")},
+        "auc_adaptive": ada["auc"], "auc_full": auc(full),
         "full_morphs_per_image": morphs(full),
-        "morph_reduction": morphs(full) / morphs(ada_r),
-        "auc_adaptive": auc(ada_r),
-        "auc_full": auc(full),
-        "verdict_agreement": agree("verdict"),
-        "detection_rate_adv": {k: float(np.mean(runs[k]["adv"]["verdict"] != 0)) for k in runs},
-        "false_positive_rate_clean": {k: float(np.mean(runs[k]["clean"]["verdict"] != 0))
-                                      for k in runs},
-        "throughput_ratio": full["seconds"] / ada_r["seconds"],
-        "images_per_s": {k: 2 * len(x) / runs[k]["seconds"] for k in runs},
+        "detection_rate_adv": {"full": float(np.mean(full["adv"]["verdict"] != 0)),
+                               "adaptive": ada["detection_rate_adv"]},
+        "false_positive_rate_clean": {"full": float(np.mean(full["clean"]["verdict"] != 0)),
+                                      "adaptive": ada["false_positive_rate_clean"]},
+        "images_per_s": {"full": 2 * len(x) / full["seconds"], "adaptive": ada["images_per_s"]},
+        "refined": refined,
         "round_size": args.adaptive_round, "alpha": args.adaptive_alpha,
         "attack": f"FGSM eps={args.eps} on the same {len(x)} images (all, successful or not)",
         "score": "max_i(theta_r_i - r_i)",
+        "refined_note": "adaptive_refine_min=True: each image's code with the lowest "
+                        "r - theta_r estimate then draws all N morphs",
     }
 
 
@@ -597,6 +629,12 @@ def print_table(report: dict) -> None:
                  ("adaptive_auc", ada["auc_adaptive"], f"full budget {ada['auc_full']:.3f}"),
                  ("adaptive_throughput_ratio", ada["throughput_ratio"],
                   f"verdict agreement {ada['verdict_agreement']:.3f}")]
+        ref = ada.get("refined")
+        if ref:
+            rows += [("refined_mean_morphs_per_image", ref["mean_morphs_per_image"],
+                      f"reduction {ref['morph_reduction']:.2f}x"),
+                     ("refined_auc", ref["auc"], f"minus full {ref['auc_minus_full']:+.4f}, "
+                      f"verdict agreement {ref['verdict_agreement']:.3f}")]
     bf = report.get("bfloat16_vs_float32", {})
     if bf:
         rows.append(("bfloat16_throughput_ratio", bf["throughput_ratio"],

@@ -9,6 +9,11 @@ Security evaluation (adaptive white-box attacks on the whole defense, one run pe
     python scripts/evaluate.py --attacks adaptive_pgd,adaptive_resistance,cw_hiconf \
         --linf-eps 0.05,0.1,0.3 --l2-eps 1.5,3.0 --n 500 --out results/fmnist_adaptive
 
+The randomized ensemble (`scripts/train.py --ensemble 3`), attacked with EOT over its members:
+
+    python scripts/evaluate.py --defense fmd_ensemble.keras --attacks adaptive_pgd \
+        --linf-eps 0.1 --n 500 --no-baselines --out results/fmnist_ensemble
+
 Writes OUT/report.json, OUT/report.md and PNG figures. Adversarial sets are cached in --cache
 (keyed by attack, parameters, images and classifier fingerprint). Baselines (MagNet, Feature
 Squeezing) are loaded from MODEL/baselines (train them with scripts/train_baselines.py).
@@ -33,6 +38,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="fmnist")
     p.add_argument("--model", default="saved_models/fmnist")
+    p.add_argument("--defense", default="fmd.keras",
+                   help="defense file in --model: fmd.keras, or fmd_ensemble.keras for the "
+                        "randomized ensemble (scripts/train.py --ensemble K)")
     p.add_argument("--attacks", default="fgsm,pgd,cw,deepfool")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -60,9 +68,10 @@ def parse_args(argv):
     args.runs = expand_budgets(args.attacks, args.linf_eps, args.l2_eps)
     if args.n < 2:
         raise UsageError(f"--n must be >= 2, got {args.n}")
-    if not os.path.isfile(os.path.join(args.model, "fmd.keras")):
-        raise UsageError(f"{os.path.join(args.model, 'fmd.keras')} not found; run "
-                         "`python scripts/train.py --dataset fmnist` or pass --model")
+    if not os.path.isfile(os.path.join(args.model, args.defense)):
+        hint = " --ensemble 3" if "ensemble" in args.defense else ""
+        raise UsageError(f"{os.path.join(args.model, args.defense)} not found; run "
+                         f"`python scripts/train.py --dataset fmnist{hint}` or pass --model")
     args.out = args.out or os.path.join("results", args.dataset)
     return args
 
@@ -75,8 +84,15 @@ def _run_fm(fmd, x, batch_size):
     out = fmd.defend(x, batch_size=batch_size)
     logits = fmd.classifier.predict(out["purified"], batch_size=512, verbose=0)
     out["purified_label"] = np.argmax(logits, axis=-1)
-    out["score"] = fm_scores(out, fmd.theta_r.numpy())
+    out["score"] = fm_scores(out, _thresholds(fmd, out))
     return out
+
+
+def _thresholds(fmd, out):
+    """θr [m], or [n, m] for an ensemble (each row's member)."""
+    if hasattr(fmd, "theta_r_rows"):
+        return fmd.theta_r_rows(out["member"])
+    return fmd.theta_r.numpy()
 
 
 def _load_baselines(model_dir, classifier):
@@ -257,7 +273,7 @@ def run(args) -> dict:
 
     started = time.time()
     os.makedirs(args.out, exist_ok=True)
-    fmd = keras.models.load_model(os.path.join(args.model, "fmd.keras"))
+    fmd = keras.models.load_model(os.path.join(args.model, args.defense))
     splits = paper_splits(args.dataset, args.seed)
     if args.n > len(splits.x_cle):
         raise UsageError(f"--n {args.n} > {len(splits.x_cle)} CLE images")
@@ -271,7 +287,8 @@ def run(args) -> dict:
     clean = _run_fm(fmd, x, args.batch_size)
     clean_base = {name: b.defend(x) for name, b in baselines.items()}
     bar.update(1)
-    report = {"dataset": args.dataset, "n": args.n, "model": args.model, "seed": args.seed,
+    report = {"dataset": args.dataset, "n": args.n, "model": args.model,
+              "defense": args.defense, "seed": args.seed,
               "command": "python scripts/evaluate.py " + " ".join(sys.argv[1:]),
               "clean": harness.clean_metrics(clean, y), "attacks": {}, "notes": notes}
     for name, b in clean_base.items():
@@ -279,6 +296,10 @@ def run(args) -> dict:
     classifier_correct = clean["classifier_label"] == y
     r_val_path = os.path.join(args.model, "val_resistance.npy")
     r_val = np.load(r_val_path) if os.path.exists(r_val_path) else None
+    if hasattr(fmd, "members"):  # each member has its own θr: the single-θr analyses do not apply
+        r_val = None
+        notes.append(f"{args.defense}: ensemble of {fmd.num_members} members, one per image "
+                     "(key + input); no ρ / η figures or operating points (per-member θr)")
     adv_out, eta_curves, grid_rows, roc = {}, {}, {"clean": (x, clean["purified"])}, {}
     for k, (attack, method, overrides) in enumerate(args.runs):
         x_adv, info = harness.adversarial_set(method, fmd.classifier, x, y, args.cache, args.seed,
@@ -338,7 +359,7 @@ def run(args) -> dict:
             e_val = fmd.reconstruction_error(splits.x_val)
             report["operating_points"] = _operating_points(fmd, r_val, e_val, clean, paper_out,
                                                            y)
-        else:
+        elif not hasattr(fmd, "members"):
             notes.append(f"{r_val_path} missing: no ρ / η figures")
         figures.purified_grid(grid_rows, fig("fig6_purified.png"))
         figures.roc_curves({a: r for a, r in roc.items() if a in paper_out}, fig("roc.png"))

@@ -1,7 +1,7 @@
 """Train the FM-Defense stack: classifier -> DGMM -> combo-VAE -> calibrated FMDefense.
 
     python scripts/train.py --dataset fmnist [--out saved_models/fmnist] [--seed 0]
-        [--stages classifier,dgmm,vae,defense] [--epochs N] [--quick]
+        [--stages classifier,dgmm,vae,defense,ensemble] [--ensemble K] [--epochs N] [--quick]
         [--strategy default|mirrored|multiworker] [--overwrite]
         [--rho R] [--eta E] [--threshold-mode per_code|unified] [--radius-step S] [--num-morphs N]
 
@@ -9,6 +9,12 @@ Writes into --out: classifier.keras, combo_vae.keras, fmd.keras, the TF Serving 
 serving/1/, model_card.json (figures, hyperparameters, the command), latent_traversals.png,
 val_resistance.npy and TensorBoard logs in logs/. Stages not selected load their model from
 --out. Existing models are never replaced without --overwrite.
+
+With --ensemble K (issue 8, the randomized defense of the paper's conclusion) the ensemble stage
+trains members 1..K-1 into OUT/members/I (DGMM, combo-VAE and calibration as above, on the same
+splits and classifier; model and morph seeds offset by I), reuses members already there unless
+--overwrite, and writes OUT/fmd_ensemble.keras (OUT/fmd.keras is member 0) and its SavedModel
+OUT/serving_ensemble/1/.
 """
 
 from __future__ import annotations
@@ -21,13 +27,18 @@ import shlex
 import sys
 import time
 
-STAGES = ("classifier", "dgmm", "vae", "defense")
+STAGES = ("classifier", "dgmm", "vae", "defense", "ensemble")
 OUTPUTS = {
     "classifier": ["classifier.keras"],
     "dgmm": ["combo_vae.keras"],
     "vae": ["combo_vae.keras", "latent_traversals.png"],
     "defense": ["fmd.keras", "val_resistance.npy", "serving"],
+    "ensemble": ["fmd_ensemble.keras", "serving_ensemble"],
 }
+MEMBER_STAGES = ("dgmm", "vae", "defense")
+# Defense settings every ensemble member must share with member 0 (the morph seed differs).
+MEMBER_SETTINGS = ("num_morphs", "radius_step", "threshold_mode", "rho", "eta", "recon_fpr",
+                   "selected_codes", "range_percentiles")
 
 
 class UsageError(Exception):
@@ -39,8 +50,16 @@ def parse_args(argv):
     p.add_argument("--dataset", default="fmnist")
     p.add_argument("--out", default=None, help="output directory (default saved_models/DATASET)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of "
-                   + ",".join(STAGES))
+    p.add_argument("--stages", default=None, help="comma-separated subset of "
+                   + ",".join(STAGES) + " (default: all; ensemble only with --ensemble K > 1)")
+    p.add_argument("--ensemble", type=int, default=1, metavar="K",
+                   help="randomized defense of K combo-VAEs: members 1..K-1 are trained into "
+                        "OUT/members/I (same splits and classifier, seeds offset by I; existing "
+                        "ones are reused unless --overwrite) and OUT/fmd_ensemble.keras is "
+                        "assembled with OUT/fmd.keras as member 0")
+    p.add_argument("--ensemble-key", default=None, metavar="A,B",
+                   help="two non-negative ints, the secret key of the per-image member draw "
+                        "(default: SEED,K; a published key is public: re-key what you serve)")
     p.add_argument("--epochs", type=int, default=None, help="override the epochs of every stage")
     p.add_argument("--quick", action="store_true", help="tiny config (512 images) for tests/CI")
     p.add_argument("--strategy", default="default", choices=["default", "mirrored", "multiworker"])
@@ -68,11 +87,24 @@ def parse_args(argv):
     p.add_argument("--consistency-weight", type=float, default=None,
                    help="weight of the decoder's label-consistency term (0 = paper's loss)")
     args = p.parse_args(argv)
+    if args.ensemble < 1:
+        raise UsageError(f"--ensemble must be >= 1, got {args.ensemble}")
+    if args.stages is None:
+        args.stages = ",".join(s for s in STAGES if s != "ensemble" or args.ensemble > 1)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
         raise UsageError(f"--stages: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
     args.stages = [s for s in STAGES if s in stages]
+    if "ensemble" in args.stages and args.ensemble < 2:
+        raise UsageError("the ensemble stage needs --ensemble K with K >= 2")
+    key = args.ensemble_key or f"{args.seed},{args.ensemble}"
+    try:
+        args.ensemble_key = tuple(int(k) for k in key.split(","))
+    except ValueError:
+        args.ensemble_key = ()
+    if len(args.ensemble_key) != 2 or min(args.ensemble_key) < 0:
+        raise UsageError(f"--ensemble-key must be two non-negative ints A,B, got {key!r}")
     if args.classifier is not None and "classifier" in args.stages:
         raise UsageError("--classifier names an existing classifier: drop the classifier stage")
     if args.classifier is not None and not os.path.isfile(args.classifier):
@@ -145,8 +177,13 @@ def _check_outputs(args):
             f"{args.out} already holds {', '.join(existing)}; pass --overwrite to replace them "
             "or choose another --out"
         )
+    if "ensemble" in args.stages and "defense" not in args.stages and not os.path.exists(
+            os.path.join(args.out, "fmd.keras")):
+        raise UsageError(f"the ensemble stage needs {os.path.join(args.out, 'fmd.keras')} "
+                         "(member 0): add the defense stage")
     for stage, needed in (("classifier", "classifier.keras"), ("vae", "combo_vae.keras")):
-        needs_it = any(STAGES.index(s) > STAGES.index(stage) for s in args.stages)
+        needs_it = any(STAGES.index(s) > STAGES.index(stage) for s in args.stages
+                       if s != "ensemble" or stage == "classifier")
         path = os.path.join(args.out, needed)
         if stage == "classifier" and args.classifier is not None:
             path = args.classifier
@@ -266,6 +303,12 @@ def run(args) -> dict:
         print(f"calibrated on {report['num_val']} VAL images: theta_r {report['theta_r']}, "
               f"theta_d {report['theta_d']:.4f}, VAL FPR {report['val_false_positive_rate']:.4f}")
 
+    if "ensemble" in args.stages:
+        t = time.time()
+        card["ensemble"] = _train_ensemble(args, cfg, classifier_path=args.classifier
+                                           or path("classifier.keras"))
+        seconds["ensemble"] = time.time() - t
+
     command = "python scripts/train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     runs = list(card.get("runs", []))
     runs.append({"command": command, "stages": args.stages,
@@ -293,6 +336,62 @@ def run(args) -> dict:
     _save_json(card_path, card)
     print(f"wrote {args.out}: training_seconds {card['training_seconds']:.0f}")
     return card
+
+
+def _member_args(args, index) -> argparse.Namespace:
+    member = argparse.Namespace(**vars(args))
+    member.out = os.path.join(args.out, "members", str(index))
+    member.member_index = index
+    member.stages = list(MEMBER_STAGES)
+    member.ensemble, member.reuse_val_resistance = 1, False
+    return member
+
+
+def _train_ensemble(args, cfg, classifier_path) -> dict:
+    """Members 1..K-1 (trained, or reused when present) + OUT/fmd_ensemble.keras."""
+    import keras
+
+    from fmd_tf.defense import FMDefenseEnsemble
+    from fmd_tf.export import export_serving
+
+    members, reused = [keras.models.load_model(os.path.join(args.out, "fmd.keras"))], []
+    for index in range(1, args.ensemble):
+        margs = _member_args(args, index)
+        margs.classifier = classifier_path
+        existing = os.path.join(margs.out, "fmd.keras")
+        if os.path.exists(existing) and not args.overwrite:
+            reused.append(index)
+        else:
+            print(f"--- ensemble member {index} -> {margs.out}", flush=True)
+            run(margs)
+        members.append(keras.models.load_model(existing))
+    for index, member in enumerate(members[1:], start=1):
+        config, reference = member.get_config(), members[0].get_config()
+        differ = [k for k in MEMBER_SETTINGS if config[k] != reference[k]]
+        if differ:
+            raise UsageError(f"ensemble member {index} ({args.out}/members/{index}) was "
+                             f"calibrated with other {', '.join(differ)} than member 0; "
+                             "retrain it with --overwrite")
+    try:
+        ensemble = FMDefenseEnsemble(members, selection_key=args.ensemble_key, name="fmd_ensemble")
+    except ValueError as e:
+        raise UsageError(f"cannot assemble the ensemble: {e}") from None
+    ensemble.save(os.path.join(args.out, "fmd_ensemble.keras"))
+    serving = export_serving(ensemble, os.path.join(args.out, "serving_ensemble"), version=1,
+                             overwrite=True)
+    cards = []
+    for index in range(1, args.ensemble):
+        with open(os.path.join(args.out, "members", str(index), "model_card.json")) as f:
+            member_card = json.load(f)
+        cards.append({k: member_card.get(k) for k in (
+            "command", "dgmm_test_accuracy", "recon_mse", "recon_label_agreement",
+            "stage_seconds")} | {"theta_r": member_card["calibration"]["theta_r"],
+                                 "theta_e": member_card["calibration"]["theta_e"]})
+    print(f"ensemble of {args.ensemble} members -> {args.out}/fmd_ensemble.keras "
+          f"(reused members {reused or 'none'})")
+    return {"num_members": args.ensemble, "selection_key": list(args.ensemble_key),
+            "members": ["fmd.keras"] + [f"members/{i}/fmd.keras" for i in range(1, args.ensemble)],
+            "reused_members": reused, "member_cards": cards, "serving_export": serving}
 
 
 def main(argv=None) -> int:

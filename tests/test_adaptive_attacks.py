@@ -287,3 +287,21 @@ def test_harness_defense_aware_cache_covers_the_defense(setup, tmp_path):
     _, info = adversarial_set("adaptive_pgd", fmd.classifier, x[:4], y[:4], str(tmp_path),
                               params=params, defense=other)
     assert not info["cached"]
+
+
+def test_ensemble_eot_of_identical_members_equals_the_member(strict):
+    """EOT over an ensemble averages the members' terms: two copies of one defense (same
+    weights, deterministic morphs) must give that defense's own attack and verdicts."""
+    from fmd_tf.defense import FMDefenseEnsemble
+
+    fmd, x, y = strict
+    twin = _defense(fmd.classifier)
+    twin.set_weights(fmd.get_weights())
+    ensemble = FMDefenseEnsemble([fmd, twin], selection_key=(1, 2))
+    kwargs = dict(eps=0.3, nb_iter=8, eot_samples=None, morph_source="defense")
+    single = adaptive_pgd(fmd, x[:8], y[:8], **kwargs)
+    both = adaptive_pgd(ensemble, x[:8], y[:8], **kwargs)
+    _assert_in_ball(both, x[:8], 0.3, "linf")
+    assert np.mean(single == both) > 0.99
+    np.testing.assert_array_equal(adaptive_success(ensemble, both, y[:8])["verdict"],
+                                  adaptive_success(fmd, both, y[:8])["verdict"])

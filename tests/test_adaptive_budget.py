@@ -156,6 +156,43 @@ def test_adaptive_equals_full_budget_where_it_ran_to_n(full_and_adaptive):
     np.testing.assert_array_equal(plain["resistance"], out_ada["resistance"])
 
 
+def test_finish_pairs_draws_only_the_missing_morphs():
+    rng = np.random.default_rng(0)
+    outcomes = tf.constant(rng.uniform(size=(5, 40)) < 0.6)
+    def count_fn(index, start, size):
+        block = tf.gather(tf.cast(outcomes, tf.int32), index)[:, start : start + size]
+        return tf.reduce_sum(block, axis=1)
+
+    drawn = tf.constant([10, 20, 40, 10, 30], tf.int32)
+    full_prefix = np.cumsum(outcomes.numpy(), axis=1)
+    successes = tf.constant([full_prefix[p, d - 1] for p, d in enumerate(drawn.numpy())],
+                            tf.int32)
+    selected = tf.constant([True, True, True, False, True])
+    k, n = ab.finish_pairs(count_fn, successes, drawn, selected, 40, 10)
+    np.testing.assert_array_equal(n.numpy(), [40, 40, 40, 10, 40])
+    np.testing.assert_array_equal(k.numpy()[[0, 1, 2, 4]], full_prefix[[0, 1, 2, 4], -1])
+    assert k.numpy()[3] == successes.numpy()[3]  # not selected: unchanged
+
+
+def test_refine_min_finishes_each_images_deciding_code(full_and_adaptive):
+    full, adaptive, out_full, out_ada = full_and_adaptive
+    refined = adaptive.copy_with(adaptive_refine_min=True)
+    assert refined.adaptive_refine_min and refined.combo_vae is adaptive.combo_vae
+    out = refined.defend_with_stats(tiny_images(12, seed=2))
+    theta = full.theta_r.numpy()
+    deciding = np.argmin(out_ada["resistance"] - theta, axis=1)  # by the early estimates
+    rows = np.arange(12)
+    np.testing.assert_array_equal(out["morphs_used"][rows, deciding], 40)
+    np.testing.assert_array_equal(out["resistance"][rows, deciding],
+                                  out_full["resistance"][rows, deciding])
+    others = np.ones((12, 4), bool)
+    others[rows, deciding] = False
+    np.testing.assert_array_equal(out["resistance"][others], out_ada["resistance"][others])
+    np.testing.assert_array_equal(out["morphs_used"][others], out_ada["morphs_used"][others])
+    extra = out["morphs_used"].sum() - out_ada["morphs_used"].sum()
+    assert 0 <= extra <= 12 * (40 - 10)
+
+
 def test_adaptive_constant_classifier_stops_after_first_round():
     fmd = _tiny_defense(classifier=ConstantClassifier(), adaptive_budget=True, adaptive_round=10,
                         **MORPHS)

@@ -64,10 +64,57 @@ def test_train_bad_arguments():
     assert proc.returncode == 2 and "unknown stage" in proc.stderr
     proc = _run("scripts/train.py", "--dataset", "cifar", "--out", "/nonexistent/x")
     assert proc.returncode == 2 and "cifar" in proc.stderr and "Traceback" not in proc.stderr
-    for flag, value in (("--recon-fpr", "1.5"), ("--consistency-weight", "-1")):
+    for flag, value in (("--recon-fpr", "1.5"), ("--consistency-weight", "-1"),
+                        ("--ensemble", "0"), ("--ensemble-key", "1"),
+                        ("--ensemble-key", "1,-2")):
         proc = _run("scripts/train.py", flag, value, "--out", "/nonexistent/x")
         assert proc.returncode == 2 and flag in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
+
+
+def test_train_ensemble_stage(quick_model, tmp_path):
+    import shutil
+
+    out = tmp_path / "fmnist"
+    shutil.copytree(quick_model, out)
+    proc = _run("scripts/train.py", "--quick", "--out", str(out), "--stages", "ensemble",
+                "--verbose", "0")
+    assert proc.returncode == 2 and "--ensemble K" in proc.stderr
+    proc = _run("scripts/train.py", "--quick", "--out", str(out), "--stages", "ensemble",
+                "--ensemble", "2", "--ensemble-key", "5,6", "--verbose", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("members/1/fmd.keras", "members/1/model_card.json", "fmd_ensemble.keras",
+                 "serving_ensemble/1/saved_model.pb"):
+        assert (out / name).is_file(), name
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["ensemble"]["num_members"] == 2 and card["ensemble"]["selection_key"] == [5, 6]
+    assert card["ensemble"]["reused_members"] == []
+    member_card = json.loads((out / "members/1/model_card.json").read_text())
+    assert member_card["member_index"] == 1 and "--member-index" not in member_card["command"]
+    assert member_card["classifier_path"] == str(out / "classifier.keras")
+    assert not (out / "members/1/classifier.keras").exists()  # the classifier is shared
+    code = (
+        "import sys, json, keras, numpy as np, fmd_tf; from fmd_tf.data import paper_splits\n"
+        "ens = keras.models.load_model(sys.argv[1] + '/fmd_ensemble.keras')\n"
+        "x = paper_splits('fmnist', 0).x_cle[:16]\n"
+        "out = ens.defend(x)\n"
+        "own = [m.defend(x[out['member'] == k])['verdict'].tolist() for k, m in "
+        "enumerate(ens.members)]\n"
+        "print(json.dumps({'k': ens.num_members, 'seeds': [m.seed for m in ens.members], "
+        "'shared': all(m.classifier is ens.classifier for m in ens.members), "
+        "'member': out['member'].tolist(), 'verdict': out['verdict'].tolist(), 'own': own}))"
+    )
+    proc = _run("-c", code, str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["k"] == 2 and info["shared"] and info["seeds"][0] != info["seeds"][1]
+    member, verdict = np.array(info["member"]), np.array(info["verdict"])
+    for k in range(2):
+        assert verdict[member == k].tolist() == info["own"][k]
+    # A second run reuses member 1 (no --overwrite) and refuses to replace the ensemble file.
+    proc = _run("scripts/train.py", "--quick", "--out", str(out), "--stages", "ensemble",
+                "--ensemble", "2", "--verbose", "0")
+    assert proc.returncode == 2 and "fmd_ensemble.keras" in proc.stderr
 
 
 def test_train_missing_data_exits_2(tmp_path):

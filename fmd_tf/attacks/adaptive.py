@@ -232,33 +232,51 @@ def _make_loop_fn(fmd, mode, norm, eot_samples, morph_source, use_purified):
     "agreement" (targeted + the soft resistance of the target label).
     """
     classifier = fmd.classifier
+    members = _members(fmd)
+
+    def over_members(term, seed):
+        """EOT over the ensemble: the mean of a per-member term (one member: the term)."""
+        values = [term(member, seed + tf.constant([104_729 * k, 0]))
+                  for k, member in enumerate(members)]
+        return tf.add_n(values) / float(len(values))
 
     def objective(x_adv, y_onehot, target_onehot, seed, p):
         logits = classifier(x_adv, training=False)
         if mode == "targeted":
             return tf.minimum(_margin(logits, target_onehot) * -1.0, p["kappa"])
         if mode == "agreement":
-            mean, zu, soft_r = _encode_and_soft_resistance(
-                fmd, x_adv, target_onehot, seed, eot_samples, morph_source, p["temperature"]
-            )
+            def agreement(member, member_seed):
+                mean, zu, soft_r = _encode_and_soft_resistance(
+                    member, x_adv, target_onehot, member_seed, eot_samples, morph_source,
+                    p["temperature"])
+                gate = _recon_gate_penalty(member, x_adv, mean, zu, 0.05, 0.05)
+                return tf.reduce_mean(soft_r, axis=-1) - gate
+
             fooled = tf.minimum(-_margin(logits, target_onehot), p["kappa"])
-            gate = _recon_gate_penalty(fmd, x_adv, mean, zu, 0.05, 0.05)
-            return fooled + p["resistance_weight"] * (tf.reduce_mean(soft_r, axis=-1) - gate)
+            return fooled + p["resistance_weight"] * over_members(agreement, seed)
         fooled = tf.minimum(_margin(logits, y_onehot), p["kappa"])
         label = _straight_through_label(logits, y_onehot)  # the adversarial label
-        mean, zu, soft_r = _encode_and_soft_resistance(
-            fmd, x_adv, label, seed, eot_samples, morph_source, p["temperature"]
-        )
-        penalty = _detection_penalty(soft_r, fmd.theta_r, p["resistance_margin"], p["tau"])
-        penalty += _recon_gate_penalty(fmd, x_adv, mean, zu, p["resistance_margin"], p["tau"])
-        total = fooled - p["resistance_weight"] * penalty
-        if use_purified:
-            zu_p = fmd.combo_vae.dgmm.class_mean(zu) if fmd.purify_zu == "class_mean" else zu
-            purified_logits = classifier(fmd.combo_vae.decode(mean, zu_p), training=False)
-            total += p["purified_weight"] * tf.minimum(
-                _margin(purified_logits, y_onehot), p["kappa"]
+
+        def detected_or_purified(member, member_seed):
+            """-λ·penalty [+ μ·purified margin] of one member [B]."""
+            mean, zu, soft_r = _encode_and_soft_resistance(
+                member, x_adv, label, member_seed, eot_samples, morph_source, p["temperature"]
             )
-        return total
+            penalty = _detection_penalty(soft_r, member.theta_r, p["resistance_margin"],
+                                         p["tau"])
+            penalty += _recon_gate_penalty(member, x_adv, mean, zu, p["resistance_margin"],
+                                           p["tau"])
+            term = -p["resistance_weight"] * penalty
+            if use_purified:
+                zu_p = (member.combo_vae.dgmm.class_mean(zu) if member.purify_zu == "class_mean"
+                        else zu)
+                purified_logits = classifier(member.combo_vae.decode(mean, zu_p), training=False)
+                term += p["purified_weight"] * tf.minimum(
+                    _margin(purified_logits, y_onehot), p["kappa"]
+                )
+            return term
+
+        return fooled + over_members(detected_or_purified, seed)
 
     @tf.function(reduce_retracing=True)
     def run(x, x_adv, y_onehot, target_onehot, start, stop, base_seed, params):
@@ -299,16 +317,25 @@ _START_FNS = {
 # ----------------------------------------------------------------------------- helpers
 
 
+def _members(fmd):
+    """The FMDefense members of an `FMDefenseEnsemble`, or [fmd] for a single defense."""
+    return list(getattr(fmd, "members", [fmd]))
+
+
 def _check_defense(fmd, need_thresholds=True):
-    for name in ("classifier", "combo_vae", "selected_codes", "search_table", "theta_r"):
-        if not hasattr(fmd, name):
-            raise TypeError(f"fmd must be a built FMDefense (missing {name!r})")
-    if need_thresholds and not fmd.is_calibrated:
-        raise fm_defense.NotCalibratedError(
-            "FMDefense is not calibrated: call calibrate(x_val) before attacking it"
-        )
-    if not need_thresholds and not np.any(fmd.code_high.numpy() > fmd.code_low.numpy()):
-        raise fm_defense.NotCalibratedError("normal ranges are not set: call calibrate(x_val)")
+    for member in _members(fmd):
+        for name in ("classifier", "combo_vae", "selected_codes", "search_table", "theta_r"):
+            if not hasattr(member, name):
+                raise TypeError(f"fmd must be a built FMDefense or FMDefenseEnsemble (missing "
+                                f"{name!r})")
+        if need_thresholds and not member.is_calibrated:
+            raise fm_defense.NotCalibratedError(
+                "FMDefense is not calibrated: call calibrate(x_val) before attacking it"
+            )
+        if not need_thresholds and not np.any(member.code_high.numpy() >
+                                              member.code_low.numpy()):
+            raise fm_defense.NotCalibratedError(
+                "normal ranges are not set: call calibrate(x_val)")
 
 
 def _check_common(x, y, eps, norm, nb_iter, eot_samples, morph_source, fmd):

@@ -8,8 +8,9 @@ from fmd_tf.defense.fm_defense import (
     FMDefense,
     NotCalibratedError,
 )
+from fmd_tf.defense.fm_defense_ensemble import FMDefenseEnsemble, select_members
 
 __all__ = [
-    "FMDefense", "NotCalibratedError", "OUTPUT_KEYS",
+    "FMDefense", "FMDefenseEnsemble", "NotCalibratedError", "select_members", "OUTPUT_KEYS",
     "VERDICT_PASSED", "VERDICT_PURIFIED", "VERDICT_REJECTED",
 ]

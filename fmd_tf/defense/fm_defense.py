@@ -95,8 +95,77 @@ def final_label(verdict, label, purified_label):
     )
 
 
+class BatchedDefense:
+    """The call / numpy API shared by `FMDefense` and `FMDefenseEnsemble` (a mixin in front of
+    `keras.Model`). Needs `_image_shape`, `_graph_fn`, `jit_compile`, `is_calibrated`,
+    `_defend(images, with_stats)` and `_xla_compatible()`."""
+
+    output_keys = OUTPUT_KEYS  # what `defend` returns
+
+    def _require_calibrated(self):
+        if not self.is_calibrated:
+            raise NotCalibratedError(
+                f"{type(self).__name__} is not calibrated: call calibrate(x_val) on clean "
+                "validation images first (or load a calibrated model)"
+            )
+
+    def _compiled(self):
+        if self._graph_fn is None:
+            jit = self.jit_compile
+            if jit is None:
+                jit = bool(tf.config.list_physical_devices("GPU")) and self._xla_compatible()
+            self._graph_fn = tf.function(self._defend, jit_compile=jit, reduce_retracing=True)
+        return self._graph_fn
+
+    def call(self, images):
+        if self._image_shape is not None:
+            _check_images_static(images, self._image_shape)
+        if tf.executing_eagerly():
+            return self._compiled()(images)
+        return self._defend(images)
+
+    # ----------------------------------------------------------------------------- numpy API
+    def _as_batch(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if not self.built:
+            self.build((None, *x.shape[1:]))
+        _check_images_static(x, self._image_shape)
+        if len(x) == 0:
+            raise ValueError("images: empty batch")
+        x = x.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(x)):
+            raise ValueError("images contain NaN or Inf")
+        if x.min() < 0.0 or x.max() > 1.0:
+            raise ValueError(
+                f"images must be in [0, 1], found values in [{x.min():.3g}, {x.max():.3g}]"
+            )
+        return x
+
+    def defend(self, x, batch_size: int = 64) -> dict:
+        """`call` on a numpy array of any length, in batches; numpy outputs."""
+        x = self._as_batch(x)
+        self._require_calibrated()
+        parts = [self(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        return {k: np.concatenate([p[k].numpy() for p in parts]) for k in self.output_keys}
+
+    def defend_with_stats(self, x, batch_size: int = 64) -> dict:
+        """`defend` plus `morphs_used` int32 [n, m], the morphs drawn per (image, code) pair."""
+        x = self._as_batch(x)
+        self._require_calibrated()
+        fn = self._compiled()
+        parts = [fn(tf.constant(x[i : i + batch_size]), with_stats=True)
+                 for i in range(0, len(x), batch_size)]
+        return {k: np.concatenate([p[k].numpy() for p in parts])
+                for k in (*self.output_keys, "morphs_used")}
+
+    def detect(self, x, batch_size: int = 64):
+        """ART-style detection: (report dict, is_adversarial [n] bool = verdict != passed)."""
+        out = self.defend(x, batch_size)
+        return out, out["verdict"] != VERDICT_PASSED
+
+
 @keras.saving.register_keras_serializable(package="fmd_tf")
-class FMDefense(keras.Model):
+class FMDefense(BatchedDefense, keras.Model):
     """Classifier + combo-VAE + calibration state; `call` detects and purifies a batch.
 
     For each image: label y0 = classifier(x); codes μs(x), zu(x); for every selected code i,
@@ -129,6 +198,8 @@ class FMDefense(keras.Model):
             clearly above or below θr(i) (`fmd_tf.defense.adaptive_budget`); calibration always
             uses all N. Not XLA-compatible.
         adaptive_round, adaptive_alpha: morphs per round and level α of that sequential test.
+        adaptive_refine_min: with the adaptive budget, each image's code with the lowest
+            r(i) - θr(i) estimate then draws all N morphs (exact detection score).
         morph_dtype: "float32", "bfloat16" or "float16" for the decoder+classifier pass over
             the morphs (`fmd_tf.defense.precision`); weights stay float32.
         recon_fpr: clean VAL budget of the reconstruction gate (0 = off, the paper's rule).
@@ -161,6 +232,7 @@ class FMDefense(keras.Model):
         adaptive_budget=False,
         adaptive_round=10,
         adaptive_alpha=0.01,
+        adaptive_refine_min=False,
         morph_dtype="float32",
         recon_fpr=0.0,
         **kwargs,
@@ -189,6 +261,7 @@ class FMDefense(keras.Model):
         self.adaptive_budget = bool(adaptive_budget)
         self.adaptive_round = int(adaptive_round)
         self.adaptive_alpha = float(adaptive_alpha)
+        self.adaptive_refine_min = bool(adaptive_refine_min)
         self.morph_dtype = str(morph_dtype)
         self.recon_fpr = float(recon_fpr)
         self._check_arguments(d_s)
@@ -263,10 +336,31 @@ class FMDefense(keras.Model):
             adaptive_budget=defense_cfg.adaptive_budget,
             adaptive_round=defense_cfg.adaptive_round,
             adaptive_alpha=defense_cfg.adaptive_alpha,
+            adaptive_refine_min=defense_cfg.adaptive_refine_min,
             morph_dtype=defense_cfg.morph_dtype,
             recon_fpr=defense_cfg.recon_fpr,
             **kwargs,
         )
+
+    STATE_WEIGHTS = ("code_low", "code_high", "theta_r", "theta_d", "theta_e", "calibrated",
+                     "search_table")
+
+    def copy_with(self, classifier=None, **changes) -> FMDefense:
+        """A built copy with other constructor options (`changes`), sharing this defense's
+        combo-VAE and, unless `classifier` is given, its classifier; ranges, thresholds and
+        search table are copied. E.g. `fmd.copy_with(adaptive_budget=True)`."""
+        config = self.get_config()
+        for key in ("classifier", "combo_vae", "name", "trainable", "dtype"):
+            config.pop(key, None)
+        config.update(changes)
+        if config.get("adaptive_budget") and config.get("jit_compile"):
+            config["jit_compile"] = None  # the adaptive loop cannot be XLA-compiled
+        copy = FMDefense(self.classifier if classifier is None else classifier, self.combo_vae,
+                         name=self.name, **config)
+        copy.build((None, *self._image_shape))
+        for name in self.STATE_WEIGHTS:
+            getattr(copy, name).assign(getattr(self, name))
+        return copy
 
     # ----------------------------------------------------------------------------- state
     @property
@@ -311,12 +405,8 @@ class FMDefense(keras.Model):
     def is_calibrated(self) -> bool:
         return self.built and float(self.calibrated.numpy()) > 0.5
 
-    def _require_calibrated(self):
-        if not self.is_calibrated:
-            raise NotCalibratedError(
-                "FMDefense is not calibrated: call calibrate(x_val) on clean validation images "
-                "first (or load a calibrated model)"
-            )
+    def _xla_compatible(self) -> bool:
+        return not self.adaptive_budget
 
     # ----------------------------------------------------------------------------- graph
     def _morph_labels(self, latents):
@@ -359,6 +449,7 @@ class FMDefense(keras.Model):
             lambda z: precision.morph_labels(self.classifier, self.combo_vae.decoder, z,
                                              self.morph_dtype),
             self.adaptive_round, self.adaptive_alpha, self.chunk_size,
+            refine_min=self.adaptive_refine_min,
         )
 
     def _full_resistance(self, mean, zu, label, return_used=False):
@@ -379,15 +470,15 @@ class FMDefense(keras.Model):
         return (r, tf.fill(tf.shape(r), tf.constant(n, tf.int32))) if return_used else r
 
     def _defend(self, images, with_stats=False):
-        images = validate_images(images, self._image_shape)
+        return self._defend_valid(validate_images(images, self._image_shape), with_stats)
+
+    def _defend_valid(self, images, with_stats=False):
+        """`_defend` on already validated float32 images (any batch size, 0 included)."""
         label = tf.argmax(self.classifier(images), axis=-1)
         mean, _, zu = self.combo_vae.encode(images)
         resistance, morphs_used = self._resistance(mean, zu, label, return_used=True)
         reconstruction = self.combo_vae.decode(mean, zu)
-        purified = reconstruction
-        if self.purify_zu == "class_mean":
-            purified = self.combo_vae.decode(mean, self.combo_vae.dgmm.class_mean(zu))
-        purified_label = tf.argmax(self.classifier(purified), axis=-1)
+        purified, purified_label = self._purify_codes(mean, zu, reconstruction)
         recon_error = _mean_squared_error(images, reconstruction)
         verdict, distance = decide(resistance, self.theta_r, self.theta_d, recon_error,
                                    self.theta_e)
@@ -402,60 +493,22 @@ class FMDefense(keras.Model):
             **({"morphs_used": morphs_used} if with_stats else {}),
         }
 
-    def _compiled(self):
-        if self._graph_fn is None:
-            jit = self.jit_compile
-            if jit is None:
-                jit = bool(tf.config.list_physical_devices("GPU")) and not self.adaptive_budget
-            self._graph_fn = tf.function(self._defend, jit_compile=jit, reduce_retracing=True)
-        return self._graph_fn
+    def _purify_codes(self, mean, zu, reconstruction=None):
+        """(purified images, their classifier label) from the codes μs(x), zu(x)."""
+        if self.purify_zu == "class_mean":
+            purified = self.combo_vae.decode(mean, self.combo_vae.dgmm.class_mean(zu))
+        else:
+            purified = self.combo_vae.decode(mean, zu) if reconstruction is None \
+                else reconstruction
+        return purified, tf.argmax(self.classifier(purified), axis=-1)
 
-    def call(self, images):
-        if self._image_shape is not None:
-            _check_images_static(images, self._image_shape)
-        if tf.executing_eagerly():
-            return self._compiled()(images)
-        return self._defend(images)
+    def _purify_valid(self, images):
+        """The purifier alone on validated images: {"purified", "label"} (no morph search)."""
+        mean, _, zu = self.combo_vae.encode(images)
+        purified, label = self._purify_codes(mean, zu)
+        return {"purified": purified, "label": label}
 
     # ----------------------------------------------------------------------------- numpy API
-    def _as_batch(self, x) -> np.ndarray:
-        x = np.asarray(x)
-        if not self.built:
-            self.build((None, *x.shape[1:]))
-        _check_images_static(x, self._image_shape)
-        if len(x) == 0:
-            raise ValueError("images: empty batch")
-        x = x.astype(np.float32, copy=False)
-        if not np.all(np.isfinite(x)):
-            raise ValueError("images contain NaN or Inf")
-        if x.min() < 0.0 or x.max() > 1.0:
-            raise ValueError(
-                f"images must be in [0, 1], found values in [{x.min():.3g}, {x.max():.3g}]"
-            )
-        return x
-
-    def defend(self, x, batch_size: int = 64) -> dict:
-        """`call` on a numpy array of any length, in batches; numpy outputs."""
-        x = self._as_batch(x)
-        self._require_calibrated()
-        parts = [self(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-        return {k: np.concatenate([p[k].numpy() for p in parts]) for k in OUTPUT_KEYS}
-
-    def defend_with_stats(self, x, batch_size: int = 64) -> dict:
-        """`defend` plus `morphs_used` int32 [n, m], the morphs drawn per (image, code) pair."""
-        x = self._as_batch(x)
-        self._require_calibrated()
-        fn = self._compiled()
-        parts = [fn(tf.constant(x[i : i + batch_size]), with_stats=True)
-                 for i in range(0, len(x), batch_size)]
-        return {k: np.concatenate([p[k].numpy() for p in parts])
-                for k in (*OUTPUT_KEYS, "morphs_used")}
-
-    def detect(self, x, batch_size: int = 64):
-        """ART-style detection: (report dict, is_adversarial [n] bool = verdict != passed)."""
-        out = self.defend(x, batch_size)
-        return out, out["verdict"] != VERDICT_PASSED
-
     def resistance(self, x, batch_size: int = 64) -> np.ndarray:
         """Resistance vectors [n, m] (needs the normal ranges, not the thresholds)."""
         x = self._as_batch(x)
@@ -581,6 +634,7 @@ class FMDefense(keras.Model):
             adaptive_budget=self.adaptive_budget,
             adaptive_round=self.adaptive_round,
             adaptive_alpha=self.adaptive_alpha,
+            adaptive_refine_min=self.adaptive_refine_min,
             morph_dtype=self.morph_dtype,
             recon_fpr=self.recon_fpr,
         )

@@ -139,8 +139,13 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
 
 
 def fm_scores(out: dict, theta_r) -> np.ndarray:
-    """Continuous FM-Defense detection score: max_i (θr(i) - r(i)); >= 0 means suspicious."""
-    return np.max(np.asarray(theta_r)[None, :] - out["resistance"], axis=1)
+    """Continuous FM-Defense detection score: max_i (θr(i) - r(i)); >= 0 means suspicious.
+
+    `theta_r`: [m], or [n, m] with each row's own thresholds (an ensemble's members).
+    """
+    theta_r = np.asarray(theta_r)
+    return np.max((theta_r if theta_r.ndim == 2 else theta_r[None, :]) - out["resistance"],
+                  axis=1)
 
 
 def defense_metrics(clean: dict, adv: dict, y_clean, y_adv, score_key: str = "score") -> dict:
