@@ -147,3 +147,25 @@ def test_bad_input(ensemble):
         ensemble.defend(np.zeros((0, 28, 28, 1), np.float32))
     with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or Inf"):
         ensemble(tf.constant(np.full((2, 28, 28, 1), np.nan, np.float32)))
+
+
+def test_savedmodel_export_matches_the_ensemble(ensemble, tmp_path):
+    from fmd_tf.export import SIGNATURES, export_serving
+
+    path = export_serving(ensemble, str(tmp_path / "serving"), version=1)
+    loaded = tf.saved_model.load(path)
+    x = tiny_images(9, seed=12)
+    out = ensemble.defend(x)
+    served = loaded.signatures["serving_default"](images=tf.constant(x))
+    assert set(served) == set(SIGNATURES["serving_default"])
+    for key in ("label", "verdict", "resistance", "distance"):
+        np.testing.assert_array_equal(served[key].numpy(), out[key], err_msg=key)
+    purified = loaded.signatures["purify"](images=tf.constant(x))
+    for k, member in enumerate(ensemble.members):  # each image purified by its own member
+        rows = np.flatnonzero(out["member"] == k)
+        if len(rows):
+            np.testing.assert_allclose(purified["purified"].numpy()[rows],
+                                       member._purify_valid(tf.constant(x[rows]))["purified"],
+                                       rtol=1e-5, atol=1e-6)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[0, 1\]"):
+        loaded.signatures["detect"](images=tf.constant(x + 1.5))

@@ -497,3 +497,18 @@ def test_rest_predict_matches_grpc_and_maps_errors(defense, server):
     with urllib.request.urlopen(request, timeout=30) as response:
         predictions = json.loads(response.read())["predictions"]
     assert [p["label"] for p in predictions] == reference["classifier_label"][:2].tolist()
+
+
+def test_serving_config_names_both_models_and_compose_mounts_them():
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "serving", "models.config")) as f:
+        config = text_format.Parse(f.read(), model_server_config_pb2.ModelServerConfig())
+    models = {m.name: m.base_path for m in config.model_config_list.config}
+    assert models == {"fmd": "/models/fmd", "fmd_ensemble": "/models/fmd_ensemble"}
+    with open(os.path.join(root, "serving", "docker-compose.yml")) as f:
+        compose = f.read()
+    assert "../saved_models/fmnist/serving:/models/fmd:ro" in compose
+    assert "../saved_models/fmnist/serving_ensemble:/models/fmd_ensemble:ro" in compose
