@@ -46,7 +46,12 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from fmd_tf.defense.fm_defense import VERDICT_PASSED, VERDICT_REJECTED, NotCalibratedError
+from fmd_tf.defense.fm_defense import (
+    VERDICT_PASSED,
+    VERDICT_REJECTED,
+    NotCalibratedError,
+    check_image_values,
+)
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -77,15 +82,7 @@ def check_images(x, image_shape=None) -> np.ndarray:
     if image_shape is not None and tuple(x.shape[1:]) != tuple(image_shape):
         raise ValueError(f"images must be [batch, {', '.join(map(str, image_shape))}], "
                          f"got {x.shape}")
-    if len(x) == 0:
-        raise ValueError("images: empty batch")
-    x = x.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(x)):
-        raise ValueError("images contain NaN or Inf")
-    if x.min() < 0.0 or x.max() > 1.0:
-        raise ValueError(f"images must be in [0, 1], found values in [{x.min():.3g}, "
-                         f"{x.max():.3g}]")
-    return x
+    return check_image_values(x)
 
 
 def check_fpr(fpr) -> float:

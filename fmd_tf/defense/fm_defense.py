@@ -34,6 +34,21 @@ def _check_images_static(images, image_shape):
         raise ValueError(f"images must be [batch, {', '.join(map(str, image_shape))}], got {shape}")
 
 
+def check_image_values(x) -> np.ndarray:
+    """A non-empty numpy batch as float32, finite and in [0, 1]; ValueError naming the problem
+    (nothing is clipped)."""
+    if len(x) == 0:
+        raise ValueError("images: empty batch")
+    x = np.asarray(x).astype(np.float32, copy=False)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("images contain NaN or Inf")
+    if x.min() < 0.0 or x.max() > 1.0:
+        raise ValueError(
+            f"images must be in [0, 1], found values in [{x.min():.3g}, {x.max():.3g}]"
+        )
+    return x
+
+
 def validate_images(images, image_shape):
     """Graph-side checks (InvalidArgumentError naming the problem); returns float32 images."""
     images = tf.cast(images, tf.float32)
@@ -130,16 +145,7 @@ class BatchedDefense:
         if not self.built:
             self.build((None, *x.shape[1:]))
         _check_images_static(x, self._image_shape)
-        if len(x) == 0:
-            raise ValueError("images: empty batch")
-        x = x.astype(np.float32, copy=False)
-        if not np.all(np.isfinite(x)):
-            raise ValueError("images contain NaN or Inf")
-        if x.min() < 0.0 or x.max() > 1.0:
-            raise ValueError(
-                f"images must be in [0, 1], found values in [{x.min():.3g}, {x.max():.3g}]"
-            )
-        return x
+        return check_image_values(x)
 
     def defend(self, x, batch_size: int = 64) -> dict:
         """`call` on a numpy array of any length, in batches; numpy outputs."""
