@@ -41,6 +41,10 @@ def parse_args(argv):
     p.add_argument("--defense", default="fmd.keras",
                    help="defense file in --model: fmd.keras, or fmd_ensemble.keras for the "
                         "randomized ensemble (scripts/train.py --ensemble K)")
+    p.add_argument("--attack-defense", default=None,
+                   help="defense file in --model that the defense-aware attacks attack "
+                        "(default: --defense); e.g. fmd.keras with --defense "
+                        "fmd_ensemble.keras measures transfer from one member")
     p.add_argument("--attacks", default="fgsm,pgd,cw,deepfool")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -72,6 +76,10 @@ def parse_args(argv):
         hint = " --ensemble 3" if "ensemble" in args.defense else ""
         raise UsageError(f"{os.path.join(args.model, args.defense)} not found; run "
                          f"`python scripts/train.py --dataset fmnist{hint}` or pass --model")
+    args.attack_defense = args.attack_defense or args.defense
+    if not os.path.isfile(os.path.join(args.model, args.attack_defense)):
+        raise UsageError(f"--attack-defense: {os.path.join(args.model, args.attack_defense)} "
+                         "not found")
     args.out = args.out or os.path.join("results", args.dataset)
     return args
 
@@ -177,8 +185,9 @@ def _markdown(report) -> str:
     lines = [
         f"# FM-Defense evaluation: {report['dataset']}, n = {report['n']}",
         "",
-        f"Model `{report['model']}`; command: `{report['command']}`; "
-        f"{report['seconds']:.0f} s.",
+        f"Model `{report['model']}`, defense `{report.get('defense', 'fmd.keras')}` "
+        f"(defense-aware attacks target `{report.get('attack_defense', 'fmd.keras')}`); "
+        f"command: `{report['command']}`; {report['seconds']:.0f} s.",
         "",
         "## Clean",
         "",
@@ -274,6 +283,8 @@ def run(args) -> dict:
     started = time.time()
     os.makedirs(args.out, exist_ok=True)
     fmd = keras.models.load_model(os.path.join(args.model, args.defense))
+    target = fmd if args.attack_defense == args.defense else keras.models.load_model(
+        os.path.join(args.model, args.attack_defense))
     splits = paper_splits(args.dataset, args.seed)
     if args.n > len(splits.x_cle):
         raise UsageError(f"--n {args.n} > {len(splits.x_cle)} CLE images")
@@ -288,7 +299,8 @@ def run(args) -> dict:
     clean_base = {name: b.defend(x) for name, b in baselines.items()}
     bar.update(1)
     report = {"dataset": args.dataset, "n": args.n, "model": args.model,
-              "defense": args.defense, "seed": args.seed,
+              "defense": args.defense, "attack_defense": args.attack_defense,
+              "seed": args.seed,
               "command": "python scripts/evaluate.py " + " ".join(sys.argv[1:]),
               "clean": harness.clean_metrics(clean, y), "attacks": {}, "notes": notes}
     for name, b in clean_base.items():
@@ -303,7 +315,7 @@ def run(args) -> dict:
     adv_out, eta_curves, grid_rows, roc = {}, {}, {"clean": (x, clean["purified"])}, {}
     for k, (attack, method, overrides) in enumerate(args.runs):
         x_adv, info = harness.adversarial_set(method, fmd.classifier, x, y, args.cache, args.seed,
-                                              params=overrides, defense=fmd)
+                                              params=overrides, defense=target)
         adv = _run_fm(fmd, x_adv, args.batch_size)
         adv_out[attack] = adv
         entry = {

@@ -115,6 +115,24 @@ def test_train_ensemble_stage(quick_model, tmp_path):
     proc = _run("scripts/train.py", "--quick", "--out", str(out), "--stages", "ensemble",
                 "--ensemble", "2", "--verbose", "0")
     assert proc.returncode == 2 and "fmd_ensemble.keras" in proc.stderr
+    # evaluate.py on the ensemble: EOT over its members, and transfer from member 0.
+    for attacked, name in (("fmd_ensemble.keras", "eot"), ("fmd.keras", "transfer")):
+        proc = _run("scripts/evaluate.py", "--model", str(out), "--defense", "fmd_ensemble.keras",
+                    "--attack-defense", attacked, "--attacks", "adaptive_pgd", "--linf-eps",
+                    "0.05", "--n", "4", "--out", str(tmp_path / name), "--cache",
+                    str(tmp_path / "cache"), "--no-baselines")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert report["defense"] == "fmd_ensemble.keras"
+        assert report["attack_defense"] == attacked
+        assert "operating_points" not in report
+        assert any("ensemble of 2 members" in note for note in report["notes"])
+        entry = report["attacks"]["adaptive_pgd_linf_0.05"]
+        assert entry["attack_cached"] is False  # EOT and member-0 attacks are different sets
+        assert 0.0 <= entry["fm_defense"]["auc"] <= 1.0
+    proc = _run("scripts/evaluate.py", "--model", str(out), "--defense", "nothing.keras")
+    assert proc.returncode == 2 and "nothing.keras" in proc.stderr and "--ensemble" not in \
+        proc.stderr
 
 
 def test_train_missing_data_exits_2(tmp_path):
