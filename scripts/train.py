@@ -298,7 +298,9 @@ def run(args) -> dict:
         np.save(path("val_resistance.npy"), report.pop("val_resistance"))
         fmd.save(path("fmd.keras"))
         seconds["defense_rethreshold" if reuse is not None else "defense"] = time.time() - t
-        card["serving_export"] = export_after_training(fmd, args.out)
+        # Members of an ensemble are served through OUT/serving_ensemble, not on their own.
+        card["serving_export"] = (export_after_training(fmd, args.out)
+                                  if args.member_index == 0 else None)
         card["calibration"] = report
         print(f"calibrated on {report['num_val']} VAL images: theta_r {report['theta_r']}, "
               f"theta_d {report['theta_d']:.4f}, VAL FPR {report['val_false_positive_rate']:.4f}")

@@ -93,6 +93,7 @@ def test_train_ensemble_stage(quick_model, tmp_path):
     assert member_card["member_index"] == 1 and "--member-index" not in member_card["command"]
     assert member_card["classifier_path"] == str(out / "classifier.keras")
     assert not (out / "members/1/classifier.keras").exists()  # the classifier is shared
+    assert not (out / "members/1/serving").exists()  # served through serving_ensemble
     code = (
         "import sys, json, keras, numpy as np, fmd_tf; from fmd_tf.data import paper_splits\n"
         "ens = keras.models.load_model(sys.argv[1] + '/fmd_ensemble.keras')\n"
