@@ -33,8 +33,8 @@ serving_latency    p50 / p99 of the exported SavedModel's `serving_default` sign
 adaptive_budget    the same defense with `adaptive_budget=True`: mean morphs per image (vs m·N),
                    ROC AUC clean vs FGSM (eps 0.3, same images; score max_i(θr_i - r_i)) of the
                    adaptive and the full-budget detector, verdict agreement, throughput ratio;
-                   under `refined` the same for `adaptive_refine_min=True` (each image's
-                   deciding code finished to all N morphs).
+                   under `refined` the same with `adaptive_refine_codes` = --adaptive-refine
+                   (each image's K deciding codes finished to all N morphs).
 bfloat16_vs_float32  `morph_dtype="bfloat16"` vs float32: throughput ratio (timed back to back)
                    and agreement of verdicts / resistances on the clean and FGSM images.
 peak_rss_mib       resource.getrusage peak resident memory of this process.
@@ -78,6 +78,8 @@ def parse_args(argv):
     p.add_argument("--eps", type=float, default=0.3, help="FGSM L∞ budget (adaptive, bf16)")
     p.add_argument("--adaptive-round", type=int, default=10)
     p.add_argument("--adaptive-alpha", type=float, default=0.01)
+    p.add_argument("--adaptive-refine", type=int, default=1,
+                   help="adaptive_refine_codes of the `refined` adaptive-budget variant")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--latency-reps", type=int, nargs=2, default=(50, 10), metavar=("B1", "B64"),
                    help="timed serving calls at batch 1 and batch 64")
@@ -487,7 +489,8 @@ def section_adaptive(ctx) -> dict:
     options = dict(adaptive_budget=True, adaptive_round=args.adaptive_round,
                    adaptive_alpha=args.adaptive_alpha)
     models = {"full": fmd, "adaptive": variant(fmd, **options),
-              "adaptive_refined": variant(fmd, adaptive_refine_min=True, **options)}
+              "adaptive_refined": variant(fmd, adaptive_refine_codes=args.adaptive_refine,
+                                          **options)}
     theta = fmd.theta_r.numpy()
     bs = args.batch_size
     for model in models.values():  # warm-up / trace
@@ -543,8 +546,9 @@ def section_adaptive(ctx) -> dict:
         "round_size": args.adaptive_round, "alpha": args.adaptive_alpha,
         "attack": f"FGSM eps={args.eps} on the same {len(x)} images (all, successful or not)",
         "score": "max_i(theta_r_i - r_i)",
-        "refined_note": "adaptive_refine_min=True: each image's code with the lowest "
-                        "r - theta_r estimate then draws all N morphs",
+        "refine_codes": args.adaptive_refine,
+        "refined_note": f"adaptive_refine_codes={args.adaptive_refine}: each image's codes with "
+                        "the lowest r - theta_r estimates then draw all N morphs",
     }
 
 

@@ -174,23 +174,25 @@ def test_finish_pairs_draws_only_the_missing_morphs():
     assert k.numpy()[3] == successes.numpy()[3]  # not selected: unchanged
 
 
-def test_refine_min_finishes_each_images_deciding_code(full_and_adaptive):
+@pytest.mark.parametrize("k", [1, 2])
+def test_refine_finishes_each_images_deciding_codes(full_and_adaptive, k):
     full, adaptive, out_full, out_ada = full_and_adaptive
-    refined = adaptive.copy_with(adaptive_refine_min=True)
-    assert refined.adaptive_refine_min and refined.combo_vae is adaptive.combo_vae
+    refined = adaptive.copy_with(adaptive_refine_codes=k)
+    assert refined.adaptive_refine_codes == k and refined.combo_vae is adaptive.combo_vae
     out = refined.defend_with_stats(tiny_images(12, seed=2))
     theta = full.theta_r.numpy()
-    deciding = np.argmin(out_ada["resistance"] - theta, axis=1)  # by the early estimates
-    rows = np.arange(12)
-    np.testing.assert_array_equal(out["morphs_used"][rows, deciding], 40)
-    np.testing.assert_array_equal(out["resistance"][rows, deciding],
-                                  out_full["resistance"][rows, deciding])
-    others = np.ones((12, 4), bool)
-    others[rows, deciding] = False
-    np.testing.assert_array_equal(out["resistance"][others], out_ada["resistance"][others])
-    np.testing.assert_array_equal(out["morphs_used"][others], out_ada["morphs_used"][others])
+    # The k lowest early estimates of r - θr (stable: ties go to the lower code).
+    deciding = np.argsort(out_ada["resistance"] - theta, axis=1, kind="stable")[:, :k]
+    chosen = np.zeros((12, 4), bool)
+    chosen[np.arange(12)[:, None], deciding] = True
+    np.testing.assert_array_equal(out["morphs_used"][chosen], 40)
+    np.testing.assert_array_equal(out["resistance"][chosen], out_full["resistance"][chosen])
+    np.testing.assert_array_equal(out["resistance"][~chosen], out_ada["resistance"][~chosen])
+    np.testing.assert_array_equal(out["morphs_used"][~chosen], out_ada["morphs_used"][~chosen])
     extra = out["morphs_used"].sum() - out_ada["morphs_used"].sum()
-    assert 0 <= extra <= 12 * (40 - 10)
+    assert 0 <= extra <= 12 * k * (40 - 10)
+    with pytest.raises(ValueError, match="adaptive_refine_codes"):
+        adaptive.copy_with(adaptive_refine_codes=5)
 
 
 def test_adaptive_constant_classifier_stops_after_first_round():

@@ -44,12 +44,12 @@ changes its label gives θr = 1 - 1/(2N)) "above" can never be shown early: conf
 needs about log(α') / log(θ) successes in a row. (c) Early stops below θ give a noisier r, so
 Dis(r, θr) (purify vs reject) is noisier too.
 
-**Refining the deciding code (`refine_min`, optional).** Early stops keep the verdict but make
-the continuous detection score max_i(θr(i) - r(i)) coarse (r = k / n from a few morphs), which
-costs ROC AUC. With `refine_min` the pair of each image with the lowest estimate of r(i) - θr(i),
-the one that sets the score and the verdict, then draws the rest of its N morphs
-(`finish_pairs`), so its resistance is the full-budget one; the other codes keep their early
-stops. Cost: at most N - R more morphs per image.
+**Refining the deciding codes (`refine_codes` = K, optional).** Early stops keep the verdict but
+make the continuous detection score max_i(θr(i) - r(i)) coarse (r = k / n from a few morphs),
+which costs ROC AUC. With K > 0 the K pairs of each image with the lowest estimates of
+r(i) - θr(i), the candidates for the code that sets the score and the verdict, then draw the
+rest of their N morphs (`finish_pairs`), so their resistances are the full-budget ones; the
+other codes keep their early stops. Cost: at most K·(N - R) more morphs per image.
 
 All functions are plain TensorFlow and run inside `tf.function`. The round loop is a
 `tf.while_loop` that gathers the still-active pairs (`tf.where`), evaluates only their next
@@ -234,7 +234,7 @@ def chunked_labels(label_fn, latents, chunk_size: int):
 
 def adaptive_resistance(mean, zu, label, selected, morph_values, theta_r, label_fn,
                         round_size: int, alpha: float, chunk_size: int,
-                        refine_min: bool = False):
+                        refine_codes: int = 0):
     """Resistance [B, m] with the adaptive morph budget, and the morphs each pair used.
 
     Pair p = b·m + i is (image b, selected code i). Its morph j has the latent of the full-budget
@@ -251,8 +251,8 @@ def adaptive_resistance(mean, zu, label, selected, morph_values, theta_r, label_
         label_fn: latents [M, d_s + K] -> classifier labels [M] int64 of the decoded morphs.
         round_size, alpha: the sequential test (`sequential_counts`).
         chunk_size: at most this many latents per `label_fn` call.
-        refine_min: finish the pair of each image with the lowest k/n - θr(i) to all N morphs
-            (module docstring).
+        refine_codes: finish the `refine_codes` pairs of each image with the lowest
+            k/n - θr(i) to all N morphs (module docstring); 0 = off.
 
     Returns:
         (resistance [B, m] float32 = k / n, morphs_used [B, m] int32 = n).
@@ -283,10 +283,11 @@ def adaptive_resistance(mean, zu, label, selected, morph_values, theta_r, label_
         return tf.reduce_sum(tf.cast(same, tf.int32), axis=1)
 
     successes, drawn, _ = sequential_counts(count_fn, theta, num_morphs, round_size, alpha)
-    if refine_min:
+    if refine_codes:
         estimate = tf.cast(successes, tf.float32) / tf.cast(tf.maximum(drawn, 1), tf.float32)
         margin = tf.reshape(estimate - theta, [batch, m])
-        worst = tf.range(batch) * m + tf.argmin(margin, axis=1, output_type=tf.int32)
+        _, lowest = tf.math.top_k(-margin, k=min(int(refine_codes), m))  # [B, K], ties: first
+        worst = tf.reshape(tf.range(batch)[:, None] * m + lowest, [-1])
         chosen = tf.scatter_nd(worst[:, None], tf.ones_like(worst, tf.bool), [batch * m])
         successes, drawn = finish_pairs(count_fn, successes, drawn, chosen, num_morphs,
                                         round_size)

@@ -204,8 +204,8 @@ class FMDefense(BatchedDefense, keras.Model):
             clearly above or below θr(i) (`fmd_tf.defense.adaptive_budget`); calibration always
             uses all N. Not XLA-compatible.
         adaptive_round, adaptive_alpha: morphs per round and level α of that sequential test.
-        adaptive_refine_min: with the adaptive budget, each image's code with the lowest
-            r(i) - θr(i) estimate then draws all N morphs (exact detection score).
+        adaptive_refine_codes: with the adaptive budget, each image's this many codes with the
+            lowest r(i) - θr(i) estimates then draw all N morphs (0 = off).
         morph_dtype: "float32", "bfloat16" or "float16" for the decoder+classifier pass over
             the morphs (`fmd_tf.defense.precision`); weights stay float32.
         recon_fpr: clean VAL budget of the reconstruction gate (0 = off, the paper's rule).
@@ -238,7 +238,7 @@ class FMDefense(BatchedDefense, keras.Model):
         adaptive_budget=False,
         adaptive_round=10,
         adaptive_alpha=0.01,
-        adaptive_refine_min=False,
+        adaptive_refine_codes=0,
         morph_dtype="float32",
         recon_fpr=0.0,
         **kwargs,
@@ -267,7 +267,7 @@ class FMDefense(BatchedDefense, keras.Model):
         self.adaptive_budget = bool(adaptive_budget)
         self.adaptive_round = int(adaptive_round)
         self.adaptive_alpha = float(adaptive_alpha)
-        self.adaptive_refine_min = bool(adaptive_refine_min)
+        self.adaptive_refine_codes = int(adaptive_refine_codes)
         self.morph_dtype = str(morph_dtype)
         self.recon_fpr = float(recon_fpr)
         self._check_arguments(d_s)
@@ -313,6 +313,9 @@ class FMDefense(BatchedDefense, keras.Model):
         if self.adaptive_budget and self.jit_compile:
             raise ValueError("adaptive_budget has data-dependent shapes: jit_compile must be "
                              "None or False")
+        if not 0 <= self.adaptive_refine_codes <= len(self.selected_codes):
+            raise ValueError(f"adaptive_refine_codes must be in [0, {len(self.selected_codes)}], "
+                             f"got {self.adaptive_refine_codes}")
         if not 0.0 <= self.recon_fpr < 1.0:
             raise ValueError(f"recon_fpr must be in [0, 1), got {self.recon_fpr}")
         if self.morph_dtype not in precision.COMPUTE_DTYPES:
@@ -342,7 +345,7 @@ class FMDefense(BatchedDefense, keras.Model):
             adaptive_budget=defense_cfg.adaptive_budget,
             adaptive_round=defense_cfg.adaptive_round,
             adaptive_alpha=defense_cfg.adaptive_alpha,
-            adaptive_refine_min=defense_cfg.adaptive_refine_min,
+            adaptive_refine_codes=defense_cfg.adaptive_refine_codes,
             morph_dtype=defense_cfg.morph_dtype,
             recon_fpr=defense_cfg.recon_fpr,
             **kwargs,
@@ -455,7 +458,7 @@ class FMDefense(BatchedDefense, keras.Model):
             lambda z: precision.morph_labels(self.classifier, self.combo_vae.decoder, z,
                                              self.morph_dtype),
             self.adaptive_round, self.adaptive_alpha, self.chunk_size,
-            refine_min=self.adaptive_refine_min,
+            refine_codes=self.adaptive_refine_codes,
         )
 
     def _full_resistance(self, mean, zu, label, return_used=False):
@@ -640,7 +643,7 @@ class FMDefense(BatchedDefense, keras.Model):
             adaptive_budget=self.adaptive_budget,
             adaptive_round=self.adaptive_round,
             adaptive_alpha=self.adaptive_alpha,
-            adaptive_refine_min=self.adaptive_refine_min,
+            adaptive_refine_codes=self.adaptive_refine_codes,
             morph_dtype=self.morph_dtype,
             recon_fpr=self.recon_fpr,
         )
