@@ -119,6 +119,8 @@ class DefenseConfig:
     adaptive_alpha: float = 0.01
     # ... and then finish each image's K deciding codes (lowest r(i) - θr(i)) to all N morphs.
     adaptive_refine_codes: int = 0
+    # Draw order of the adaptive budget: "shuffled" (fixed permutation from seed) or "search".
+    adaptive_order: str = "shuffled"
     morph_dtype: str = "float32"  # or "bfloat16" / "float16": morph decoder+classifier compute
     # Reconstruction gate (not in the paper; 0 = off): reject inputs whose combo-VAE
     # reconstruction error exceeds the clean VAL (1 - recon_fpr) quantile.

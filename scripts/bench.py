@@ -34,7 +34,9 @@ adaptive_budget    the same defense with `adaptive_budget=True`: mean morphs per
                    ROC AUC clean vs FGSM (eps 0.3, same images; score max_i(θr_i - r_i)) of the
                    adaptive and the full-budget detector, verdict agreement, throughput ratio;
                    under `refined` the same with `adaptive_refine_codes` = --adaptive-refine
-                   (each image's K deciding codes finished to all N morphs).
+                   (each image's K deciding codes finished to all N morphs); both draw the
+                   morphs in the default shuffled order, and `refined_search_order` repeats
+                   `refined` with `adaptive_order="search"` (smallest radius first).
 bfloat16_vs_float32  `morph_dtype="bfloat16"` vs float32: throughput ratio (timed back to back)
                    and agreement of verdicts / resistances on the clean and FGSM images.
 peak_rss_mib       resource.getrusage peak resident memory of this process.
@@ -490,7 +492,9 @@ def section_adaptive(ctx) -> dict:
                    adaptive_alpha=args.adaptive_alpha)
     models = {"full": fmd, "adaptive": variant(fmd, **options),
               "adaptive_refined": variant(fmd, adaptive_refine_codes=args.adaptive_refine,
-                                          **options)}
+                                          **options),
+              "refined_search_order": variant(fmd, adaptive_refine_codes=args.adaptive_refine,
+                                              adaptive_order="search", **options)}
     theta = fmd.theta_r.numpy()
     bs = args.batch_size
     for model in models.values():  # warm-up / trace
@@ -531,6 +535,7 @@ def section_adaptive(ctx) -> dict:
         }
 
     ada, refined = summary("adaptive"), summary("adaptive_refined")
+    search = summary("refined_search_order")
     return {
         **{k: ada[k] for k in ("mean_morphs_per_image", "mean_morphs_per_image_clean",
                                "mean_morphs_per_image_adv", "morph_reduction",
@@ -543,6 +548,8 @@ def section_adaptive(ctx) -> dict:
                                       "adaptive": ada["false_positive_rate_clean"]},
         "images_per_s": {"full": 2 * len(x) / full["seconds"], "adaptive": ada["images_per_s"]},
         "refined": refined,
+        "refined_search_order": search,
+        "order": models["adaptive"].adaptive_order,
         "round_size": args.adaptive_round, "alpha": args.adaptive_alpha,
         "attack": f"FGSM eps={args.eps} on the same {len(x)} images (all, successful or not)",
         "score": "max_i(theta_r_i - r_i)",
@@ -639,6 +646,11 @@ def print_table(report: dict) -> None:
                       f"reduction {ref['morph_reduction']:.2f}x"),
                      ("refined_auc", ref["auc"], f"minus full {ref['auc_minus_full']:+.4f}, "
                       f"verdict agreement {ref['verdict_agreement']:.3f}")]
+        old = ada.get("refined_search_order")
+        if old:
+            rows.append(("refined_search_order_auc", old["auc"],
+                         f"minus full {old['auc_minus_full']:+.4f}, "
+                         f"{old['mean_morphs_per_image']:.0f} morphs/image"))
     bf = report.get("bfloat16_vs_float32", {})
     if bf:
         rows.append(("bfloat16_throughput_ratio", bf["throughput_ratio"],

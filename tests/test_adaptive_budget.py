@@ -102,6 +102,55 @@ def test_chunked_labels_matches_one_pass():
     assert fn(latents[:0]).shape == (0,)
 
 
+def test_draw_order_is_a_seeded_permutation():
+    order = ab.draw_order("shuffled", 100, seed=0)
+    assert order.dtype == np.int32 and sorted(order.tolist()) == list(range(100))
+    np.testing.assert_array_equal(order, ab.draw_order("shuffled", 100, seed=0))
+    assert not np.array_equal(order, ab.draw_order("shuffled", 100, seed=1))
+    assert not np.array_equal(order, np.arange(100))
+    assert ab.draw_order("search", 100, seed=0) is None
+    with pytest.raises(ValueError, match="draw order"):
+        ab.draw_order("random", 100, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["search", "shuffled"])
+def test_adaptive_resistance_draws_morphs_in_the_given_order(kind):
+    """Each pair's k/n is the share of label-keeping morphs among the first n of the order."""
+    batch, m, n_morphs = 3, 2, 40
+    rng = np.random.default_rng(5)
+    # The label of a morph is 1 iff its morphed code (code 0 or 1 of d_s = 2) is above 0.
+    values = rng.uniform(-1.0, 1.0, size=(batch, m, n_morphs)).astype(np.float32)
+    values[0, 0] = np.abs(values[0, 0])  # pair (0, 0) always keeps label 1: stops early
+    # Pair (1, 1): the first half of its morphs (search order) keep the label, the rest not.
+    values[1, 1] = np.abs(values[1, 1]) * np.where(np.arange(n_morphs) < n_morphs // 2, 1, -1)
+    mean = np.full((batch, 2), 0.5, np.float32)
+    zu = np.zeros((batch, 1), np.float32)
+    label = np.ones(batch, np.int64)
+
+    def label_fn(z):
+        morphed = tf.reduce_min(z[:, :2], axis=1)  # the unchanged code stays at 0.5
+        return tf.cast(morphed > 0.0, tf.int64)
+
+    order = ab.draw_order(kind, n_morphs, seed=2)
+    r, used = ab.adaptive_resistance(
+        tf.constant(mean), tf.constant(zu), tf.constant(label), tf.constant([0, 1], tf.int32),
+        tf.constant(values), tf.constant([0.5, 0.5]), label_fn, round_size=10, alpha=0.05,
+        chunk_size=7, order=order)
+    r, used = r.numpy(), used.numpy()
+    outcomes = values > 0.0
+    ordered = outcomes if order is None else outcomes[..., order]
+    assert used[0, 0] == 10 and r[0, 0] == 1.0
+    if kind == "search":  # ten label-keeping morphs in a row: stopped above θ = 0.5
+        assert used[1, 1] == 10 and r[1, 1] == 1.0
+    else:  # the first round samples both halves (5 + 5 for seed 2): no early stop at 1.0
+        assert np.sum(order[:10] < n_morphs // 2) == 5
+        assert used[1, 1] > 10 and abs(r[1, 1] - 0.5) <= 0.2
+    for b in range(batch):
+        for i in range(m):
+            expected = ordered[b, i, : used[b, i]].mean()
+            np.testing.assert_allclose(r[b, i], expected, rtol=0, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- FMDefense
 
 
@@ -234,12 +283,17 @@ def test_new_arguments_round_trip_and_checks():
     assert (clone.adaptive_budget, clone.adaptive_round, clone.adaptive_alpha,
             clone.morph_dtype) == (True, 3, 0.05, "bfloat16")
     # A config written before these options existed loads with the defaults.
-    for key in ("adaptive_budget", "adaptive_round", "adaptive_alpha", "morph_dtype"):
+    assert config["adaptive_order"] == "shuffled"
+    for key in ("adaptive_budget", "adaptive_round", "adaptive_alpha", "morph_dtype",
+                "adaptive_order"):
         config.pop(key)
     old = FMDefense.from_config(config)
     assert (old.adaptive_budget, old.adaptive_round, old.adaptive_alpha, old.morph_dtype) == (
         False, 10, 0.01, "float32")
+    assert old.adaptive_order == "shuffled"
+    assert FMDefense.from_config({**config, "adaptive_order": "search"}).adaptive_order == "search"
     cases = [
+        (dict(adaptive_order="radius"), "adaptive_order"),
         (dict(adaptive_round=0), "adaptive_round"),
         (dict(adaptive_alpha=0.0), "adaptive_alpha"),
         (dict(adaptive_alpha=0.5), "adaptive_alpha"),
@@ -255,12 +309,13 @@ def test_from_config_dataclass_passes_new_fields():
     cfg = dataclasses.replace(
         DefenseConfig(), num_morphs=8, candidates_per_step=4, max_steps=4, chunk_size=64,
         adaptive_budget=True, adaptive_round=4, adaptive_alpha=0.02, morph_dtype="float16",
+        adaptive_order="search",
     )
     assert DefenseConfig().adaptive_budget is False and DefenseConfig().morph_dtype == "float32"
     combo = build_combo_vae(TINY_COMBO_CONFIG, (28, 28, 1), 10)
     fmd = FMDefense.from_config_dataclass(ConstantClassifier(), combo, cfg)
-    assert (fmd.adaptive_budget, fmd.adaptive_round, fmd.adaptive_alpha, fmd.morph_dtype) == (
-        True, 4, 0.02, "float16")
+    assert (fmd.adaptive_budget, fmd.adaptive_round, fmd.adaptive_alpha, fmd.morph_dtype,
+            fmd.adaptive_order) == (True, 4, 0.02, "float16", "search")
 
 
 def test_adaptive_keras_round_trip(full_and_adaptive, tmp_path):
@@ -378,3 +433,17 @@ def test_bench_quick_end_to_end(quick_model_dir, tmp_path):
     attacks = report["attack_speedup_vs_art"]
     assert attacks.get("skipped") or {"deepfool", "carlini_wagner_l2"} <= set(attacks)
     assert "| " in proc.stdout  # the printed table
+
+
+def test_fm_scores_ties_values_equal_in_exact_arithmetic():
+    from fmd_tf.evaluation.harness import fm_scores
+    from fmd_tf.evaluation.metrics import roc_auc
+
+    theta = np.array([-0.005, 0.025], np.float32)
+    # Both rows score -0.945 exactly (0.025 - 0.97 = -0.005 - 0.94), not in float32.
+    r = np.array([[0.94, 1.0], [1.0, 0.97]], np.float32)
+    assert np.max(theta - r[0]) != np.max(theta - r[1])
+    scores = fm_scores({"resistance": r}, theta)
+    assert scores[0] == scores[1] == -0.945
+    assert roc_auc(scores[:1], scores[1:]) == 0.5  # a tie, whichever side each row is on
+    np.testing.assert_array_equal(fm_scores({"resistance": r}, np.stack([theta, theta])), scores)

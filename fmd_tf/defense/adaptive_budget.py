@@ -3,9 +3,9 @@
 The full-budget detector evaluates all N natural morphs of every (image, code) pair and compares
 the resistance r = k_N / N (k_N morphs keep the label) with θr(i). Most pairs are far from their
 threshold (clean images near r = 1, adversarial ones near r = 0), so the answer is usually clear
-after a few morphs. Here each pair draws its morphs in rounds of R (`round_size`), in the same
-order as the full budget (the first n of the same N natural morphs, same search table: the
-adaptive path sees a prefix of the full one), and stops as soon as one of these holds:
+after a few morphs. Here each pair draws its morphs in rounds of R (`round_size`) from the same N
+natural morphs as the full budget (same search table), in a fixed *draw order* (`draw_order`),
+and stops as soon as one of these holds:
 
 1. **Curtailment (exact).** The full-budget verdict is already fixed whatever the remaining
    morphs give: k > θ·N (surely above) or k + (N - n) <= θ·N (surely below).
@@ -35,11 +35,20 @@ binomial tails need no approximation, no tuning beyond α, are computable in the
 `tf.math.betainc`, and curtailment adds the stops that are certain. Bonferroni is conservative
 (the looks are strongly correlated), which only costs a few morphs.
 
-Caveats. (a) The natural morphs are not a random sample of the N: they come in search order,
-smallest radius first, and near morphs keep the label more often than far ones, so an early
-stop tends to over-estimate r slightly. The Bernoulli model is an idealisation; the prefix
-property, curtailment and the `scripts/bench.py` comparison with the full budget (verdict
-agreement, AUC) are what to trust. (b) With θ close to 1 (e.g. a classifier that never
+Draw order (`order`). The N natural morphs come in search order, smallest radius first, and near
+morphs keep the label more often than far ones, so the first morphs in search order are the
+least informative: an early stop over-estimates r, and many pairs stop at n/n, which ties the
+codes of an image. The default order is therefore a fixed permutation of the N morph slots drawn
+from the defense's seed (`draw_order`): the first n morphs are then a simple random sample,
+without replacement, of the N that define the full-budget resistance, k/n is an unbiased
+estimate of it, and the binomial test on that finite population is, if anything, conservative
+(sampling without replacement concentrates more than the binomial; Hoeffding 1963, §6). The
+resistance of a pair that draws all N is the full-budget one in any order. `order=None` keeps
+the search order (measured in `scripts/bench.py`: it costs ROC AUC).
+
+Caveats. (a) The Bernoulli/finite-population model is still an idealisation; curtailment and
+the `scripts/bench.py` comparison with the full budget (verdict agreement, AUC) are what to
+trust. (b) With θ close to 1 (e.g. a classifier that never
 changes its label gives θr = 1 - 1/(2N)) "above" can never be shown early: confirming p > θ
 needs about log(α') / log(θ) successes in a row. (c) Early stops below θ give a noisier r, so
 Dis(r, θr) (purify vs reject) is noisier too.
@@ -61,9 +70,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
+DRAW_ORDERS = ("shuffled", "search")
+
 __all__ = [
+    "draw_order",
     "look_alpha",
     "stop_decision",
     "sequential_counts",
@@ -72,6 +85,19 @@ __all__ = [
     "adaptive_resistance",
     "chunked_labels",
 ]
+
+
+def draw_order(kind: str, num_morphs: int, seed: int) -> np.ndarray | None:
+    """Order in which the adaptive budget draws the N morph slots of every pair.
+
+    "shuffled": a fixed permutation of range(N) drawn from `seed` (module docstring, "Draw
+    order"), the same for every pair and in every process; "search": None (search order).
+    """
+    if kind not in DRAW_ORDERS:
+        raise ValueError(f"draw order must be one of {DRAW_ORDERS}, got {kind!r}")
+    if kind == "search":
+        return None
+    return np.random.default_rng([int(seed), 1]).permutation(int(num_morphs)).astype(np.int32)
 
 
 def look_alpha(alpha: float, num_morphs: int, round_size: int) -> float:
@@ -234,7 +260,7 @@ def chunked_labels(label_fn, latents, chunk_size: int):
 
 def adaptive_resistance(mean, zu, label, selected, morph_values, theta_r, label_fn,
                         round_size: int, alpha: float, chunk_size: int,
-                        refine_codes: int = 0):
+                        refine_codes: int = 0, order=None):
     """Resistance [B, m] with the adaptive morph budget, and the morphs each pair used.
 
     Pair p = b·m + i is (image b, selected code i). Its morph j has the latent of the full-budget
@@ -253,6 +279,8 @@ def adaptive_resistance(mean, zu, label, selected, morph_values, theta_r, label_
         chunk_size: at most this many latents per `label_fn` call.
         refine_codes: finish the `refine_codes` pairs of each image with the lowest
             k/n - θr(i) to all N morphs (module docstring); 0 = off.
+        order: [N] int permutation, the draw order of the morph slots (`draw_order`);
+            None = search order.
 
     Returns:
         (resistance [B, m] float32 = k / n, morphs_used [B, m] int32 = n).
@@ -263,7 +291,9 @@ def adaptive_resistance(mean, zu, label, selected, morph_values, theta_r, label_
     d_s = tf.shape(mean)[1]
     pair_image = tf.repeat(tf.range(batch), m)  # [P]
     pair_code = tf.tile(selected, [batch])  # [P] index into d_s
-    values = tf.reshape(morph_values, [batch * m, num_morphs])  # [P, N]
+    if order is not None:
+        morph_values = tf.gather(morph_values, tf.constant(order, tf.int32), axis=-1)
+    values = tf.reshape(morph_values, [batch * m, num_morphs])  # [P, N] in draw order
     theta = tf.tile(tf.cast(theta_r, tf.float32), [batch])
     one_hot = tf.one_hot(selected, d_s, dtype=mean.dtype)  # [m, d_s]
     pair_one_hot = tf.tile(one_hot, [batch, 1])  # [P, d_s]

@@ -206,6 +206,9 @@ class FMDefense(BatchedDefense, keras.Model):
         adaptive_round, adaptive_alpha: morphs per round and level α of that sequential test.
         adaptive_refine_codes: with the adaptive budget, each image's this many codes with the
             lowest r(i) - θr(i) estimates then draw all N morphs (0 = off).
+        adaptive_order: order in which the adaptive budget draws each pair's N morphs:
+            "shuffled" (a fixed permutation drawn from `seed`) or "search" (smallest radius
+            first); see `adaptive_budget.draw_order`. The full budget does not depend on it.
         morph_dtype: "float32", "bfloat16" or "float16" for the decoder+classifier pass over
             the morphs (`fmd_tf.defense.precision`); weights stay float32.
         recon_fpr: clean VAL budget of the reconstruction gate (0 = off, the paper's rule).
@@ -239,6 +242,7 @@ class FMDefense(BatchedDefense, keras.Model):
         adaptive_round=10,
         adaptive_alpha=0.01,
         adaptive_refine_codes=0,
+        adaptive_order="shuffled",
         morph_dtype="float32",
         recon_fpr=0.0,
         **kwargs,
@@ -268,6 +272,7 @@ class FMDefense(BatchedDefense, keras.Model):
         self.adaptive_round = int(adaptive_round)
         self.adaptive_alpha = float(adaptive_alpha)
         self.adaptive_refine_codes = int(adaptive_refine_codes)
+        self.adaptive_order = str(adaptive_order)
         self.morph_dtype = str(morph_dtype)
         self.recon_fpr = float(recon_fpr)
         self._check_arguments(d_s)
@@ -316,6 +321,9 @@ class FMDefense(BatchedDefense, keras.Model):
         if not 0 <= self.adaptive_refine_codes <= len(self.selected_codes):
             raise ValueError(f"adaptive_refine_codes must be in [0, {len(self.selected_codes)}], "
                              f"got {self.adaptive_refine_codes}")
+        if self.adaptive_order not in adaptive.DRAW_ORDERS:
+            raise ValueError(f"adaptive_order must be one of {adaptive.DRAW_ORDERS}, "
+                             f"got {self.adaptive_order!r}")
         if not 0.0 <= self.recon_fpr < 1.0:
             raise ValueError(f"recon_fpr must be in [0, 1), got {self.recon_fpr}")
         if self.morph_dtype not in precision.COMPUTE_DTYPES:
@@ -346,6 +354,7 @@ class FMDefense(BatchedDefense, keras.Model):
             adaptive_round=defense_cfg.adaptive_round,
             adaptive_alpha=defense_cfg.adaptive_alpha,
             adaptive_refine_codes=defense_cfg.adaptive_refine_codes,
+            adaptive_order=defense_cfg.adaptive_order,
             morph_dtype=defense_cfg.morph_dtype,
             recon_fpr=defense_cfg.recon_fpr,
             **kwargs,
@@ -459,6 +468,7 @@ class FMDefense(BatchedDefense, keras.Model):
                                              self.morph_dtype),
             self.adaptive_round, self.adaptive_alpha, self.chunk_size,
             refine_codes=self.adaptive_refine_codes,
+            order=adaptive.draw_order(self.adaptive_order, self.num_morphs, self.seed),
         )
 
     def _full_resistance(self, mean, zu, label, return_used=False):
@@ -644,6 +654,7 @@ class FMDefense(BatchedDefense, keras.Model):
             adaptive_round=self.adaptive_round,
             adaptive_alpha=self.adaptive_alpha,
             adaptive_refine_codes=self.adaptive_refine_codes,
+            adaptive_order=self.adaptive_order,
             morph_dtype=self.morph_dtype,
             recon_fpr=self.recon_fpr,
         )
