@@ -143,9 +143,23 @@ def _eta_curves(fmd, r_val, clean, adv, y, etas):
     return curve
 
 
-def _operating_points(fmd, r_val, e_val, clean, adv_out, y):
+def _trained_split_sizes(model_dir):
+    """The split sizes the model was trained and calibrated with (its card), else the defaults:
+    VAL must be the images of val_resistance.npy, and CLE disjoint from them."""
+    from fmd_tf.config import SplitConfig
+
+    path = os.path.join(model_dir, "model_card.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        sizes = json.load(f).get("hyperparameters", {}).get("splits")
+    return SplitConfig(**sizes) if sizes else None
+
+
+def _operating_points(fmd, r_val, e_val, clean, adv_out, y, val_out=None, y_val=None):
     """Defended accuracies if the thresholds were calibrated at other ρ / modes / reconstruction
-    gate budgets (same VAL)."""
+    gate budgets (same VAL). With `val_out` (`harness.val_outputs`) each row also gives the
+    clean VAL defended accuracy, i.e. what an operating point chosen on VAL alone would see."""
     import itertools
 
     import numpy as np
@@ -168,6 +182,11 @@ def _operating_points(fmd, r_val, e_val, clean, adv_out, y):
                "clean_defended_accuracy": metrics.defended_accuracy(
                    c["label"], c["verdict"], y, False),
                "clean_flagged": float(np.mean(c["verdict"] != 0))}
+        if val_out is not None:
+            v = harness.reverdict(val_out, theta_r, theta_d, theta_e)
+            row["val_clean_defended_accuracy"] = metrics.defended_accuracy(
+                v["label"], v["verdict"], y_val, False)
+            row["val_clean_flagged"] = float(np.mean(v["verdict"] != 0))
         for name, out in adv_out.items():
             a = harness.reverdict(out, theta_r, theta_d, theta_e)
             row[f"{name}_defended_accuracy"] = metrics.defended_accuracy(
@@ -256,13 +275,16 @@ def _markdown(report) -> str:
     if ops:
         attacks = list(paper_attacks)
         lines += ["", "## Operating points (same VAL resistances, thresholds re-calibrated)", "",
-                  "Reconstruction gate budget 0 is the paper's rule.", "",
-                  "| mode | ρ | recon gate budget | θd | clean flagged | clean defended | "
+                  "Reconstruction gate budget 0 is the paper's rule. VAL columns: the clean "
+                  "VAL images the thresholds are calibrated on.", "",
+                  "| mode | ρ | recon gate budget | θd | VAL clean flagged | VAL clean defended | "
+                  "clean flagged | clean defended | "
                   + " | ".join(f"{a} defended" for a in attacks) + " |",
-                  "|---|---|---|---|---|---|" + "---|" * len(attacks)]
+                  "|---|---|---|---|---|---|---|---|" + "---|" * len(attacks)]
         for r in ops:
             lines.append(f"| {r['threshold_mode']} | {r['rho']} | {r['recon_fpr']} | "
-                         f"{r['theta_d']:.3f} | "
+                         f"{r['theta_d']:.3f} | {pct(r.get('val_clean_flagged'))} | "
+                         f"{pct(r.get('val_clean_defended_accuracy'))} | "
                          f"{pct(r['clean_flagged'])} | {pct(r['clean_defended_accuracy'])} | "
                          + " | ".join(pct(r[f"{a}_defended_accuracy"]) for a in attacks) + " |")
     if report.get("notes"):
@@ -285,7 +307,7 @@ def run(args) -> dict:
     fmd = keras.models.load_model(os.path.join(args.model, args.defense))
     target = fmd if args.attack_defense == args.defense else keras.models.load_model(
         os.path.join(args.model, args.attack_defense))
-    splits = paper_splits(args.dataset, args.seed)
+    splits = paper_splits(args.dataset, args.seed, _trained_split_sizes(args.model))
     if args.n > len(splits.x_cle):
         raise UsageError(f"--n {args.n} > {len(splits.x_cle)} CLE images")
     x, y = splits.x_cle[: args.n], splits.y_cle[: args.n]
@@ -308,6 +330,10 @@ def run(args) -> dict:
     classifier_correct = clean["classifier_label"] == y
     r_val_path = os.path.join(args.model, "val_resistance.npy")
     r_val = np.load(r_val_path) if os.path.exists(r_val_path) else None
+    if r_val is not None and len(r_val) != len(splits.x_val):
+        notes.append(f"{r_val_path} has {len(r_val)} rows but VAL has {len(splits.x_val)} "
+                     "images: no ρ / η figures or operating points")
+        r_val = None
     if hasattr(fmd, "members"):  # each member has its own θr: the single-θr analyses do not apply
         r_val = None
         notes.append(f"{args.defense}: ensemble of {fmd.num_members} members, one per image "
@@ -369,8 +395,9 @@ def run(args) -> dict:
             figures.purification_vs_eta(eta_curves, fig("fig5_purification_vs_eta.png"))
             names += ["fig4_detection_vs_rho.png", "fig5_purification_vs_eta.png"]
             e_val = fmd.reconstruction_error(splits.x_val)
+            val_out = harness.val_outputs(fmd, splits.x_val, r_val, e_val)
             report["operating_points"] = _operating_points(fmd, r_val, e_val, clean, paper_out,
-                                                           y)
+                                                           y, val_out, splits.y_val)
         elif not hasattr(fmd, "members"):
             notes.append(f"{r_val_path} missing: no ρ / η figures")
         figures.purified_grid(grid_rows, fig("fig6_purified.png"))

@@ -181,6 +181,16 @@ def test_evaluate_report_schema(quick_model, tmp_path):
     # DeepFool takes no labels (it attacks the prediction): the harness must not pass y.
     assert report["attacks"]["deepfool"]["params"]["norm"] == "linf"
     assert (out / "report.md").is_file() and (out / "roc.png").is_file()
+    # Operating points: the row of the model's own settings sees on VAL what calibration saw.
+    card = json.loads((quick_model / "model_card.json").read_text())
+    cal = card["calibration"]
+    own = [r for r in report["operating_points"] if (r["threshold_mode"], r["rho"],
+           r["recon_fpr"]) == ("per_code", card["hyperparameters"]["defense"]["rho"],
+                               cal["recon_fpr"])]
+    assert len(own) == 1
+    assert own[0]["val_clean_flagged"] == pytest.approx(cal["val_false_positive_rate"])
+    assert 0.0 <= own[0]["val_clean_defended_accuracy"] <= 1.0
+    assert "| VAL clean defended |" in (out / "report.md").read_text()
     # Second run uses the cached adversarial set.
     proc = _run("scripts/evaluate.py", "--model", str(quick_model), "--attacks", "fgsm",
                 "--n", "12", "--out", str(out), "--cache", str(tmp_path / "cache"),

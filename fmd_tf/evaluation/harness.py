@@ -180,6 +180,24 @@ def clean_metrics(clean: dict, y) -> dict:
     }
 
 
+def val_outputs(fmd, x_val, resistance, recon_error, batch_size: int = 512) -> dict:
+    """Stored-output dict of `fmd` on its clean VAL images, for `reverdict`, without morphs.
+
+    `resistance` [n, m] and `recon_error` [n] are the VAL resistances and reconstruction errors
+    the thresholds were calibrated on (e.g. val_resistance.npy); only the classifier labels of
+    the images and of their purified versions are computed here.
+    """
+    import tensorflow as tf
+
+    labels, purified = [], []
+    for i in range(0, len(x_val), batch_size):
+        batch = tf.convert_to_tensor(x_val[i : i + batch_size], tf.float32)
+        labels.append(tf.argmax(fmd.classifier(batch), axis=-1).numpy())
+        purified.append(fmd._purify_valid(batch)["label"].numpy())
+    return {"resistance": np.asarray(resistance), "recon_error": np.asarray(recon_error),
+            "classifier_label": np.concatenate(labels), "purified_label": np.concatenate(purified)}
+
+
 def reverdict(out: dict, theta_r, theta_d, theta_e=np.inf) -> dict:
     """Verdicts and final labels of stored FM-Defense outputs under other thresholds.
 
