@@ -151,9 +151,13 @@ def _trained_split_sizes(model_dir):
     path = os.path.join(model_dir, "model_card.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        sizes = json.load(f).get("hyperparameters", {}).get("splits")
-    return SplitConfig(**sizes) if sizes else None
+    try:
+        with open(path) as f:
+            sizes = json.load(f).get("hyperparameters", {}).get("splits")
+        return SplitConfig(**sizes) if sizes else None
+    except (ValueError, TypeError, AttributeError) as err:
+        raise UsageError(f"{path}: cannot read the split sizes (hyperparameters.splits): "
+                         f"{err}") from None
 
 
 def _operating_points(fmd, r_val, e_val, clean, adv_out, y, val_out=None, y_val=None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -235,3 +236,15 @@ def test_evaluate_bad_budget_arguments(quick_model, flag, value, message):
     proc = _run("scripts/evaluate.py", "--model", str(quick_model), flag, value)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_evaluate_bad_model_card_split_sizes(quick_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(quick_model, model)
+    card = json.loads((model / "model_card.json").read_text())
+    card["hyperparameters"]["splits"] = {"val_size": 10, "bogus": 1}
+    (model / "model_card.json").write_text(json.dumps(card))
+    proc = _run("scripts/evaluate.py", "--model", str(model), "--attacks", "fgsm", "--n", "4",
+                "--out", str(tmp_path / "out"), "--no-baselines")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "hyperparameters.splits" in proc.stderr and "Traceback" not in proc.stderr
