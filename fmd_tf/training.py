@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fmd_tf.config import ExperimentConfig
+from fmd_tf.config import DGMM_LR_SCHEDULES, ExperimentConfig
 from fmd_tf.models.classifier import Classifier
 from fmd_tf.models.combo_vae import ComboVAE, build_combo_vae
 from fmd_tf.models.dgmm import DGMM
@@ -88,6 +88,20 @@ def inference_copy(model: keras.Model) -> keras.Model:
     return copy
 
 
+def dgmm_learning_rate(combo_cfg, steps: int):
+    """Stage-1 learning rate: `learning_rate`, constant or cosine-decayed to 1 % over `steps`."""
+    schedule = combo_cfg.dgmm_lr_schedule
+    if schedule not in DGMM_LR_SCHEDULES:
+        raise ValueError(
+            f"dgmm_lr_schedule must be one of {DGMM_LR_SCHEDULES}, got {schedule!r}"
+        )
+    if schedule == "constant":
+        return combo_cfg.learning_rate
+    return keras.optimizers.schedules.CosineDecay(
+        combo_cfg.learning_rate, decay_steps=max(int(steps), 1), alpha=0.01
+    )
+
+
 def train_dgmm(
     cfg: ExperimentConfig,
     model: ComboVAE,
@@ -96,11 +110,15 @@ def train_dgmm(
     log_dir: str | None = None,
     verbose: int | str = "auto",
 ) -> DGMM:
-    """Stage 1: the DGMM of `model` on labeled clean images with L_GM (Eq. 12)."""
+    """Stage 1: the DGMM of `model` on labeled clean images with L_GM (Eq. 12).
+
+    The learning rate follows `cfg.combo.dgmm_lr_schedule` (see `dgmm_learning_rate`).
+    """
     c = cfg.combo
     dgmm = model.dgmm
     dgmm.trainable = True
-    dgmm.compile(optimizer=keras.optimizers.Adam(c.learning_rate))
+    steps = c.dgmm_epochs * int(np.ceil(len(x_train) / c.batch_size))
+    dgmm.compile(optimizer=keras.optimizers.Adam(dgmm_learning_rate(c, steps)))
     dgmm.fit(
         x_train, y_train, batch_size=c.batch_size, epochs=c.dgmm_epochs, verbose=verbose,
         callbacks=_callbacks(log_dir, "dgmm"),

@@ -46,6 +46,7 @@ class UsageError(Exception):
 
 
 def parse_args(argv):
+    from fmd_tf.config import DGMM_LR_SCHEDULES
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="fmnist")
     p.add_argument("--out", default=None, help="output directory (default saved_models/DATASET)")
@@ -86,6 +87,8 @@ def parse_args(argv):
                    help="weight of L_R in the combo-VAE loss (config default otherwise)")
     p.add_argument("--consistency-weight", type=float, default=None,
                    help="weight of the decoder's label-consistency term (0 = paper's loss)")
+    p.add_argument("--dgmm-lr-schedule", default=None, choices=list(DGMM_LR_SCHEDULES),
+                   help="learning-rate schedule of the DGMM stage (config default otherwise)")
     args = p.parse_args(argv)
     if args.ensemble < 1:
         raise UsageError(f"--ensemble must be >= 1, got {args.ensemble}")
@@ -152,6 +155,10 @@ def _config(args):
             raise UsageError(f"--recon-weight must be > 0, got {args.recon_weight}")
         cfg = dataclasses.replace(
             cfg, combo=dataclasses.replace(cfg.combo, recon_weight=args.recon_weight)
+        )
+    if args.dgmm_lr_schedule is not None:
+        cfg = dataclasses.replace(
+            cfg, combo=dataclasses.replace(cfg.combo, dgmm_lr_schedule=args.dgmm_lr_schedule)
         )
     if args.consistency_weight is not None:
         if args.consistency_weight < 0:

@@ -267,6 +267,41 @@ def test_dgmm_train_on_batch(toy_batch):
     assert after < before, (before, after)
 
 
+def test_dgmm_learning_rate_schedules():
+    from fmd_tf.config import ComboVAEConfig
+    from fmd_tf.training import dgmm_learning_rate
+
+    cosine = dgmm_learning_rate(ComboVAEConfig(learning_rate=1e-3, dgmm_lr_schedule="cosine"), 100)
+    # Cosine decay to alpha = 1 %: lr(t) = 1e-3 * (0.01 + 0.99 * (1 + cos(pi t / 100)) / 2),
+    # so 1e-3 at t = 0, 1e-3 * (0.01 + 0.495) = 5.05e-4 at t = 50, 1e-5 from t = 100 on.
+    np.testing.assert_allclose(
+        [float(cosine(t)) for t in (0, 50, 100, 150)], [1e-3, 5.05e-4, 1e-5, 1e-5], rtol=1e-5
+    )
+    constant = ComboVAEConfig(learning_rate=2e-3, dgmm_lr_schedule="constant")
+    assert dgmm_learning_rate(constant, 100) == 2e-3
+    with pytest.raises(ValueError, match="dgmm_lr_schedule must be one of"):
+        dgmm_learning_rate(ComboVAEConfig(dgmm_lr_schedule="linear"), 100)
+
+
+def test_train_dgmm_decays_learning_rate_over_its_steps(toy_batch):
+    from fmd_tf.config import ExperimentConfig
+    from fmd_tf.training import new_combo_vae, train_dgmm
+
+    x, y = toy_batch
+    combo_cfg = dataclasses.replace(
+        TINY_COMBO_CONFIG, dgmm_epochs=2, batch_size=len(x), dgmm_lr_schedule="cosine"
+    )
+    cfg = ExperimentConfig(image_shape=tuple(x.shape[1:]), num_classes=int(y.max()) + 1,
+                           combo=combo_cfg)
+    combo = new_combo_vae(cfg, tf.distribute.get_strategy(), seed=0)
+    dgmm = train_dgmm(cfg, combo, x, y, verbose=0)
+    # 2 epochs x 1 batch = 2 steps: the schedule ends at 1 % of the initial rate.
+    assert int(dgmm.optimizer.iterations.numpy()) == 2
+    np.testing.assert_allclose(
+        float(dgmm.optimizer.learning_rate.numpy()), 0.01 * combo_cfg.learning_rate, rtol=1e-5
+    )
+
+
 # =========================================================================== combo-VAE
 
 
