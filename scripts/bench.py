@@ -41,9 +41,10 @@ bfloat16_vs_float32  `morph_dtype="bfloat16"` vs float32: throughput ratio (time
                    and agreement of verdicts / resistances on the clean and FGSM images.
 peak_rss_mib       resource.getrusage peak resident memory of this process.
 
-With a subset of --sections and an existing --out of the same model and sizes, the other
-sections are kept from that file (listed in `carried_over`; each measured section has its own
-`measured_at` time): ratios are always taken within one section of one run.
+With a subset of --sections and an existing --out of the same model file (fmd.keras SHA-256,
+`settings.fmd_sha256`) and sizes, the other sections are kept from that file (listed in
+`carried_over`; each measured section has its own `measured_at` time): ratios are always taken
+within one section of one run.
 
 XLA (`jit_compile`) is used only when a GPU is visible (FMDefense's default). --quick shrinks
 everything (a smoke test, e.g. on the `scripts/train.py --quick` model); the defaults are the
@@ -53,6 +54,7 @@ full-size benchmark. Exit status 2 (no traceback) for a missing model or data se
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -673,6 +675,15 @@ def _write(path, report):
     os.replace(tmp, path)
 
 
+def _file_sha256(path) -> str:
+    """Hex SHA-256 of a file's bytes: which fmd.keras a bench measured."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _earlier_sections(args, keys) -> dict:
     """With a subset of --sections: the other sections of an existing --out file, kept as
     they were (same model and sizes only), so that a partial rerun never drops results."""
@@ -689,6 +700,10 @@ def _earlier_sections(args, keys) -> dict:
     if not same:
         raise UsageError(f"{args.out} holds a bench of other settings ({old.get('model')}, "
                          f"n={old.get('n')}); rerun all sections or choose another --out")
+    if old.get("fmd_sha256") != args.fmd_sha256:
+        raise UsageError(f"{args.out} was measured on another {args.model}/fmd.keras (its "
+                         "fmd_sha256 differs: retrained or replaced); rerun all sections or "
+                         "choose another --out")
     return {k: earlier[k] for k in keys if k in earlier}
 
 
@@ -699,7 +714,9 @@ def run(args) -> dict:
     import fmd_tf  # noqa: F401
     from fmd_tf.data import paper_splits
 
-    fmd = keras.models.load_model(os.path.join(args.model, "fmd.keras"))
+    fmd_path = os.path.join(args.model, "fmd.keras")
+    args.fmd_sha256 = _file_sha256(fmd_path)
+    fmd = keras.models.load_model(fmd_path)
     if not fmd.is_calibrated:
         raise UsageError(f"{args.model}/fmd.keras is not calibrated")
     splits = paper_splits(args.dataset, args.seed)
@@ -723,7 +740,7 @@ def run(args) -> dict:
         else bool(tf.config.list_physical_devices("GPU")),
         "sections": list(args.sections), "keras": keras.__version__,
         "adaptive_round": args.adaptive_round, "adaptive_alpha": args.adaptive_alpha,
-        "fgsm_eps": args.eps,
+        "fgsm_eps": args.eps, "fmd_sha256": args.fmd_sha256,
     }
     steps = [("speed", "speedup_vs_naive", section_speed),
              ("roofline", "roofline_share", section_roofline),

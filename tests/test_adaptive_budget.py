@@ -389,6 +389,41 @@ def test_bench_missing_model_exits_2(tmp_path):
     assert not (tmp_path / "bench.json").exists()
 
 
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_script",
+                                                  os.path.join(ROOT, "scripts", "bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_keeps_earlier_sections_only_of_the_same_model_file(tmp_path):
+    bench = _bench_module()
+    fmd_file = tmp_path / "fmd.keras"
+    fmd_file.write_bytes(b"model r2")
+    # SHA-256 of the 8 bytes above (hashlib.sha256(b"model r2").hexdigest()).
+    sha = bench._file_sha256(fmd_file)
+    assert sha == "9433b0f90b6d4a732fee8f723a5e5dcf60b4bd2e451bce57a64154e12588c50a"
+    out = tmp_path / "bench.json"
+    settings = {"model": "m", "n": 256, "attack_n": 100, "quick": False, "fmd_sha256": sha}
+    out.write_text(json.dumps({"settings": settings, "roofline_share": {"value": 0.6}}))
+    args = dataclasses.make_dataclass("Args", ["out", "model", "n", "attack_n", "quick",
+                                               "fmd_sha256"])
+    same = args(str(out), "m", 256, 100, False, sha)
+    assert bench._earlier_sections(same, ["roofline_share"]) == {"roofline_share": {"value": 0.6}}
+    fmd_file.write_bytes(b"model r3")  # retrained in place: same path, other bytes
+    retrained = args(str(out), "m", 256, 100, False, bench._file_sha256(fmd_file))
+    with pytest.raises(bench.UsageError, match="fmd_sha256 differs"):
+        bench._earlier_sections(retrained, ["roofline_share"])
+    # A bench written before the fingerprint existed is not carried over either.
+    del settings["fmd_sha256"]
+    out.write_text(json.dumps({"settings": settings, "roofline_share": {"value": 0.6}}))
+    with pytest.raises(bench.UsageError, match="fmd_sha256 differs"):
+        bench._earlier_sections(same, ["roofline_share"])
+
+
 @pytest.fixture(scope="module")
 def quick_model_dir(tmp_path_factory):
     """The quick model: $FMD_QUICK_MODEL (e.g. /tmp/q) if it holds one, else trained here."""
