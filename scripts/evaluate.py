@@ -144,20 +144,13 @@ def _eta_curves(fmd, r_val, clean, adv, y, etas):
 
 
 def _trained_split_sizes(model_dir):
-    """The split sizes the model was trained and calibrated with (its card), else the defaults:
-    VAL must be the images of val_resistance.npy, and CLE disjoint from them."""
-    from fmd_tf.config import SplitConfig
+    """`config.card_split_config` of the model; a malformed card is a usage error."""
+    from fmd_tf.config import card_split_config
 
-    path = os.path.join(model_dir, "model_card.json")
-    if not os.path.exists(path):
-        return None
     try:
-        with open(path) as f:
-            sizes = json.load(f).get("hyperparameters", {}).get("splits")
-        return SplitConfig(**sizes) if sizes else None
-    except (ValueError, TypeError, AttributeError) as err:
-        raise UsageError(f"{path}: cannot read the split sizes (hyperparameters.splits): "
-                         f"{err}") from None
+        return card_split_config(model_dir)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _operating_points(fmd, r_val, e_val, clean, adv_out, y, val_out=None, y_val=None):
@@ -168,29 +161,25 @@ def _operating_points(fmd, r_val, e_val, clean, adv_out, y, val_out=None, y_val=
 
     import numpy as np
 
-    from fmd_tf.defense import calibration
     from fmd_tf.evaluation import harness, metrics
 
     rows = []
-    grid = itertools.product(("per_code", "unified"), (0.999, 0.99, 0.95, 0.9, 0.8),
-                             (0.0, 0.01, 0.05))
-    for mode, rho, recon_fpr in grid:
-        theta_r = calibration.resistance_thresholds(r_val, rho, mode, fmd.num_morphs)
-        theta_d, _ = calibration.distance_threshold(
-            r_val, theta_r, fmd.eta, mode, fmd.num_morphs, fmd.min_suspicious,
-            fmd.eta_reference_rho)
-        theta_e = calibration.recon_threshold(e_val, recon_fpr)
+    grid = list(itertools.product(("per_code", "unified"), (0.999, 0.99, 0.95, 0.9, 0.8),
+                                  (0.0, 0.01, 0.05)))
+    val_rows = (harness.val_operating_points(fmd, val_out, y_val, grid) if val_out is not None
+                else [{} for _ in grid])
+    for (mode, rho, recon_fpr), val_row in zip(grid, val_rows, strict=True):
+        theta_r, theta_d, theta_e = harness.operating_point_thresholds(
+            fmd, r_val, e_val, mode, rho, recon_fpr)
         c = harness.reverdict(clean, theta_r, theta_d, theta_e)
         row = {"threshold_mode": mode, "rho": rho, "recon_fpr": recon_fpr,
                "theta_d": theta_d,
                "clean_defended_accuracy": metrics.defended_accuracy(
                    c["label"], c["verdict"], y, False),
                "clean_flagged": float(np.mean(c["verdict"] != 0))}
-        if val_out is not None:
-            v = harness.reverdict(val_out, theta_r, theta_d, theta_e)
-            row["val_clean_defended_accuracy"] = metrics.defended_accuracy(
-                v["label"], v["verdict"], y_val, False)
-            row["val_clean_flagged"] = float(np.mean(v["verdict"] != 0))
+        for key in ("val_clean_defended_accuracy", "val_clean_flagged"):
+            if key in val_row:
+                row[key] = val_row[key]
         for name, out in adv_out.items():
             a = harness.reverdict(out, theta_r, theta_d, theta_e)
             row[f"{name}_defended_accuracy"] = metrics.defended_accuracy(

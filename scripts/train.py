@@ -305,6 +305,8 @@ def run(args) -> dict:
         np.save(path("val_resistance.npy"), report.pop("val_resistance"))
         fmd.save(path("fmd.keras"))
         seconds["defense_rethreshold" if reuse is not None else "defense"] = time.time() - t
+        if reuse is None:  # a fresh calibration replaces any re-threshold of the previous one
+            seconds.pop("defense_rethreshold", None)
         # Members of an ensemble are served through OUT/serving_ensemble, not on their own.
         card["serving_export"] = (export_after_training(fmd, args.out)
                                   if args.member_index == 0 else None)

@@ -248,3 +248,38 @@ def test_evaluate_bad_model_card_split_sizes(quick_model, tmp_path):
                 "--out", str(tmp_path / "out"), "--no-baselines")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "hyperparameters.splits" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_operating_points_on_clean_val(quick_model, tmp_path):
+    out = tmp_path / "ops.json"
+    card = json.loads((quick_model / "model_card.json").read_text())
+    cal, rho = card["calibration"], card["hyperparameters"]["defense"]["rho"]
+    proc = _run("scripts/operating_points.py", "--model", str(quick_model), "--rho",
+                f"1.0,{rho}", "--recon-fpr", f"0,{cal['recon_fpr']}", "--modes", "per_code",
+                "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {(r["rho"], r["recon_fpr"]): r for r in report["rows"]}
+    assert len(rows) == 4 and "| per_code | 1.0 | 0.0 |" in proc.stdout
+    # The model's own setting: the same thresholds and flagged share as its calibration.
+    own = rows[(rho, cal["recon_fpr"])]
+    assert own["val_clean_flagged"] == pytest.approx(cal["val_false_positive_rate"])
+    assert own["theta_r_max"] == pytest.approx(max(cal["theta_r"]))
+    assert own["detector_fires"] == (max(cal["theta_r"]) >= 0)
+    # rho = 1 allows no clean false positive: every threshold is below 0, nothing is flagged
+    # without the gate, and the defended accuracy is the classifier's.
+    strict = rows[(1.0, 0.0)]
+    assert not strict["detector_fires"] and strict["val_clean_flagged"] == 0.0
+    assert strict["val_clean_defended_accuracy"] == pytest.approx(report["val_classifier_accuracy"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--rho", "1.5"], "--rho: values must lie in (0.0, 1.0]"),
+    (["--recon-fpr", "x"], "--recon-fpr: expected comma-separated numbers"),
+    (["--modes", "per_code,global"], "--modes: choose from per_code, unified"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model/fmd.keras not found"),
+])
+def test_operating_points_bad_arguments(args, message):
+    proc = _run("scripts/operating_points.py", *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr

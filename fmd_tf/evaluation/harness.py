@@ -213,3 +213,33 @@ def reverdict(out: dict, theta_r, theta_d, theta_e=np.inf) -> dict:
     label = np.where(verdict == 0, out["classifier_label"],
                      np.where(verdict == 1, out["purified_label"], -1))
     return {"verdict": verdict, "label": label}
+
+
+def operating_point_thresholds(fmd, r_val, e_val, mode: str, rho: float, recon_fpr: float):
+    """(θr [m], θd, θe) that `fmd.calibrate` would set at (`mode`, `rho`, `recon_fpr`) on the
+    VAL resistances `r_val` [n, m] and reconstruction errors `e_val` [n] (no morphs)."""
+    theta_r = calibration.resistance_thresholds(r_val, rho, mode, fmd.num_morphs)
+    theta_d, _ = calibration.distance_threshold(
+        r_val, theta_r, fmd.eta, mode, fmd.num_morphs, fmd.min_suspicious, fmd.eta_reference_rho)
+    return theta_r, theta_d, calibration.recon_threshold(e_val, recon_fpr)
+
+
+def val_operating_points(fmd, val_out: dict, y_val, grid) -> list[dict]:
+    """Clean VAL figures of other operating points: for each (mode, ρ, gate budget) of `grid`,
+    θr / θd / θe re-calibrated on the stored VAL outputs (`val_outputs`) and what they give on
+    those same VAL images: defended accuracy, flagged share, and whether any θr(i) >= 0 (below
+    0 no resistance is low enough, so the detector never fires)."""
+    rows = []
+    for mode, rho, recon_fpr in grid:
+        theta_r, theta_d, theta_e = operating_point_thresholds(
+            fmd, val_out["resistance"], val_out["recon_error"], mode, rho, recon_fpr)
+        v = reverdict(val_out, theta_r, theta_d, theta_e)
+        rows.append({
+            "threshold_mode": mode, "rho": rho, "recon_fpr": recon_fpr,
+            "theta_r_max": float(np.max(theta_r)), "theta_d": float(theta_d),
+            "detector_fires": bool(np.max(theta_r) >= 0.0),
+            "val_clean_defended_accuracy": metrics.defended_accuracy(
+                v["label"], v["verdict"], y_val, False),
+            "val_clean_flagged": float(np.mean(v["verdict"] != 0)),
+        })
+    return rows
