@@ -2,7 +2,7 @@
 
     python scripts/operating_points.py [--model saved_models/fmnist] [--dataset fmnist]
         [--rho 0.999,0.99,0.98,0.97,0.96,0.95,0.9,0.8] [--recon-fpr 0,0.01,0.05]
-        [--modes per_code,unified] [--out FILE.json]
+        [--modes per_code,unified] [--out FILE.json [--overwrite]]
 
 For every (threshold mode, ρ, reconstruction-gate budget) it re-calibrates θr, θd and θe on the
 model's stored clean VAL resistances (MODEL/val_resistance.npy, written by scripts/train.py) and
@@ -48,7 +48,10 @@ def parse_args(argv):
     p.add_argument("--recon-fpr", default="0,0.01,0.05")
     p.add_argument("--modes", default="per_code,unified")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
+    if args.out and os.path.exists(args.out) and not args.overwrite:
+        raise UsageError(f"{args.out} exists; pass --overwrite to replace it")
     args.rho = _floats(args.rho, "rho", 0.0, 1.0, low_open=True)
     args.recon_fpr = _floats(args.recon_fpr, "recon-fpr", 0.0, 0.5, low_open=False)
     from fmd_tf.defense.calibration import THRESHOLD_MODES

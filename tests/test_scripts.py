@@ -283,3 +283,12 @@ def test_operating_points_bad_arguments(args, message):
     proc = _run("scripts/operating_points.py", *args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_operating_points_keeps_an_existing_out_file(tmp_path):
+    out = tmp_path / "ops.json"
+    out.write_text("earlier rows")
+    proc = _run("scripts/operating_points.py", "--out", str(out))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "exists; pass --overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    assert out.read_text() == "earlier rows"
