@@ -11,7 +11,7 @@ VAL images: defended accuracy (final label right), flagged share, the largest θ
 detector can fire at all (a θr below 0 flags nothing, since resistance is never negative). This
 is the table an operating point is chosen from without looking at test images; apply the
 choice with `scripts/train.py --stages defense --reuse-val-resistance --rho R --recon-fpr G`.
-Exit status 2 (no traceback) for a missing model or bad option.
+Exit status 2 (no traceback) for a missing model, data set or bad option.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ import json
 import os
 import sys
 
-
-class UsageError(Exception):
-    """Printed without a traceback; exit status 2."""
+from fmd_tf.cli import UsageError, run_cli
 
 
 def _floats(text: str, name: str, low: float, high: float, low_open: bool) -> list[float]:
@@ -113,14 +111,5 @@ def run(args) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    try:
-        run(parse_args(argv))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(run, parse_args))

@@ -292,3 +292,21 @@ def test_operating_points_keeps_an_existing_out_file(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "exists; pass --overwrite" in proc.stderr and "Traceback" not in proc.stderr
     assert out.read_text() == "earlier rows"
+
+
+def test_run_cli_user_errors_exit_2_without_traceback(capsys):
+    from fmd_tf.cli import UsageError, run_cli
+    from fmd_tf.data import DataNotAvailableError
+
+    def failing(error):
+        def run(args):
+            raise error
+        return run
+
+    assert run_cli(lambda args: None, lambda argv: argv, []) == 0
+    assert run_cli(failing(UsageError("--n must be >= 1")), lambda argv: argv) == 2
+    assert capsys.readouterr().err == "error: --n must be >= 1\n"
+    assert run_cli(failing(DataNotAvailableError("no IDX files in /x")), lambda argv: argv) == 2
+    assert capsys.readouterr().err == "error: no IDX files in /x\n"
+    with pytest.raises(ZeroDivisionError):  # a bug is not a usage error
+        run_cli(failing(ZeroDivisionError()), lambda argv: argv)
