@@ -254,13 +254,15 @@ def test_operating_points_on_clean_val(quick_model, tmp_path):
     out = tmp_path / "ops.json"
     card = json.loads((quick_model / "model_card.json").read_text())
     cal, rho = card["calibration"], card["hyperparameters"]["defense"]["rho"]
+    rhos, gates = sorted({1.0, rho}), sorted({0.0, 0.01, cal["recon_fpr"]})
     proc = _run("scripts/operating_points.py", "--model", str(quick_model), "--rho",
-                f"1.0,{rho}", "--recon-fpr", f"0,{cal['recon_fpr']}", "--modes", "per_code",
-                "--out", str(out))
+                ",".join(map(str, rhos)), "--recon-fpr", ",".join(map(str, gates)),
+                "--modes", "per_code", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {(r["rho"], r["recon_fpr"]): r for r in report["rows"]}
-    assert len(rows) == 4 and "| per_code | 1.0 | 0.0 |" in proc.stdout
+    assert len(report["rows"]) == len(rows) == len(rhos) * len(gates)
+    assert "| per_code | 1.0 | 0.0 |" in proc.stdout
     # The model's own setting: the same thresholds and flagged share as its calibration.
     own = rows[(rho, cal["recon_fpr"])]
     assert own["val_clean_flagged"] == pytest.approx(cal["val_false_positive_rate"])
