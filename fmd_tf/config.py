@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "DGMM_LR_SCHEDULES",
+    "VAE_DATA",
     "ClassifierConfig",
     "ComboVAEConfig",
     "DefenseConfig",
@@ -28,6 +29,7 @@ __all__ = [
 
 
 DGMM_LR_SCHEDULES = ("cosine", "constant")  # values of ComboVAEConfig.dgmm_lr_schedule
+VAE_DATA = ("train", "full")  # values of ComboVAEConfig.vae_data
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,10 @@ class ComboVAEConfig:
     # the whole labeled official training set (None); an int takes the first k TRAIN images.
     dgmm_train_size: int | None = None
     vae_epochs: int = 30
+    # Stage 2 data: "train" is the paper's TRAIN split (`SplitConfig.train_size` images, §IV-A);
+    # "full" is the whole official training set (VAL and CLE come from the official test set,
+    # so neither is touched).
+    vae_data: str = "train"
     batch_size: int = 128
     learning_rate: float = 1e-3
     discriminator_learning_rate: float = 1e-4
@@ -171,7 +177,8 @@ def quick_config(cfg: ExperimentConfig) -> ExperimentConfig:
         splits=SplitConfig(train_size=512, val_size=128, cle_size=128),
         classifier=dataclasses.replace(cfg.classifier, epochs=1, train_size=512),
         combo=dataclasses.replace(
-            cfg.combo, dgmm_epochs=1, vae_epochs=1, batch_size=64, dgmm_train_size=512
+            cfg.combo, dgmm_epochs=1, vae_epochs=1, batch_size=64, dgmm_train_size=512,
+            vae_data="train",
         ),
         defense=dataclasses.replace(
             cfg.defense, num_morphs=8, candidates_per_step=4, max_steps=4, chunk_size=256,

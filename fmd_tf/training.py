@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fmd_tf.config import DGMM_LR_SCHEDULES, ExperimentConfig
+from fmd_tf.config import DGMM_LR_SCHEDULES, VAE_DATA, ExperimentConfig
 from fmd_tf.models.classifier import Classifier
 from fmd_tf.models.combo_vae import ComboVAE, build_combo_vae
 from fmd_tf.models.dgmm import DGMM
@@ -100,6 +100,13 @@ def dgmm_learning_rate(combo_cfg, steps: int):
     return keras.optimizers.schedules.CosineDecay(
         combo_cfg.learning_rate, decay_steps=max(int(steps), 1), alpha=0.01
     )
+
+
+def vae_training_images(combo_cfg, x_train_split: np.ndarray, x_train_full: np.ndarray):
+    """Stage-2 images [N, H, W, C] chosen by `combo_cfg.vae_data` ("train" or "full")."""
+    if combo_cfg.vae_data not in VAE_DATA:
+        raise ValueError(f"vae_data must be one of {VAE_DATA}, got {combo_cfg.vae_data!r}")
+    return x_train_full if combo_cfg.vae_data == "full" else x_train_split
 
 
 def train_dgmm(

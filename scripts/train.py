@@ -46,7 +46,7 @@ class UsageError(Exception):
 
 
 def parse_args(argv):
-    from fmd_tf.config import DGMM_LR_SCHEDULES
+    from fmd_tf.config import DGMM_LR_SCHEDULES, VAE_DATA
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="fmnist")
     p.add_argument("--out", default=None, help="output directory (default saved_models/DATASET)")
@@ -89,6 +89,11 @@ def parse_args(argv):
                    help="weight of the decoder's label-consistency term (0 = paper's loss)")
     p.add_argument("--dgmm-lr-schedule", default=None, choices=list(DGMM_LR_SCHEDULES),
                    help="learning-rate schedule of the DGMM stage (config default otherwise)")
+    p.add_argument("--vae-data", default=None, choices=list(VAE_DATA),
+                   help="combo-VAE stage images: the paper's TRAIN split or the full official "
+                        "training set (config default otherwise)")
+    p.add_argument("--vae-epochs", type=int, default=None,
+                   help="epochs of the combo-VAE stage (config default otherwise)")
     args = p.parse_args(argv)
     if args.ensemble < 1:
         raise UsageError(f"--ensemble must be >= 1, got {args.ensemble}")
@@ -166,11 +171,20 @@ def _config(args):
         cfg = dataclasses.replace(
             cfg, combo=dataclasses.replace(cfg.combo, consistency_weight=args.consistency_weight)
         )
+    if args.vae_data is not None:
+        cfg = dataclasses.replace(cfg, combo=dataclasses.replace(cfg.combo, vae_data=args.vae_data))
     if args.epochs is not None:
         cfg = dataclasses.replace(
             cfg,
             classifier=dataclasses.replace(cfg.classifier, epochs=args.epochs),
             combo=dataclasses.replace(cfg.combo, dgmm_epochs=args.epochs, vae_epochs=args.epochs),
+        )
+    # --vae-epochs is more specific than --epochs, so it wins.
+    if args.vae_epochs is not None:
+        if args.vae_epochs < 1:
+            raise UsageError(f"--vae-epochs must be >= 1, got {args.vae_epochs}")
+        cfg = dataclasses.replace(
+            cfg, combo=dataclasses.replace(cfg.combo, vae_epochs=args.vae_epochs)
         )
     return cfg
 
@@ -269,7 +283,8 @@ def run(args) -> dict:
             combo.dgmm.set_weights(saved.dgmm.get_weights())
         if "vae" in args.stages:
             t = time.time()
-            training.train_vae(cfg, combo, splits.x_train, log_dir, args.verbose, classifier)
+            x_vae = training.vae_training_images(cfg.combo, splits.x_train, x_train_full)
+            training.train_vae(cfg, combo, x_vae, log_dir, args.verbose, classifier)
             seconds["vae"] = time.time() - t
         combo = training.inference_copy(combo)
         combo.save(path("combo_vae.keras"))

@@ -283,6 +283,18 @@ def test_dgmm_learning_rate_schedules():
         dgmm_learning_rate(ComboVAEConfig(dgmm_lr_schedule="linear"), 100)
 
 
+def test_vae_training_images_follow_vae_data():
+    from fmd_tf.config import ComboVAEConfig
+    from fmd_tf.training import vae_training_images
+
+    split = np.zeros((3, 2, 2, 1), np.float32)
+    full = np.ones((7, 2, 2, 1), np.float32)
+    assert vae_training_images(ComboVAEConfig(vae_data="train"), split, full) is split
+    assert vae_training_images(ComboVAEConfig(vae_data="full"), split, full) is full
+    with pytest.raises(ValueError, match="vae_data must be one of"):
+        vae_training_images(ComboVAEConfig(vae_data="test"), split, full)
+
+
 def test_train_dgmm_decays_learning_rate_over_its_steps(toy_batch):
     from fmd_tf.config import ExperimentConfig
     from fmd_tf.training import new_combo_vae, train_dgmm

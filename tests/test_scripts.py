@@ -43,6 +43,7 @@ def test_train_quick_writes_models_and_card(quick_model):
     assert card["command"].startswith("python scripts/train.py --quick")
     assert card["hyperparameters"]["combo"]["gamma"] == 40.0
     assert card["hyperparameters"]["combo"]["lambda_lkd"] == 0.1
+    assert card["hyperparameters"]["combo"]["vae_data"] == "train"  # --quick: 512 TRAIN images
     assert card["latent_dims"] == {"shared": 10, "unique": 10}
     assert 0.0 <= card["classifier_test_accuracy"] <= 1.0
     r_val = np.load(quick_model / "val_resistance.npy")
@@ -66,6 +67,7 @@ def test_train_bad_arguments():
     proc = _run("scripts/train.py", "--dataset", "cifar", "--out", "/nonexistent/x")
     assert proc.returncode == 2 and "cifar" in proc.stderr and "Traceback" not in proc.stderr
     for flag, value in (("--recon-fpr", "1.5"), ("--consistency-weight", "-1"),
+                        ("--vae-epochs", "0"), ("--vae-data", "test"),
                         ("--ensemble", "0"), ("--ensemble-key", "1"),
                         ("--ensemble-key", "1,-2")):
         proc = _run("scripts/train.py", flag, value, "--out", "/nonexistent/x")
