@@ -1,7 +1,8 @@
 """Train and calibrate the baseline defenses (MagNet, Feature Squeezing) next to FM-Defense.
 
     python scripts/train_baselines.py --dataset fmnist [--model saved_models/fmnist]
-        [--epochs N] [--fpr F] [--seed 0] [--overwrite] [--quick] [--verbose 0|1|2]
+        [--epochs N | --magnet-from DIR] [--fpr F] [--seed 0] [--overwrite] [--quick]
+        [--verbose 0|1|2]
 
 Needs MODEL/classifier.keras (from scripts/train.py). Trains MagNet's two autoencoders on the
 paper's TRAIN split (20,000 images), calibrates MagNet and Feature Squeezing on VAL (2,000) at
@@ -12,6 +13,9 @@ the rate reached on VAL and on the clean CLE images, and writes
     MODEL/baselines/feature_squeezing.json
 
 Existing outputs are never replaced without --overwrite (exit status 2, nothing written).
+--magnet-from DIR reuses the MagNet autoencoders saved in DIR (they are trained on images only,
+so a retrained classifier keeps them) and re-calibrates their thresholds; magnet.json records
+where they came from and the command that trained them.
 --quick: the tiny split of `fmd_tf.config.quick_config` (512 TRAIN, 128 VAL/CLE), 1 epoch and
 its rho (fpr 0.05), for tests and CI.
 """
@@ -46,12 +50,25 @@ def parse_args(argv):
     p.add_argument("--overwrite", action="store_true", help="replace existing baseline outputs")
     p.add_argument("--quick", action="store_true", help="tiny split and 1 epoch, for tests/CI")
     p.add_argument("--verbose", type=int, default=0, choices=[0, 1, 2], help="Keras verbosity")
+    p.add_argument("--magnet-from", default=None, metavar="DIR",
+                   help="reuse the trained MagNet autoencoders in DIR (a MODEL/baselines/magnet "
+                        "directory) instead of training new ones; they depend on the images "
+                        "only, so a new classifier keeps them. Thresholds are re-calibrated.")
     args = p.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     if args.fpr is not None and not 0.0 <= args.fpr < 1.0:
         raise UsageError(f"--fpr must be in [0, 1), got {args.fpr}")
     args.model = args.model or os.path.join("saved_models", args.dataset)
+    if args.magnet_from is not None:
+        if args.epochs is not None:
+            raise UsageError("--epochs trains MagNet; it cannot go with --magnet-from")
+        if not os.path.isfile(os.path.join(args.magnet_from, "magnet.json")):
+            raise UsageError(f"--magnet-from: {args.magnet_from} holds no magnet.json "
+                             "(expected a MODEL/baselines/magnet directory)")
+        if os.path.realpath(args.magnet_from) == os.path.realpath(
+                os.path.join(args.model, "baselines", "magnet")):
+            raise UsageError("--magnet-from must not be the MagNet this run replaces")
     return args
 
 
@@ -115,8 +132,19 @@ def run(args) -> dict:
 
     t = time.time()
     keras.utils.set_random_seed(args.seed)
-    magnet = MagNet(classifier, image_shape=cfg.image_shape, epochs=epochs, seed=args.seed)
-    report = magnet.fit(splits.x_train, splits.x_val, fpr, verbose=args.verbose)
+    if args.magnet_from is None:
+        magnet = MagNet(classifier, image_shape=cfg.image_shape, epochs=epochs, seed=args.seed)
+        report = magnet.fit(splits.x_train, splits.x_val, fpr, verbose=args.verbose)
+    else:
+        magnet = MagNet.load(args.magnet_from, classifier)
+        trained = magnet.report
+        magnet.report = {k: trained[k] for k in ("history", "epochs", "num_train",
+                                                 "train_seconds") if k in trained}
+        magnet.report.update(autoencoders_from=args.magnet_from,
+                             autoencoders_command=trained.get("command"))
+        report = magnet.calibrate(splits.x_val, fpr)
+        report.update(magnet.report)
+        epochs = magnet.epochs
     magnet_out = magnet.defend(splits.x_cle)
     magnet_seconds = time.time() - t
     magnet.report.update(
@@ -125,7 +153,9 @@ def run(args) -> dict:
         cle_accuracy=float((magnet_out["label"] == splits.y_cle).mean()),
     )
     last = {k: h["loss"][-1] for k, h in report["history"].items()}
-    print(f"MagNet: {epochs} epochs, final train loss I {last['I']:.5f} II {last['II']:.5f}; "
+    reused = " (reused)" if args.magnet_from else ""
+    print(f"MagNet: {epochs} epochs{reused}, final train loss I {last['I']:.5f} "
+          f"II {last['II']:.5f}; "
           f"thresholds I (L2) {report['thresholds']['I']:.6g}, II (L1) "
           f"{report['thresholds']['II']:.6g}")
     print(f"MagNet: VAL FPR {report['val_false_positive_rate']:.4f} (I "

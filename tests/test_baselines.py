@@ -352,6 +352,14 @@ def test_script_refuses_missing_classifier_and_overwrite(tmp_path):
     assert marker.read_text() == "old"
     proc = _run_script("--quick", "--model", str(model_dir), "--fpr", "1.5")
     assert proc.returncode == 2 and "--fpr" in proc.stderr
+    proc = _run_script("--quick", "--model", str(model_dir), "--magnet-from", str(tmp_path))
+    assert proc.returncode == 2 and "no magnet.json" in proc.stderr
+    (tmp_path / "magnet.json").write_text("{}")
+    proc = _run_script("--quick", "--model", str(model_dir), "--magnet-from", str(tmp_path),
+                       "--epochs", "3")
+    assert proc.returncode == 2 and "--magnet-from" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.relative_to(model_dir) for p in model_dir.rglob("*")) == before
 
 
 def test_script_quick_end_to_end(tmp_path):
@@ -379,6 +387,25 @@ def test_script_quick_end_to_end(tmp_path):
     assert magnet.is_calibrated
     proc = _run_script("--quick", "--model", str(model_dir))  # a second run refuses
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
+
+    # A new classifier next to the same images: --magnet-from keeps the autoencoders.
+    other = tmp_path / "other"
+    other.mkdir()
+    tiny_classifier(seed=1).save(str(other / "classifier.keras"))
+    proc = _run_script("--quick", "--model", str(other), "--magnet-from",
+                       str(out_dir / "magnet"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "(reused)" in proc.stdout
+    reused = MagNet.load(str(other / "baselines" / "magnet"))
+    for name in ("I", "II"):
+        for a, b in zip(magnet.autoencoders[name].get_weights(),
+                        reused.autoencoders[name].get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+    # Same images, same VAL split and budget: the re-calibrated thresholds are the same.
+    assert reused.thresholds == pytest.approx(magnet.thresholds)
+    assert reused.report["autoencoders_from"] == str(out_dir / "magnet")
+    assert reused.report["autoencoders_command"] == state["report"]["command"]
+    assert reused.report["epochs"] == 1 and "--magnet-from" in reused.report["command"]
 
 
 @pytest.mark.slow
