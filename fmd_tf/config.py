@@ -127,6 +127,10 @@ class DefenseConfig:
     min_suspicious: int = 20  # below this many suspicious VAL images, use eta_reference_rho
     eta_reference_rho: float = 0.9
     purify_zu: str = "encoded"  # or "class_mean": zu of the most likely DGMM class
+    # Label of a purified input: "reconstruction" (the paper) classifies the purified image;
+    # "corroborated" keeps the input's own label when the DGMM's class of zu(x) equals it
+    # (FMDefense docstring). Verdicts do not depend on it.
+    purify_label: str = "reconstruction"
     chunk_size: int = 2_000  # morphs per decoder+classifier pass (memory bound)
     seed: int = 0  # randomness key of the morph search
     # Adaptive morph budget (fmd_tf.defense.adaptive_budget): after calibration, draw morphs in

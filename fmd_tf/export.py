@@ -17,7 +17,9 @@ Signatures (every one takes a single input `images`, float32 [None, 28, 28, 1] i
 `classify`            the undefended classifier: `logits` float32 [B, classes], `label` int64 [B]
 `detect`              `resistance`, `distance`, `recon_error`, `verdict` (as `serving_default`)
 `purify`              `purified` float32 [B, 28, 28, 1] (decoder(μs(x) ‖ zu)) and `label` int64
-                      [B], the classifier's label of the purified image (no morph search, cheap)
+                      [B], the label a purified input gets (`FMDefense.purify_label`: the
+                      classifier's label of the purified image, or with "corroborated" the
+                      input's own label where the DGMM's class agrees); no morph search, cheap
 ====================  ===========================================================================
 
 Every signature first runs `fmd_tf.defense.fm_defense.validate_images` inside the graph, so a

@@ -256,6 +256,9 @@ def naive_defend(fmd, x, per_code: bool = False) -> dict:
         zu_p = vae.dgmm.class_mean(zu[None]).numpy()[0] if fmd.purify_zu == "class_mean" else zu
         purified = vae.decode(tf.constant(mean[None]), tf.constant(zu_p[None]))
         y_p = int(np.argmax(clf(purified).numpy()[0]))
+        if fmd.purify_label == "corroborated" and int(
+                np.argmax(vae.dgmm.class_logits(zu[None]).numpy()[0])) == y0:
+            y_p = y0  # the DGMM's class corroborates the input's label
         distance = float(np.sum(np.maximum(theta_r - r, 0.0)))
         if np.all(r > theta_r):
             verdict, label = VERDICT_PASSED, y0

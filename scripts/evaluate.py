@@ -199,7 +199,8 @@ def _markdown(report) -> str:
         "",
         f"Model `{report['model']}`, defense `{report.get('defense', 'fmd.keras')}` "
         f"(defense-aware attacks target `{report.get('attack_defense', 'fmd.keras')}`); "
-        f"command: `{report['command']}`; {report['seconds']:.0f} s.",
+        f"command: `{report['command']}`; {report['seconds']:.0f} s. Purified inputs get the "
+        f"`{report.get('purify_label', 'reconstruction')}` label (`FMDefense.purify_label`).",
         "",
         "## Clean",
         "",
@@ -315,6 +316,7 @@ def run(args) -> dict:
     bar.update(1)
     report = {"dataset": args.dataset, "n": args.n, "model": args.model,
               "defense": args.defense, "attack_defense": args.attack_defense,
+              "purify_label": (fmd.members[0] if hasattr(fmd, "members") else fmd).purify_label,
               "seed": args.seed,
               "command": "python scripts/evaluate.py " + " ".join(sys.argv[1:]),
               "clean": harness.clean_metrics(clean, y), "attacks": {}, "notes": notes}

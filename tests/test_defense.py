@@ -263,12 +263,14 @@ class FMDefenseTest(FmdTestCase):
         np.testing.assert_array_equal(a(x)["resistance"].numpy(), b(x)["resistance"].numpy())
 
     def test_keras_round_trip_identical(self):
-        fmd = _tiny_defense(threshold_mode="unified", purify_zu="class_mean")
+        fmd = _tiny_defense(threshold_mode="unified", purify_zu="class_mean",
+                            purify_label="corroborated")
         fmd.calibrate(tiny_images(8, seed=1))
         self.run_serialization_test(fmd)
         loaded = self.run_keras_saving_test(fmd, tiny_images(3, seed=6), atol=0, rtol=0)
         self.assertTrue(loaded.is_calibrated)
         self.assertEqual(loaded.threshold_mode, "unified")
+        self.assertEqual(loaded.purify_label, "corroborated")
 
     def test_recon_gate_calibration(self):
         x_val = tiny_images(20, seed=1)
@@ -292,6 +294,26 @@ class FMDefenseTest(FmdTestCase):
         np.testing.assert_array_equal(out["label"][above], -1)
         np.testing.assert_array_equal(out["verdict"][~above], base["verdict"][~above])
 
+    def test_purify_label_corroborated(self):
+        paper = _tiny_defense(rho=0.5)
+        paper.calibrate(tiny_images(20, seed=1))
+        corroborated = paper.copy_with(purify_label="corroborated")
+        x = tiny_images(40, seed=7)
+        a, b = paper.defend(x), corroborated.defend(x)
+        np.testing.assert_array_equal(a["verdict"], b["verdict"])  # verdicts do not change
+        mean, _, zu = paper.combo_vae.encode(tf.constant(x))
+        dgmm_label = np.argmax(paper.combo_vae.dgmm.class_logits(zu).numpy(), axis=-1)
+        keep = (a["verdict"] == 1) & (dgmm_label == a["classifier_label"])
+        np.testing.assert_array_equal(b["label"], np.where(keep, a["classifier_label"], a["label"]))
+        # The rule on both branches: an input label equal to the DGMM's class is kept, any
+        # other label gives the purified image's label (the paper's rule).
+        _, paper_label = paper._purify_codes(mean, zu, dgmm_label)
+        _, kept = corroborated._purify_codes(mean, zu, dgmm_label)
+        _, other = corroborated._purify_codes(mean, zu, (dgmm_label + 1) % 10)
+        self.assertTrue(np.any(paper_label.numpy() != dgmm_label))
+        np.testing.assert_array_equal(kept.numpy(), dgmm_label)
+        np.testing.assert_array_equal(other.numpy(), paper_label.numpy())
+
     def test_not_calibrated_raises(self):
         fmd = _tiny_defense()
         with self.assertRaisesRegex(NotCalibratedError, "calibrate"):
@@ -307,6 +329,7 @@ class FMDefenseTest(FmdTestCase):
             (dict(rho=1.5), "rho"),
             (dict(eta=-0.1), "eta"),
             (dict(purify_zu="x"), "purify_zu"),
+            (dict(purify_label="dgmm"), "purify_label"),
             (dict(radius_step=0.0), "radius_step"),
             (dict(range_percentiles=(99, 1)), "range_percentiles"),
             (dict(chunk_size=0), "chunk_size"),

@@ -13,6 +13,7 @@ VERDICT_PASSED, VERDICT_PURIFIED, VERDICT_REJECTED = 0, 1, 2
 OUTPUT_KEYS = ("label", "verdict", "classifier_label", "resistance", "distance", "purified",
                "recon_error")
 PURIFY_ZU = ("encoded", "class_mean")
+PURIFY_LABELS = ("reconstruction", "corroborated")
 
 
 class NotCalibratedError(RuntimeError):
@@ -196,6 +197,11 @@ class FMDefense(BatchedDefense, keras.Model):
         selected_codes: indices of the m manipulated codes; None = all d_s.
         threshold_mode, rho, eta, min_suspicious, eta_reference_rho: calibration.
         purify_zu: "encoded" (zu(x)) or "class_mean" (μ of the most likely DGMM class).
+        purify_label: label of a purified input. "reconstruction" (the paper): the classifier's
+            label of the purified image. "corroborated": the classifier's label of the input
+            itself when the DGMM's most likely class of zu(x) is that label (the class-unique
+            code corroborates it, so the low resistance came from the decoder changing the
+            class), else the purified image's label. Verdicts are the same in both modes.
         chunk_size: morphs per decoder+classifier pass.
         seed: randomness key of the morph search.
         jit_compile: XLA for the graph; None = on when a GPU is visible (XLA was ~3x slower on
@@ -235,6 +241,7 @@ class FMDefense(BatchedDefense, keras.Model):
         min_suspicious=20,
         eta_reference_rho=0.9,
         purify_zu="encoded",
+        purify_label="reconstruction",
         chunk_size=2000,
         seed=0,
         jit_compile=None,
@@ -265,6 +272,7 @@ class FMDefense(BatchedDefense, keras.Model):
         self.min_suspicious = int(min_suspicious)
         self.eta_reference_rho = float(eta_reference_rho)
         self.purify_zu = str(purify_zu)
+        self.purify_label = str(purify_label)
         self.chunk_size = int(chunk_size)
         self.seed = int(seed)
         self.jit_compile = jit_compile
@@ -309,6 +317,9 @@ class FMDefense(BatchedDefense, keras.Model):
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if self.purify_zu not in PURIFY_ZU:
             raise ValueError(f"purify_zu must be one of {PURIFY_ZU}, got {self.purify_zu!r}")
+        if self.purify_label not in PURIFY_LABELS:
+            raise ValueError(f"purify_label must be one of {PURIFY_LABELS}, "
+                             f"got {self.purify_label!r}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.adaptive_round < 1:
@@ -348,6 +359,7 @@ class FMDefense(BatchedDefense, keras.Model):
             min_suspicious=defense_cfg.min_suspicious,
             eta_reference_rho=defense_cfg.eta_reference_rho,
             purify_zu=defense_cfg.purify_zu,
+            purify_label=defense_cfg.purify_label,
             chunk_size=defense_cfg.chunk_size,
             seed=defense_cfg.seed,
             adaptive_budget=defense_cfg.adaptive_budget,
@@ -497,7 +509,7 @@ class FMDefense(BatchedDefense, keras.Model):
         mean, _, zu = self.combo_vae.encode(images)
         resistance, morphs_used = self._resistance(mean, zu, label, return_used=True)
         reconstruction = self.combo_vae.decode(mean, zu)
-        purified, purified_label = self._purify_codes(mean, zu, reconstruction)
+        purified, purified_label = self._purify_codes(mean, zu, label, reconstruction)
         recon_error = _mean_squared_error(images, reconstruction)
         verdict, distance = decide(resistance, self.theta_r, self.theta_d, recon_error,
                                    self.theta_e)
@@ -512,20 +524,27 @@ class FMDefense(BatchedDefense, keras.Model):
             **({"morphs_used": morphs_used} if with_stats else {}),
         }
 
-    def _purify_codes(self, mean, zu, reconstruction=None):
-        """(purified images, their classifier label) from the codes μs(x), zu(x)."""
+    def _purify_codes(self, mean, zu, label, reconstruction=None):
+        """(purified images, purified label int64 [B]) from the codes μs(x), zu(x) and the
+        classifier's label of the input, `label` [B] (see `purify_label`)."""
         if self.purify_zu == "class_mean":
             purified = self.combo_vae.decode(mean, self.combo_vae.dgmm.class_mean(zu))
         else:
             purified = self.combo_vae.decode(mean, zu) if reconstruction is None \
                 else reconstruction
-        return purified, tf.argmax(self.classifier(purified), axis=-1)
+        purified_label = tf.argmax(self.classifier(purified), axis=-1)
+        if self.purify_label == "corroborated":
+            dgmm_label = tf.argmax(self.combo_vae.dgmm.class_logits(zu), axis=-1)
+            label = tf.cast(label, purified_label.dtype)
+            purified_label = tf.where(dgmm_label == label, label, purified_label)
+        return purified, purified_label
 
     def _purify_valid(self, images):
         """The purifier alone on validated images: {"purified", "label"} (no morph search)."""
+        label = tf.argmax(self.classifier(images), axis=-1)
         mean, _, zu = self.combo_vae.encode(images)
-        purified, label = self._purify_codes(mean, zu)
-        return {"purified": purified, "label": label}
+        purified, purified_label = self._purify_codes(mean, zu, label)
+        return {"purified": purified, "label": purified_label}
 
     # ----------------------------------------------------------------------------- numpy API
     def resistance(self, x, batch_size: int = 64) -> np.ndarray:
@@ -647,6 +666,7 @@ class FMDefense(BatchedDefense, keras.Model):
             min_suspicious=self.min_suspicious,
             eta_reference_rho=self.eta_reference_rho,
             purify_zu=self.purify_zu,
+            purify_label=self.purify_label,
             chunk_size=self.chunk_size,
             seed=self.seed,
             jit_compile=self.jit_compile,
