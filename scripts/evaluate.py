@@ -85,13 +85,10 @@ def parse_args(argv):
 
 
 def _run_fm(fmd, x, batch_size):
-    import numpy as np
-
-    from fmd_tf.evaluation.harness import fm_scores
+    from fmd_tf.evaluation.harness import fm_scores, purified_labels
 
     out = fmd.defend(x, batch_size=batch_size)
-    logits = fmd.classifier.predict(out["purified"], batch_size=512, verbose=0)
-    out["purified_label"] = np.argmax(logits, axis=-1)
+    out["purified_label"] = purified_labels(fmd, x)
     out["score"] = fm_scores(out, _thresholds(fmd, out))
     return out
 

@@ -297,12 +297,14 @@ class FMDefenseTest(FmdTestCase):
     def test_purify_label_corroborated(self):
         paper = _tiny_defense(rho=0.5)
         paper.calibrate(tiny_images(20, seed=1))
+        paper.theta_d.assign(10.0)  # purify every suspicious input
         corroborated = paper.copy_with(purify_label="corroborated")
         x = tiny_images(40, seed=7)
         a, b = paper.defend(x), corroborated.defend(x)
         np.testing.assert_array_equal(a["verdict"], b["verdict"])  # verdicts do not change
         mean, _, zu = paper.combo_vae.encode(tf.constant(x))
         dgmm_label = np.argmax(paper.combo_vae.dgmm.class_logits(zu).numpy(), axis=-1)
+        self.assertTrue(np.any(a["verdict"] == 1))
         keep = (a["verdict"] == 1) & (dgmm_label == a["classifier_label"])
         np.testing.assert_array_equal(b["label"], np.where(keep, a["classifier_label"], a["label"]))
         # The rule on both branches: an input label equal to the DGMM's class is kept, any
@@ -417,3 +419,20 @@ def test_deterministic_across_processes(calibrated):
             for _ in range(2)
         ]
     assert runs[0] == runs[1] == expected
+
+
+@pytest.mark.parametrize("purify_label", ["reconstruction", "corroborated"])
+def test_harness_reverdict_reproduces_the_defense(purify_label):
+    from fmd_tf.evaluation import harness
+
+    fmd = _tiny_defense(rho=0.5, purify_label=purify_label)
+    fmd.calibrate(tiny_images(20, seed=1))
+    fmd.theta_d.assign(10.0)  # purify every suspicious input
+    x = tiny_images(40, seed=7)
+    out = fmd.defend(x)
+    assert np.any(out["verdict"] == 1)
+    stored = {**out, "purified_label": harness.purified_labels(fmd, x, batch_size=16)}
+    again = harness.reverdict(stored, fmd.theta_r.numpy(), float(fmd.theta_d.numpy()),
+                              float(fmd.theta_e.numpy()))
+    np.testing.assert_array_equal(again["verdict"], out["verdict"])
+    np.testing.assert_array_equal(again["label"], out["label"])

@@ -68,6 +68,7 @@ def test_train_bad_arguments():
     assert proc.returncode == 2 and "cifar" in proc.stderr and "Traceback" not in proc.stderr
     for flag, value in (("--recon-fpr", "1.5"), ("--consistency-weight", "-1"),
                         ("--vae-epochs", "0"), ("--vae-data", "test"),
+                        ("--purify-label", "dgmm"),
                         ("--ensemble", "0"), ("--ensemble-key", "1"),
                         ("--ensemble-key", "1,-2")):
         proc = _run("scripts/train.py", flag, value, "--out", "/nonexistent/x")
@@ -173,6 +174,7 @@ def test_evaluate_report_schema(quick_model, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert {"dataset", "n", "model", "clean", "attacks"} <= set(report)
+    assert report["purify_label"] == "reconstruction"  # the paper's rule, the config default
     assert set(report["clean"]) >= {"classifier_accuracy", "defended_accuracy",
                                      "rejected_rate", "purified_rate"}
     fgsm = report["attacks"]["fgsm"]

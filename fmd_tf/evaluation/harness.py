@@ -180,6 +180,17 @@ def clean_metrics(clean: dict, y) -> dict:
     }
 
 
+def purified_labels(fmd, x, batch_size: int = 512) -> np.ndarray:
+    """int64 [n]: the label each image of `x` would get if purified (the purifier alone, with
+    the defense's own `purify_label` rule; an ensemble uses each image's member)."""
+    import tensorflow as tf
+
+    return np.concatenate([
+        fmd._purify_valid(tf.convert_to_tensor(x[i : i + batch_size], tf.float32))["label"].numpy()
+        for i in range(0, len(x), batch_size)
+    ]) if len(x) else np.zeros([0], np.int64)
+
+
 def val_outputs(fmd, x_val, resistance, recon_error, batch_size: int = 512) -> dict:
     """Stored-output dict of `fmd` on its clean VAL images, for `reverdict`, without morphs.
 
@@ -189,19 +200,18 @@ def val_outputs(fmd, x_val, resistance, recon_error, batch_size: int = 512) -> d
     """
     import tensorflow as tf
 
-    labels, purified = [], []
-    for i in range(0, len(x_val), batch_size):
-        batch = tf.convert_to_tensor(x_val[i : i + batch_size], tf.float32)
-        labels.append(tf.argmax(fmd.classifier(batch), axis=-1).numpy())
-        purified.append(fmd._purify_valid(batch)["label"].numpy())
+    labels = [tf.argmax(fmd.classifier(tf.convert_to_tensor(x_val[i : i + batch_size],
+                                                          tf.float32)), axis=-1).numpy()
+              for i in range(0, len(x_val), batch_size)]
     return {"resistance": np.asarray(resistance), "recon_error": np.asarray(recon_error),
-            "classifier_label": np.concatenate(labels), "purified_label": np.concatenate(purified)}
+            "classifier_label": np.concatenate(labels),
+            "purified_label": purified_labels(fmd, x_val, batch_size)}
 
 
 def reverdict(out: dict, theta_r, theta_d, theta_e=np.inf) -> dict:
     """Verdicts and final labels of stored FM-Defense outputs under other thresholds.
 
-    Needs `purified_label` (classifier label of the purified image) in `out`, and
+    Needs `purified_label` (`purified_labels`: the label the purifier gives) in `out`, and
     `recon_error` when the reconstruction gate θe is finite.
     """
     theta_r = np.asarray(theta_r)
