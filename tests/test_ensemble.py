@@ -187,3 +187,4 @@ def test_shipped_models_load_with_this_code(model_dir):
     assert fmd.is_calibrated and ens.is_calibrated and ens.num_members == 3
     np.testing.assert_array_equal(ens.members[0].theta_r.numpy(), fmd.theta_r.numpy())
     assert all(m.classifier is ens.classifier for m in ens.members)
+    assert {m.purify_label for m in ens.members} == {fmd.purify_label}  # MEMBER_SETTINGS
