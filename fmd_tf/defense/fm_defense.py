@@ -526,7 +526,8 @@ class FMDefense(BatchedDefense, keras.Model):
 
     def _purify_codes(self, mean, zu, label, reconstruction=None):
         """(purified images, purified label int64 [B]) from the codes μs(x), zu(x) and the
-        classifier's label of the input, `label` [B] (see `purify_label`)."""
+        classifier's label of the input, `label` [B] (see `purify_label`; unused, and may be
+        None, with the "reconstruction" rule)."""
         if self.purify_zu == "class_mean":
             purified = self.combo_vae.decode(mean, self.combo_vae.dgmm.class_mean(zu))
         else:
@@ -541,7 +542,8 @@ class FMDefense(BatchedDefense, keras.Model):
 
     def _purify_valid(self, images):
         """The purifier alone on validated images: {"purified", "label"} (no morph search)."""
-        label = tf.argmax(self.classifier(images), axis=-1)
+        label = tf.argmax(self.classifier(images), axis=-1) \
+            if self.purify_label == "corroborated" else None  # only that rule needs it
         mean, _, zu = self.combo_vae.encode(images)
         purified, purified_label = self._purify_codes(mean, zu, label)
         return {"purified": purified, "label": purified_label}
