@@ -147,6 +147,8 @@ class DefenseConfig:
     # Reconstruction gate (not in the paper; 0 = off): reject inputs whose combo-VAE
     # reconstruction error exceeds the clean VAL (1 - recon_fpr) quantile.
     recon_fpr: float = 0.0
+    # The gate's error: "mae" (L1, as MagNet's detector) or "mse" (FMDefense docstring).
+    recon_metric: str = "mae"
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
     python scripts/operating_points.py [--model saved_models/fmnist] [--dataset fmnist]
         [--rho 0.999,0.99,0.98,0.97,0.96,0.95,0.9,0.8] [--recon-fpr 0,0.01,0.05]
-        [--modes per_code,unified] [--out FILE.json [--overwrite]]
+        [--modes per_code,unified] [--recon-metric mae,mse]
+        [--attacks fgsm,pgd --n-attack 500 [--cache results/cache]] [--out FILE.json [--overwrite]]
 
 For every (threshold mode, ρ, reconstruction-gate budget) it re-calibrates θr, θd and θe on the
 model's stored clean VAL resistances (MODEL/val_resistance.npy, written by scripts/train.py) and
@@ -10,7 +11,14 @@ reconstruction errors, as `FMDefense.calibrate` would, and prints what they give
 VAL images: defended accuracy (final label right), flagged share, the largest θr and whether the
 detector can fire at all (a θr below 0 flags nothing, since resistance is never negative). This
 is the table an operating point is chosen from without looking at test images; apply the
-choice with `scripts/train.py --stages defense --reuse-val-resistance --rho R --recon-fpr G`.
+choice with `scripts/train.py --stages defense --reuse-val-resistance --rho R --recon-fpr G
+--recon-metric M`.
+
+`--recon-metric` (default: the model's own) lists the gate's reconstruction errors to compare
+(`FMDefense.recon_metric`). `--attacks` adds, per row, the defended accuracy (rejected or final
+label right) on adversarial versions of the first `--n-attack` VAL images, made with the
+classifier-only attacks of `fmd_tf.evaluation.harness.ATTACKS` (cached in --cache). These run
+the full defense once per image (morphs included: about 4 images/s on 2 CPU cores).
 Exit status 2 (no traceback) for a missing model, data set or bad option.
 """
 
@@ -45,6 +53,13 @@ def parse_args(argv):
     p.add_argument("--rho", default="0.999,0.99,0.98,0.97,0.96,0.95,0.9,0.8")
     p.add_argument("--recon-fpr", default="0,0.01,0.05")
     p.add_argument("--modes", default="per_code,unified")
+    p.add_argument("--recon-metric", default=None,
+                   help="comma-separated gate metrics (mae, mse); default: the model's own")
+    p.add_argument("--attacks", default="",
+                   help="comma-separated classifier attacks on VAL images (e.g. fgsm,pgd)")
+    p.add_argument("--n-attack", type=int, default=500,
+                   help="VAL images attacked per attack (the first ones)")
+    p.add_argument("--cache", default="results/cache", help="adversarial-set cache directory")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
@@ -53,11 +68,26 @@ def parse_args(argv):
     args.rho = _floats(args.rho, "rho", 0.0, 1.0, low_open=True)
     args.recon_fpr = _floats(args.recon_fpr, "recon-fpr", 0.0, 0.5, low_open=False)
     from fmd_tf.defense.calibration import THRESHOLD_MODES
+    from fmd_tf.defense.fm_defense import RECON_METRICS
+    from fmd_tf.evaluation.harness import ATTACKS, DEFENSE_AWARE
 
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in args.modes if m not in THRESHOLD_MODES]
     if not args.modes or unknown:
         raise UsageError(f"--modes: choose from {', '.join(THRESHOLD_MODES)}, got {unknown}")
+    if args.recon_metric is not None:
+        args.recon_metric = [m.strip() for m in args.recon_metric.split(",") if m.strip()]
+        unknown = [m for m in args.recon_metric if m not in RECON_METRICS]
+        if not args.recon_metric or unknown:
+            raise UsageError(f"--recon-metric: choose from {', '.join(RECON_METRICS)}, "
+                             f"got {unknown}")
+    args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    usable = [a for a in ATTACKS if a not in DEFENSE_AWARE]
+    unknown = [a for a in args.attacks if a not in usable]
+    if unknown:
+        raise UsageError(f"--attacks: choose from {', '.join(usable)}, got {unknown}")
+    if args.n_attack < 1:
+        raise UsageError(f"--n-attack must be >= 1, got {args.n_attack}")
     for name in ("fmd.keras", "val_resistance.npy"):
         if not os.path.isfile(os.path.join(args.model, name)):
             raise UsageError(f"{os.path.join(args.model, name)} not found; train the model with "
@@ -87,26 +117,47 @@ def run(args) -> list[dict]:
     if r_val.shape != (len(splits.x_val), fmd.num_codes):
         raise UsageError(f"{args.model}/val_resistance.npy has shape {r_val.shape}, expected "
                          f"({len(splits.x_val)}, {fmd.num_codes}) for this model's VAL split")
-    e_val = fmd.reconstruction_error(splits.x_val)
-    val_out = harness.val_outputs(fmd, splits.x_val, r_val, e_val)
-    grid = list(itertools.product(args.modes, args.rho, args.recon_fpr))
-    rows = harness.val_operating_points(fmd, val_out, splits.y_val, grid)
+    metrics_ = args.recon_metric or [fmd.recon_metric]
+    x_att, y_att = splits.x_val[: args.n_attack], splits.y_val[: args.n_attack]
+    adv = {}
+    for attack in args.attacks:
+        x_adv, _ = harness.adversarial_set(attack, fmd.classifier, x_att, y_att, args.cache,
+                                           args.seed)
+        adv[attack] = (fmd.defend(x_adv), harness.purified_labels(fmd, x_adv), x_adv)
+    rows, val_out = [], None
+    for metric in metrics_:
+        gate = fmd.copy_with(recon_metric=metric)
+        val_out = harness.val_outputs(fmd, splits.x_val, r_val,
+                                      gate.reconstruction_error(splits.x_val))
+        attack_outputs = {
+            name: ({**out, "purified_label": purified,
+                    "recon_error": gate.reconstruction_error(x_adv)}, y_att)
+            for name, (out, purified, x_adv) in adv.items()}
+        grid = list(itertools.product(args.modes, args.rho, args.recon_fpr))
+        rows += [{"recon_metric": metric, **row} for row in harness.val_operating_points(
+            fmd, val_out, splits.y_val, grid, attack_outputs)]
     clf_acc = float(np.mean(val_out["classifier_label"] == splits.y_val))
     print(f"{args.model}: {len(splits.x_val)} clean VAL images, classifier accuracy "
           f"{100 * clf_acc:.2f} %, share with resistance 0 on some code "
           f"{100 * float(np.mean(r_val.min(axis=1) == 0)):.2f} %; shipped: "
-          f"{fmd.threshold_mode}, θr max {float(np.max(fmd.theta_r.numpy())):+.3f}")
-    print("| mode | ρ | gate | θr max | detector fires | VAL defended accuracy | VAL flagged |")
-    print("|---|---|---|---|---|---|---|")
+          f"{fmd.threshold_mode}, θr max {float(np.max(fmd.theta_r.numpy())):+.3f}, gate "
+          f"{fmd.recon_metric} {fmd.recon_fpr}"
+          + (f"; attacks on the first {len(x_att)} VAL images" if adv else ""))
+    print("| mode | ρ | gate | metric | θr max | detector fires | VAL defended accuracy | "
+          "VAL flagged |" + "".join(f" VAL {a} defended |" for a in adv))
+    print("|---|---|---|---|---|---|---|---|" + "---|" * len(adv))
     for row in rows:
         print(f"| {row['threshold_mode']} | {row['rho']} | {row['recon_fpr']} | "
-              f"{row['theta_r_max']:+.3f} | {'yes' if row['detector_fires'] else 'no'} | "
+              f"{row['recon_metric']} | {row['theta_r_max']:+.3f} | "
+              f"{'yes' if row['detector_fires'] else 'no'} | "
               f"{100 * row['val_clean_defended_accuracy']:.2f} % | "
-              f"{100 * row['val_clean_flagged']:.2f} % |")
+              f"{100 * row['val_clean_flagged']:.2f} % |"
+              + "".join(f" {100 * row[f'val_{a}_defended_accuracy']:.2f} % |" for a in adv))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"model": args.model, "val_classifier_accuracy": clf_acc, "rows": rows},
-                      f, indent=2)
+            json.dump({"model": args.model, "val_classifier_accuracy": clf_acc,
+                       "attacks": {"names": list(adv), "n": len(x_att) if adv else 0,
+                                   "seed": args.seed}, "rows": rows}, f, indent=2)
             f.write("\n")
     return rows
 

@@ -38,7 +38,7 @@ OUTPUTS = {
 MEMBER_STAGES = ("dgmm", "vae", "defense")
 # Defense settings every ensemble member must share with member 0 (the morph seed differs).
 MEMBER_SETTINGS = ("num_morphs", "radius_step", "threshold_mode", "rho", "eta", "recon_fpr",
-                   "selected_codes", "range_percentiles", "purify_label")
+                   "recon_metric", "selected_codes", "range_percentiles", "purify_label")
 
 
 class UsageError(Exception):
@@ -47,7 +47,7 @@ class UsageError(Exception):
 
 def parse_args(argv):
     from fmd_tf.config import DGMM_LR_SCHEDULES, VAE_DATA
-    from fmd_tf.defense.fm_defense import PURIFY_LABELS
+    from fmd_tf.defense.fm_defense import PURIFY_LABELS, RECON_METRICS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="fmnist")
     p.add_argument("--out", default=None, help="output directory (default saved_models/DATASET)")
@@ -81,6 +81,8 @@ def parse_args(argv):
     d.add_argument("--num-morphs", type=int, default=None, help="N morphs per code")
     d.add_argument("--recon-fpr", type=float, default=None,
                    help="clean VAL budget of the reconstruction gate (0 = off, paper's rule)")
+    d.add_argument("--recon-metric", default=None, choices=list(RECON_METRICS),
+                   help="the gate's reconstruction error: mae (L1) or mse")
     d.add_argument("--purify-label", default=None, choices=list(PURIFY_LABELS),
                    help="label of purified inputs: reconstruction (paper) or corroborated "
                         "(the input's own label when the DGMM's class agrees with it)")
@@ -140,7 +142,8 @@ def _config(args):
     if args.quick:
         cfg = quick_config(cfg)
     overrides = {k: getattr(args, k) for k in ("rho", "eta", "threshold_mode", "radius_step",
-                                               "num_morphs", "recon_fpr", "purify_label")
+                                               "num_morphs", "recon_fpr", "recon_metric",
+                                               "purify_label")
                  if getattr(args, k) is not None}
     if overrides:
         if not 0.0 <= overrides.get("recon_fpr", 0.0) < 1.0:

@@ -16,7 +16,7 @@ from test_case import TINY_COMBO_CONFIG, FmdTestCase, tiny_images
 
 import fmd_tf  # noqa: F401
 from fmd_tf.defense import FMDefense, NotCalibratedError, calibration, morphs
-from fmd_tf.defense.fm_defense import decide, final_label
+from fmd_tf.defense.fm_defense import decide, final_label, reconstruction_error
 from fmd_tf.models import Classifier, build_combo_vae
 
 # ----------------------------------------------------------------------------- morphs
@@ -192,6 +192,21 @@ def test_recon_gate_rejects_whatever_the_resistance():
     np.testing.assert_array_equal(verdict.numpy(), [0, 0, 1])
 
 
+def test_reconstruction_error_metrics_hand_example():
+    x = np.zeros((2, 2, 2, 1), np.float32)
+    recon = np.array([[0.0, 0.0, 0.0, 0.8], [0.2, 0.2, 0.2, 0.2]], np.float32)
+    recon = recon.reshape(2, 2, 2, 1)
+    # Image 0, one pixel off by 0.8: mae 0.8/4 = 0.2, mse 0.64/4 = 0.16.
+    # Image 1, four pixels off by 0.2: mae 0.2, mse 0.04. The same L1 error, but the squared
+    # error ranks the one large error far above the spread-out small ones.
+    np.testing.assert_allclose(reconstruction_error(x, recon, "mae").numpy(), [0.2, 0.2],
+                               rtol=1e-6)
+    np.testing.assert_allclose(reconstruction_error(x, recon, "mse").numpy(), [0.16, 0.04],
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        reconstruction_error(x, recon, "l3")
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -294,6 +309,23 @@ class FMDefenseTest(FmdTestCase):
         np.testing.assert_array_equal(out["label"][above], -1)
         np.testing.assert_array_equal(out["verdict"][~above], base["verdict"][~above])
 
+    def test_recon_metric_gate_and_legacy_files(self):
+        x = tiny_images(6, seed=2)
+        mae = _tiny_defense(recon_fpr=0.1)
+        self.assertEqual(mae.recon_metric, "mae")  # the default
+        mse = mae.copy_with(recon_metric="mse")
+        mean, _, zu = mae.combo_vae.encode(tf.constant(x))
+        diff = x - mae.combo_vae.decode(mean, zu).numpy()
+        np.testing.assert_allclose(mae.reconstruction_error(x), np.abs(diff).mean(axis=(1, 2, 3)),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(mse.reconstruction_error(x), (diff**2).mean(axis=(1, 2, 3)),
+                                   rtol=1e-5)
+        self.assertEqual(mse.get_config()["recon_metric"], "mse")
+        # A file saved before the option existed calibrated θe on the squared error.
+        legacy = mae.get_config()
+        del legacy["recon_metric"]
+        self.assertEqual(FMDefense.from_config(legacy).recon_metric, "mse")
+
     def test_purify_label_corroborated(self):
         paper = _tiny_defense(rho=0.5)
         paper.calibrate(tiny_images(20, seed=1))
@@ -336,6 +368,7 @@ class FMDefenseTest(FmdTestCase):
             (dict(range_percentiles=(99, 1)), "range_percentiles"),
             (dict(chunk_size=0), "chunk_size"),
             (dict(recon_fpr=1.0), "recon_fpr"),
+            (dict(recon_metric="l2"), "recon_metric"),
         ]
         for kwargs, message in cases:
             with self.assertRaisesRegex(ValueError, message):

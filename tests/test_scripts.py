@@ -258,31 +258,47 @@ def test_operating_points_on_clean_val(quick_model, tmp_path):
     out = tmp_path / "ops.json"
     card = json.loads((quick_model / "model_card.json").read_text())
     cal, rho = card["calibration"], card["hyperparameters"]["defense"]["rho"]
+    own_metric = card["hyperparameters"]["defense"]["recon_metric"]
     rhos, gates = sorted({1.0, rho}), sorted({0.0, 0.01, cal["recon_fpr"]})
     proc = _run("scripts/operating_points.py", "--model", str(quick_model), "--rho",
                 ",".join(map(str, rhos)), "--recon-fpr", ",".join(map(str, gates)),
-                "--modes", "per_code", "--out", str(out))
+                "--modes", "per_code", "--recon-metric", "mae,mse", "--attacks", "fgsm",
+                "--n-attack", "6", "--cache", str(tmp_path / "cache"), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    rows = {(r["rho"], r["recon_fpr"]): r for r in report["rows"]}
-    assert len(report["rows"]) == len(rows) == len(rhos) * len(gates)
-    assert "| per_code | 1.0 | 0.0 |" in proc.stdout
+    rows = {(r["recon_metric"], r["rho"], r["recon_fpr"]): r for r in report["rows"]}
+    assert len(report["rows"]) == len(rows) == 2 * len(rhos) * len(gates)
+    assert report["attacks"] == {"names": ["fgsm"], "n": 6, "seed": 0}
+    assert f"| per_code | 1.0 | 0.0 | {own_metric} |" in proc.stdout
     # The model's own setting: the same thresholds and flagged share as its calibration.
-    own = rows[(rho, cal["recon_fpr"])]
+    own = rows[(own_metric, rho, cal["recon_fpr"])]
     assert own["val_clean_flagged"] == pytest.approx(cal["val_false_positive_rate"])
     assert own["theta_r_max"] == pytest.approx(max(cal["theta_r"]))
     assert own["detector_fires"] == (max(cal["theta_r"]) >= 0)
-    # rho = 1 allows no clean false positive: every threshold is below 0, nothing is flagged
-    # without the gate, and the defended accuracy is the classifier's.
-    strict = rows[(1.0, 0.0)]
-    assert not strict["detector_fires"] and strict["val_clean_flagged"] == 0.0
-    assert strict["val_clean_defended_accuracy"] == pytest.approx(report["val_classifier_accuracy"])
+    for metric in ("mae", "mse"):
+        # rho = 1 allows no clean false positive: every threshold is below 0, nothing is
+        # flagged without the gate, and the defended accuracy is the classifier's.
+        strict = rows[(metric, 1.0, 0.0)]
+        assert not strict["detector_fires"] and strict["val_clean_flagged"] == 0.0
+        assert strict["val_clean_defended_accuracy"] == pytest.approx(
+            report["val_classifier_accuracy"])
+        # Without gate and detector nothing is rejected: FGSM counts only where the classifier
+        # still gets it right, and a gate can only add rejections (scores in sixths).
+        fgsm = [rows[(metric, 1.0, g)]["val_fgsm_defended_accuracy"] for g in gates]
+        assert fgsm == sorted(fgsm) and all(round(6 * v, 6) % 1 == 0 for v in fgsm)
+    # The gate budget is a clean VAL budget whatever the metric: same flagged share at rho 1.
+    for g in gates:
+        assert rows[("mae", 1.0, g)]["val_clean_flagged"] == pytest.approx(
+            rows[("mse", 1.0, g)]["val_clean_flagged"])
 
 
 @pytest.mark.parametrize("args,message", [
     (["--rho", "1.5"], "--rho: values must lie in (0.0, 1.0]"),
     (["--recon-fpr", "x"], "--recon-fpr: expected comma-separated numbers"),
     (["--modes", "per_code,global"], "--modes: choose from per_code, unified"),
+    (["--recon-metric", "l3"], "--recon-metric: choose from mae, mse"),
+    (["--attacks", "adaptive_pgd"], "--attacks: choose from fgsm, pgd"),
+    (["--n-attack", "0"], "--n-attack must be >= 1"),
     (["--model", "/nonexistent/model"], "/nonexistent/model/fmd.keras not found"),
 ])
 def test_operating_points_bad_arguments(args, message):

@@ -175,7 +175,8 @@ def _margin(logits, onehot):
 def _recon_gate_penalty(fmd, x, mean, zu, margin_r, tau):
     """τ·softplus((e(x)/θe - 1 + δ)/τ): smooth surrogate of 'rejected by the reconstruction
     gate' [B]; ~0 when the gate is off (θe = inf)."""
-    error = fm_defense._mean_squared_error(x, fmd.combo_vae.decode(mean, zu))
+    error = fm_defense.reconstruction_error(x, fmd.combo_vae.decode(mean, zu),
+                                           fmd.recon_metric)
     gap = error / tf.convert_to_tensor(fmd.theta_e) - 1.0 + margin_r
     return tau * tf.nn.softplus(gap / tau)
 

@@ -14,6 +14,8 @@ OUTPUT_KEYS = ("label", "verdict", "classifier_label", "resistance", "distance",
                "recon_error")
 PURIFY_ZU = ("encoded", "class_mean")
 PURIFY_LABELS = ("reconstruction", "corroborated")
+RECON_METRICS = ("mae", "mse")
+LEGACY_RECON_METRIC = "mse"  # the gate's metric of files saved before `recon_metric` existed
 
 
 class NotCalibratedError(RuntimeError):
@@ -218,11 +220,15 @@ class FMDefense(BatchedDefense, keras.Model):
         morph_dtype: "float32", "bfloat16" or "float16" for the decoder+classifier pass over
             the morphs (`fmd_tf.defense.precision`); weights stay float32.
         recon_fpr: clean VAL budget of the reconstruction gate (0 = off, the paper's rule).
+        recon_metric: the gate's reconstruction error e(x): "mae" (mean absolute error, the L1
+            error of MagNet's detector) or "mse" (mean squared error). L1 weighs the small
+            perturbation an attack spreads over every pixel more than the few large errors of
+            a hard clean image. Models saved before this option existed load as "mse".
 
     Call: images float32 [B, H, W, C] in [0, 1] -> dict with `label` int64 [B] (-1 when
     rejected), `verdict` int32 [B] (0 passed, 1 purified, 2 rejected), `classifier_label` int64
     [B], `resistance` float32 [B, m], `distance` float32 [B], `purified` float32 [B, H, W, C],
-    `recon_error` float32 [B] (mean squared error of decoder(μs(x) ‖ zu(x)) against x).
+    `recon_error` float32 [B] (`recon_metric` error of decoder(μs(x) ‖ zu(x)) against x).
     """
 
     def __init__(
@@ -252,6 +258,7 @@ class FMDefense(BatchedDefense, keras.Model):
         adaptive_order="shuffled",
         morph_dtype="float32",
         recon_fpr=0.0,
+        recon_metric="mae",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -283,6 +290,7 @@ class FMDefense(BatchedDefense, keras.Model):
         self.adaptive_order = str(adaptive_order)
         self.morph_dtype = str(morph_dtype)
         self.recon_fpr = float(recon_fpr)
+        self.recon_metric = str(recon_metric)
         self._check_arguments(d_s)
         self._image_shape = None
         self._graph_fn = None
@@ -337,6 +345,9 @@ class FMDefense(BatchedDefense, keras.Model):
                              f"got {self.adaptive_order!r}")
         if not 0.0 <= self.recon_fpr < 1.0:
             raise ValueError(f"recon_fpr must be in [0, 1), got {self.recon_fpr}")
+        if self.recon_metric not in RECON_METRICS:
+            raise ValueError(f"recon_metric must be one of {RECON_METRICS}, "
+                             f"got {self.recon_metric!r}")
         if self.morph_dtype not in precision.COMPUTE_DTYPES:
             raise ValueError(f"morph_dtype must be one of {precision.COMPUTE_DTYPES}, "
                              f"got {self.morph_dtype!r}")
@@ -369,8 +380,13 @@ class FMDefense(BatchedDefense, keras.Model):
             adaptive_order=defense_cfg.adaptive_order,
             morph_dtype=defense_cfg.morph_dtype,
             recon_fpr=defense_cfg.recon_fpr,
+            recon_metric=defense_cfg.recon_metric,
             **kwargs,
         )
+
+    @classmethod
+    def from_config(cls, config):
+        return super().from_config({"recon_metric": LEGACY_RECON_METRIC, **config})
 
     STATE_WEIGHTS = ("code_low", "code_high", "theta_r", "theta_d", "theta_e", "calibrated",
                      "search_table")
@@ -510,7 +526,7 @@ class FMDefense(BatchedDefense, keras.Model):
         resistance, morphs_used = self._resistance(mean, zu, label, return_used=True)
         reconstruction = self.combo_vae.decode(mean, zu)
         purified, purified_label = self._purify_codes(mean, zu, label, reconstruction)
-        recon_error = _mean_squared_error(images, reconstruction)
+        recon_error = reconstruction_error(images, reconstruction, self.recon_metric)
         verdict, distance = decide(resistance, self.theta_r, self.theta_d, recon_error,
                                    self.theta_e)
         return {
@@ -579,13 +595,14 @@ class FMDefense(BatchedDefense, keras.Model):
         return images.reshape(len(x), count, *images.shape[1:])
 
     def reconstruction_error(self, x, batch_size: int = 512) -> np.ndarray:
-        """[n] mean squared error of decoder(μs(x) ‖ zu(x)) against x (the gate's e(x))."""
+        """[n] error (`recon_metric`) of decoder(μs(x) ‖ zu(x)) against x (the gate's e(x))."""
         x = self._as_batch(x)
         parts = []
         for i in range(0, len(x), batch_size):
             xb = tf.constant(x[i : i + batch_size])
             mean, _, zu = self.combo_vae.encode(xb)
-            parts.append(_mean_squared_error(xb, self.combo_vae.decode(mean, zu)).numpy())
+            parts.append(reconstruction_error(xb, self.combo_vae.decode(mean, zu),
+                                              self.recon_metric).numpy())
         return np.concatenate(parts)
 
     def calibrate(self, x_val, batch_size: int = 64, val_resistance=None,
@@ -679,14 +696,18 @@ class FMDefense(BatchedDefense, keras.Model):
             adaptive_order=self.adaptive_order,
             morph_dtype=self.morph_dtype,
             recon_fpr=self.recon_fpr,
+            recon_metric=self.recon_metric,
         )
         return config
 
 
-def _mean_squared_error(images, reconstruction):
-    """[B] mean over pixels of (images - reconstruction)²."""
+def reconstruction_error(images, reconstruction, metric="mae"):
+    """e(x) of the reconstruction gate: [B] mean over the pixels of |x - x̂| ("mae") or
+    (x - x̂)² ("mse"), for `images` and `reconstruction` [B, H, W, C]."""
+    if metric not in RECON_METRICS:
+        raise ValueError(f"metric must be one of {RECON_METRICS}, got {metric!r}")
     diff = tf.reshape(images - reconstruction, [tf.shape(images)[0], -1])
-    return tf.reduce_mean(tf.square(diff), axis=-1)
+    return tf.reduce_mean(tf.abs(diff) if metric == "mae" else tf.square(diff), axis=-1)
 
 
 def _maybe_deserialize(obj):

@@ -234,22 +234,32 @@ def operating_point_thresholds(fmd, r_val, e_val, mode: str, rho: float, recon_f
     return theta_r, theta_d, calibration.recon_threshold(e_val, recon_fpr)
 
 
-def val_operating_points(fmd, val_out: dict, y_val, grid) -> list[dict]:
+def val_operating_points(fmd, val_out: dict, y_val, grid, attack_outputs=None) -> list[dict]:
     """Clean VAL figures of other operating points: for each (mode, ρ, gate budget) of `grid`,
     θr / θd / θe re-calibrated on the stored VAL outputs (`val_outputs`) and what they give on
     those same VAL images: defended accuracy, flagged share, and whether any θr(i) >= 0 (below
-    0 no resistance is low enough, so the detector never fires)."""
+    0 no resistance is low enough, so the detector never fires).
+
+    `attack_outputs` {name: (out, y)}: stored defense outputs (`reverdict` keys, with the same
+    reconstruction error as `val_out`) of adversarial versions of VAL images and their true
+    labels; each row then also gives `val_<name>_defended_accuracy` (rejected or right).
+    """
     rows = []
     for mode, rho, recon_fpr in grid:
         theta_r, theta_d, theta_e = operating_point_thresholds(
             fmd, val_out["resistance"], val_out["recon_error"], mode, rho, recon_fpr)
         v = reverdict(val_out, theta_r, theta_d, theta_e)
-        rows.append({
+        row = {
             "threshold_mode": mode, "rho": rho, "recon_fpr": recon_fpr,
             "theta_r_max": float(np.max(theta_r)), "theta_d": float(theta_d),
             "detector_fires": bool(np.max(theta_r) >= 0.0),
             "val_clean_defended_accuracy": metrics.defended_accuracy(
                 v["label"], v["verdict"], y_val, False),
             "val_clean_flagged": float(np.mean(v["verdict"] != 0)),
-        })
+        }
+        for name, (out, y) in (attack_outputs or {}).items():
+            a = reverdict(out, theta_r, theta_d, theta_e)
+            row[f"val_{name}_defended_accuracy"] = metrics.defended_accuracy(
+                a["label"], a["verdict"], y, True)
+        rows.append(row)
     return rows
