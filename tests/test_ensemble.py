@@ -104,6 +104,15 @@ class EnsembleSavingTest(FmdTestCase):
             np.testing.assert_array_equal(a.theta_r.numpy(), b.theta_r.numpy())
             np.testing.assert_array_equal(a.search_table.numpy(), b.search_table.numpy())
 
+    def test_members_saved_before_recon_metric_load_as_mse(self):
+        clf = _classifier()
+        ens = FMDefenseEnsemble([_member(clf, k, calibrate=False) for k in range(2)])
+        config = ens.get_config()
+        self.assertEqual([m["recon_metric"] for m in config["members"]], ["mae", "mae"])
+        del config["members"][0]["recon_metric"]
+        loaded = FMDefenseEnsemble.from_config(config)
+        self.assertEqual([m.recon_metric for m in loaded.members], ["mse", "mae"])
+
     def test_members_loaded_separately_share_one_classifier(self):
         clf = _classifier()
         members = [_member(clf, k) for k in range(2)]
