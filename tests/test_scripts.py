@@ -286,6 +286,10 @@ def test_operating_points_on_clean_val(quick_model, tmp_path):
         # still gets it right, and a gate can only add rejections (scores in sixths).
         fgsm = [rows[(metric, 1.0, g)]["val_fgsm_defended_accuracy"] for g in gates]
         assert fgsm == sorted(fgsm) and all(round(6 * v, 6) % 1 == 0 for v in fgsm)
+    worst = [min(r["val_clean_defended_accuracy"], r["val_fgsm_defended_accuracy"])
+             for r in report["rows"]]
+    assert worst[report["max_min_row"]] == max(worst)
+    assert "max-min row" in proc.stdout
     # The gate budget is a clean VAL budget whatever the metric: same flagged share at rho 1.
     for g in gates:
         assert rows[("mae", 1.0, g)]["val_clean_flagged"] == pytest.approx(

@@ -16,8 +16,9 @@ Calibration of θr (clean VAL resistances R [n, m], target ρ, FPR budget f = 1 
 Distance (Eq. 5): Dis(r, θr) = Σ_i max(θr(i) - r(i), 0).
 
 Reconstruction gate (not in the paper, off when `recon_fpr` = 0): an input whose
-reconstruction error e(x) = mean((x - decoder(μs(x) ‖ zu(x)))²) exceeds θe is rejected
-whatever its resistance, as far from the combo-VAE's manifold. θe is the smallest VAL error
+reconstruction error e(x) = mean(|x - decoder(μs(x) ‖ zu(x))|) (`FMDefense.recon_metric` "mae";
+"mse" squares the difference instead) exceeds θe is rejected whatever its resistance, as far
+from the combo-VAE's manifold. θe is the smallest VAL error
 value such that at most ⌊recon_fpr·n⌋ clean VAL images have e > θe. The clean false-positive
 budget of the whole defense is then at most (1 - ρ) + recon_fpr.
 
