@@ -147,8 +147,10 @@ class DefenseConfig:
     # Reconstruction gate (not in the paper; 0 = off): reject inputs whose combo-VAE
     # reconstruction error exceeds the clean VAL (1 - recon_fpr) quantile.
     recon_fpr: float = 0.0
-    # The gate's error: "mae" (L1, as MagNet's detector) or "mse" (FMDefense docstring).
+    # The gate's error: "mae" (L1, as MagNet's detector), "mse", or "pixel_share" (share of
+    # pixels with |x - x̂| > recon_pixel_tol); see the FMDefense docstring.
     recon_metric: str = "mae"
+    recon_pixel_tol: float = 0.15
 
 
 @dataclass(frozen=True)

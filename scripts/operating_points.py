@@ -2,7 +2,8 @@
 
     python scripts/operating_points.py [--model saved_models/fmnist] [--dataset fmnist]
         [--rho 0.999,0.99,0.98,0.97,0.96,0.95,0.9,0.8] [--recon-fpr 0,0.01,0.05]
-        [--modes per_code,unified] [--recon-metric mae,mse]
+        [--modes per_code,unified] [--recon-metric mae,mse,pixel_share]
+        [--recon-pixel-tol 0.1,0.15,0.2]
         [--attacks fgsm,pgd --n-attack 500 [--cache results/cache]] [--out FILE.json [--overwrite]]
 
 For every (threshold mode, ρ, reconstruction-gate budget) it re-calibrates θr, θd and θe on the
@@ -12,15 +13,16 @@ VAL images: defended accuracy (final label right), flagged share, the largest θ
 detector can fire at all (a θr below 0 flags nothing, since resistance is never negative). This
 is the table an operating point is chosen from without looking at test images; apply the
 choice with `scripts/train.py --stages defense --reuse-val-resistance --rho R --recon-fpr G
---recon-metric M`.
+--recon-metric M [--recon-pixel-tol T]`.
 
 `--recon-metric` (default: the model's own) lists the gate's reconstruction errors to compare
-(`FMDefense.recon_metric`). `--attacks` adds, per row, the defended accuracy (rejected or final
-label right) on adversarial versions of the first `--n-attack` VAL images, made with the
-classifier-only attacks of `fmd_tf.evaluation.harness.ATTACKS` (cached in --cache). These run
-the full defense once per image (morphs included: about 4 images/s on 2 CPU cores), and the
-script names the max-min row: the one whose smallest VAL defended accuracy over clean and the
-attacks is the largest (`max_min_row` in --out), the rule the shipped operating point follows.
+(`FMDefense.recon_metric`); "pixel_share" gets one row set per `--recon-pixel-tol` value τ.
+`--attacks` adds, per row, the defended accuracy (rejected or final label right) on adversarial
+versions of the first `--n-attack` VAL images, made with the classifier-only attacks of
+`fmd_tf.evaluation.harness.ATTACKS` (cached in --cache). These run the full defense once per image
+(morphs included: about 4 images/s on 2 CPU cores), and the script names the max-min row: the one
+whose smallest VAL defended accuracy over clean and the attacks is the largest (`max_min_row` in
+--out), the rule the shipped operating point follows.
 Exit status 2 (no traceback) for a missing model, data set or bad option.
 """
 
@@ -56,7 +58,11 @@ def parse_args(argv):
     p.add_argument("--recon-fpr", default="0,0.01,0.05")
     p.add_argument("--modes", default="per_code,unified")
     p.add_argument("--recon-metric", default=None,
-                   help="comma-separated gate metrics (mae, mse); default: the model's own")
+                   help="comma-separated gate metrics (mae, mse, pixel_share); default: the "
+                        "model's own")
+    p.add_argument("--recon-pixel-tol", default=None,
+                   help="comma-separated per-pixel tolerances τ of the pixel_share metric "
+                        "(default: the model's own)")
     p.add_argument("--attacks", default="",
                    help="comma-separated classifier attacks on VAL images (e.g. fgsm,pgd)")
     p.add_argument("--n-attack", type=int, default=500,
@@ -83,6 +89,11 @@ def parse_args(argv):
         if not args.recon_metric or unknown:
             raise UsageError(f"--recon-metric: choose from {', '.join(RECON_METRICS)}, "
                              f"got {unknown}")
+    if args.recon_pixel_tol is not None:
+        args.recon_pixel_tol = _floats(args.recon_pixel_tol, "recon-pixel-tol", 0.0, 1.0,
+                                       low_open=True)
+        if 1.0 in args.recon_pixel_tol:
+            raise UsageError("--recon-pixel-tol values must be < 1")
     args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     usable = [a for a in ATTACKS if a not in DEFENSE_AWARE]
     unknown = [a for a in args.attacks if a not in usable]
@@ -95,6 +106,11 @@ def parse_args(argv):
             raise UsageError(f"{os.path.join(args.model, name)} not found; train the model with "
                              "`python scripts/train.py` or pass --model")
     return args
+
+
+def _metric_name(metric: str, pixel_tol) -> str:
+    """"mae", "mse" or "pixel_share>τ" (the tolerance only where the metric uses it)."""
+    return f"{metric}>{pixel_tol:g}" if metric == "pixel_share" else metric
 
 
 def max_min_row(rows: list[dict], attacks: list[str]) -> int:
@@ -136,29 +152,35 @@ def run(args) -> list[dict]:
         adv[attack] = (fmd.defend(x_adv), harness.purified_labels(fmd, x_adv), x_adv)
     rows, val_out = [], None
     for metric in metrics_:
-        gate = fmd.copy_with(recon_metric=metric)
-        val_out = harness.val_outputs(fmd, splits.x_val, r_val,
-                                      gate.reconstruction_error(splits.x_val))
-        attack_outputs = {
-            name: ({**out, "purified_label": purified,
-                    "recon_error": gate.reconstruction_error(x_adv)}, y_att)
-            for name, (out, purified, x_adv) in adv.items()}
-        grid = list(itertools.product(args.modes, args.rho, args.recon_fpr))
-        rows += [{"recon_metric": metric, **row} for row in harness.val_operating_points(
-            fmd, val_out, splits.y_val, grid, attack_outputs)]
+        tols = (args.recon_pixel_tol or [fmd.recon_pixel_tol]) if metric == "pixel_share" \
+            else [None]
+        for tol in tols:
+            gate = fmd.copy_with(recon_metric=metric, **({} if tol is None
+                                                           else {"recon_pixel_tol": tol}))
+            val_out = harness.val_outputs(fmd, splits.x_val, r_val,
+                                          gate.reconstruction_error(splits.x_val))
+            attack_outputs = {
+                name: ({**out, "purified_label": purified,
+                        "recon_error": gate.reconstruction_error(x_adv)}, y_att)
+                for name, (out, purified, x_adv) in adv.items()}
+            grid = list(itertools.product(args.modes, args.rho, args.recon_fpr))
+            rows += [{"recon_metric": metric, "recon_pixel_tol": tol, **row}
+                     for row in harness.val_operating_points(fmd, val_out, splits.y_val, grid,
+                                                             attack_outputs)]
     clf_acc = float(np.mean(val_out["classifier_label"] == splits.y_val))
     print(f"{args.model}: {len(splits.x_val)} clean VAL images, classifier accuracy "
           f"{100 * clf_acc:.2f} %, share with resistance 0 on some code "
           f"{100 * float(np.mean(r_val.min(axis=1) == 0)):.2f} %; shipped: "
           f"{fmd.threshold_mode}, θr max {float(np.max(fmd.theta_r.numpy())):+.3f}, gate "
-          f"{fmd.recon_metric} {fmd.recon_fpr}"
+          f"{_metric_name(fmd.recon_metric, fmd.recon_pixel_tol)} {fmd.recon_fpr}"
           + (f"; attacks on the first {len(x_att)} VAL images" if adv else ""))
     print("| mode | ρ | gate | metric | θr max | detector fires | VAL defended accuracy | "
           "VAL flagged |" + "".join(f" VAL {a} defended |" for a in adv))
     print("|---|---|---|---|---|---|---|---|" + "---|" * len(adv))
     for row in rows:
         print(f"| {row['threshold_mode']} | {row['rho']} | {row['recon_fpr']} | "
-              f"{row['recon_metric']} | {row['theta_r_max']:+.3f} | "
+              f"{_metric_name(row['recon_metric'], row['recon_pixel_tol'])} | "
+              f"{row['theta_r_max']:+.3f} | "
               f"{'yes' if row['detector_fires'] else 'no'} | "
               f"{100 * row['val_clean_defended_accuracy']:.2f} % | "
               f"{100 * row['val_clean_flagged']:.2f} % |"
@@ -168,7 +190,7 @@ def run(args) -> list[dict]:
         row = rows[best]
         print(f"max-min row (largest smallest VAL defended accuracy over clean and "
               f"{', '.join(adv)}): {row['threshold_mode']}, ρ {row['rho']}, gate "
-              f"{row['recon_fpr']} {row['recon_metric']}")
+              f"{row['recon_fpr']} {_metric_name(row['recon_metric'], row['recon_pixel_tol'])}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"model": args.model, "val_classifier_accuracy": clf_acc,

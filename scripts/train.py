@@ -38,7 +38,8 @@ OUTPUTS = {
 MEMBER_STAGES = ("dgmm", "vae", "defense")
 # Defense settings every ensemble member must share with member 0 (the morph seed differs).
 MEMBER_SETTINGS = ("num_morphs", "radius_step", "threshold_mode", "rho", "eta", "recon_fpr",
-                   "recon_metric", "selected_codes", "range_percentiles", "purify_label")
+                   "recon_metric", "recon_pixel_tol", "selected_codes", "range_percentiles",
+                   "purify_label")
 
 
 class UsageError(Exception):
@@ -82,7 +83,10 @@ def parse_args(argv):
     d.add_argument("--recon-fpr", type=float, default=None,
                    help="clean VAL budget of the reconstruction gate (0 = off, paper's rule)")
     d.add_argument("--recon-metric", default=None, choices=list(RECON_METRICS),
-                   help="the gate's reconstruction error: mae (L1) or mse")
+                   help="the gate's reconstruction error: mae (L1), mse, or pixel_share (share "
+                        "of pixels off by more than --recon-pixel-tol)")
+    d.add_argument("--recon-pixel-tol", type=float, default=None,
+                   help="per-pixel tolerance of the pixel_share gate metric, in (0, 1)")
     d.add_argument("--purify-label", default=None, choices=list(PURIFY_LABELS),
                    help="label of purified inputs: reconstruction (paper) or corroborated "
                         "(the input's own label when the DGMM's class agrees with it)")
@@ -143,11 +147,14 @@ def _config(args):
         cfg = quick_config(cfg)
     overrides = {k: getattr(args, k) for k in ("rho", "eta", "threshold_mode", "radius_step",
                                                "num_morphs", "recon_fpr", "recon_metric",
-                                               "purify_label")
+                                               "recon_pixel_tol", "purify_label")
                  if getattr(args, k) is not None}
     if overrides:
         if not 0.0 <= overrides.get("recon_fpr", 0.0) < 1.0:
             raise UsageError(f"--recon-fpr must be in [0, 1), got {overrides['recon_fpr']}")
+        if not 0.0 < overrides.get("recon_pixel_tol", 0.5) < 1.0:
+            raise UsageError(f"--recon-pixel-tol must be in (0, 1), "
+                             f"got {overrides['recon_pixel_tol']}")
         if "rho" in overrides and not 0.0 < overrides["rho"] <= 1.0:
             raise UsageError(f"--rho must be in (0, 1], got {overrides['rho']}")
         if "eta" in overrides and not 0.0 <= overrides["eta"] <= 1.0:

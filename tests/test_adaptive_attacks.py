@@ -24,8 +24,8 @@ from fmd_tf.attacks import (
     cw_high_confidence_transfer,
     soft_resistance,
 )
-from fmd_tf.attacks.adaptive import soft_resistance_tensor
-from fmd_tf.defense import FMDefense, NotCalibratedError
+from fmd_tf.attacks.adaptive import soft_reconstruction_error, soft_resistance_tensor
+from fmd_tf.defense import FMDefense, NotCalibratedError, fm_defense
 from fmd_tf.evaluation.harness import ATTACKS
 from fmd_tf.models import Classifier, build_combo_vae
 
@@ -101,6 +101,28 @@ def _assert_in_ball(x_adv, x, eps, norm):
 
 
 # ----------------------------------------------------------------------------- surrogate
+
+
+def test_soft_pixel_share_matches_the_gate_and_has_gradients():
+    x = tf.constant(tiny_images(3, seed=4))
+    recon = tf.constant(tiny_images(3, seed=5))
+    exact = fm_defense.reconstruction_error(x, recon, "pixel_share", 0.3).numpy()
+    # T -> 0: the sigmoid weights become the step (no pixel sits within 1e-4 of τ here).
+    assert np.min(np.abs(np.abs(x - recon) - 0.3)) > 1e-4
+    np.testing.assert_allclose(
+        soft_reconstruction_error(x, recon, "pixel_share", 0.3, temperature=1e-6), exact,
+        atol=1e-6)
+    # Other metrics are the gate's own error, which is differentiable already.
+    np.testing.assert_allclose(soft_reconstruction_error(x, recon, "mae", 0.3),
+                               fm_defense.reconstruction_error(x, recon, "mae"))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        soft = soft_reconstruction_error(x, recon, "pixel_share", 0.3)
+    grad = tape.gradient(soft, x).numpy()
+    # Moving a pixel away from its reconstruction raises the share: the gradient has the sign
+    # of x - x̂ wherever it is not ~0.
+    sign = np.sign((x - recon).numpy())
+    assert np.all(grad * sign >= 0) and np.mean(np.abs(grad) > 1e-6) > 0.5
 
 
 def test_soft_resistance_is_one_for_a_constant_classifier():

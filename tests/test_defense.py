@@ -203,6 +203,15 @@ def test_reconstruction_error_metrics_hand_example():
                                rtol=1e-6)
     np.testing.assert_allclose(reconstruction_error(x, recon, "mse").numpy(), [0.16, 0.04],
                                rtol=1e-6)
+    # pixel_share with τ = 0.5: image 0 has 1 of 4 pixels off by more than 0.5, image 1 none;
+    # with τ = 0.1 image 1's four pixels (0.2 > 0.1) all count: 4/4.
+    np.testing.assert_allclose(reconstruction_error(x, recon, "pixel_share", 0.5).numpy(),
+                               [0.25, 0.0])
+    np.testing.assert_allclose(reconstruction_error(x, recon, "pixel_share", 0.1).numpy(),
+                               [0.25, 1.0])
+    # Strictly greater: a pixel off by exactly τ does not count.
+    np.testing.assert_allclose(reconstruction_error(x, recon, "pixel_share", 0.8).numpy(),
+                               [0.0, 0.0])
     with pytest.raises(ValueError, match="metric must be one of"):
         reconstruction_error(x, recon, "l3")
 
@@ -326,6 +335,26 @@ class FMDefenseTest(FmdTestCase):
         del legacy["recon_metric"]
         self.assertEqual(FMDefense.from_config(legacy).recon_metric, "mse")
 
+    def test_pixel_share_gate_round_trip(self):
+        x_val, x = tiny_images(20, seed=1), tiny_images(6, seed=2)
+        share = _tiny_defense(recon_fpr=0.1, recon_metric="pixel_share", recon_pixel_tol=0.05)
+        mean, _, zu = share.combo_vae.encode(tf.constant(x))
+        off = np.abs(x - share.combo_vae.decode(mean, zu).numpy()) > 0.05
+        np.testing.assert_allclose(share.reconstruction_error(x), off.mean(axis=(1, 2, 3)),
+                                   rtol=1e-6)
+        report = share.calibrate(x_val)
+        self.assertLessEqual(report["val_recon_rejected_rate"], 0.1)  # ties only lower it
+        config = share.get_config()
+        self.assertEqual((config["recon_metric"], config["recon_pixel_tol"]),
+                         ("pixel_share", 0.05))
+        path = os.path.join(self.get_temp_dir(), "share.keras")
+        share.save(path)
+        loaded = keras.models.load_model(path)
+        self.assertEqual(loaded.recon_pixel_tol, 0.05)
+        a, b = share.defend(x), loaded.defend(x)
+        for key in ("verdict", "recon_error", "label"):
+            np.testing.assert_array_equal(a[key], b[key])
+
     def test_purify_label_corroborated(self):
         paper = _tiny_defense(rho=0.5)
         paper.calibrate(tiny_images(20, seed=1))
@@ -369,6 +398,8 @@ class FMDefenseTest(FmdTestCase):
             (dict(chunk_size=0), "chunk_size"),
             (dict(recon_fpr=1.0), "recon_fpr"),
             (dict(recon_metric="l2"), "recon_metric"),
+            (dict(recon_pixel_tol=0.0), "recon_pixel_tol"),
+            (dict(recon_pixel_tol=1.0), "recon_pixel_tol"),
         ]
         for kwargs, message in cases:
             with self.assertRaisesRegex(ValueError, message):

@@ -66,7 +66,8 @@ def test_train_bad_arguments():
     assert proc.returncode == 2 and "unknown stage" in proc.stderr
     proc = _run("scripts/train.py", "--dataset", "cifar", "--out", "/nonexistent/x")
     assert proc.returncode == 2 and "cifar" in proc.stderr and "Traceback" not in proc.stderr
-    for flag, value in (("--recon-fpr", "1.5"), ("--consistency-weight", "-1"),
+    for flag, value in (("--recon-fpr", "1.5"), ("--recon-pixel-tol", "1.0"),
+                        ("--recon-metric", "l3"), ("--consistency-weight", "-1"),
                         ("--vae-epochs", "0"), ("--vae-data", "test"),
                         ("--purify-label", "dgmm"),
                         ("--ensemble", "0"), ("--ensemble-key", "1"),
@@ -262,12 +263,19 @@ def test_operating_points_on_clean_val(quick_model, tmp_path):
     rhos, gates = sorted({1.0, rho}), sorted({0.0, 0.01, cal["recon_fpr"]})
     proc = _run("scripts/operating_points.py", "--model", str(quick_model), "--rho",
                 ",".join(map(str, rhos)), "--recon-fpr", ",".join(map(str, gates)),
-                "--modes", "per_code", "--recon-metric", "mae,mse", "--attacks", "fgsm",
+                "--modes", "per_code", "--recon-metric", "mae,mse,pixel_share",
+                "--recon-pixel-tol", "0.05,0.2", "--attacks", "fgsm",
                 "--n-attack", "6", "--cache", str(tmp_path / "cache"), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    rows = {(r["recon_metric"], r["rho"], r["recon_fpr"]): r for r in report["rows"]}
-    assert len(report["rows"]) == len(rows) == 2 * len(rhos) * len(gates)
+    rows = {(r["recon_metric"], r["rho"], r["recon_fpr"]): r for r in report["rows"]
+            if r["recon_metric"] != "pixel_share"}
+    shares = {(r["recon_pixel_tol"], r["rho"], r["recon_fpr"]): r for r in report["rows"]
+              if r["recon_metric"] == "pixel_share"}
+    assert len(rows) == len(shares) == 2 * len(rhos) * len(gates)
+    assert len(report["rows"]) == 4 * len(rhos) * len(gates)
+    assert {r["recon_pixel_tol"] for r in rows.values()} == {None}
+    assert "| pixel_share>0.05 |" in proc.stdout and "| pixel_share>0.2 |" in proc.stdout
     assert report["attacks"] == {"names": ["fgsm"], "n": 6, "seed": 0}
     assert f"| per_code | 1.0 | 0.0 | {own_metric} |" in proc.stdout
     # The model's own setting: the same thresholds and flagged share as its calibration.
@@ -291,16 +299,25 @@ def test_operating_points_on_clean_val(quick_model, tmp_path):
     assert worst[report["max_min_row"]] == max(worst)
     assert "max-min row" in proc.stdout
     # The gate budget is a clean VAL budget whatever the metric: same flagged share at rho 1.
+    # (pixel_share's discrete errors can tie at θe, which only lowers its share.)
     for g in gates:
         assert rows[("mae", 1.0, g)]["val_clean_flagged"] == pytest.approx(
             rows[("mse", 1.0, g)]["val_clean_flagged"])
+        for tol in (0.05, 0.2):
+            assert shares[(tol, 1.0, g)]["val_clean_flagged"] <= rows[("mae", 1.0, g)][
+                "val_clean_flagged"] + 1e-9
+    # With the gate off (budget 0) the metric changes nothing.
+    assert shares[(0.2, 1.0, 0.0)]["val_clean_defended_accuracy"] == pytest.approx(
+        rows[("mae", 1.0, 0.0)]["val_clean_defended_accuracy"])
 
 
 @pytest.mark.parametrize("args,message", [
     (["--rho", "1.5"], "--rho: values must lie in (0.0, 1.0]"),
     (["--recon-fpr", "x"], "--recon-fpr: expected comma-separated numbers"),
     (["--modes", "per_code,global"], "--modes: choose from per_code, unified"),
-    (["--recon-metric", "l3"], "--recon-metric: choose from mae, mse"),
+    (["--recon-metric", "l3"], "--recon-metric: choose from mae, mse, pixel_share"),
+    (["--recon-pixel-tol", "0.1,1"], "--recon-pixel-tol values must be < 1"),
+    (["--recon-pixel-tol", "0"], "--recon-pixel-tol: values must lie in (0.0, 1.0]"),
     (["--attacks", "adaptive_pgd"], "--attacks: choose from fgsm, pgd"),
     (["--n-attack", "0"], "--n-attack must be >= 1"),
     (["--model", "/nonexistent/model"], "/nonexistent/model/fmd.keras not found"),

@@ -77,6 +77,9 @@ NORMS = ("linf", "l2")
 MORPH_SOURCES = ("fresh", "defense")
 _TINY = 1e-12
 _BIG = 1e9  # masks the true / target logit out of a max
+# Temperature T of the smooth "pixel_share" gate error: a pixel's weight goes from 0.12 to 0.88
+# within τ ± 2T.
+PIXEL_SHARE_TEMPERATURE = 0.02
 
 # fmd -> {configuration: tf.function}, so repeated calls reuse the traced graphs.
 _LOOP_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -172,11 +175,22 @@ def _margin(logits, onehot):
     return other - real
 
 
+def soft_reconstruction_error(images, reconstruction, metric, pixel_tol,
+                              temperature=PIXEL_SHARE_TEMPERATURE):
+    """Differentiable e(x) [B]: `fm_defense.reconstruction_error`, except that "pixel_share"
+    counts each pixel with sigmoid((|x - x̂| - τ)/T) instead of the step 1[|x - x̂| > τ]
+    (T -> 0 gives the exact share)."""
+    if metric != "pixel_share":
+        return fm_defense.reconstruction_error(images, reconstruction, metric)
+    diff = tf.reshape(images - reconstruction, [tf.shape(images)[0], -1])
+    return tf.reduce_mean(tf.sigmoid((tf.abs(diff) - pixel_tol) / temperature), axis=-1)
+
+
 def _recon_gate_penalty(fmd, x, mean, zu, margin_r, tau):
     """τ·softplus((e(x)/θe - 1 + δ)/τ): smooth surrogate of 'rejected by the reconstruction
     gate' [B]; ~0 when the gate is off (θe = inf)."""
-    error = fm_defense.reconstruction_error(x, fmd.combo_vae.decode(mean, zu),
-                                           fmd.recon_metric)
+    error = soft_reconstruction_error(x, fmd.combo_vae.decode(mean, zu), fmd.recon_metric,
+                                      fmd.recon_pixel_tol)
     gap = error / tf.convert_to_tensor(fmd.theta_e) - 1.0 + margin_r
     return tau * tf.nn.softplus(gap / tau)
 

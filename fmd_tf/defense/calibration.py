@@ -17,9 +17,11 @@ Distance (Eq. 5): Dis(r, θr) = Σ_i max(θr(i) - r(i), 0).
 
 Reconstruction gate (not in the paper, off when `recon_fpr` = 0): an input whose
 reconstruction error e(x) = mean(|x - decoder(μs(x) ‖ zu(x))|) (`FMDefense.recon_metric` "mae";
-"mse" squares the difference instead) exceeds θe is rejected whatever its resistance, as far
-from the combo-VAE's manifold. θe is the smallest VAL error
-value such that at most ⌊recon_fpr·n⌋ clean VAL images have e > θe. The clean false-positive
+"mse" squares the difference instead; "pixel_share" is the share of pixels with
+|x - x̂| > τ) exceeds θe is rejected whatever its resistance, as far from the combo-VAE's
+manifold. θe is the smallest VAL error value such that at most ⌊recon_fpr·n⌋ clean VAL images
+have e > θe; with a discrete error (pixel_share: multiples of 1/pixels) ties at θe can make the
+VAL rejection rate smaller than the budget, never larger. The clean false-positive
 budget of the whole defense is then at most (1 - ρ) + recon_fpr.
 
 θd (η-fractile rule): the η-quantile (linear interpolation) of Dis over the suspicious VAL

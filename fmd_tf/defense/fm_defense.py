@@ -14,7 +14,7 @@ OUTPUT_KEYS = ("label", "verdict", "classifier_label", "resistance", "distance",
                "recon_error")
 PURIFY_ZU = ("encoded", "class_mean")
 PURIFY_LABELS = ("reconstruction", "corroborated")
-RECON_METRICS = ("mae", "mse")
+RECON_METRICS = ("mae", "mse", "pixel_share")
 LEGACY_RECON_METRIC = "mse"  # the gate's metric of files saved before `recon_metric` existed
 
 
@@ -223,7 +223,11 @@ class FMDefense(BatchedDefense, keras.Model):
         recon_metric: the gate's reconstruction error e(x): "mae" (mean absolute error, the L1
             error of MagNet's detector) or "mse" (mean squared error). L1 weighs the small
             perturbation an attack spreads over every pixel more than the few large errors of
-            a hard clean image. Models saved before this option existed load as "mse".
+            a hard clean image. "pixel_share" is the share of pixels with |x - x̂| >
+            `recon_pixel_tol`: it counts the pixels an attack moved off the manifold and ignores
+            how far a hard clean image's few bad pixels are off. Models saved before this
+            option existed load as "mse".
+        recon_pixel_tol: per-pixel tolerance τ of the "pixel_share" metric (unused otherwise).
 
     Call: images float32 [B, H, W, C] in [0, 1] -> dict with `label` int64 [B] (-1 when
     rejected), `verdict` int32 [B] (0 passed, 1 purified, 2 rejected), `classifier_label` int64
@@ -259,6 +263,7 @@ class FMDefense(BatchedDefense, keras.Model):
         morph_dtype="float32",
         recon_fpr=0.0,
         recon_metric="mae",
+        recon_pixel_tol=0.15,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -291,6 +296,7 @@ class FMDefense(BatchedDefense, keras.Model):
         self.morph_dtype = str(morph_dtype)
         self.recon_fpr = float(recon_fpr)
         self.recon_metric = str(recon_metric)
+        self.recon_pixel_tol = float(recon_pixel_tol)
         self._check_arguments(d_s)
         self._image_shape = None
         self._graph_fn = None
@@ -348,6 +354,8 @@ class FMDefense(BatchedDefense, keras.Model):
         if self.recon_metric not in RECON_METRICS:
             raise ValueError(f"recon_metric must be one of {RECON_METRICS}, "
                              f"got {self.recon_metric!r}")
+        if not 0.0 < self.recon_pixel_tol < 1.0:
+            raise ValueError(f"recon_pixel_tol must be in (0, 1), got {self.recon_pixel_tol}")
         if self.morph_dtype not in precision.COMPUTE_DTYPES:
             raise ValueError(f"morph_dtype must be one of {precision.COMPUTE_DTYPES}, "
                              f"got {self.morph_dtype!r}")
@@ -381,6 +389,7 @@ class FMDefense(BatchedDefense, keras.Model):
             morph_dtype=defense_cfg.morph_dtype,
             recon_fpr=defense_cfg.recon_fpr,
             recon_metric=defense_cfg.recon_metric,
+            recon_pixel_tol=defense_cfg.recon_pixel_tol,
             **kwargs,
         )
 
@@ -526,7 +535,8 @@ class FMDefense(BatchedDefense, keras.Model):
         resistance, morphs_used = self._resistance(mean, zu, label, return_used=True)
         reconstruction = self.combo_vae.decode(mean, zu)
         purified, purified_label = self._purify_codes(mean, zu, label, reconstruction)
-        recon_error = reconstruction_error(images, reconstruction, self.recon_metric)
+        recon_error = reconstruction_error(images, reconstruction, self.recon_metric,
+                                           self.recon_pixel_tol)
         verdict, distance = decide(resistance, self.theta_r, self.theta_d, recon_error,
                                    self.theta_e)
         return {
@@ -602,7 +612,7 @@ class FMDefense(BatchedDefense, keras.Model):
             xb = tf.constant(x[i : i + batch_size])
             mean, _, zu = self.combo_vae.encode(xb)
             parts.append(reconstruction_error(xb, self.combo_vae.decode(mean, zu),
-                                              self.recon_metric).numpy())
+                                              self.recon_metric, self.recon_pixel_tol).numpy())
         return np.concatenate(parts)
 
     def calibrate(self, x_val, batch_size: int = 64, val_resistance=None,
@@ -697,17 +707,25 @@ class FMDefense(BatchedDefense, keras.Model):
             morph_dtype=self.morph_dtype,
             recon_fpr=self.recon_fpr,
             recon_metric=self.recon_metric,
+            recon_pixel_tol=self.recon_pixel_tol,
         )
         return config
 
 
-def reconstruction_error(images, reconstruction, metric="mae"):
-    """e(x) of the reconstruction gate: [B] mean over the pixels of |x - x̂| ("mae") or
-    (x - x̂)² ("mse"), for `images` and `reconstruction` [B, H, W, C]."""
+def reconstruction_error(images, reconstruction, metric="mae", pixel_tol=0.15):
+    """e(x) of the reconstruction gate, [B], for `images` and `reconstruction` [B, H, W, C]:
+    the mean over the pixels of |x - x̂| ("mae"), of (x - x̂)² ("mse"), or of
+    1[|x - x̂| > pixel_tol] ("pixel_share", the share of pixels off by more than τ)."""
     if metric not in RECON_METRICS:
         raise ValueError(f"metric must be one of {RECON_METRICS}, got {metric!r}")
     diff = tf.reshape(images - reconstruction, [tf.shape(images)[0], -1])
-    return tf.reduce_mean(tf.abs(diff) if metric == "mae" else tf.square(diff), axis=-1)
+    if metric == "mse":
+        per_pixel = tf.square(diff)
+    elif metric == "mae":
+        per_pixel = tf.abs(diff)
+    else:
+        per_pixel = tf.cast(tf.abs(diff) > pixel_tol, diff.dtype)
+    return tf.reduce_mean(per_pixel, axis=-1)
 
 
 def _maybe_deserialize(obj):
