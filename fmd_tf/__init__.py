@@ -1,16 +1,72 @@
 """fmd_tf: FM-Defense (semantic feature manipulation) for Keras 3 image classifiers.
 
-Importing the package registers every serializable class (package "fmd_tf") so that
-`keras.models.load_model("saved_models/fmnist/fmd.keras")` works.
+    import fmd_tf
+    defense = fmd_tf.fit_defense(classifier, (x_train, y_train), (x_val, y_val))
+    defense.save("fmd.keras"); fmd_tf.export_saved_model(defense, "serving/1")
+
+`import fmd_tf` is cheap: TensorFlow is imported when something needs it (the public names below,
+the Keras models), so the command-line scripts answer a usage error at once. The package's
+Keras classes (package "fmd_tf") are registered as soon as Keras is imported, before or after
+fmd_tf, so that `keras.models.load_model("saved_models/fmnist/fmd.keras")` works after
+`import fmd_tf`.
 """
 
+import importlib as _importlib
+import importlib.abc as _abc
+import importlib.util as _util
 import os as _os
+import sys as _sys
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from fmd_tf import (
-    defense,  # noqa: E402,F401
-    models,  # noqa: E402,F401  (registers the Keras classes)
-)
-
 __version__ = "0.1.0"
+__all__ = ["ExperimentConfig", "FMDefense", "FMDefenseEnsemble", "export_saved_model",
+           "fit_defense"]
+
+# public name -> the module that defines it (imported on first use)
+_PUBLIC = {"ExperimentConfig": "fmd_tf.config", "FMDefense": "fmd_tf.defense",
+           "FMDefenseEnsemble": "fmd_tf.defense", "export_saved_model": "fmd_tf.export",
+           "fit_defense": "fmd_tf.pipeline"}
+_SUBMODULES = ("attacks", "baselines", "calibration", "cli", "config", "data", "defense",
+               "evaluation", "export", "losses", "models", "operating_point", "options",
+               "pipeline", "plots", "serving", "training")
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(_importlib.import_module(_PUBLIC[name]), name)
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'fmd_tf' has no attribute {name!r}")
+
+
+def _register_keras_classes():
+    """Import the modules whose classes are `keras.saving.register_keras_serializable`."""
+    _importlib.import_module("fmd_tf.models")
+    _importlib.import_module("fmd_tf.defense")
+
+
+class _RegisterAfterKeras(_abc.MetaPathFinder):
+    """Finds nothing itself: when `keras` is first imported, registers fmd_tf's Keras classes
+    right after Keras has loaded, then removes itself."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "keras":
+            return None
+        _sys.meta_path.remove(self)
+        spec = _util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module):
+                exec_module(module)
+                _register_keras_classes()
+
+            spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "keras" in _sys.modules:
+    _register_keras_classes()
+elif not any(isinstance(f, _RegisterAfterKeras) for f in _sys.meta_path):
+    _sys.meta_path.insert(0, _RegisterAfterKeras())

@@ -3,18 +3,34 @@
 A script defines `parse_args(argv)` and `run(args)` and ends with
 ``sys.exit(run_cli(run, parse_args))``. `UsageError` (bad options, missing files) and
 `fmd_tf.data.DataNotAvailableError` are printed as ``error: ...`` on stderr without a
-traceback; anything else is a bug and propagates.
+traceback; anything else is a bug and propagates. Library code raises `ValueError` /
+`FileNotFoundError` / `FileExistsError`; a script turns those of the calls that check the
+user's input into `UsageError` with ``with usage_errors(): ...``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
-__all__ = ["UsageError", "run_cli"]
+__all__ = ["USER_ERRORS", "UsageError", "run_cli", "usage_errors"]
+
+# What library calls raise for bad input (a value out of range, a missing or existing file).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
 class UsageError(Exception):
     """Bad command-line input: printed without a traceback, exit status 2."""
+
+
+@contextlib.contextmanager
+def usage_errors(*types: type[BaseException]):
+    """Inside the block, `types` (default `USER_ERRORS`) become `UsageError` (same message)."""
+    caught = types or USER_ERRORS
+    try:
+        yield
+    except caught as e:
+        raise UsageError(str(e)) from None
 
 
 def run_cli(run, parse_args, argv=None) -> int:

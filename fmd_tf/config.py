@@ -13,8 +13,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from fmd_tf.options import OptionError, normalize, option
+
 __all__ = [
+    "COMPUTE_DTYPES",
     "DGMM_LR_SCHEDULES",
+    "DRAW_ORDERS",
+    "PURIFY_LABELS",
+    "PURIFY_ZU",
+    "RECON_METRICS",
+    "THRESHOLD_MODES",
     "VAE_DATA",
     "ClassifierConfig",
     "ComboVAEConfig",
@@ -27,9 +35,29 @@ __all__ = [
     "to_dict",
 ]
 
+# The allowed values of the string options. They live here so that the configs (and the
+# command-line flags derived from them) need no TensorFlow; the modules that use them
+# re-export them (fm_defense) or keep an equal tuple (calibration.THRESHOLD_MODES,
+# adaptive_budget.DRAW_ORDERS, precision.COMPUTE_DTYPES; tests/test_options.py checks that they
+# agree).
+DGMM_LR_SCHEDULES = ("cosine", "constant")  # ComboVAEConfig.dgmm_lr_schedule
+VAE_DATA = ("train", "full")  # ComboVAEConfig.vae_data
+THRESHOLD_MODES = ("per_code", "unified")  # DefenseConfig.threshold_mode
+PURIFY_ZU = ("encoded", "class_mean")  # DefenseConfig.purify_zu
+PURIFY_LABELS = ("reconstruction", "corroborated")  # DefenseConfig.purify_label
+RECON_METRICS = ("mae", "mse", "pixel_share")  # DefenseConfig.recon_metric
+DRAW_ORDERS = ("shuffled", "search")  # DefenseConfig.adaptive_order
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # DefenseConfig.morph_dtype
 
-DGMM_LR_SCHEDULES = ("cosine", "constant")  # values of ComboVAEConfig.dgmm_lr_schedule
-VAE_DATA = ("train", "full")  # values of ComboVAEConfig.vae_data
+# Valid ranges, as `option(check=...)` takes them.
+POSITIVE_INT = (lambda v: v >= 1, "must be >= 1")
+NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+POSITIVE = (lambda v: v > 0, "must be > 0")
+UNIT_OPEN = (lambda v: 0.0 < v < 1.0, "must be in (0, 1)")
+UNIT_LEFT_OPEN = (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
+UNIT_RIGHT_OPEN = (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+UNIT_CLOSED = (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+POSITIVE_INTS = (lambda v: len(v) > 0 and min(v) >= 1, "must be one or more ints >= 1")
 
 
 @dataclass(frozen=True)
@@ -41,116 +69,226 @@ class SplitConfig:
     ever sees.
     """
 
-    train_size: int = 20_000
-    val_size: int = 2_000
-    cle_size: int = 5_000
+    train_size: int = option(20_000, "TRAIN images (official training set) of the combo-VAE",
+                             check=POSITIVE_INT)
+    val_size: int = option(2_000, "VAL images (official test set): calibration",
+                           check=POSITIVE_INT)
+    cle_size: int = option(5_000, "CLE images (official test set, disjoint from VAL): "
+                           "evaluation", check=POSITIVE_INT)
+
+    def __post_init__(self):
+        normalize(self)
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
     """Target classifier: Carlini & Wagner (2017) MNIST net, returns logits."""
 
-    conv_filters: tuple[int, ...] = (32, 32, 64, 64)
-    dense_units: tuple[int, ...] = (200, 200)
-    dropout: float = 0.5
-    epochs: int = 12
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    train_size: int | None = None  # None: the whole official training set
+    conv_filters: tuple[int, ...] = option((32, 32, 64, 64), "filters of the conv layers",
+                                           check=POSITIVE_INTS)
+    dense_units: tuple[int, ...] = option((200, 200), "units of the dense layers",
+                                          check=POSITIVE_INTS)
+    dropout: float = option(0.5, "dropout rate", check=UNIT_RIGHT_OPEN)
+    epochs: int = option(12, "training epochs", check=POSITIVE_INT)
+    batch_size: int = option(128, "batch size", check=POSITIVE_INT)
+    learning_rate: float = option(1e-3, "learning rate", check=POSITIVE)
+    train_size: int | None = option(None, "training images; none: the whole official training "
+                                    "set", check=POSITIVE_INT)
+
+    def __post_init__(self):
+        normalize(self)
 
 
 @dataclass(frozen=True)
 class ComboVAEConfig:
     """β-TC-VAE encoder Es + DGMM + decoder (paper §III-B, §III-D, Table I)."""
 
-    shared_dim: int = 10  # d_s, class-shared codes zs
-    unique_dim: int = 10  # K, class-unique codes zu
-    gamma: float = 40.0  # weight of the total-correlation term (Eq. 8)
-    beta: float = 1.0  # weight of L_KL (Eq. 8 has 1)
-    # Weight w of L_R (Eq. 8 has w = 1). Resistance compares morph labels with the input's label,
-    # so it needs reconstructions the classifier labels like the input; with w = 1 the KL term
-    # starves zs (about 4 nats in all) and the reconstruction label agreement stayed below the
-    # 85 % target in our runs. w = 10 (a Gaussian decoder with pixel variance 0.05) keeps about
-    # 2-3 nats in most codes. `scripts/train.py --recon-weight 1` trains the paper's weighting.
-    recon_weight: float = 10.0
-    # Weight of the decoder-only label-consistency term (not in the paper; 0 turns it off):
-    # KL between the classifier's outputs on x and on its reconstruction, see
-    # `losses.label_consistency_loss`. Clean resistance is bounded by how often reconstructions
-    # keep the input's label, which L_R alone left at 85 %. At weight 10 (model r1,
-    # saved_models/fmnist_r1) the term was a small part of the decoder loss and the test label
-    # agreement 91.2 %; at 100, with the cosine DGMM schedule below (model r2, the shipped one),
-    # 92.8 % (both from their model cards).
-    consistency_weight: float = 100.0
-    lambda_lkd: float = 0.1  # weight of L_lkd in L_GM (Eq. 12)
-    encoder_filters: tuple[int, ...] = (32, 32, 64, 64)  # C k4 s2 ReLU (Table I)
-    encoder_dense: int = 128
-    decoder_dense: int = 128
-    decoder_filters: tuple[int, ...] = (64, 32)  # DC k4 s2 LeakyReLU
-    discriminator_units: tuple[int, ...] = (256, 256, 256)
-    dgmm_epochs: int = 15
-    # Learning-rate schedule of stage 1 (not specified by the paper): "cosine" decays
-    # `learning_rate` to 1 % over the DGMM's training steps, as for the classifier; "constant"
-    # keeps it. DGMM test accuracy 90.0 % constant (model r1) vs 91.2 % cosine (model r2).
-    dgmm_lr_schedule: str = "cosine"
-    # Stage 1 data. The DGMM is "solely trained using the clean labeled instances" (§III-D); on
-    # the 20,000-image TRAIN split it overfits (train 96.7 %, test 87.4 %), so by default it uses
-    # the whole labeled official training set (None); an int takes the first k TRAIN images.
-    dgmm_train_size: int | None = None
-    vae_epochs: int = 30
-    # Stage 2 data: "train" is the paper's TRAIN split (`SplitConfig.train_size` images, §IV-A);
-    # "full" is the whole official training set (VAL and CLE come from the official test set,
-    # so neither is touched).
-    vae_data: str = "train"
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    discriminator_learning_rate: float = 1e-4
+    shared_dim: int = option(10, "d_s, the number of class-shared codes zs", check=POSITIVE_INT)
+    unique_dim: int = option(10, "K, the number of class-unique codes zu", check=POSITIVE_INT)
+    gamma: float = option(40.0, "weight of the total-correlation term (Eq. 8)",
+                          check=NON_NEGATIVE)
+    beta: float = option(1.0, "weight of L_KL (Eq. 8 has 1)", check=NON_NEGATIVE)
+    recon_weight: float = option(
+        10.0,
+        "weight w of L_R (Eq. 8 has w = 1; 1 trains the paper's weighting). Resistance compares "
+        "morph labels with the input's label, so it needs reconstructions the classifier labels "
+        "like the input; with w = 1 the KL term starves zs (about 4 nats in all) and the "
+        "reconstruction label agreement stayed below the 85 % target in our runs. w = 10 (a "
+        "Gaussian decoder with pixel variance 0.05) keeps about 2-3 nats in most codes.",
+        check=POSITIVE,
+    )
+    consistency_weight: float = option(
+        100.0,
+        "weight of the decoder-only label-consistency term (not in the paper; 0 turns it off, "
+        "the paper's loss): KL between the classifier's outputs on x and on its reconstruction, "
+        "see losses.label_consistency_loss. Clean resistance is bounded by how often "
+        "reconstructions keep the input's label, which L_R alone left at 85 % on Fashion-MNIST "
+        "(see CHANGELOG.md for the weights tried).",
+        check=NON_NEGATIVE,
+    )
+    lambda_lkd: float = option(0.1, "weight of L_lkd in L_GM (Eq. 12)", check=NON_NEGATIVE)
+    encoder_filters: tuple[int, ...] = option((32, 32, 64, 64), "encoder conv filters (C k4 s2 "
+                                              "ReLU, Table I)", check=POSITIVE_INTS)
+    encoder_dense: int = option(128, "encoder dense units", check=POSITIVE_INT)
+    decoder_dense: int = option(128, "decoder dense units", check=POSITIVE_INT)
+    decoder_filters: tuple[int, ...] = option((64, 32), "decoder transposed-conv filters (DC k4 "
+                                              "s2 LeakyReLU)", check=POSITIVE_INTS)
+    discriminator_units: tuple[int, ...] = option((256, 256, 256), "units of the total-"
+                                                  "correlation discriminator",
+                                                  check=POSITIVE_INTS)
+    dgmm_epochs: int = option(15, "epochs of stage 1 (DGMM)", check=POSITIVE_INT)
+    dgmm_lr_schedule: str = option(
+        "cosine",
+        "learning-rate schedule of stage 1 (not specified by the paper): cosine decays "
+        "learning_rate to 1 % over the DGMM's training steps, as for the classifier; constant "
+        "keeps it (cosine gave the better DGMM test accuracy on Fashion-MNIST, CHANGELOG.md).",
+        choices=DGMM_LR_SCHEDULES,
+    )
+    dgmm_train_size: int | None = option(
+        None,
+        "stage 1 images. The DGMM is 'solely trained using the clean labeled instances' "
+        "(§III-D); on the 20,000-image TRAIN split it overfits (train 96.7 %, test 87.4 %), so "
+        "by default (none) it uses the whole labeled official training set; an int takes the "
+        "first k TRAIN images.",
+        check=POSITIVE_INT,
+    )
+    vae_epochs: int = option(30, "epochs of stage 2 (combo-VAE)", check=POSITIVE_INT)
+    vae_data: str = option(
+        "train",
+        "stage 2 images: train is the paper's TRAIN split (SplitConfig.train_size images, "
+        "§IV-A); full is the whole official training set (VAL and CLE come from the official "
+        "test set, so neither is touched).",
+        choices=VAE_DATA,
+    )
+    batch_size: int = option(128, "batch size", check=POSITIVE_INT)
+    learning_rate: float = option(1e-3, "learning rate", check=POSITIVE)
+    discriminator_learning_rate: float = option(1e-4, "learning rate of the discriminator",
+                                                check=POSITIVE)
+
+    def __post_init__(self):
+        normalize(self)
+
+
+def _percentile_rule(v):
+    return 0.0 <= v[0] < v[1] <= 100.0
+
+
+def _codes(v):
+    return len(v) > 0 and len(set(v)) == len(v) and min(v) >= 0
 
 
 @dataclass(frozen=True)
 class DefenseConfig:
-    """Detector and purifier (paper §III-C, §III-D, Eq. 5).
+    """Detector and purifier (paper §III-C, §III-D, Eq. 5): the options of `FMDefense`.
 
     Natural-morph search: candidate offsets for code i at search step t (t = 1..max_steps) are
     drawn uniformly in ±t·Δr·w_i, where w_i is the width of the code's normal range; B
     candidates per step; the first N that stay inside the normal range are kept (§III-C).
+
+    `member_shared` options must be equal in every member of an `FMDefenseEnsemble` trained by
+    scripts/train.py (the morph seed differs). `validate(cfg)` (fmd_tf.options) checks every
+    field and that the search draws at least N candidates; `FMDefense` adds the checks that
+    need the model (selected codes < d_s, adaptive_refine_codes <= m, jit_compile).
     """
 
-    num_morphs: int = 100  # N
-    candidates_per_step: int = 20  # B
-    radius_step: float = 0.025  # Δr, as a fraction of the normal-range width
-    max_steps: int = 20
-    range_percentiles: tuple[float, float] = (1.0, 99.0)  # normal value range rule on VAL
-    selected_codes: tuple[int, ...] | None = None  # None: all d_s codes
-    threshold_mode: str = "per_code"  # or "unified"
-    rho: float = 0.999  # clean VAL false-positive rate <= 1 - rho
-    eta: float = 0.9  # theta_d is the eta-fractile of suspicious VAL distances
-    min_suspicious: int = 20  # below this many suspicious VAL images, use eta_reference_rho
-    eta_reference_rho: float = 0.9
-    purify_zu: str = "encoded"  # or "class_mean": zu of the most likely DGMM class
-    # Label of a purified input: "reconstruction" (the paper) classifies the purified image;
-    # "corroborated" keeps the input's own label when the DGMM's class of zu(x) equals it
-    # (FMDefense docstring). Verdicts do not depend on it.
-    purify_label: str = "reconstruction"
-    chunk_size: int = 2_000  # morphs per decoder+classifier pass (memory bound)
-    seed: int = 0  # randomness key of the morph search
-    # Adaptive morph budget (fmd_tf.defense.adaptive_budget): after calibration, draw morphs in
-    # rounds of adaptive_round and stop a pair once an exact binomial test at level
-    # adaptive_alpha (Bonferroni over the looks) puts r(i) clearly above or below θr(i).
-    adaptive_budget: bool = False
-    adaptive_round: int = 10
-    adaptive_alpha: float = 0.01
-    # ... and then finish each image's K deciding codes (lowest r(i) - θr(i)) to all N morphs.
-    adaptive_refine_codes: int = 0
-    # Draw order of the adaptive budget: "shuffled" (fixed permutation from seed) or "search".
-    adaptive_order: str = "shuffled"
-    morph_dtype: str = "float32"  # or "bfloat16" / "float16": morph decoder+classifier compute
-    # Reconstruction gate (not in the paper; 0 = off): reject inputs whose combo-VAE
-    # reconstruction error exceeds the clean VAL (1 - recon_fpr) quantile.
-    recon_fpr: float = 0.0
-    # The gate's error: "mae" (L1, as MagNet's detector), "mse", or "pixel_share" (share of
-    # pixels with |x - x̂| > recon_pixel_tol); see the FMDefense docstring.
-    recon_metric: str = "mae"
-    recon_pixel_tol: float = 0.15
+    num_morphs: int = option(100, "N, the natural morphs per code", check=POSITIVE_INT,
+                             member_shared=True)
+    candidates_per_step: int = option(20, "B, the search candidates per step",
+                                      check=POSITIVE_INT)
+    radius_step: float = option(0.025, "Δr, the growth of the search radius per step, as a "
+                                "fraction of the normal-range width", check=POSITIVE,
+                                member_shared=True)
+    max_steps: int = option(20, "search steps", check=POSITIVE_INT)
+    range_percentiles: tuple[float, float] = option(
+        (1.0, 99.0), "LOW,HIGH percentiles of the clean VAL encoder means: a code's normal "
+        "value range", check=(_percentile_rule, "must satisfy 0 <= low < high <= 100"),
+        member_shared=True,
+    )
+    selected_codes: tuple[int, ...] | None = option(
+        None, "indices of the m manipulated codes; none: all d_s codes",
+        check=(_codes, "must be distinct non-negative code indices"), member_shared=True,
+    )
+    threshold_mode: str = option("per_code", "θr rule: one threshold per code, or one shared "
+                                 "(unified)", choices=THRESHOLD_MODES, member_shared=True)
+    rho: float = option(0.999, "ρ: clean VAL false-positive rate <= 1 - ρ",
+                        check=UNIT_LEFT_OPEN, member_shared=True)
+    eta: float = option(0.9, "η: θd is the η-fractile of the suspicious VAL distances",
+                        check=UNIT_CLOSED, member_shared=True)
+    min_suspicious: int = option(20, "below this many suspicious VAL images, θd comes from "
+                                 "thresholds at eta_reference_rho", check=NON_NEGATIVE)
+    eta_reference_rho: float = option(0.9, "ρ of the reference thresholds of θd with few "
+                                      "suspicious VAL images", check=UNIT_LEFT_OPEN)
+    purify_zu: str = option("encoded", "zu of the purified image: the encoded zu(x), or the "
+                            "mean of the most likely DGMM class", choices=PURIFY_ZU)
+    purify_label: str = option(
+        "corroborated",
+        "label of a purified input: reconstruction (the paper) is the classifier's label of the "
+        "purified image; corroborated keeps the classifier's label of the input itself when the "
+        "DGMM's most likely class of zu(x) is that label (the class-unique code corroborates "
+        "it, so the low resistance came from the decoder changing the class), else the purified "
+        "image's label. Verdicts do not depend on it.",
+        choices=PURIFY_LABELS, member_shared=True,
+    )
+    chunk_size: int = option(2_000, "morphs per decoder+classifier pass (bounds the memory)",
+                             check=POSITIVE_INT)
+    seed: int = option(0, "randomness key of the morph search (saved with the model)",
+                       check=NON_NEGATIVE, cli=False)
+    adaptive_budget: bool = option(
+        False,
+        "adaptive morph budget (fmd_tf.defense.adaptive_budget): after calibration, draw "
+        "morphs in rounds of adaptive_round and stop a pair once an exact binomial test at "
+        "level adaptive_alpha (Bonferroni over the looks) puts r(i) clearly above or below "
+        "θr(i); calibration always uses all N. Not XLA-compatible.",
+    )
+    adaptive_round: int = option(10, "morphs per round of the adaptive budget",
+                                 check=POSITIVE_INT)
+    adaptive_alpha: float = option(0.01, "level α of the adaptive budget's sequential test",
+                                   check=(lambda v: 0.0 < v < 0.5, "must be in (0, 0.5)"))
+    adaptive_refine_codes: int = option(
+        0, "with the adaptive budget, each image's this many codes with the lowest r(i) - θr(i) "
+        "estimates then draw all N morphs (0 = off; at most the number of selected codes)",
+        check=NON_NEGATIVE,
+    )
+    adaptive_order: str = option(
+        "shuffled", "order in which the adaptive budget draws each pair's N morphs: shuffled "
+        "(a fixed permutation drawn from seed) or search (smallest radius first); the full "
+        "budget does not depend on it", choices=DRAW_ORDERS,
+    )
+    morph_dtype: str = option("float32", "compute dtype of the decoder+classifier pass over "
+                              "the morphs (fmd_tf.defense.precision); weights stay float32",
+                              choices=COMPUTE_DTYPES)
+    recon_fpr: float = option(
+        0.0, "reconstruction gate (not in the paper; 0 = off, the paper's rule): reject inputs "
+        "whose combo-VAE reconstruction error exceeds the clean VAL (1 - recon_fpr) quantile",
+        check=UNIT_RIGHT_OPEN, member_shared=True,
+    )
+    recon_metric: str = option(
+        "mae",
+        "the gate's reconstruction error e(x): mae (mean absolute error, the L1 error of "
+        "MagNet's detector), mse (mean squared error), or pixel_share (the share of pixels "
+        "with |x - x̂| > recon_pixel_tol). L1 weighs the small perturbation an attack spreads "
+        "over every pixel more than the few large errors of a hard clean image; pixel_share "
+        "counts the pixels an attack moved off the manifold and ignores how far a hard clean "
+        "image's few bad pixels are off. Models saved before this option existed load as mse.",
+        choices=RECON_METRICS, member_shared=True,
+    )
+    recon_pixel_tol: float = option(0.15, "per-pixel tolerance τ of the pixel_share gate "
+                                    "metric (unused otherwise)", check=UNIT_OPEN,
+                                    member_shared=True)
+
+    def __post_init__(self):
+        normalize(self)
+
+    def _cross_checks(self):
+        """Checks of several fields, run by `fmd_tf.options.validate` after the field checks."""
+        if self.candidates_per_step * self.max_steps < self.num_morphs:
+            raise OptionError(
+                "num_morphs",
+                f"the search draws candidates_per_step*max_steps = "
+                f"{self.candidates_per_step * self.max_steps} candidates, fewer than "
+                f"num_morphs = {self.num_morphs}",
+                fields=("num_morphs", "candidates_per_step", "max_steps"),
+            )
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,17 @@
 The directory layout is TF Serving's: `<base_path>/<version>/`, with `base_path` mounted at
 `/models/fmd` in the server (see `serving/`). The command-line wrapper is `scripts/export.py`.
 
-Signatures (every one takes a single input `images`, float32 [None, 28, 28, 1] in [0, 1]):
+Signatures (every one takes a single input `images`, float32 [None, H, W, C] in [0, 1], where
+(H, W, C) is the model's own image shape, e.g. 28x28x1, 8x8x1 or 32x32x3):
 
 ====================  ===========================================================================
 `serving_default`     the full defense (`FMDefense.call`): `label` int64 [B] (-1 = rejected),
                       `verdict` int32 [B] (0 passed, 1 purified, 2 rejected), `classifier_label`
                       int64 [B], `resistance` float32 [B, m], `distance` float32 [B], `purified`
-                      float32 [B, 28, 28, 1], `recon_error` float32 [B]
+                      float32 [B, H, W, C], `recon_error` float32 [B]
 `classify`            the undefended classifier: `logits` float32 [B, classes], `label` int64 [B]
 `detect`              `resistance`, `distance`, `recon_error`, `verdict` (as `serving_default`)
-`purify`              `purified` float32 [B, 28, 28, 1] (decoder(μs(x) ‖ zu)) and `label` int64
+`purify`              `purified` float32 [B, H, W, C] (decoder(μs(x) ‖ zu)) and `label` int64
                       [B], the label a purified input gets (`FMDefense.purify_label`: the
                       classifier's label of the purified image, or with "corroborated" the
                       input's own label where the DGMM's class agrees); no morph search, cheap
@@ -25,7 +26,8 @@ Signatures (every one takes a single input `images`, float32 [None, 28, 28, 1] i
 Every signature first runs `fmd_tf.defense.fm_defense.validate_images` inside the graph, so a
 bad request fails with INVALID_ARGUMENT and a message naming the problem (shape, empty batch,
 NaN/Inf, value < 0, value > 1) instead of a wrong answer. The image size in the graph check
-and in the signatures is the model's own (`fmd._image_shape`, 28x28x1 for (Fashion-)MNIST).
+and in the signatures is the model's own (`fmd._image_shape`, 28x28x1 for (Fashion-)MNIST);
+clients read it from the server's metadata (`fmd_tf.serving.client`).
 
 How it is built: plain `tf.function`s with a fixed `input_signature` close over the model's
 graph methods (`fmd._defend`, `fmd.classifier`, `fmd.combo_vae`); the `tf.Variable`s their
@@ -66,6 +68,7 @@ from fmd_tf.defense.fm_defense import OUTPUT_KEYS, validate_images
 __all__ = [
     "SIGNATURES",
     "INPUT_NAME",
+    "export_saved_model",
     "export_serving",
     "export_after_training",
     "serving_functions",
@@ -207,6 +210,18 @@ def export_serving(fmd, out_dir, version: int = 1, overwrite: bool = False,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def export_saved_model(fmd, path, overwrite: bool = False, jit_compile: bool = False) -> str:
+    """Write `fmd` as a TF Serving SavedModel at `path`, a version directory such as
+    "serving/1" (its name a positive integer: TF Serving's layout); see `export_serving`."""
+    path = os.path.normpath(os.fspath(path))
+    base, name = os.path.split(path)
+    if not name.isdigit() or int(name) < 1:
+        raise ValueError(f"path must end in a positive integer version directory (TF Serving's "
+                         f"base_path/<version>), e.g. 'serving/1', got {path!r}")
+    return export_serving(fmd, base or ".", version=int(name), overwrite=overwrite,
+                          jit_compile=jit_compile)
 
 
 def export_after_training(fmd, out_dir) -> str:

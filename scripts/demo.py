@@ -15,9 +15,7 @@ import argparse
 import os
 import sys
 
-
-class UsageError(Exception):
-    """Printed without a traceback; exit status 2."""
+from fmd_tf.cli import UsageError, run_cli
 
 
 def parse_args(argv):
@@ -41,78 +39,14 @@ def parse_args(argv):
     return args
 
 
-def defended_accuracy(out, y, adversarial: bool) -> float:
-    """Clean: final label correct. Adversarial: rejected or final label correct."""
-    import numpy as np
-
-    correct = out["label"] == y
-    if adversarial:
-        correct |= out["verdict"] == 2
-    return float(np.mean(correct))
-
-
 def run(args) -> dict:
-    import keras
-    import numpy as np
+    from fmd_tf.evaluation.demo import format_rows, run_demo
 
-    import fmd_tf  # noqa: F401
-    from fmd_tf import plots
-    from fmd_tf.attacks import fgsm
-    from fmd_tf.data import paper_splits
-
-    fmd = keras.models.load_model(os.path.join(args.model, "fmd.keras"))
-    splits = paper_splits(args.dataset, args.seed)
-    x, y = splits.x_cle[: args.n], splits.y_cle[: args.n]
-    x_adv = fgsm(fmd.classifier, x, eps=args.eps, y=y)
-    rows = {}
-    outs = {}
-    for name, data, adversarial in (("clean", x, False), (f"FGSM eps={args.eps}", x_adv, True)):
-        out = fmd.defend(data)
-        outs[name] = out
-        counts = np.bincount(out["verdict"], minlength=3) / len(data)
-        rows[name] = {
-            "passed": counts[0], "purified": counts[1], "rejected": counts[2],
-            "accuracy without defense": float(np.mean(out["classifier_label"] == y)),
-            "accuracy with FM-Defense": defended_accuracy(out, y, adversarial),
-            "mean resistance": float(out["resistance"].mean()),
-        }
-    names = list(rows)
-    print(f"\nFM-Defense on {args.n} Fashion-MNIST CLE test images ({args.model}/fmd.keras)")
-    print(f"{'':28s}" + "".join(f"{n:>18s}" for n in names))
-    for key in rows[names[0]]:
-        print(f"{key:28s}" + "".join(f"{rows[n][key]:18.3f}" for n in names))
-    print("(adversarial inputs count as defended when rejected or relabelled correctly)")
-
-    code = int(np.argmin(outs[names[1]]["resistance"][0]))
-    code = fmd.selected_codes[code]
-    panel = []
-    for name, data in ((names[0], x), (names[1], x_adv)):
-        out = outs[name]
-        morph = fmd.morph_images(data[:1], code, count=8)[0]
-        verdict = ["passed", "purified", "rejected"][out["verdict"][0]]
-        caption = f"{verdict}, label {out['label'][0]} (true {y[0]})"
-        panel.append((name, data[0], morph, out["purified"][0], caption))
-    os.makedirs(os.path.dirname(args.figure) or ".", exist_ok=True)
-    plots.defense_panel(panel, args.figure, title=f"morphs of code z{code}")
+    rows = run_demo(args.model, args.dataset, args.n, args.eps, args.seed, figure=args.figure)
+    print(format_rows(rows, args.n, args.model))
     print(f"wrote {args.figure}")
     return rows
 
 
-def main(argv=None) -> int:
-    try:
-        run(parse_args(argv))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001
-        from fmd_tf.data import DataNotAvailableError
-
-        if isinstance(e, DataNotAvailableError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(run, parse_args))

@@ -13,13 +13,12 @@ server (it was ~3x slower on CPU). See `fmd_tf/export.py` for details.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import zipfile
 
-
-class UsageError(Exception):
-    """Bad command-line input: printed without a traceback, exit status 2."""
+from fmd_tf.cli import UsageError, run_cli
 
 
 def parse_args(argv):
@@ -95,14 +94,8 @@ def run(args) -> str:
     return path
 
 
-def main(argv=None) -> int:
-    try:
-        run(parse_args(argv))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+# `main(argv) -> exit status`, for calling the script in-process (tests/test_export_serving.py).
+main = functools.partial(run_cli, run, parse_args)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(run, parse_args))

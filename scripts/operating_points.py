@@ -113,24 +113,14 @@ def _metric_name(metric: str, pixel_tol) -> str:
     return f"{metric}>{pixel_tol:g}" if metric == "pixel_share" else metric
 
 
-def max_min_row(rows: list[dict], attacks: list[str]) -> int:
-    """Index of the row whose smallest VAL defended accuracy over clean and `attacks` is the
-    largest (the first such row on ties): the operating point with the best worst case."""
-    keys = ["val_clean_defended_accuracy"] + [f"val_{a}_defended_accuracy" for a in attacks]
-    worst = [min(row[k] for k in keys) for row in rows]
-    return worst.index(max(worst))
-
-
 def run(args) -> list[dict]:
-    import itertools
-
     import keras
     import numpy as np
 
     import fmd_tf  # noqa: F401
     from fmd_tf.config import card_split_config
     from fmd_tf.data import paper_splits
-    from fmd_tf.evaluation import harness
+    from fmd_tf.operating_point import OperatingPointConfig, max_min_row, operating_point_table
 
     fmd = keras.models.load_model(os.path.join(args.model, "fmd.keras"))
     if not fmd.is_calibrated:
@@ -144,30 +134,16 @@ def run(args) -> list[dict]:
         raise UsageError(f"{args.model}/val_resistance.npy has shape {r_val.shape}, expected "
                          f"({len(splits.x_val)}, {fmd.num_codes}) for this model's VAL split")
     metrics_ = args.recon_metric or [fmd.recon_metric]
-    x_att, y_att = splits.x_val[: args.n_attack], splits.y_val[: args.n_attack]
-    adv = {}
-    for attack in args.attacks:
-        x_adv, _ = harness.adversarial_set(attack, fmd.classifier, x_att, y_att, args.cache,
-                                           args.seed)
-        adv[attack] = (fmd.defend(x_adv), harness.purified_labels(fmd, x_adv), x_adv)
-    rows, val_out = [], None
-    for metric in metrics_:
-        tols = (args.recon_pixel_tol or [fmd.recon_pixel_tol]) if metric == "pixel_share" \
-            else [None]
-        for tol in tols:
-            gate = fmd.copy_with(recon_metric=metric, **({} if tol is None
-                                                           else {"recon_pixel_tol": tol}))
-            val_out = harness.val_outputs(fmd, splits.x_val, r_val,
-                                          gate.reconstruction_error(splits.x_val))
-            attack_outputs = {
-                name: ({**out, "purified_label": purified,
-                        "recon_error": gate.reconstruction_error(x_adv)}, y_att)
-                for name, (out, purified, x_adv) in adv.items()}
-            grid = list(itertools.product(args.modes, args.rho, args.recon_fpr))
-            rows += [{"recon_metric": metric, "recon_pixel_tol": tol, **row}
-                     for row in harness.val_operating_points(fmd, val_out, splits.y_val, grid,
-                                                             attack_outputs)]
-    clf_acc = float(np.mean(val_out["classifier_label"] == splits.y_val))
+    gates = tuple((m, t) for m in metrics_ for t in (
+        (args.recon_pixel_tol or [fmd.recon_pixel_tol]) if m == "pixel_share" else [None]))
+    cfg = OperatingPointConfig(attacks=tuple(args.attacks), n_attack=args.n_attack,
+                               modes=tuple(args.modes), rhos=tuple(args.rho),
+                               gate_metrics=gates, gate_budgets=tuple(args.recon_fpr))
+    table = operating_point_table(fmd, splits.x_val, splits.y_val, r_val, cfg, args.cache,
+                                  args.seed)
+    rows, adv = table["rows"], args.attacks
+    x_att = splits.x_val[: args.n_attack]
+    clf_acc = table["classifier_val_accuracy"]
     print(f"{args.model}: {len(splits.x_val)} clean VAL images, classifier accuracy "
           f"{100 * clf_acc:.2f} %, share with resistance 0 on some code "
           f"{100 * float(np.mean(r_val.min(axis=1) == 0)):.2f} %; shipped: "

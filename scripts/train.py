@@ -1,16 +1,27 @@
 """Train the FM-Defense stack: classifier -> DGMM -> combo-VAE -> calibrated FMDefense.
 
-    python scripts/train.py --dataset fmnist [--out saved_models/fmnist] [--seed 0]
-        [--stages classifier,dgmm,vae,defense,ensemble] [--ensemble K] [--epochs N] [--quick]
-        [--strategy default|mirrored|multiworker] [--overwrite]
+    python scripts/train.py --dataset fmnist|mnist|digits [--data FILE.npz|DIR]
+        [--classifier PATH.keras] [--out saved_models/NAME] [--seed 0] [--preset full|fast]
+        [--operating-point auto|paper|config] [--stages classifier,dgmm,vae,defense,ensemble]
+        [--ensemble K] [--epochs N] [--strategy default|mirrored|multiworker] [--overwrite]
         [--rho R] [--eta E] [--threshold-mode per_code|unified] [--radius-step S] [--num-morphs N]
+
+With no option but --dataset it trains the whole stack and picks the operating point on VAL
+(`--operating-point auto`, `fmd_tf.operating_point`): ρ, threshold mode and the reconstruction
+gate with the best worst case over clean VAL and FGSM / PGD examples made from VAL images,
+within 2 points of the classifier's clean VAL accuracy. `--operating-point paper` keeps the
+paper's ρ 0.999 and no gate; `config` uses the defense flags as given.
+
+`--data` brings your own images: a .npz with x_train, y_train, x_test, y_test, or a directory
+with one sub-folder per class (`fmd_tf.data.load_dataset`); `--classifier` protects an existing
+Keras classifier (the classifier stage is skipped).
 
 Writes into --out: classifier.keras, combo_vae.keras, fmd.keras, the TF Serving SavedModel
 serving/1/, model_card.json (figures, hyperparameters, the command), latent_traversals.png,
 val_resistance.npy and TensorBoard logs in logs/. Stages not selected load their model from
 --out. Existing models are never replaced without --overwrite.
 
-With --ensemble K (issue 8, the randomized defense of the paper's conclusion) the ensemble stage
+With --ensemble K (the randomized defense of the paper's conclusion) the ensemble stage
 trains members 1..K-1 into OUT/members/I (DGMM, combo-VAE and calibration as above, on the same
 splits and classifier; model and morph seeds offset by I), reuses members already there unless
 --overwrite, and writes OUT/fmd_ensemble.keras (OUT/fmd.keras is member 0) and its SavedModel
@@ -27,6 +38,8 @@ import shlex
 import sys
 import time
 
+from fmd_tf.cli import UsageError, run_cli
+
 STAGES = ("classifier", "dgmm", "vae", "defense", "ensemble")
 OUTPUTS = {
     "classifier": ["classifier.keras"],
@@ -36,22 +49,28 @@ OUTPUTS = {
     "ensemble": ["fmd_ensemble.keras", "serving_ensemble"],
 }
 MEMBER_STAGES = ("dgmm", "vae", "defense")
-# Defense settings every ensemble member must share with member 0 (the morph seed differs).
-MEMBER_SETTINGS = ("num_morphs", "radius_step", "threshold_mode", "rho", "eta", "recon_fpr",
-                   "recon_metric", "recon_pixel_tol", "selected_codes", "range_percentiles",
-                   "purify_label")
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed without a traceback, exit status 2."""
 
 
 def parse_args(argv):
-    from fmd_tf.config import DGMM_LR_SCHEDULES, VAE_DATA
-    from fmd_tf.defense.fm_defense import PURIFY_LABELS, RECON_METRICS
+    from fmd_tf.config import ComboVAEConfig, DefenseConfig
+    from fmd_tf.data import DATASETS
+    from fmd_tf.operating_point import OPERATING_POINTS, POINT_KEYS
+    from fmd_tf.options import OptionError, add_arguments, apply_arguments
+    from fmd_tf.pipeline import PRESETS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dataset", default="fmnist")
-    p.add_argument("--out", default=None, help="output directory (default saved_models/DATASET)")
+    p.add_argument("--dataset", default="fmnist", choices=list(DATASETS),
+                   help="named dataset (ignored with --data)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help=".npz (x_train, y_train, x_test, y_test) or a directory with one "
+                        "sub-folder of images per class")
+    p.add_argument("--out", default=None,
+                   help="output directory (default saved_models/DATASET or saved_models/<data "
+                        "file name>)")
+    p.add_argument("--preset", default="full", choices=list(PRESETS),
+                   help="full (paper scale) or fast (tiny: trials, tests and CI)")
+    p.add_argument("--operating-point", default="auto", choices=[*OPERATING_POINTS, "config"],
+                   help="auto: chosen on VAL (clean, FGSM, PGD); paper: rho 0.999, no gate; "
+                        "config: the defense flags below as given")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", default=None, help="comma-separated subset of "
                    + ",".join(STAGES) + " (default: all; ensemble only with --ensemble K > 1)")
@@ -64,47 +83,34 @@ def parse_args(argv):
                    help="two non-negative ints, the secret key of the per-image member draw "
                         "(default: SEED,K; a published key is public: re-key what you serve)")
     p.add_argument("--epochs", type=int, default=None, help="override the epochs of every stage")
-    p.add_argument("--quick", action="store_true", help="tiny config (512 images) for tests/CI")
+    p.add_argument("--quick", action="store_true", help="same as --preset fast")
     p.add_argument("--strategy", default="default", choices=["default", "mirrored", "multiworker"])
     p.add_argument("--overwrite", action="store_true", help="replace existing models in --out")
     p.add_argument("--verbose", default="auto", help="Keras verbosity: auto, 0, 1 or 2")
     p.add_argument("--classifier", default=None,
-                   help="classifier.keras to defend (default OUT/classifier.keras); not with "
-                        "the classifier stage")
+                   help="an existing Keras classifier to defend (images in [0, 1] -> logits); "
+                        "the classifier stage is skipped")
     p.add_argument("--member-index", type=int, default=0,
                    help="train ensemble member I: model and morph seeds offset by I, the same "
                         "data splits (those of --seed); used by --ensemble")
-    d = p.add_argument_group("defense overrides (recorded in the card's hyperparameters)")
-    d.add_argument("--rho", type=float, default=None, help="clean VAL true-negative target")
-    d.add_argument("--eta", type=float, default=None, help="fractile for theta_d")
-    d.add_argument("--threshold-mode", default=None, choices=["per_code", "unified"])
-    d.add_argument("--radius-step", type=float, default=None, help="morph search radius step")
-    d.add_argument("--num-morphs", type=int, default=None, help="N morphs per code")
-    d.add_argument("--recon-fpr", type=float, default=None,
-                   help="clean VAL budget of the reconstruction gate (0 = off, paper's rule)")
-    d.add_argument("--recon-metric", default=None, choices=list(RECON_METRICS),
-                   help="the gate's reconstruction error: mae (L1), mse, or pixel_share (share "
-                        "of pixels off by more than --recon-pixel-tol)")
-    d.add_argument("--recon-pixel-tol", type=float, default=None,
-                   help="per-pixel tolerance of the pixel_share gate metric, in (0, 1)")
-    d.add_argument("--purify-label", default=None, choices=list(PURIFY_LABELS),
-                   help="label of purified inputs: reconstruction (paper) or corroborated "
-                        "(the input's own label when the DGMM's class agrees with it)")
     p.add_argument("--reuse-val-resistance", action="store_true",
                    help="with --stages defense: re-threshold from OUT/val_resistance.npy "
                         "(verified on 32 VAL images) instead of recomputing all morphs")
-    p.add_argument("--recon-weight", type=float, default=None,
-                   help="weight of L_R in the combo-VAE loss (config default otherwise)")
-    p.add_argument("--consistency-weight", type=float, default=None,
-                   help="weight of the decoder's label-consistency term (0 = paper's loss)")
-    p.add_argument("--dgmm-lr-schedule", default=None, choices=list(DGMM_LR_SCHEDULES),
-                   help="learning-rate schedule of the DGMM stage (config default otherwise)")
-    p.add_argument("--vae-data", default=None, choices=list(VAE_DATA),
-                   help="combo-VAE stage images: the paper's TRAIN split or the full official "
-                        "training set (config default otherwise)")
-    p.add_argument("--vae-epochs", type=int, default=None,
-                   help="epochs of the combo-VAE stage (config default otherwise)")
+    add_arguments(p.add_argument_group(
+        "defense options (fmd_tf.config.DefenseConfig; recorded in the card)"), DefenseConfig)
+    add_arguments(p.add_argument_group(
+        "combo-VAE options (fmd_tf.config.ComboVAEConfig; --vae-epochs wins over --epochs)"),
+        ComboVAEConfig)
     args = p.parse_args(argv)
+    if args.quick:
+        args.preset = "fast"
+    if args.data is not None:
+        if not os.path.exists(args.data):
+            raise UsageError(f"--data {args.data} not found")
+        args.dataset = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
+    if args.classifier is not None and args.stages is None:
+        args.stages = ",".join(s for s in STAGES if s != "classifier"
+                               and (s != "ensemble" or args.ensemble > 1))
     if args.ensemble < 1:
         raise UsageError(f"--ensemble must be >= 1, got {args.ensemble}")
     if args.stages is None:
@@ -131,76 +137,60 @@ def parse_args(argv):
         raise UsageError(f"--member-index must be >= 0, got {args.member_index}")
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    try:  # check the given option values now, before any data is loaded
+        apply_arguments(DefenseConfig(), _with_search_steps(args, DefenseConfig()))
+        apply_arguments(ComboVAEConfig(), args)
+    except OptionError as e:
+        raise UsageError(str(e)) from None
+    point_flags = [f"--{k.replace('_', '-')}" for k in POINT_KEYS if getattr(args, k) is not None]
+    if point_flags and args.operating_point != "config":
+        raise UsageError(f"{', '.join(point_flags)} set the operating point by hand: add "
+                         "--operating-point config (the default, auto, chooses it on VAL)")
     args.out = args.out or os.path.join("saved_models", args.dataset)
     args.verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
     return args
 
 
-def _config(args):
-    from fmd_tf.config import get_config, quick_config
+def _config(args, image_shape, num_classes, n_train, n_test):
+    from fmd_tf.config import get_config
+    from fmd_tf.data import fit_split_config
+    from fmd_tf.options import OptionError, apply_arguments
+    from fmd_tf.pipeline import experiment_config
 
     try:
-        cfg = get_config(args.dataset)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if args.quick:
-        cfg = quick_config(cfg)
-    overrides = {k: getattr(args, k) for k in ("rho", "eta", "threshold_mode", "radius_step",
-                                               "num_morphs", "recon_fpr", "recon_metric",
-                                               "recon_pixel_tol", "purify_label")
-                 if getattr(args, k) is not None}
-    if overrides:
-        if not 0.0 <= overrides.get("recon_fpr", 0.0) < 1.0:
-            raise UsageError(f"--recon-fpr must be in [0, 1), got {overrides['recon_fpr']}")
-        if not 0.0 < overrides.get("recon_pixel_tol", 0.5) < 1.0:
-            raise UsageError(f"--recon-pixel-tol must be in (0, 1), "
-                             f"got {overrides['recon_pixel_tol']}")
-        if "rho" in overrides and not 0.0 < overrides["rho"] <= 1.0:
-            raise UsageError(f"--rho must be in (0, 1], got {overrides['rho']}")
-        if "eta" in overrides and not 0.0 <= overrides["eta"] <= 1.0:
-            raise UsageError(f"--eta must be in [0, 1], got {overrides['eta']}")
-        if overrides.get("radius_step", 1.0) <= 0 or overrides.get("num_morphs", 1) < 1:
-            raise UsageError("--radius-step must be > 0 and --num-morphs >= 1")
-        defense = dataclasses.replace(cfg.defense, **overrides)
-        if defense.candidates_per_step * defense.max_steps < defense.num_morphs:
-            steps = -(-defense.num_morphs // defense.candidates_per_step)
-            defense = dataclasses.replace(defense, max_steps=steps)
-        cfg = dataclasses.replace(cfg, defense=defense)
-    if args.member_index:
-        cfg = dataclasses.replace(cfg, defense=dataclasses.replace(
-            cfg.defense, seed=cfg.defense.seed + args.member_index))
-    if args.recon_weight is not None:
-        if args.recon_weight <= 0:
-            raise UsageError(f"--recon-weight must be > 0, got {args.recon_weight}")
-        cfg = dataclasses.replace(
-            cfg, combo=dataclasses.replace(cfg.combo, recon_weight=args.recon_weight)
-        )
-    if args.dgmm_lr_schedule is not None:
-        cfg = dataclasses.replace(
-            cfg, combo=dataclasses.replace(cfg.combo, dgmm_lr_schedule=args.dgmm_lr_schedule)
-        )
-    if args.consistency_weight is not None:
-        if args.consistency_weight < 0:
-            raise UsageError(f"--consistency-weight must be >= 0, got {args.consistency_weight}")
-        cfg = dataclasses.replace(
-            cfg, combo=dataclasses.replace(cfg.combo, consistency_weight=args.consistency_weight)
-        )
-    if args.vae_data is not None:
-        cfg = dataclasses.replace(cfg, combo=dataclasses.replace(cfg.combo, vae_data=args.vae_data))
+        base = get_config(args.dataset)
+    except ValueError:  # digits, --data: the Fashion-MNIST settings, sized for the data
+        base = None
+    cfg = experiment_config(image_shape, num_classes, args.preset, args.dataset, base)
+    cfg = dataclasses.replace(cfg, splits=fit_split_config(cfg.splits, n_train, n_test))
     if args.epochs is not None:
         cfg = dataclasses.replace(
             cfg,
             classifier=dataclasses.replace(cfg.classifier, epochs=args.epochs),
             combo=dataclasses.replace(cfg.combo, dgmm_epochs=args.epochs, vae_epochs=args.epochs),
         )
-    # --vae-epochs is more specific than --epochs, so it wins.
-    if args.vae_epochs is not None:
-        if args.vae_epochs < 1:
-            raise UsageError(f"--vae-epochs must be >= 1, got {args.vae_epochs}")
-        cfg = dataclasses.replace(
-            cfg, combo=dataclasses.replace(cfg.combo, vae_epochs=args.vae_epochs)
-        )
-    return cfg
+    defense = cfg.defense
+    if args.member_index:
+        defense = dataclasses.replace(defense, seed=defense.seed + args.member_index)
+    try:
+        return dataclasses.replace(
+            cfg, defense=apply_arguments(defense, _with_search_steps(args, defense)),
+            combo=apply_arguments(cfg.combo, args))
+    except OptionError as e:
+        raise UsageError(str(e)) from None
+
+
+def _with_search_steps(args, defense):
+    """`args` with --max-steps raised so that the search draws --num-morphs candidates."""
+    from fmd_tf.options import given_arguments
+
+    given = given_arguments(args, type(defense))
+    num_morphs = given.get("num_morphs", defense.num_morphs)
+    per_step = given.get("candidates_per_step", defense.candidates_per_step)
+    if "max_steps" in given or not isinstance(num_morphs, int) or per_step * defense.max_steps \
+            >= num_morphs or per_step < 1:
+        return args
+    return argparse.Namespace(**{**vars(args), "max_steps": -(-num_morphs // per_step)})
 
 
 def _check_outputs(args):
@@ -243,11 +233,16 @@ def run(args) -> dict:
     import fmd_tf  # noqa: F401  (registers the Keras classes)
     from fmd_tf import plots, training
     from fmd_tf.config import to_dict
-    from fmd_tf.data import load_dataset, paper_splits
-    from fmd_tf.defense import FMDefense
+    from fmd_tf.data import load_dataset, make_splits
     from fmd_tf.export import export_after_training
+    from fmd_tf.pipeline import calibrate_defense, check_data, operating_point_config
 
-    cfg = _config(args)
+    try:
+        (x_train_full, y_train_full), (x_test, y_test) = load_dataset(args.data or args.dataset)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    num_classes = int(max(y_train_full.max(), y_test.max())) + 1
+    cfg = _config(args, x_train_full.shape[1:], num_classes, len(x_train_full), len(x_test))
     _check_outputs(args)
     os.makedirs(args.out, exist_ok=True)
     model_seed = args.seed + args.member_index  # the data splits always follow --seed
@@ -256,11 +251,10 @@ def run(args) -> dict:
     log_dir = os.path.join(args.out, "logs")
     card_path = os.path.join(args.out, "model_card.json")
     card = {}
-    if os.path.exists(card_path):
+    if os.path.exists(card_path) and "classifier" not in args.stages:  # a new model: new card
         with open(card_path) as f:
             card = json.load(f)
-    (x_train_full, y_train_full), (x_test, y_test) = load_dataset(args.dataset)
-    splits = paper_splits(args.dataset, args.seed, cfg.splits)
+    splits = make_splits((x_train_full, y_train_full), (x_test, y_test), cfg.splits, args.seed)
     started = time.time()
     seconds = dict(card.get("stage_seconds", {}))
     seconds_before = dict(seconds)
@@ -276,6 +270,10 @@ def run(args) -> dict:
         seconds["classifier"] = time.time() - t
     else:
         classifier = keras.models.load_model(args.classifier or path("classifier.keras"))
+        try:
+            check_data(classifier, (splits.x_train, splits.y_train), (splits.x_val, splits.y_val))
+        except ValueError as e:
+            raise UsageError(f"{args.classifier or path('classifier.keras')}: {e}") from None
     card["classifier_test_accuracy"] = training.accuracy(classifier, x_test, y_test)
     print(f"classifier test accuracy: {card['classifier_test_accuracy']:.4f}")
 
@@ -318,7 +316,6 @@ def run(args) -> dict:
 
     if "defense" in args.stages:
         t = time.time()
-        fmd = FMDefense.from_config_dataclass(classifier, combo, cfg.defense, name="fmd")
         reuse = None
         if args.reuse_val_resistance:
             if "vae" in args.stages or "dgmm" in args.stages or "classifier" in args.stages:
@@ -328,9 +325,14 @@ def run(args) -> dict:
                 raise UsageError(f"{path('val_resistance.npy')} not found")
             reuse = np.load(path("val_resistance.npy"))
         try:
-            report = fmd.calibrate(splits.x_val, val_resistance=reuse)
+            fmd, report, card["operating_point"] = calibrate_defense(
+                classifier, combo, cfg.defense, splits.x_val, splits.y_val, args.operating_point,
+                operating_point_config(args.preset), val_resistance=reuse,
+                cache_dir=os.path.join("results", "cache"), seed=args.seed,
+                verbose=int(args.verbose != 0))
         except ValueError as e:
             raise UsageError(str(e)) from None
+        cfg = dataclasses.replace(cfg, defense=fmd.config)  # the card records what is used
         np.save(path("val_resistance.npy"), report.pop("val_resistance"))
         fmd.save(path("fmd.keras"))
         seconds["defense_rethreshold" if reuse is not None else "defense"] = time.time() - t
@@ -340,8 +342,9 @@ def run(args) -> dict:
         card["serving_export"] = (export_after_training(fmd, args.out)
                                   if args.member_index == 0 else None)
         card["calibration"] = report
-        print(f"calibrated on {report['num_val']} VAL images: theta_r {report['theta_r']}, "
-              f"theta_d {report['theta_d']:.4f}, VAL FPR {report['val_false_positive_rate']:.4f}")
+        print(f"calibrated on {report['num_val']} VAL images: operating point "
+              f"{card['operating_point']['options']}, theta_r {report['theta_r']}, theta_d "
+              f"{report['theta_d']:.4f}, VAL FPR {report['val_false_positive_rate']:.4f}")
 
     if "ensemble" in args.stages:
         t = time.time()
@@ -363,7 +366,9 @@ def run(args) -> dict:
         classifier_path=args.classifier or path("classifier.keras"),
         command=command,
         stages_run=args.stages,
-        quick=args.quick,
+        quick=args.preset == "fast",
+        preset=args.preset,
+        data=args.data,
         strategy=args.strategy,
         num_replicas=strategy.num_replicas_in_sync,
         stage_seconds=seconds,
@@ -378,8 +383,14 @@ def run(args) -> dict:
     return card
 
 
-def _member_args(args, index) -> argparse.Namespace:
+def _member_args(args, index, reference) -> argparse.Namespace:
+    """Arguments of ensemble member `index`: member 0's (`reference`) operating point."""
     member = argparse.Namespace(**vars(args))
+    member.operating_point = "config"
+    from fmd_tf.operating_point import POINT_KEYS
+
+    for key in POINT_KEYS + ("purify_label",):
+        setattr(member, key, getattr(reference, key))
     member.out = os.path.join(args.out, "members", str(index))
     member.member_index = index
     member.stages = list(MEMBER_STAGES)
@@ -391,12 +402,14 @@ def _train_ensemble(args, cfg, classifier_path) -> dict:
     """Members 1..K-1 (trained, or reused when present) + OUT/fmd_ensemble.keras."""
     import keras
 
+    from fmd_tf.config import DefenseConfig
     from fmd_tf.defense import FMDefenseEnsemble
     from fmd_tf.export import export_serving
+    from fmd_tf.options import member_shared_fields
 
     members, reused = [keras.models.load_model(os.path.join(args.out, "fmd.keras"))], []
     for index in range(1, args.ensemble):
-        margs = _member_args(args, index)
+        margs = _member_args(args, index, members[0])
         margs.classifier = classifier_path
         existing = os.path.join(margs.out, "fmd.keras")
         if os.path.exists(existing) and not args.overwrite:
@@ -407,7 +420,7 @@ def _train_ensemble(args, cfg, classifier_path) -> dict:
         members.append(keras.models.load_model(existing))
     for index, member in enumerate(members[1:], start=1):
         config, reference = member.get_config(), members[0].get_config()
-        differ = [k for k in MEMBER_SETTINGS if config[k] != reference[k]]
+        differ = [k for k in member_shared_fields(DefenseConfig) if config[k] != reference[k]]
         if differ:
             raise UsageError(f"ensemble member {index} ({args.out}/members/{index}) was "
                              f"calibrated with other {', '.join(differ)} than member 0; "
@@ -434,22 +447,5 @@ def _train_ensemble(args, cfg, classifier_path) -> dict:
             "reused_members": reused, "member_cards": cards, "serving_export": serving}
 
 
-def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001  (clean message for the known user-facing errors)
-        from fmd_tf.data import DataNotAvailableError
-
-        if isinstance(e, DataNotAvailableError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(run, parse_args))

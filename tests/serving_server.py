@@ -4,11 +4,21 @@ Not a test module. `ServingServer(path)` loads `tf.saved_model.load(path).signat
 serves them
 
 * over gRPC (`tensorflow_serving.apis.prediction_service_pb2_grpc`): `Predict` and
-  `GetModelMetadata` (the signature_def map packed in an `Any`, like TF Serving); the other RPCs
-  answer UNIMPLEMENTED;
+  `GetModelMetadata` (metadata_field "signature_def": a `SignatureDefMap` of the SavedModel's
+  "serve" SignatureDefs - inputs/outputs as TensorInfo with dtype and shape, e.g. `images`
+  float32 [-1, H, W, C] - packed in an `Any`, like TF Serving); the other RPCs answer
+  UNIMPLEMENTED;
 * over REST (`http.server` in a thread): `POST /v1/models/<name>[/versions/N]:predict` with TF
   Serving's JSON ("instances" row format or "inputs" columnar format; answers "predictions" or
-  "outputs"; errors as {"error": ...} with 400 / 404), and `GET /v1/models/<name>[/metadata]`.
+  "outputs"; errors as {"error": ...} with 400 / 404), `GET /v1/models/<name>[/versions/N]`
+  (status) and `GET /v1/models/<name>[/versions/N]/metadata`, answered as TF Serving does:
+  {"model_spec": {...}, "metadata": {"signature_def": {"signature_def": {name: SignatureDef}}}}
+  in proto JSON with the proto field names (`tensor_shape`, `unknown_rank`, sizes as strings).
+
+`ServingServer(path, metadata=False)` plays an older / minimal server without metadata:
+GetModelMetadata answers UNIMPLEMENTED and the REST metadata path 400 "Malformed request" (what
+a TF Serving without that endpoint says). `server.backend.metadata_requests` counts the
+metadata requests (both fronts, answered or not) and `requests` the predict requests.
 
 Status codes follow TF Serving: unknown model or version -> NOT_FOUND ("Servable not found for
 request: ..."), unknown signature -> FAILED_PRECONDITION, bad input (wrong input names, dtype,
@@ -69,8 +79,9 @@ def _graph_message(e: tf.errors.OpError) -> str:
 class ServingBackend:
     """The model: signatures of one SavedModel version, shared by the gRPC and REST fronts."""
 
-    def __init__(self, path, model_name="fmd", version=1):
+    def __init__(self, path, model_name="fmd", version=1, metadata=True):
         self.path, self.model_name, self.version = os.fspath(path), model_name, int(version)
+        self.metadata = bool(metadata)
         self.loaded = tf.saved_model.load(self.path)
         self.signatures = dict(self.loaded.signatures)
         proto = saved_model_pb2.SavedModel()
@@ -80,6 +91,7 @@ class ServingBackend:
         self.signature_defs = meta.signature_def  # like TF Serving: every SignatureDef
         self._lock = threading.Lock()
         self.requests = 0
+        self.metadata_requests = 0
 
     def check_model(self, name, version=None):
         if name != self.model_name:
@@ -133,10 +145,28 @@ class ServingBackend:
         return {k: result[k].numpy() for k in keys}
 
     def signature_def_map(self):
+        """The SignatureDefMap TF Serving answers: every SignatureDef of the "serve" graph."""
         sig_map = get_model_metadata_pb2.SignatureDefMap()
         for name, sig in self.signature_defs.items():
             sig_map.signature_def[name].CopyFrom(sig)
         return sig_map
+
+    def get_metadata(self, name, version=None, fields=("signature_def",)):
+        """GetModelMetadataResponse for the model; raises Status (like TF Serving)."""
+        with self._lock:
+            self.metadata_requests += 1
+        if not self.metadata:
+            raise Status("UNIMPLEMENTED", "Method GetModelMetadata is unimplemented")
+        self.check_model(name, version)
+        fields = list(fields)
+        if fields != ["signature_def"]:
+            raise Status("INVALID_ARGUMENT",
+                         f"Metadata field(s) {fields} not supported: only signature_def")
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = self.model_name
+        response.model_spec.version.value = self.version
+        response.metadata["signature_def"].Pack(self.signature_def_map())
+        return response
 
 
 class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -175,20 +205,15 @@ class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer)
         return response
 
     def GetModelMetadata(self, request, context):  # noqa: N802
-        response = get_model_metadata_pb2.GetModelMetadataResponse()
         try:
-            self.backend.check_model(request.model_spec.name, self._version(request.model_spec))
-            fields = list(request.metadata_field)
-            if fields != ["signature_def"]:
-                raise Status("INVALID_ARGUMENT",
-                             f"Metadata field(s) {fields} not supported: only signature_def")
+            return self.backend.get_metadata(request.model_spec.name,
+                                             self._version(request.model_spec),
+                                             request.metadata_field)
         except Status as status:
             self._fail(context, status)
-            return get_model_metadata_pb2.GetModelMetadataResponse()
-        response.model_spec.name = self.backend.model_name
-        response.model_spec.version.value = self.backend.version
-        response.metadata["signature_def"].Pack(self.backend.signature_def_map())
-        return response
+        except Exception as e:  # noqa: BLE001
+            self._fail(context, Status("INTERNAL", f"{type(e).__name__}: {e}"))
+        return get_model_metadata_pb2.GetModelMetadataResponse()
 
 
 _PREDICT_PATH = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?:predict$")
@@ -225,6 +250,20 @@ def _rest_inputs(body, specs):
     if len(names) != 1:
         raise Status("INVALID_ARGUMENT", "unnamed instances need a single-input signature")
     return {names[0]: array(names[0], rows)}
+
+
+def _proto_json(message) -> dict:
+    # TF Serving prints metadata with the proto field names and every primitive field.
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+def _metadata_json(response) -> dict:
+    """TF Serving's REST metadata answer for a GetModelMetadataResponse."""
+    sig_map = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(sig_map)
+    return {"model_spec": _proto_json(response.model_spec),
+            "metadata": {"signature_def": _proto_json(sig_map)}}
 
 
 def _make_handler(backend: ServingBackend):
@@ -288,17 +327,22 @@ def _make_handler(backend: ServingBackend):
             try:
                 if not match:
                     raise Status("NOT_FOUND", f"Malformed request: GET {self.path}")
-                backend.check_model(match.group(1), match.group(2))
+                if match.group(3):
+                    if not backend.metadata:  # a TF Serving without the metadata endpoint
+                        with backend._lock:
+                            backend.metadata_requests += 1
+                        raise Status("INVALID_ARGUMENT", f"Malformed request: GET {self.path}")
+                    response = backend.get_metadata(match.group(1), match.group(2))
+                else:
+                    backend.check_model(match.group(1), match.group(2))
             except Status as status:
                 self._error(status)
                 return
+            except Exception as e:  # noqa: BLE001
+                self._error(Status("INTERNAL", f"{type(e).__name__}: {e}"))
+                return
             if match.group(3):
-                self._send(200, {
-                    "model_spec": {"name": backend.model_name, "version": str(backend.version),
-                                   "signature_name": ""},
-                    "metadata": {"signature_def": json_format.MessageToDict(
-                        backend.signature_def_map())},
-                })
+                self._send(200, _metadata_json(response))
             else:
                 self._send(200, {"model_version_status": [{
                     "version": str(backend.version), "state": "AVAILABLE",
@@ -314,8 +358,8 @@ class ServingServer:
     ("http://127.0.0.1:PORT"), `backend` (the loaded model and a request counter).
     """
 
-    def __init__(self, path, model_name="fmd", version=1, max_workers=4):
-        self.backend = ServingBackend(path, model_name, version)
+    def __init__(self, path, model_name="fmd", version=1, max_workers=4, metadata=True):
+        self.backend = ServingBackend(path, model_name, version, metadata=metadata)
         self.max_workers = max_workers
         self._grpc = None
         self._http = None

@@ -132,7 +132,8 @@ def test_soft_resistance_is_one_for_a_constant_classifier():
     np.testing.assert_array_equal(fmd.resistance(x), np.ones((3, fmd.num_codes)))
     for source, eot in (("defense", None), ("fresh", 3)):
         r = soft_resistance(fmd, x, eot_samples=eot, morph_source=source)
-        np.testing.assert_array_equal(r, np.ones((3, fmd.num_codes), np.float32))
+        # A softmax output: 1 up to float32 rounding, which differs between CPUs.
+        np.testing.assert_allclose(r, np.ones((3, fmd.num_codes), np.float32), atol=1e-5)
 
 
 def test_soft_resistance_tracks_real_resistance(setup):

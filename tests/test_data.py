@@ -1,13 +1,31 @@
-"""Tests for fmd_tf.data: Fashion-MNIST loading, search order, errors and the paper's splits."""
+"""Tests for fmd_tf.data: Fashion-MNIST / MNIST / digits, user .npz files and image directories,
+search order, errors, the paper's splits and scripts/get_data.sh."""
 
 import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fmd_tf import data
 from fmd_tf.config import SplitConfig
-from fmd_tf.data import DataNotAvailableError, load_dataset, paper_splits
+from fmd_tf.data import (
+    DataFormatError,
+    DataNotAvailableError,
+    fit_split_config,
+    load_dataset,
+    load_image_directory,
+    load_npz,
+    make_splits,
+    paper_splits,
+    stratified_split,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 REAL_DEBIAN_DIR = data.DEBIAN_FMNIST_DIR  # before any test monkeypatches it
 IDX_FILES = {
@@ -278,10 +296,489 @@ def test_corrupt_file_gives_clear_error(isolated_sources, tmp_path, monkeypatch,
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(ValueError, match="unknown dataset 'cifar10'; known: celeba, fmnist, mnist"):
+    with pytest.raises(
+        ValueError, match="unknown dataset 'cifar10'; known: celeba, digits, fmnist, mnist"
+    ):
         load_dataset("cifar10")
+
+
+def test_missing_path_is_not_an_unknown_name(tmp_path):
+    with pytest.raises(DataNotAvailableError, match="no such file or directory"):
+        load_dataset(str(tmp_path / "no" / "such"))
+    with pytest.raises(DataNotAvailableError, match="no such file"):
+        load_dataset(tmp_path / "missing.npz")
 
 
 def test_celeba_is_not_available():
     with pytest.raises(DataNotAvailableError, match="celeba"):
         load_dataset("celeba")
+
+
+# --------------------------------------------------------------------------- MNIST (IDX files)
+
+
+def test_mnist_reads_official_idx_files(isolated_sources, tmp_path, monkeypatch):
+    arrays = _synthetic_arrays(n_train=5, n_test=4, seed=2)
+    _write_synthetic_set(tmp_path / "data" / "mnist", arrays)
+    # The official format: gzip, big-endian magic 0x00000803 (images) / 0x00000801 (labels).
+    with gzip.open(tmp_path / "data" / "mnist" / IDX_FILES["x_train"]) as f:
+        assert f.read(16) == bytes.fromhex("00000803" "00000005" "0000001c" "0000001c")
+    with gzip.open(tmp_path / "data" / "mnist" / IDX_FILES["y_test"]) as f:
+        assert f.read(8) == bytes.fromhex("00000801" "00000004")
+    monkeypatch.setenv("FMD_DATA_DIR", str(tmp_path / "data"))
+    (x_train, y_train), (x_test, y_test) = load_dataset("mnist")
+    assert x_train.shape == (5, 28, 28, 1) and x_test.shape == (4, 28, 28, 1)
+    assert x_train.dtype == np.float32 and y_test.dtype == np.int64
+    np.testing.assert_allclose(x_test[..., 0], arrays["x_test"] / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(y_train, arrays["y_train"])
+    np.testing.assert_array_equal(y_test, arrays["y_test"])
+
+
+def test_mnist_keras_cache_directory(isolated_sources):
+    arrays = _synthetic_arrays(n_train=2, n_test=2, seed=3)
+    _write_synthetic_set(isolated_sources["home"] / ".keras" / "datasets" / "mnist", arrays)
+    (_, y_train), _ = load_dataset("mnist")
+    np.testing.assert_array_equal(y_train, arrays["y_train"])
+
+
+def test_idx_labels_with_image_magic_are_rejected(isolated_sources, tmp_path, monkeypatch):
+    arrays = _synthetic_arrays()
+    _write_synthetic_set(tmp_path / "d", arrays)
+    bad = tmp_path / "d" / IDX_FILES["y_train"]
+    _write_gz(bad, _idx_bytes(arrays["x_train"]))  # a 3-D images file where labels belong
+    monkeypatch.setenv("FMD_DATA_DIR", str(tmp_path / "d"))
+    with pytest.raises(DataNotAvailableError) as info:
+        load_dataset("mnist")
+    assert f"{bad} has magic 0x00000803, expected 0x00000801" in str(info.value)
+
+
+def test_mnist_missing_error_says_where_to_put_and_get_the_files(isolated_sources, tmp_path,
+                                                                monkeypatch):
+    monkeypatch.setenv("FMD_DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(DataNotAvailableError) as info:
+        load_dataset("mnist")
+    message = str(info.value)
+    for name in IDX_FILES.values():
+        assert name in message
+    home = isolated_sources["home"]
+    for place in [tmp_path / "data", tmp_path / "data" / "mnist", home / ".keras/datasets/mnist"]:
+        assert f"{place} (missing IDX .gz files)" in message
+    assert f"{home / '.keras/datasets/mnist.npz'} (missing)" in message
+    assert "$FMD_DATA_DIR/mnist" in message and "yann.lecun.com/exdb/mnist" in message
+    assert "dataset-fashion-mnist" not in message
+
+
+# --------------------------------------------------------------------------- digits (sklearn)
+
+
+def test_digits_shapes_range_labels_and_split():
+    (x_train, y_train), (x_test, y_test) = load_dataset("digits")
+    assert x_train.shape == (1_397, 8, 8, 1) and x_test.shape == (400, 8, 8, 1)
+    assert x_train.dtype == np.float32 and y_train.dtype == np.int64 and y_test.dtype == np.int64
+    for x in (x_train, x_test):
+        assert x.min() >= 0.0 and x.max() <= 1.0
+        np.testing.assert_allclose(x * 16.0, np.round(x * 16.0), atol=1e-5)  # k / 16
+    assert x_train.max() == pytest.approx(1.0)
+    assert set(np.unique(y_train)) == set(np.unique(y_test)) == set(range(10))
+    # Stratified: each class's share of the test set is within one image of proportional.
+    counts = np.bincount(y_train, minlength=10) + np.bincount(y_test, minlength=10)
+    assert counts.sum() == 1_797
+    assert np.all(np.abs(np.bincount(y_test, minlength=10) - counts * 400 / 1_797) < 1.0)
+
+
+def test_digits_is_deterministic():
+    (a, ya), (b, yb) = load_dataset("digits")
+    (c, yc), (d, yd) = load_dataset("digits")
+    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(yb, yd)
+    np.testing.assert_array_equal(ya, yc)
+
+
+def test_digits_paper_splits_with_fitted_sizes():
+    (x_train, _), (x_test, _) = load_dataset("digits")
+    sizes = fit_split_config(SplitConfig(), len(x_train), len(x_test))
+    assert sizes == SplitConfig(train_size=1_397, val_size=200, cle_size=200)
+    s = paper_splits("digits", seed=0, sizes=sizes)
+    assert s.x_cle.shape == (200, 8, 8, 1) and len(s.y_val) == 200
+    assert np.union1d(s.val_index, s.cle_index).size == 400
+
+
+# --------------------------------------------------------------------------- stratified split
+
+
+def test_stratified_split_exact_size_proportional_and_seeded():
+    y = np.repeat([0, 1, 2], [10, 6, 4])
+    train, test = stratified_split(y, 0.25, seed=0)  # 5 test images: quotas 2.5, 1.5, 1.0
+    assert len(test) == 5 and len(train) == 15
+    assert np.intersect1d(train, test).size == 0
+    np.testing.assert_array_equal(np.union1d(train, test), np.arange(20))
+    np.testing.assert_array_equal(np.bincount(y[test]), [3, 1, 1])  # remainder: lower label
+    again, test_again = stratified_split(y, 0.25, seed=0)
+    np.testing.assert_array_equal(test, test_again)
+    assert any(
+        not np.array_equal(test, stratified_split(y, 5, seed=s)[1]) for s in range(1, 5)
+    )
+    with pytest.raises(ValueError, match="does not fit 20 images"):
+        stratified_split(y, 21)
+
+
+# --------------------------------------------------------------------------- user .npz files
+
+
+def _save_npz(path, **overrides):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.integers(0, 256, (6, 5, 4), dtype=np.uint8),
+        "y_train": np.array([0, 1, 2, 0, 1, 2]),
+        "x_test": rng.integers(0, 256, (3, 5, 4), dtype=np.uint8),
+        "y_test": np.array([2, 1, 0], dtype=np.uint8),
+    }
+    arrays.update(overrides)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return arrays
+
+
+def test_npz_uint8_gets_a_channel_axis_and_is_scaled(tmp_path):
+    arrays = _save_npz(tmp_path / "d.npz")
+    (x_train, y_train), (x_test, y_test) = load_npz(tmp_path / "d.npz")
+    assert x_train.shape == (6, 5, 4, 1) and x_test.shape == (3, 5, 4, 1)
+    assert x_train.dtype == np.float32 and y_train.dtype == np.int64 and y_test.dtype == np.int64
+    np.testing.assert_allclose(x_train[..., 0], arrays["x_train"] / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(y_test, [2, 1, 0])
+    # The same through load_dataset and paper_splits, by path.
+    (x2, _), _ = load_dataset(str(tmp_path / "d.npz"))
+    np.testing.assert_array_equal(x2, x_train)
+    s = paper_splits(tmp_path / "d.npz", seed=0, sizes=SplitConfig(4, 1, 2))
+    assert s.x_train.shape == (4, 5, 4, 1) and s.x_val.shape == (1, 5, 4, 1)
+
+
+def test_npz_float_rgb_is_kept(tmp_path):
+    rng = np.random.default_rng(1)
+    x_train = rng.random((4, 3, 3, 3)).astype(np.float64)
+    x_test = rng.random((2, 3, 3, 3)).astype(np.float32)
+    _save_npz(tmp_path / "rgb.npz", x_train=x_train, x_test=x_test,
+              y_train=np.array([[0], [1], [1], [0]]), y_test=np.array([1, 0]))
+    (xa, ya), (xb, _) = load_npz(tmp_path / "rgb.npz")
+    assert xa.shape == (4, 3, 3, 3) and xb.shape == (2, 3, 3, 3) and xa.dtype == np.float32
+    np.testing.assert_allclose(xa, x_train, atol=1e-6)
+    np.testing.assert_allclose(xb, x_test, atol=1e-7)
+    np.testing.assert_array_equal(ya, [0, 1, 1, 0])  # [N, 1] labels are flattened
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ({"y_train": None, "x_test": None}, DataFormatError,
+         "lacks the arrays y_train, x_test (it has: x_train, y_test)"),
+        ({"y_train": np.arange(5) % 3}, DataFormatError,
+         "x_train has 6 images but y_train 5 labels"),
+        ({"x_test": np.full((3, 5, 4), 1.5, np.float32)}, DataFormatError,
+         "float x_test has values in [1.5, 1.5], outside [0, 1]"),
+        ({"x_train": np.zeros((6, 5, 4, 2), np.uint8)}, DataFormatError,
+         "x_train has 2 channels (shape (6, 5, 4, 2)); expected 1 (grayscale) or 3 (RGB)"),
+        ({"y_test": np.array([2.0, 1.0, 0.5])}, DataFormatError,
+         "y_test has dtype float64; labels must be integers 0..K-1"),
+        ({"y_train": np.array([0, 1, -1, 0, 1, 2])}, DataFormatError,
+         "y_train has negative labels"),
+        ({"x_test": np.zeros((3, 4, 5), np.uint8)}, DataFormatError,
+         "train images are (5, 4, 1) but test images (4, 5, 1)"),
+        ({"x_train": np.zeros((6, 5, 4), np.int32)}, DataFormatError,
+         "x_train has dtype int32; save images as uint8 (0..255) or as floats in [0, 1]"),
+        ({"x_train": np.zeros((6, 20), np.uint8)}, DataFormatError,
+         "x_train has shape (6, 20); expected images [N, H, W] or [N, H, W, C]"),
+        ({"y_train": np.eye(3)[[0, 1, 2, 0, 1, 2]].astype(np.int64)}, DataFormatError,
+         "y_train has shape (6, 3); expected integer class labels [N]"),
+    ],
+    ids=["missing-keys", "length", "float-range", "channels", "float-labels", "negative-labels",
+         "train-test-shapes", "int32-images", "not-images", "one-hot"],
+)
+def test_npz_errors_name_the_problem(tmp_path, overrides, error, message):
+    path = tmp_path / "bad.npz"
+    _save_npz(path, **overrides)
+    with pytest.raises(error) as info:
+        load_npz(path)
+    assert message in str(info.value), str(info.value)
+    assert str(path) in str(info.value)
+    assert isinstance(info.value, ValueError)  # DataFormatError is a ValueError ...
+    assert isinstance(info.value, DataNotAvailableError)  # ... that scripts print cleanly
+
+
+def test_npz_missing_or_unreadable_file(tmp_path):
+    with pytest.raises(DataNotAvailableError, match="no such file; expected a .npz with arrays"):
+        load_npz(tmp_path / "none.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip archive")
+    with pytest.raises(DataNotAvailableError, match="is not a readable .npz file"):
+        load_npz(tmp_path / "junk.npz")
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    with pytest.raises(DataFormatError, match="holds one array, not a .npz archive"):
+        load_npz(tmp_path / "one.npy")
+
+
+# --------------------------------------------------------------------------- image directories
+
+
+def _write_image(path, array):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _write_class_tree(root, classes, per_class, shape, seed=0, ext=".png"):
+    """Unique random uint8 images: {(class name, file stem): array}."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name in classes:
+        for i in range(per_class):
+            array = rng.integers(0, 256, shape, dtype=np.uint8)
+            _write_image(root / name / f"img{i}{ext}", array)
+            written[(name, f"img{i}")] = array
+    return written
+
+
+def _label_of(image, written, classes):
+    """The sorted-class label of the written image equal to `image` [H, W, C] in [0, 1]."""
+    sorted_classes = sorted(classes)
+    for (name, _), array in written.items():
+        ref = array.reshape(image.shape) / 255.0
+        if np.allclose(image, ref, atol=1e-5):
+            return sorted_classes.index(name)
+    raise AssertionError("image not found among the written ones")
+
+
+def test_image_directory_rgb_labels_follow_sorted_class_names(tmp_path):
+    classes = ["zebra", "apple", "mango"]  # labels: apple 0, mango 1, zebra 2
+    written = _write_class_tree(tmp_path / "imgs", classes, 6, (10, 12, 3))
+    (x_train, y_train), (x_test, y_test) = load_image_directory(tmp_path / "imgs", seed=0)
+    assert x_train.shape == (14, 10, 12, 3) and x_test.shape == (4, 10, 12, 3)
+    assert x_train.dtype == np.float32 and y_train.dtype == np.int64
+    assert x_train.min() >= 0.0 and x_train.max() <= 1.0
+    for x, y in ((x_train, y_train), (x_test, y_test)):
+        assert [_label_of(image, written, classes) for image in x] == list(y)
+    # Disjoint, all 18 images used, stratified (test quota 4 * 6 / 18 = 1.33 per class).
+    flat = np.concatenate([x_train, x_test]).reshape(18, -1)
+    assert len(np.unique(np.round(flat * 255), axis=0)) == 18
+    np.testing.assert_array_equal(np.bincount(y_test, minlength=3), [2, 1, 1])
+    np.testing.assert_array_equal(np.bincount(y_train, minlength=3), [4, 5, 5])
+    # Seeded: the same seed gives the same split, through load_dataset too.
+    (_, _), (x_again, y_again) = load_dataset(str(tmp_path / "imgs"))
+    np.testing.assert_allclose(x_again, x_test, atol=1e-6)
+    np.testing.assert_array_equal(y_again, y_test)
+
+
+def test_image_directory_train_test_folders_and_grayscale(tmp_path):
+    root = tmp_path / "gray"
+    train = _write_class_tree(root / "train", ["b", "a"], 3, (7, 9), seed=1)
+    test = _write_class_tree(root / "test", ["b", "a"], 2, (7, 9), seed=2)
+    (x_train, y_train), (x_test, y_test) = load_image_directory(root)
+    assert x_train.shape == (6, 7, 9, 1) and x_test.shape == (4, 7, 9, 1)  # grayscale: C = 1
+    assert [_label_of(im, train, ["a", "b"]) for im in x_train] == list(y_train)
+    assert [_label_of(im, test, ["a", "b"]) for im in x_test] == list(y_test)
+    np.testing.assert_array_equal(np.bincount(y_test), [2, 2])
+
+
+def test_image_directory_jpeg_and_image_size(tmp_path):
+    _write_class_tree(tmp_path / "j", ["cat", "dog"], 3, (6, 6, 3), ext=".jpg")
+    _write_class_tree(tmp_path / "j", ["cat"], 1, (8, 5, 3), seed=3, ext=".JPEG")
+    with pytest.raises(DataFormatError, match="images have different sizes .*pass image_size"):
+        load_image_directory(tmp_path / "j")
+    (x_train, _), (x_test, _) = load_image_directory(tmp_path / "j", image_size=(4, 5))
+    assert x_train.shape[1:] == (4, 5, 3) and len(x_train) + len(x_test) == 7
+    assert x_train.min() >= 0.0 and x_train.max() <= 1.0
+
+
+def test_image_directory_errors(tmp_path):
+    with pytest.raises(DataNotAvailableError, match="no such directory"):
+        load_image_directory(tmp_path / "none")
+    _write_class_tree(tmp_path / "one", ["only"], 2, (4, 4))
+    with pytest.raises(DataFormatError, match="1 class folder.*needs at least 2"):
+        load_image_directory(tmp_path / "one")
+    _write_class_tree(tmp_path / "empty", ["a"], 2, (4, 4))
+    (tmp_path / "empty" / "b").mkdir()
+    with pytest.raises(DataFormatError, match="b has no images"):
+        load_image_directory(tmp_path / "empty")
+    _write_class_tree(tmp_path / "tt" / "train", ["a", "b"], 2, (4, 4))
+    _write_class_tree(tmp_path / "tt" / "test", ["a", "c"], 1, (4, 4))
+    with pytest.raises(DataFormatError, match="need the same class folders"):
+        load_image_directory(tmp_path / "tt")
+
+
+# --------------------------------------------------------------------------- generic splits
+
+
+def _fake_dataset(n_train, n_test):
+    x_train = np.arange(n_train, dtype=np.float32).reshape(n_train, 1, 1, 1)
+    x_test = -np.arange(n_test, dtype=np.float32).reshape(n_test, 1, 1, 1)
+    return (x_train, np.arange(n_train) % 10), (x_test, np.arange(n_test) % 10)
+
+
+def _digest(index):
+    return hashlib.sha256(np.asarray(index, np.int64).tobytes()).hexdigest()[:16]
+
+
+def test_make_splits_keeps_the_shipped_fmnist_indices():
+    # Pinned before make_splits existed: the shipped models' VAL / CLE images (seed 0).
+    s = make_splits(*_fake_dataset(60_000, 10_000), SplitConfig(), seed=0)
+    assert _digest(s.train_index) == "6d92d0c2562de650"
+    assert _digest(s.val_index) == "9b7badfc93ebd114"
+    assert _digest(s.cle_index) == "e3ba170878b1725c"
+
+
+def test_make_splits_disjoint_and_from_the_right_sets():
+    train, test = _fake_dataset(50, 30)
+    s = make_splits(train, test, SplitConfig(train_size=20, val_size=10, cle_size=15), seed=3)
+    assert (len(s.x_train), len(s.x_val), len(s.x_cle)) == (20, 10, 15)
+    assert np.intersect1d(s.val_index, s.cle_index).size == 0
+    np.testing.assert_array_equal(s.x_train[:, 0, 0, 0], s.train_index)  # training images
+    np.testing.assert_array_equal(-s.x_val[:, 0, 0, 0], s.val_index)  # test images
+    np.testing.assert_array_equal(-s.x_cle[:, 0, 0, 0], s.cle_index)
+    np.testing.assert_array_equal(s.y_cle, s.cle_index % 10)
+    with pytest.raises(ValueError, match="train_size 51 > 50 training images.*fit_split_config"):
+        make_splits(train, test, SplitConfig(51, 1, 1))
+    with pytest.raises(ValueError, match="val_size \\+ cle_size = 31 > 30 test images"):
+        make_splits(train, test, SplitConfig(1, 16, 15))
+
+
+@pytest.mark.parametrize(
+    "sizes, n_train, n_test, expected",
+    [
+        (SplitConfig(), 60_000, 10_000, SplitConfig()),
+        (SplitConfig(), 1_397, 400, SplitConfig(1_397, 200, 200)),
+        (SplitConfig(512, 128, 128), 1_000, 200, SplitConfig(512, 100, 100)),
+        (SplitConfig(512, 50, 500), 100, 300, SplitConfig(100, 50, 250)),
+        (SplitConfig(512, 128, 128), 1_000, 256, SplitConfig(512, 128, 128)),
+        (SplitConfig(10, 8, 1), 5, 7, SplitConfig(5, 3, 1)),
+    ],
+)
+def test_fit_split_config(sizes, n_train, n_test, expected):
+    assert fit_split_config(sizes, n_train, n_test) == expected
+
+
+def test_fit_split_config_rule_holds_everywhere():
+    for n_train in (0, 1, 7, 30_000):
+        for n_test in (0, 1, 2, 3, 9, 400, 10_000):
+            fitted = fit_split_config(SplitConfig(), n_train, n_test)
+            assert fitted.train_size <= n_train
+            assert fitted.val_size + fitted.cle_size <= n_test
+            assert fitted.val_size <= max(n_test // 2, 0)
+            make_splits(*_fake_dataset(n_train, n_test), fitted)  # fits, does not raise
+    paper = SplitConfig()
+    assert fit_split_config(paper, 60_000, 10_000) is paper  # fits: returned unchanged
+    with pytest.raises(ValueError, match="must be >= 0"):
+        fit_split_config(SplitConfig(), -1, 10)
+
+
+# --------------------------------------------------------------------------- scripts/get_data.sh
+
+
+@pytest.fixture
+def get_data_env(tmp_path):
+    """Fakes for scripts/get_data.sh: apt-get and python log their calls; no real source."""
+    log = tmp_path / "calls.log"
+    fakes = tmp_path / "fakes"
+    fakes.mkdir()
+    for name in ("apt-get", "python"):
+        script = fakes / name
+        script.write_text(
+            "#!/bin/sh\n"
+            f'echo "{name} $* DEBIAN_FRONTEND=${{DEBIAN_FRONTEND:-}}" >> "{log}"\n'
+            f'[ -n "${{FAKE_{name.upper().replace("-", "_")}_DO:-}}" ] && '
+            f'eval "${{FAKE_{name.upper().replace("-", "_")}_DO}}"\n'
+            f'exit "${{FAKE_{name.upper().replace("-", "_")}_RC:-1}}"\n'
+        )
+        script.chmod(0o755)
+    (tmp_path / "home").mkdir()
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path / "home"),
+        "FMD_DEBIAN_DIR": str(tmp_path / "debian"),
+        "APT_GET": str(fakes / "apt-get"),
+        "PYTHON": str(fakes / "python"),
+    }
+    return {"env": env, "log": log, "tmp": tmp_path}
+
+
+def _get_data(env):
+    return subprocess.run(
+        ["bash", str(REPO / "scripts" / "get_data.sh")], env=env, capture_output=True,
+        text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+
+
+def _calls(log):
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_get_data_nothing_to_do_when_fmd_data_dir_has_the_files(get_data_env):
+    env = dict(get_data_env["env"])
+    _write_synthetic_set(get_data_env["tmp"] / "mine" / "fashion-mnist", _synthetic_arrays())
+    env["FMD_DATA_DIR"] = str(get_data_env["tmp"] / "mine")
+    proc = _get_data(env)
+    assert proc.returncode == 0, proc.stderr
+    assert "found in " + str(get_data_env["tmp"] / "mine" / "fashion-mnist") in proc.stdout
+    assert _calls(get_data_env["log"]) == []
+
+
+def test_get_data_nothing_to_do_when_the_debian_dir_is_there(get_data_env):
+    _write_synthetic_set(get_data_env["tmp"] / "debian", _synthetic_arrays())
+    proc = _get_data(get_data_env["env"])
+    assert proc.returncode == 0 and "found in" in proc.stdout
+    assert _calls(get_data_env["log"]) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the apt-get path runs as root only")
+def test_get_data_installs_the_debian_package_as_root(get_data_env):
+    env = dict(get_data_env["env"])
+    # The fake apt-get fails once (stale lists), then "installs" after `apt-get update`.
+    marker = get_data_env["tmp"] / "updated"
+    src = get_data_env["tmp"] / "pkg"
+    _write_synthetic_set(src, _synthetic_arrays())
+    env["FAKE_APT_GET_DO"] = (
+        f'case "$1" in update) touch {marker}; exit 0;; install) [ -e {marker} ] || exit 100; '
+        f'cp -r {src} {env["FMD_DEBIAN_DIR"]}; exit 0;; esac'
+    )
+    proc = _get_data(env)
+    assert proc.returncode == 0, proc.stderr
+    assert "found in " + env["FMD_DEBIAN_DIR"] in proc.stdout
+    assert _calls(get_data_env["log"]) == [
+        "apt-get install -y -q dataset-fashion-mnist DEBIAN_FRONTEND=noninteractive",
+        "apt-get update -q DEBIAN_FRONTEND=noninteractive",
+        "apt-get install -y -q dataset-fashion-mnist DEBIAN_FRONTEND=noninteractive",
+    ]
+
+
+def test_get_data_falls_back_to_the_keras_download(get_data_env):
+    env = dict(get_data_env["env"], APT_GET=str(get_data_env["tmp"] / "no-apt-get"))
+    env["FAKE_PYTHON_RC"] = "0"
+    proc = _get_data(env)
+    assert proc.returncode == 0, proc.stderr
+    assert "loaded by fmd_tf" in proc.stdout
+    assert _calls(get_data_env["log"]) == ["python - DEBIAN_FRONTEND="]
+
+
+def test_get_data_fails_with_what_to_do(get_data_env):
+    proc = _get_data(get_data_env["env"])  # apt-get and the download both fail
+    assert proc.returncode == 1
+    for text in ["apt-get install dataset-fashion-mnist", "FMD_DATA_DIR", *IDX_FILES.values(),
+                 "load_dataset('fmnist')"]:
+        assert text in proc.stderr, (text, proc.stderr)
+    calls = _calls(get_data_env["log"])
+    assert calls[-1].startswith("python - ")
+    if os.geteuid() == 0:
+        assert [c.split(" DEBIAN")[0] for c in calls[:-1]] == [
+            "apt-get install -y -q dataset-fashion-mnist", "apt-get update -q",
+        ]  # the update failed too (the fake exits 1), so no second install
+
+
+def test_make_demo_gets_the_data_first():
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    proc = subprocess.run(["make", "-n", "demo"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    fetch = next(i for i, line in enumerate(lines) if "scripts/get_data.sh" in line)
+    demo = next(i for i, line in enumerate(lines) if "scripts/demo.py" in line)
+    assert fetch < demo
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "scripts/get_data.sh" in ci and ci.index("get_data.sh") < ci.index("make test")

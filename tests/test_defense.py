@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import tensorflow as tf
 from test_case import TINY_COMBO_CONFIG, FmdTestCase, tiny_images
 
 import fmd_tf  # noqa: F401
+from fmd_tf.config import DefenseConfig
 from fmd_tf.defense import FMDefense, NotCalibratedError, calibration, morphs
 from fmd_tf.defense.fm_defense import decide, final_label, reconstruction_error
 from fmd_tf.models import Classifier, build_combo_vae
@@ -293,6 +295,7 @@ class FMDefenseTest(FmdTestCase):
         self.run_serialization_test(fmd)
         loaded = self.run_keras_saving_test(fmd, tiny_images(3, seed=6), atol=0, rtol=0)
         self.assertTrue(loaded.is_calibrated)
+        self.assertEqual(loaded.config, fmd.config)
         self.assertEqual(loaded.threshold_mode, "unified")
         self.assertEqual(loaded.purify_label, "corroborated")
 
@@ -356,7 +359,7 @@ class FMDefenseTest(FmdTestCase):
             np.testing.assert_array_equal(a[key], b[key])
 
     def test_purify_label_corroborated(self):
-        paper = _tiny_defense(rho=0.5)
+        paper = _tiny_defense(rho=0.5, purify_label="reconstruction")
         paper.calibrate(tiny_images(20, seed=1))
         paper.theta_d.assign(10.0)  # purify every suspicious input
         corroborated = paper.copy_with(purify_label="corroborated")
@@ -376,6 +379,51 @@ class FMDefenseTest(FmdTestCase):
         self.assertTrue(np.any(paper_label.numpy() != dgmm_label))
         np.testing.assert_array_equal(kept.numpy(), dgmm_label)
         np.testing.assert_array_equal(other.numpy(), paper_label.numpy())
+
+    def test_options_come_from_one_defense_config(self):
+        fmd = _tiny_defense(recon_metric="pixel_share", recon_pixel_tol=0.05)
+        cfg = fmd.config
+        self.assertIsInstance(cfg, DefenseConfig)
+        self.assertEqual((cfg.num_morphs, cfg.rho, cfg.recon_pixel_tol), (4, 0.9, 0.05))
+        self.assertEqual(cfg.selected_codes, (0, 1, 2, 3))  # None resolved to all d_s codes
+        for f in dataclasses.fields(DefenseConfig):
+            self.assertEqual(getattr(fmd, f.name), getattr(cfg, f.name), f.name)
+        with self.assertRaises(AttributeError):
+            fmd.rho = 0.5  # read-only: copy_with makes a defense with other options
+        # A config plus keyword overrides; from_config_dataclass is the same constructor.
+        base = dataclasses.replace(cfg, rho=0.8, selected_codes=(2, 0))
+        a = FMDefense(fmd.classifier, fmd.combo_vae, base, purify_label="corroborated")
+        self.assertEqual(a.config, dataclasses.replace(base, purify_label="corroborated"))
+        b = FMDefense.from_config_dataclass(fmd.classifier, fmd.combo_vae, a.config, name="b")
+        self.assertEqual((b.config, b.name), (a.config, "b"))
+        copy = fmd.copy_with(rho=0.5, name="copy")
+        self.assertEqual((copy.config, copy.name), (dataclasses.replace(cfg, rho=0.5), "copy"))
+        # The same flat keys as every saved file, tuples as lists.
+        config = fmd.get_config()
+        self.assertEqual(set(config) - {"name", "trainable", "dtype"}, SAVED_KEYS)
+        self.assertEqual((config["selected_codes"], config["range_percentiles"]),
+                         ([0, 1, 2, 3], [1.0, 99.0]))
+        json.dumps(config)
+        with self.assertRaisesRegex(TypeError, "'rhoo' \\(did you mean 'rho'\\?\\)"):
+            FMDefense(fmd.classifier, fmd.combo_vae, rhoo=0.9)
+        with self.assertRaisesRegex(TypeError, "config must be a DefenseConfig"):
+            FMDefense(fmd.classifier, fmd.combo_vae, 100)  # the old positional num_morphs
+        with self.assertRaisesRegex(ValueError, "^adaptive_refine_codes: must be in \\[0, 2\\]"):
+            FMDefense(fmd.classifier, fmd.combo_vae, base, adaptive_refine_codes=3)
+
+    def test_files_saved_before_newer_options_load_with_defaults(self):
+        fmd = _tiny_defense(rho=0.95, recon_fpr=0.01)
+        # The keys of the first shipped fmd.keras (before the gate's metric, the pixel
+        # tolerance, the purified label rule and the adaptive draw order and refinement).
+        config = {k: v for k, v in fmd.get_config().items()
+                  if k not in ("recon_metric", "recon_pixel_tol", "purify_label",
+                               "adaptive_order", "adaptive_refine_codes")}
+        old = FMDefense.from_config({**config, "jit_compile": False})
+        self.assertEqual(old.config, dataclasses.replace(fmd.config, recon_metric="mse",
+                                                         purify_label="reconstruction"))
+        self.assertIs(old.jit_compile, False)
+        with self.assertRaisesRegex(TypeError, "'gate'"):
+            FMDefense.from_config({**config, "gate": "mae"})
 
     def test_not_calibrated_raises(self):
         fmd = _tiny_defense()
@@ -404,6 +452,29 @@ class FMDefenseTest(FmdTestCase):
         for kwargs, message in cases:
             with self.assertRaisesRegex(ValueError, message):
                 _tiny_defense(**kwargs)
+
+
+# The FMDefense config keys of every saved .keras file (besides keras' name, trainable, dtype).
+SAVED_KEYS = {
+    "classifier", "combo_vae", "jit_compile", "num_morphs", "candidates_per_step",
+    "radius_step", "max_steps", "range_percentiles", "selected_codes", "threshold_mode", "rho",
+    "eta", "min_suspicious", "eta_reference_rho", "purify_zu", "purify_label", "chunk_size",
+    "seed", "adaptive_budget", "adaptive_round", "adaptive_alpha", "adaptive_refine_codes",
+    "adaptive_order", "morph_dtype", "recon_fpr", "recon_metric", "recon_pixel_tol",
+}
+
+
+def test_jit_compile_none_stays_auto_when_a_gpu_is_visible(monkeypatch):
+    """keras.Model resolves jit_compile=None to True once a GPU is visible; the defense keeps
+    None, so that its own rule leaves XLA off for the adaptive budget."""
+    real = tf.config.list_physical_devices
+    gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda device_type=None: (
+        [*real(device_type), gpu] if device_type in (None, "GPU") else real(device_type)))
+    fmd = _tiny_defense(adaptive_budget=True)  # raised "jit_compile must be None or False"
+    assert keras.Model.jit_compile.fget(fmd) is True  # what keras.Model would have used
+    assert fmd.jit_compile is None and fmd.get_config()["jit_compile"] is None
+    assert fmd.copy_with(adaptive_budget=False).jit_compile is None
 
 
 def test_calibration_report_and_detect(calibrated):

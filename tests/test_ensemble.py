@@ -178,22 +178,3 @@ def test_savedmodel_export_matches_the_ensemble(ensemble, tmp_path):
                                        rtol=1e-5, atol=1e-6)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[0, 1\]"):
         loaded.signatures["detect"](images=tf.constant(x + 1.5))
-
-
-@pytest.mark.parametrize("model_dir", ["fmnist", "fmnist_r1"])
-def test_shipped_models_load_with_this_code(model_dir):
-    """The committed artifacts must load: a renamed or removed constructor option breaks them.
-
-    fmnist is the shipped model; fmnist_r1 the previous one, kept for the reports computed
-    with it (README).
-    """
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "saved_models", model_dir)
-    paths = [os.path.join(root, name) for name in ("fmd.keras", "fmd_ensemble.keras")]
-    if not all(os.path.isfile(p) for p in paths):
-        pytest.skip("shipped models not in this checkout")
-    fmd, ens = (keras.models.load_model(p) for p in paths)
-    assert fmd.is_calibrated and ens.is_calibrated and ens.num_members == 3
-    np.testing.assert_array_equal(ens.members[0].theta_r.numpy(), fmd.theta_r.numpy())
-    assert all(m.classifier is ens.classifier for m in ens.members)
-    assert {m.purify_label for m in ens.members} == {fmd.purify_label}  # MEMBER_SETTINGS

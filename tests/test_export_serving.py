@@ -3,7 +3,9 @@
 No TF Serving binary is needed: `serving_server.ServingServer` serves the exported SavedModel
 over gRPC (PredictionService) and REST like TF Serving does. One tiny FMDefense (untrained,
 tiny combo-VAE, classifier fitted on the toy batch, thresholds set so that the test images get
-passed, purified and rejected verdicts) is built and exported once for the module.
+passed, purified and rejected verdicts) is built and exported once for the module; a second
+one on 12x12x3 images (not the (Fashion-)MNIST shape) checks that the signatures and the
+client take the image shape from the model (the client reads it from the server's metadata).
 """
 
 from __future__ import annotations
@@ -195,6 +197,10 @@ def test_signatures_equal_fmdefense_outputs(defense, server):
     purify = sigs["purify"](images=x)
     np.testing.assert_allclose(purify["purified"], reference["purified"], rtol=1e-5, atol=1e-6)
     purified_label = np.argmax(fmd.classifier(reference["purified"]).numpy(), axis=-1)
+    if fmd.purify_label == "corroborated":  # the input's own label where the DGMM agrees
+        dgmm = np.argmax(fmd.combo_vae.dgmm.class_logits(fmd.combo_vae.encode(x)[2]), axis=-1)
+        own = reference["classifier_label"]
+        purified_label = np.where(dgmm == own, own, purified_label)
     np.testing.assert_array_equal(purify["label"], purified_label)
     rows = reference["verdict"] == 1
     np.testing.assert_array_equal(purify["label"].numpy()[rows], reference["label"][rows])
@@ -367,6 +373,9 @@ def test_grpc_bad_input_is_invalid_argument_and_server_survives(defense, server,
         with pytest.raises(client.ServingError) as err:
             client.predict_grpc(server.target, "fmd", array, "classify")
         assert err.value.code == "INVALID_ARGUMENT" and message in err.value.message
+    else:  # refused before sending, naming the model's shape (from its metadata)
+        with pytest.raises(client.ImageInputError, match=r"\[N, 28, 28, 1\] or \[N, 28, 28\]"):
+            client.predict_grpc(server.target, "fmd", array, "classify")
     _, images, reference = defense
     out = client.predict_grpc(server.target, "fmd", images[:2], "classify")
     np.testing.assert_array_equal(out["label"], reference["classifier_label"][:2])
@@ -454,7 +463,8 @@ def test_cli_silent_server_times_out_with_exit_2(npy, capsys):
     ("not_npy", "expected a .npy file"),
     ("garbage", "not a readable .npy"),
     ("uint8", "found dtype uint8"),
-    ("shape", "found [3, 32, 32, 3]"),
+    ("channels", "found [3, 32, 32, 2]"),
+    ("rank", "found [3, 32]"),
 ])
 def test_cli_bad_images_file_exits_2(tmp_path, capsys, kind, message):
     path = tmp_path / ("x.txt" if kind == "not_npy" else "x.npy")
@@ -462,8 +472,10 @@ def test_cli_bad_images_file_exits_2(tmp_path, capsys, kind, message):
         path.write_text("1 2 3")
     elif kind == "uint8":
         np.save(path, np.zeros((2, 28, 28, 1), np.uint8))
-    elif kind == "shape":
-        np.save(path, np.zeros((3, 32, 32, 3), np.float32))
+    elif kind == "channels":  # no model has 2 channels: refused before any request
+        np.save(path, np.zeros((3, 32, 32, 2), np.float32))
+    elif kind == "rank":
+        np.save(path, np.zeros((3, 32), np.float32))
     port = _unused_port()  # never contacted: the file is checked first
     assert client.main(["--target", f"127.0.0.1:{port}", "--images", str(path)]) == 2
     err = capsys.readouterr().err
@@ -499,7 +511,7 @@ def test_rest_predict_matches_grpc_and_maps_errors(defense, server):
     assert [p["label"] for p in predictions] == reference["classifier_label"][:2].tolist()
 
 
-def test_serving_config_names_both_models_and_compose_mounts_them():
+def test_serving_config_names_the_model_and_compose_mounts_it():
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
@@ -507,8 +519,181 @@ def test_serving_config_names_both_models_and_compose_mounts_them():
     with open(os.path.join(root, "serving", "models.config")) as f:
         config = text_format.Parse(f.read(), model_server_config_pb2.ModelServerConfig())
     models = {m.name: m.base_path for m in config.model_config_list.config}
-    assert models == {"fmd": "/models/fmd", "fmd_ensemble": "/models/fmd_ensemble"}
+    assert models == {"fmd": "/models/fmd"}
     with open(os.path.join(root, "serving", "docker-compose.yml")) as f:
         compose = f.read()
     assert "../saved_models/fmnist/serving:/models/fmd:ro" in compose
-    assert "../saved_models/fmnist/serving_ensemble:/models/fmd_ensemble:ro" in compose
+
+
+# --------------------------------------------------------------------------- other image shapes
+
+SMALL_SHAPE = (12, 12, 3)
+
+
+def test_check_images_follows_the_given_shape():
+    rgb = np.zeros((2, *SMALL_SHAPE), np.float64)
+    out = client.check_images(rgb, SMALL_SHAPE)
+    assert out.dtype == np.float32 and out.shape == (2, *SMALL_SHAPE)
+    assert client.check_images(rgb).shape == (2, *SMALL_SHAPE)  # generic: C in {1, 3}
+    assert client.check_images(np.zeros((2, 8, 8), np.float32), (8, 8, 1)).shape == (2, 8, 8, 1)
+    assert client.check_images(np.zeros((2, 8, 8), np.float32)).shape == (2, 8, 8, 1)
+    assert client.check_images(rgb, (None, None, 3)).shape == (2, *SMALL_SHAPE)  # -1 dims
+    with pytest.raises(client.ImageInputError, match=r"\[N, 12, 12, 3\] \(the served model"):
+        client.check_images(np.zeros((2, 28, 28, 1), np.float32), SMALL_SHAPE)
+    with pytest.raises(client.ImageInputError, match=r"\[N, 12, 12, 3\].*found \[2, 12, 12\]"):
+        client.check_images(np.zeros((2, 12, 12), np.float32), SMALL_SHAPE)  # C = 3: no [N,H,W]
+    with pytest.raises(client.ImageInputError, match=r"\[N, 8, 8, 1\] or \[N, 8, 8\]"):
+        client.check_images(np.zeros((2, 28, 28), np.float32), (8, 8, 1))
+    with pytest.raises(client.ImageInputError, match="C in {1, 3}"):
+        client.check_images(np.zeros((2, 8, 8, 4), np.float32))
+    with pytest.raises(client.ImageInputError, match="empty batch"):
+        client.check_images(np.zeros((0, *SMALL_SHAPE), np.float32), SMALL_SHAPE)
+    assert not hasattr(client, "IMAGE_SHAPE")
+
+
+@pytest.fixture(scope="module")
+def small_defense():
+    """(fmd on 12x12x3 images, 3 classes, calibrated; images [8, 12, 12, 3]; fmd.defend)."""
+    keras.utils.set_random_seed(1)
+    x = np.random.default_rng(1).uniform(size=(20, *SMALL_SHAPE)).astype(np.float32)
+    classifier = Classifier(num_classes=3, conv_filters=(4, 4), dense_units=(8,), dropout=0.0,
+                            name="classifier")
+    combo = build_combo_vae(TINY_COMBO_CONFIG, SMALL_SHAPE, 3, seed=0)
+    for model in (combo.decoder, combo.shared_encoder):  # varied morphs (see _tiny_defense)
+        for w in model.weights:
+            if "kernel" in w.path:
+                w.assign(w.numpy() * 10.0)
+    fmd = FMDefense(classifier, combo, num_morphs=4, candidates_per_step=2, max_steps=2,
+                    chunk_size=64, min_suspicious=2, name="fmd")
+    fmd.calibrate(x[:12])
+    images = x[12:]
+    # Thresholds for a mix of verdicts (the untrained model calibrates to "reject all"): the
+    # most resistant image just passes; the others are purified or rejected by distance.
+    resistance = fmd.resistance(images)
+    fmd.theta_r.assign((resistance[resistance.sum(axis=1).argmax()] - 0.1).astype(np.float32))
+    distance = fmd.defend(images)["distance"]
+    suspicious = np.unique(distance[distance > 0])
+    fmd.theta_d.assign((suspicious[0] + suspicious[1]) / 2 if len(suspicious) > 1 else 0.0)
+    reference = fmd.defend(images)
+    assert len(set(reference["verdict"].tolist())) >= 2, reference["verdict"]
+    return fmd, images, reference
+
+
+@pytest.fixture(scope="module")
+def small_exported(small_defense, tmp_path_factory):
+    return Path(export_serving(small_defense[0], tmp_path_factory.mktemp("small"), version=1))
+
+
+@pytest.fixture(scope="module")
+def small_server(small_exported):
+    with ServingServer(small_exported, model_name="fmd", version=1) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def small_server_no_metadata(small_exported):
+    """The same model behind a server that does not answer metadata (an older server)."""
+    with ServingServer(small_exported, model_name="fmd", version=1, metadata=False) as srv:
+        yield srv
+
+
+def test_small_model_signatures_and_metadata_take_its_shape(small_exported, small_server):
+    sigs = describe_signatures(small_exported)
+    for name in SIGNATURES:
+        assert sigs[name]["inputs"] == {"images": ("float32", (-1, *SMALL_SHAPE))}, name
+    assert sigs["serving_default"]["outputs"]["purified"] == ("float32", (-1, *SMALL_SHAPE))
+    assert sigs["classify"]["outputs"]["logits"] == ("float32", (-1, 3))
+    assert client.get_model_metadata(small_server.target, "fmd", timeout=30)["signatures"] == sigs
+    rest = client.get_model_metadata_rest(small_server.rest_url, "fmd", timeout=30, version=1)
+    assert rest["signatures"] == sigs and rest["model"] == "fmd" and rest["version"] == 1
+    # TF Serving's REST metadata JSON: proto field names, the map nested under signature_def.
+    with urllib.request.urlopen(f"{small_server.rest_url}/v1/models/fmd/metadata",
+                                timeout=30) as response:
+        raw = json.loads(response.read())
+    images = raw["metadata"]["signature_def"]["signature_def"]["detect"]["inputs"]["images"]
+    assert images["dtype"] == "DT_FLOAT"
+    assert [int(d["size"]) for d in images["tensor_shape"]["dim"]] == [-1, *SMALL_SHAPE]
+
+
+def test_small_model_through_grpc_and_rest_equals_defend(small_defense, small_server):
+    fmd, images, reference = small_defense
+    before = small_server.backend.metadata_requests
+    with client.GrpcClient(small_server.target, timeout=30) as grpc_client, \
+            client.RestClient(small_server.rest_url, timeout=30) as rest_client:
+        for c in (grpc_client, rest_client):
+            assert c.input_shape("fmd") == SMALL_SHAPE
+            for _ in range(2):
+                out = c.predict("fmd", images)
+                np.testing.assert_array_equal(out["verdict"], reference["verdict"])
+                np.testing.assert_array_equal(out["label"], reference["label"])
+                np.testing.assert_allclose(out["resistance"], reference["resistance"],
+                                           rtol=1e-5, atol=1e-6)
+            detect = c.predict("fmd", images[:3].astype(np.float64), "detect")
+            np.testing.assert_array_equal(detect["verdict"], reference["verdict"][:3])
+            assert c.input_shape("fmd", "classify") == SMALL_SHAPE
+            assert c.metadata_requests == 1  # read once, for every signature and request
+    assert small_server.backend.metadata_requests - before == 2  # one per client object
+    out = client.predict_rest(small_server.rest_url, "fmd", images[:2], "classify", timeout=30)
+    np.testing.assert_array_equal(out["label"], reference["classifier_label"][:2])
+
+
+def test_client_refuses_other_shapes_naming_the_models_shape(small_server, small_defense,
+                                                             tmp_path, capsys):
+    mnist = np.zeros((2, 28, 28, 1), np.float32)
+    predicts = small_server.backend.requests
+    with pytest.raises(client.ImageInputError, match=r"\[N, 12, 12, 3\].*found \[2, 28, 28, 1\]"):
+        client.predict_grpc(small_server.target, "fmd", mnist, timeout=30)
+    with pytest.raises(client.ImageInputError, match=r"\[N, 12, 12, 3\]"):
+        client.predict_rest(small_server.rest_url, "fmd", mnist, timeout=30)
+    with pytest.raises(client.ImageInputError, match=r"\[N, 12, 12, 3\].*found \[2, 12, 12\]"):
+        client.predict_grpc(small_server.target, "fmd", small_defense[1][:2, :, :, 0],
+                            timeout=30)
+    assert small_server.backend.requests == predicts  # nothing was sent
+    path = tmp_path / "mnist.npy"
+    np.save(path, mnist)
+    for flags in (["--target", small_server.target], ["--rest", small_server.rest_url]):
+        assert client.main([*flags, "--images", str(path), "--timeout", "30"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(path) in err and "Traceback" not in err
+        assert "[N, 12, 12, 3]" in err and "found [2, 28, 28, 1]" in err
+    assert small_server.backend.requests == predicts
+
+
+def test_cli_on_small_model_reads_metadata_once(small_server, small_defense, tmp_path, capsys):
+    _, images, reference = small_defense
+    path = tmp_path / "x.npy"
+    np.save(path, images[:3])
+    for flags in (["--target", small_server.target], ["--rest", small_server.rest_url]):
+        before = small_server.backend.metadata_requests
+        assert client.main([*flags, "--images", str(path), "--outputs", "verdict", "--warmup",
+                            "1", "--repeat", "2", "--timeout", "30"]) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.out) == {"verdict": reference["verdict"][:3].tolist()}
+        assert small_server.backend.metadata_requests - before == 1
+        assert client.main([*flags, "--metadata", "--timeout", "30"]) == 0
+        meta = json.loads(capsys.readouterr().out)
+        assert meta["signatures"]["classify"]["inputs"]["images"] == "float32 [None, 12, 12, 3]"
+
+
+def test_server_without_metadata_falls_back_to_its_own_check(small_server_no_metadata,
+                                                             small_defense, tmp_path, capsys):
+    server = small_server_no_metadata
+    _, images, reference = small_defense
+    with client.GrpcClient(server.target, timeout=30) as grpc_client, \
+            client.RestClient(server.rest_url, timeout=30) as rest_client:
+        for c in (grpc_client, rest_client):
+            assert c.input_shape("fmd") is None
+            out = c.predict("fmd", images)
+            np.testing.assert_array_equal(out["verdict"], reference["verdict"])
+            with pytest.raises(client.ServingError) as err:  # the server's in-graph check
+                c.predict("fmd", np.zeros((2, 28, 28, 1), np.float32))
+            assert err.value.code == "INVALID_ARGUMENT"
+            assert "images must be [batch, 12, 12, 3]" in err.value.message
+            assert c.metadata_requests == 1  # "no metadata" is remembered too
+    path = tmp_path / "mnist.npy"
+    np.save(path, np.zeros((2, 28, 28), np.float32))
+    for flags in (["--target", server.target], ["--rest", server.rest_url]):
+        assert client.main([*flags, "--images", str(path), "--timeout", "30"]) == 2
+        err = capsys.readouterr().err
+        assert err == ("error: the server rejected the input (INVALID_ARGUMENT): images must be "
+                       "[batch, 12, 12, 3]\n")

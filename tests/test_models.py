@@ -143,9 +143,14 @@ class DecoderTest(FmdTestCase):
         self.run_serialization_test(model)
         self.run_keras_saving_test(model, codes)
 
-    def test_rejects_indivisible_image_shape(self):
-        with self.assertRaisesRegex(ValueError, "not divisible by 4"):
-            Decoder(image_shape=(30, 28, 1), filters=(8, 4))
+    def test_crops_to_an_indivisible_image_shape(self):
+        model = Decoder(image_shape=(30, 26, 3), filters=(8, 4))
+        self.assertEqual(model.seed_shape, (8, 7, 8))  # ceil(30 / 4), ceil(26 / 4)
+        images = model(np.zeros((2, 6), np.float32)).numpy()
+        self.assertEqual(images.shape, (2, 30, 26, 3))
+        self.run_serialization_test(model)
+        with self.assertRaisesRegex(ValueError, "must be positive"):
+            Decoder(image_shape=(0, 28, 1))
 
 
 class DGMMTest(FmdTestCase):

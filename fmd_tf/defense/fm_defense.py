@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
 
+from fmd_tf import options as _options
+from fmd_tf.config import (  # noqa: F401  (PURIFY_*: re-exported, defined with the options)
+    PURIFY_LABELS,
+    PURIFY_ZU,
+    RECON_METRICS,
+    DefenseConfig,
+)
 from fmd_tf.defense import adaptive_budget as adaptive
 from fmd_tf.defense import calibration, morphs, precision
 
 VERDICT_PASSED, VERDICT_PURIFIED, VERDICT_REJECTED = 0, 1, 2
 OUTPUT_KEYS = ("label", "verdict", "classifier_label", "resistance", "distance", "purified",
                "recon_error")
-PURIFY_ZU = ("encoded", "class_mean")
-PURIFY_LABELS = ("reconstruction", "corroborated")
-RECON_METRICS = ("mae", "mse", "pixel_share")
-LEGACY_RECON_METRIC = "mse"  # the gate's metric of files saved before `recon_metric` existed
+# Options whose default changed: a saved config without the key was written when the option
+# did not exist yet, and behaved as this value.
+LEGACY_DEFAULTS = {"recon_metric": "mse", "purify_label": "reconstruction"}
+# Keyword arguments of FMDefense that go to keras.Model, not to the DefenseConfig.
+_KERAS_KWARGS = ("name", "trainable", "dtype", "autocast", "activity_regularizer")
+_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(DefenseConfig))
 
 
 class NotCalibratedError(RuntimeError):
@@ -120,6 +131,17 @@ class BatchedDefense:
 
     output_keys = OUTPUT_KEYS  # what `defend` returns
 
+    # The constructor's jit_compile as given: None stays None ("auto" by our rule in
+    # `_compiled`). keras.Model's own property would resolve None to True on any machine with a
+    # GPU, also for graphs XLA cannot compile (the adaptive budget, the ensemble's member draw).
+    @property
+    def jit_compile(self):
+        return getattr(self, "_jit_setting", None)
+
+    @jit_compile.setter
+    def jit_compile(self, value):
+        self._jit_setting = value
+
     def _require_calibrated(self):
         if not self.is_calibrated:
             raise NotCalibratedError(
@@ -193,41 +215,21 @@ class FMDefense(BatchedDefense, keras.Model):
     Args:
         classifier: Keras model, images -> logits.
         combo_vae: trained `ComboVAE`.
-        num_morphs: N.
-        candidates_per_step, radius_step, max_steps: natural-morph search (§III-C).
-        range_percentiles: normal-range rule on VAL encoder means.
-        selected_codes: indices of the m manipulated codes; None = all d_s.
-        threshold_mode, rho, eta, min_suspicious, eta_reference_rho: calibration.
-        purify_zu: "encoded" (zu(x)) or "class_mean" (μ of the most likely DGMM class).
-        purify_label: label of a purified input. "reconstruction" (the paper): the classifier's
-            label of the purified image. "corroborated": the classifier's label of the input
-            itself when the DGMM's most likely class of zu(x) is that label (the class-unique
-            code corroborates it, so the low resistance came from the decoder changing the
-            class), else the purified image's label. Verdicts are the same in both modes.
-        chunk_size: morphs per decoder+classifier pass.
-        seed: randomness key of the morph search.
+        config: a `fmd_tf.config.DefenseConfig` (None: its defaults): N, the natural-morph
+            search, calibration, purification, the adaptive budget and the reconstruction gate.
+            Each option's meaning, default and valid range is declared once there.
         jit_compile: XLA for the graph; None = on when a GPU is visible (XLA was ~3x slower on
-            CPU) and `adaptive_budget` is off.
-        adaptive_budget: once calibrated, draw each pair's morphs in rounds and stop when r(i) is
-            clearly above or below θr(i) (`fmd_tf.defense.adaptive_budget`); calibration always
-            uses all N. Not XLA-compatible.
-        adaptive_round, adaptive_alpha: morphs per round and level α of that sequential test.
-        adaptive_refine_codes: with the adaptive budget, each image's this many codes with the
-            lowest r(i) - θr(i) estimates then draw all N morphs (0 = off).
-        adaptive_order: order in which the adaptive budget draws each pair's N morphs:
-            "shuffled" (a fixed permutation drawn from `seed`) or "search" (smallest radius
-            first); see `adaptive_budget.draw_order`. The full budget does not depend on it.
-        morph_dtype: "float32", "bfloat16" or "float16" for the decoder+classifier pass over
-            the morphs (`fmd_tf.defense.precision`); weights stay float32.
-        recon_fpr: clean VAL budget of the reconstruction gate (0 = off, the paper's rule).
-        recon_metric: the gate's reconstruction error e(x): "mae" (mean absolute error, the L1
-            error of MagNet's detector) or "mse" (mean squared error). L1 weighs the small
-            perturbation an attack spreads over every pixel more than the few large errors of
-            a hard clean image. "pixel_share" is the share of pixels with |x - x̂| >
-            `recon_pixel_tol`: it counts the pixels an attack moved off the manifold and ignores
-            how far a hard clean image's few bad pixels are off. Models saved before this
-            option existed load as "mse".
-        recon_pixel_tol: per-pixel tolerance τ of the "pixel_share" metric (unused otherwise).
+            CPU) and `adaptive_budget` is off. Not with `adaptive_budget` (data-dependent
+            shapes).
+        **options: DefenseConfig fields overriding `config`, e.g. `FMDefense(clf, combo,
+            rho=0.95, num_morphs=8)`; besides them only keras.Model's name, trainable, dtype.
+            An unknown name is a TypeError.
+
+    Every option is a read-only attribute (`fmd.rho`, `fmd.recon_metric`, ...) and `fmd.config`
+    is the whole DefenseConfig, with `selected_codes` resolved (None -> all d_s codes).
+    `get_config()` stores the options flat, as files always did; files saved before an option
+    existed load with its default, except `recon_metric`, which they load as "mse" (the gate's
+    error before the option existed). `copy_with(**changes)` makes a copy with other options.
 
     Call: images float32 [B, H, W, C] in [0, 1] -> dict with `label` int64 [B] (-1 when
     rejected), `verdict` int32 [B] (0 passed, 1 purified, 2 rejected), `classifier_label` int64
@@ -235,183 +237,93 @@ class FMDefense(BatchedDefense, keras.Model):
     `recon_error` float32 [B] (`recon_metric` error of decoder(μs(x) ‖ zu(x)) against x).
     """
 
-    def __init__(
-        self,
-        classifier,
-        combo_vae,
-        num_morphs=100,
-        candidates_per_step=20,
-        radius_step=0.025,
-        max_steps=20,
-        range_percentiles=(1.0, 99.0),
-        selected_codes=None,
-        threshold_mode="per_code",
-        rho=0.999,
-        eta=0.9,
-        min_suspicious=20,
-        eta_reference_rho=0.9,
-        purify_zu="encoded",
-        purify_label="reconstruction",
-        chunk_size=2000,
-        seed=0,
-        jit_compile=None,
-        adaptive_budget=False,
-        adaptive_round=10,
-        adaptive_alpha=0.01,
-        adaptive_refine_codes=0,
-        adaptive_order="shuffled",
-        morph_dtype="float32",
-        recon_fpr=0.0,
-        recon_metric="mae",
-        recon_pixel_tol=0.15,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
+    def __init__(self, classifier, combo_vae, config=None, jit_compile=None, **options):
+        keras_kwargs = {k: options.pop(k) for k in _KERAS_KWARGS if k in options}
+        unknown = [k for k in options if k not in _OPTION_NAMES]
+        if unknown:
+            raise _options.unknown_option_error(DefenseConfig, unknown)
+        if config is None:
+            config = DefenseConfig()
+        elif not isinstance(config, DefenseConfig):
+            raise TypeError(f"config must be a DefenseConfig, got {type(config).__name__}")
+        super().__init__(**keras_kwargs)
         self.classifier = _maybe_deserialize(classifier)
         self.combo_vae = _maybe_deserialize(combo_vae)
-        self.num_morphs = int(num_morphs)
-        self.candidates_per_step = int(candidates_per_step)
-        self.radius_step = float(radius_step)
-        self.max_steps = int(max_steps)
-        self.range_percentiles = tuple(float(p) for p in range_percentiles)
-        d_s = self.combo_vae.shared_dim
-        if selected_codes is None:
-            selected_codes = range(d_s)
-        self.selected_codes = tuple(int(c) for c in selected_codes)
-        self.threshold_mode = str(threshold_mode)
-        self.rho = float(rho)
-        self.eta = float(eta)
-        self.min_suspicious = int(min_suspicious)
-        self.eta_reference_rho = float(eta_reference_rho)
-        self.purify_zu = str(purify_zu)
-        self.purify_label = str(purify_label)
-        self.chunk_size = int(chunk_size)
-        self.seed = int(seed)
         self.jit_compile = jit_compile
-        self.adaptive_budget = bool(adaptive_budget)
-        self.adaptive_round = int(adaptive_round)
-        self.adaptive_alpha = float(adaptive_alpha)
-        self.adaptive_refine_codes = int(adaptive_refine_codes)
-        self.adaptive_order = str(adaptive_order)
-        self.morph_dtype = str(morph_dtype)
-        self.recon_fpr = float(recon_fpr)
-        self.recon_metric = str(recon_metric)
-        self.recon_pixel_tol = float(recon_pixel_tol)
-        self._check_arguments(d_s)
+        config = dataclasses.replace(config, **options)
+        if config.selected_codes is None:
+            config = dataclasses.replace(
+                config, selected_codes=tuple(range(self.combo_vae.shared_dim)))
+        self._check_arguments(config, self.combo_vae.shared_dim, jit_compile)
+        self._config = config
         self._image_shape = None
         self._graph_fn = None
 
-    def _check_arguments(self, d_s):
-        if self.num_morphs < 1:
-            raise ValueError(f"num_morphs must be >= 1, got {self.num_morphs}")
-        if self.candidates_per_step < 1 or self.max_steps < 1:
-            raise ValueError("candidates_per_step and max_steps must be >= 1")
-        if self.candidates_per_step * self.max_steps < self.num_morphs:
-            raise ValueError(
-                f"the search draws candidates_per_step*max_steps = "
-                f"{self.candidates_per_step * self.max_steps} candidates, fewer than "
-                f"num_morphs = {self.num_morphs}"
-            )
-        if self.radius_step <= 0:
-            raise ValueError(f"radius_step must be > 0, got {self.radius_step}")
-        lo, hi = self.range_percentiles
-        if not 0.0 <= lo < hi <= 100.0:
-            raise ValueError(f"range_percentiles must satisfy 0 <= low < high <= 100, got "
-                             f"{self.range_percentiles}")
-        if not self.selected_codes or len(set(self.selected_codes)) != len(self.selected_codes):
-            raise ValueError(f"selected_codes must be distinct, got {self.selected_codes}")
-        if min(self.selected_codes) < 0 or max(self.selected_codes) >= d_s:
-            raise ValueError(f"selected_codes must be in [0, {d_s}), got {self.selected_codes}")
-        if self.threshold_mode not in calibration.THRESHOLD_MODES:
-            raise ValueError(f"threshold_mode must be one of {calibration.THRESHOLD_MODES}, "
-                             f"got {self.threshold_mode!r}")
-        if not 0.0 < self.rho <= 1.0 or not 0.0 < self.eta_reference_rho <= 1.0:
-            raise ValueError("rho and eta_reference_rho must be in (0, 1]")
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
-        if self.purify_zu not in PURIFY_ZU:
-            raise ValueError(f"purify_zu must be one of {PURIFY_ZU}, got {self.purify_zu!r}")
-        if self.purify_label not in PURIFY_LABELS:
-            raise ValueError(f"purify_label must be one of {PURIFY_LABELS}, "
-                             f"got {self.purify_label!r}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.adaptive_round < 1:
-            raise ValueError(f"adaptive_round must be >= 1, got {self.adaptive_round}")
-        if not 0.0 < self.adaptive_alpha < 0.5:
-            raise ValueError(f"adaptive_alpha must be in (0, 0.5), got {self.adaptive_alpha}")
-        if self.adaptive_budget and self.jit_compile:
+    @property
+    def config(self) -> DefenseConfig:
+        """The options (a frozen `fmd_tf.config.DefenseConfig`, selected codes resolved)."""
+        return self._config
+
+    @staticmethod
+    def _check_arguments(config, d_s, jit_compile):
+        """The DefenseConfig's own checks, then those that need the model."""
+        _options.validate(config)
+        if max(config.selected_codes) >= d_s:
+            raise _options.OptionError("selected_codes", f"must be in [0, {d_s}) (d_s = {d_s})",
+                                       config.selected_codes)
+        m = len(config.selected_codes)
+        if config.adaptive_refine_codes > m:
+            raise _options.OptionError("adaptive_refine_codes",
+                                       f"must be in [0, {m}] (the number of selected codes)",
+                                       config.adaptive_refine_codes)
+        if config.adaptive_budget and jit_compile:
             raise ValueError("adaptive_budget has data-dependent shapes: jit_compile must be "
                              "None or False")
-        if not 0 <= self.adaptive_refine_codes <= len(self.selected_codes):
-            raise ValueError(f"adaptive_refine_codes must be in [0, {len(self.selected_codes)}], "
-                             f"got {self.adaptive_refine_codes}")
-        if self.adaptive_order not in adaptive.DRAW_ORDERS:
-            raise ValueError(f"adaptive_order must be one of {adaptive.DRAW_ORDERS}, "
-                             f"got {self.adaptive_order!r}")
-        if not 0.0 <= self.recon_fpr < 1.0:
-            raise ValueError(f"recon_fpr must be in [0, 1), got {self.recon_fpr}")
-        if self.recon_metric not in RECON_METRICS:
-            raise ValueError(f"recon_metric must be one of {RECON_METRICS}, "
-                             f"got {self.recon_metric!r}")
-        if not 0.0 < self.recon_pixel_tol < 1.0:
-            raise ValueError(f"recon_pixel_tol must be in (0, 1), got {self.recon_pixel_tol}")
-        if self.morph_dtype not in precision.COMPUTE_DTYPES:
-            raise ValueError(f"morph_dtype must be one of {precision.COMPUTE_DTYPES}, "
-                             f"got {self.morph_dtype!r}")
 
     @classmethod
     def from_config_dataclass(cls, classifier, combo_vae, defense_cfg, **kwargs):
-        """Build from a `fmd_tf.config.DefenseConfig`."""
-        return cls(
-            classifier,
-            combo_vae,
-            num_morphs=defense_cfg.num_morphs,
-            candidates_per_step=defense_cfg.candidates_per_step,
-            radius_step=defense_cfg.radius_step,
-            max_steps=defense_cfg.max_steps,
-            range_percentiles=defense_cfg.range_percentiles,
-            selected_codes=defense_cfg.selected_codes,
-            threshold_mode=defense_cfg.threshold_mode,
-            rho=defense_cfg.rho,
-            eta=defense_cfg.eta,
-            min_suspicious=defense_cfg.min_suspicious,
-            eta_reference_rho=defense_cfg.eta_reference_rho,
-            purify_zu=defense_cfg.purify_zu,
-            purify_label=defense_cfg.purify_label,
-            chunk_size=defense_cfg.chunk_size,
-            seed=defense_cfg.seed,
-            adaptive_budget=defense_cfg.adaptive_budget,
-            adaptive_round=defense_cfg.adaptive_round,
-            adaptive_alpha=defense_cfg.adaptive_alpha,
-            adaptive_refine_codes=defense_cfg.adaptive_refine_codes,
-            adaptive_order=defense_cfg.adaptive_order,
-            morph_dtype=defense_cfg.morph_dtype,
-            recon_fpr=defense_cfg.recon_fpr,
-            recon_metric=defense_cfg.recon_metric,
-            recon_pixel_tol=defense_cfg.recon_pixel_tol,
-            **kwargs,
-        )
+        """Build from a `fmd_tf.config.DefenseConfig` (same as `cls(classifier, combo_vae,
+        defense_cfg, **kwargs)`)."""
+        return cls(classifier, combo_vae, defense_cfg, **kwargs)
+
+    @staticmethod
+    def upgrade_config(config: dict) -> dict:
+        """A saved config (`get_config()` of any version) as today's: options missing from an
+        old file take the value they had before they existed (`LEGACY_DEFAULTS`, e.g. θe was
+        calibrated on the squared error), or else their default in the constructor."""
+        return {**LEGACY_DEFAULTS, **config}
 
     @classmethod
     def from_config(cls, config):
-        return super().from_config({"recon_metric": LEGACY_RECON_METRIC, **config})
+        return super().from_config(cls.upgrade_config(config))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            classifier=keras.saving.serialize_keras_object(self.classifier),
+            combo_vae=keras.saving.serialize_keras_object(self.combo_vae),
+            jit_compile=self.jit_compile,
+        )
+        # The options flat, tuples as lists (the layout of every saved file).
+        for name in _OPTION_NAMES:
+            value = getattr(self._config, name)
+            config[name] = list(value) if isinstance(value, tuple) else value
+        return config
 
     STATE_WEIGHTS = ("code_low", "code_high", "theta_r", "theta_d", "theta_e", "calibrated",
                      "search_table")
 
     def copy_with(self, classifier=None, **changes) -> FMDefense:
-        """A built copy with other constructor options (`changes`), sharing this defense's
-        combo-VAE and, unless `classifier` is given, its classifier; ranges, thresholds and
-        search table are copied. E.g. `fmd.copy_with(adaptive_budget=True)`."""
-        config = self.get_config()
-        for key in ("classifier", "combo_vae", "name", "trainable", "dtype"):
-            config.pop(key, None)
-        config.update(changes)
-        if config.get("adaptive_budget") and config.get("jit_compile"):
-            config["jit_compile"] = None  # the adaptive loop cannot be XLA-compiled
+        """A built copy with other constructor options (`changes`: DefenseConfig fields or
+        jit_compile), sharing this defense's combo-VAE and, unless `classifier` is given, its
+        classifier; ranges, thresholds and search table are copied. E.g.
+        `fmd.copy_with(adaptive_budget=True)`."""
+        jit_compile = changes.pop("jit_compile", self.jit_compile)
+        if changes.get("adaptive_budget", self.adaptive_budget) and jit_compile:
+            jit_compile = None  # the adaptive loop cannot be XLA-compiled
+        changes.setdefault("name", self.name)
         copy = FMDefense(self.classifier if classifier is None else classifier, self.combo_vae,
-                         name=self.name, **config)
+                         self._config, jit_compile=jit_compile, **changes)
         copy.build((None, *self._image_shape))
         for name in self.STATE_WEIGHTS:
             getattr(copy, name).assign(getattr(self, name))
@@ -678,41 +590,20 @@ class FMDefense(BatchedDefense, keras.Model):
             "val_resistance": r_val,
         }
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            classifier=keras.saving.serialize_keras_object(self.classifier),
-            combo_vae=keras.saving.serialize_keras_object(self.combo_vae),
-            num_morphs=self.num_morphs,
-            candidates_per_step=self.candidates_per_step,
-            radius_step=self.radius_step,
-            max_steps=self.max_steps,
-            range_percentiles=list(self.range_percentiles),
-            selected_codes=list(self.selected_codes),
-            threshold_mode=self.threshold_mode,
-            rho=self.rho,
-            eta=self.eta,
-            min_suspicious=self.min_suspicious,
-            eta_reference_rho=self.eta_reference_rho,
-            purify_zu=self.purify_zu,
-            purify_label=self.purify_label,
-            chunk_size=self.chunk_size,
-            seed=self.seed,
-            jit_compile=self.jit_compile,
-            adaptive_budget=self.adaptive_budget,
-            adaptive_round=self.adaptive_round,
-            adaptive_alpha=self.adaptive_alpha,
-            adaptive_refine_codes=self.adaptive_refine_codes,
-            adaptive_order=self.adaptive_order,
-            morph_dtype=self.morph_dtype,
-            recon_fpr=self.recon_fpr,
-            recon_metric=self.recon_metric,
-            recon_pixel_tol=self.recon_pixel_tol,
-        )
-        return config
+
+def _option_property(name: str) -> property:
+    return property(lambda self: getattr(self._config, name),
+                    doc=f"{_options.option_help(DefenseConfig, name)} (read-only: see "
+                        "`copy_with`)")
 
 
-def reconstruction_error(images, reconstruction, metric="mae", pixel_tol=0.15):
+for _name in _OPTION_NAMES:  # fmd.rho, fmd.recon_metric, ...: the DefenseConfig's fields
+    setattr(FMDefense, _name, _option_property(_name))
+del _name
+
+
+def reconstruction_error(images, reconstruction, metric=DefenseConfig.recon_metric,
+                         pixel_tol=DefenseConfig.recon_pixel_tol):
     """e(x) of the reconstruction gate, [B], for `images` and `reconstruction` [B, H, W, C]:
     the mean over the pixels of |x - x̂| ("mae"), of (x - x̂)² ("mse"), or of
     1[|x - x̂| > pixel_tol] ("pixel_share", the share of pixels off by more than τ)."""

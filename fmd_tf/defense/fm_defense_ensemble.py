@@ -24,7 +24,6 @@ import numpy as np
 import tensorflow as tf
 
 from fmd_tf.defense.fm_defense import (
-    LEGACY_RECON_METRIC,
     OUTPUT_KEYS,
     BatchedDefense,
     FMDefense,
@@ -204,8 +203,7 @@ class FMDefenseEnsemble(BatchedDefense, keras.Model):
         image_shape = tuple(config.pop("image_shape"))
         members = []
         for member_config, name in zip(config.pop("members"), names, strict=True):
-            member = FMDefense(classifier, name=name,
-                               **{"recon_metric": LEGACY_RECON_METRIC, **member_config})
+            member = FMDefense(classifier, name=name, **FMDefense.upgrade_config(member_config))
             member.build((None, *image_shape))
             members.append(member)
         return cls(members, **config)

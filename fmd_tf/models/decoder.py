@@ -1,4 +1,4 @@
-"""Decoder p_θ(x | zs, zu) on concat(zs, zu) (paper §III-D, Table I decoder adapted to 28x28)."""
+"""Decoder p_θ(x | zs, zu) on concat(zs, zu) (paper §III-D, Table I decoder, any image size)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ class Decoder(keras.Model):
     """Dense 128 (ReLU), Dense h/4·w/4·f0 (ReLU), DC k4 s2 (LeakyReLU) per filter, C k3 sigmoid.
 
     Args:
-        image_shape: (H, W, C) of the output; H and W divisible by 2**len(filters).
+        image_shape: (H, W, C) of the output. The transposed convolutions upsample a
+            ceil(H / 2**L) x ceil(W / 2**L) seed (L = len(filters)); when H or W is not divisible
+            by 2**L the last rows / columns are cropped.
         dense_units: width of the first dense layer.
         filters: filters of the stride-2 transposed convolutions.
 
@@ -25,9 +27,10 @@ class Decoder(keras.Model):
         self.filters = tuple(int(f) for f in filters)
         scale = 2 ** len(self.filters)
         h, w, c = self.image_shape
-        if h % scale or w % scale:
-            raise ValueError(f"image_shape {self.image_shape} not divisible by {scale}")
-        self.seed_shape = (h // scale, w // scale, self.filters[0])
+        if min(h, w) < 1 or c < 1:
+            raise ValueError(f"image_shape must be positive (H, W, C), got {self.image_shape}")
+        self.seed_shape = (-(-h // scale), -(-w // scale), self.filters[0])
+        self.crop = (self.seed_shape[0] * scale != h) or (self.seed_shape[1] * scale != w)
         self.stack = [
             layers.Dense(self.dense_units, activation="relu", name="hidden"),
             layers.Dense(
@@ -57,6 +60,8 @@ class Decoder(keras.Model):
         h = codes
         for layer in self.stack:
             h = layer(h)
+        if self.crop:
+            h = h[:, : self.image_shape[0], : self.image_shape[1], :]
         return h
 
     def get_config(self):

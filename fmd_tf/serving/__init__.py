@@ -1,17 +1,22 @@
 """Clients for the FM-Defense SavedModel served by TensorFlow Serving (see `client`).
 
 The server side is TF Serving itself (`serving/docker-compose.yml`) with the SavedModel written
-by `scripts/export.py` / `fmd_tf.export.export_serving`. Command line:
-`python -m fmd_tf.serving.client --help`.
+by `scripts/export.py` / `fmd_tf.export_saved_model` / `fmd_tf.export.export_serving`. The
+clients take the input shape from the served model's metadata (any H x W x C the package
+defends), not from a constant. Command line: `python -m fmd_tf.serving.client --help`.
 
 The names below are loaded lazily so that `python -m fmd_tf.serving.client` does not import the
 module twice (runpy warns when a package pre-imports the module it runs).
 """
 
 _CLIENT_NAMES = (
+    "GrpcClient",
     "ImageInputError",
+    "RestClient",
     "ServingError",
+    "check_images",
     "get_model_metadata",
+    "get_model_metadata_rest",
     "load_images",
     "predict_grpc",
     "predict_rest",

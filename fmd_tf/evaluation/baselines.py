@@ -1,0 +1,193 @@
+"""The baseline defenses next to a trained FM-Defense: MODEL/baselines, trained and loaded.
+
+    MODEL/baselines/magnet/             detector_I.keras, detector_II.keras, magnet.json
+    MODEL/baselines/feature_squeezing.json
+
+`train_baselines` trains MagNet's autoencoders on the paper's TRAIN split (or reuses trained
+ones), calibrates MagNet and Feature Squeezing on VAL at a clean false-positive rate and writes
+them there (never half-written; existing ones only with overwrite=True); `load_baselines` gives
+them to `fmd_tf.evaluation.report.evaluate`. `scripts/train_baselines.py` is the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+__all__ = ["OUTPUTS", "baseline_config", "check_outputs", "load_baselines", "train_baselines"]
+
+OUTPUTS = ("magnet", "feature_squeezing.json")  # under MODEL/baselines
+
+
+def load_baselines(model_dir: str, classifier) -> tuple[dict, list[str]]:
+    """({"magnet": MagNet, "feature_squeezing": FeatureSqueezing} around `classifier`, those
+    found in `model_dir`/baselines; notes naming the missing ones)."""
+    base = os.path.join(model_dir, "baselines")
+    loaded, notes = {}, []
+    try:
+        from fmd_tf.baselines import FeatureSqueezing, MagNet
+    except ImportError as e:  # pragma: no cover
+        return loaded, [f"baselines unavailable: {e}"]
+    magnet_dir = os.path.join(base, "magnet")
+    fs_path = os.path.join(base, "feature_squeezing.json")
+    if os.path.isdir(magnet_dir):
+        loaded["magnet"] = MagNet.load(magnet_dir, classifier)
+    else:
+        notes.append(f"MagNet not found in {magnet_dir} (run scripts/train_baselines.py)")
+    if os.path.isfile(fs_path):
+        loaded["feature_squeezing"] = FeatureSqueezing.load(fs_path, classifier)
+    else:
+        notes.append(f"Feature Squeezing not found at {fs_path} (run scripts/train_baselines.py)")
+    return loaded, notes
+
+
+def baseline_config(dataset: str = "fmnist", quick: bool = False):
+    """The `ExperimentConfig` of `dataset` (its split sizes and ρ), shrunk by `quick`
+    (`fmd_tf.config.quick_config`); ValueError for an unknown dataset."""
+    from fmd_tf.config import get_config, quick_config
+
+    cfg = get_config(dataset)
+    return quick_config(cfg) if quick else cfg
+
+
+def check_outputs(model_dir: str, overwrite: bool = False) -> tuple[str, str]:
+    """(MODEL/classifier.keras, MODEL/baselines); FileNotFoundError without the classifier,
+    FileExistsError when baseline outputs exist and not `overwrite`."""
+    classifier_path = os.path.join(model_dir, "classifier.keras")
+    if not os.path.isfile(classifier_path):
+        raise FileNotFoundError(f"{classifier_path} not found; train the classifier first "
+                                "(python scripts/train.py --stages classifier) or pass --model")
+    out_dir = os.path.join(model_dir, "baselines")
+    existing = [f for f in OUTPUTS if os.path.exists(os.path.join(out_dir, f))]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already holds {', '.join(existing)}; pass --overwrite to replace them "
+            "or choose another --model"
+        )
+    return classifier_path, out_dir
+
+
+def _install(tmp_dir, out_dir):
+    """Move the freshly written outputs from tmp_dir into out_dir, replacing old ones."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name in OUTPUTS:
+        target = os.path.join(out_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.remove(target)
+        os.replace(os.path.join(tmp_dir, name), target)
+
+
+def _fit_magnet(classifier, splits, cfg, fpr, epochs, seed, magnet_from, verbose):
+    """(MagNet trained or reused from `magnet_from` and calibrated at `fpr`, its report)."""
+    from fmd_tf.baselines import MagNet
+
+    if magnet_from is None:
+        magnet = MagNet(classifier, image_shape=cfg.image_shape, epochs=epochs, seed=seed)
+        return magnet, magnet.fit(splits.x_train, splits.x_val, fpr, verbose=verbose)
+    magnet = MagNet.load(magnet_from, classifier)
+    trained = magnet.report
+    magnet.report = {k: trained[k] for k in ("history", "epochs", "num_train",
+                                             "train_seconds") if k in trained}
+    magnet.report.update(autoencoders_from=magnet_from,
+                         autoencoders_command=trained.get("command"))
+    report = magnet.calibrate(splits.x_val, fpr)
+    report.update(magnet.report)
+    return magnet, report
+
+
+def _cle_figures(defense, splits, common, started) -> float:
+    """Adds the CLE false-positive rate and accuracy (and `common`) to `defense.report`;
+    returns the seconds since `started`."""
+    out = defense.defend(splits.x_cle)
+    seconds = time.time() - started
+    defense.report.update(common, seconds=seconds,
+                          cle_false_positive_rate=float((out["verdict"] == 2).mean()),
+                          cle_accuracy=float((out["label"] == splits.y_cle).mean()))
+    return seconds
+
+
+def train_baselines(model_dir: str, dataset: str = "fmnist", *, epochs: int | None = None,
+                    fpr: float | None = None, seed: int = 0, overwrite: bool = False,
+                    quick: bool = False, verbose: int = 0, magnet_from: str | None = None,
+                    command: str | None = None, log=print) -> dict:
+    """Train and calibrate MagNet and Feature Squeezing around MODEL/classifier.keras; write
+    them to MODEL/baselines (see the module doc). Returns {"magnet": report,
+    "feature_squeezing": report}.
+
+    Args:
+        epochs: MagNet autoencoder epochs (default `fmd_tf.baselines.DEFAULT_EPOCHS`, 1 with
+            `quick`); not with `magnet_from`.
+        fpr: target clean false-positive rate on VAL (default 1 - ρ of the dataset's config).
+        quick: the tiny split of `fmd_tf.config.quick_config`.
+        verbose: Keras verbosity of the autoencoder training.
+        magnet_from: a MODEL/baselines/magnet directory whose autoencoders are reused (only
+            the thresholds are re-calibrated).
+        command: how the run was started, recorded in the reports.
+        log: called with each progress line (None: silent).
+
+    Raises FileNotFoundError / FileExistsError (`check_outputs`) and ValueError (unknown
+    dataset) before anything is trained.
+    """
+    classifier_path, out_dir = check_outputs(model_dir, overwrite)
+    cfg = baseline_config(dataset, quick)
+    log = log or (lambda line: None)
+
+    import keras
+
+    import fmd_tf  # noqa: F401  (registers the Keras classes)
+    from fmd_tf.baselines import DEFAULT_EPOCHS, FeatureSqueezing
+    from fmd_tf.data import paper_splits
+
+    fpr = fpr if fpr is not None else 1.0 - cfg.defense.rho
+    fpr = round(fpr, 12)  # 1 - 0.999 is 0.0010000000000000009
+    epochs = epochs or (1 if quick else DEFAULT_EPOCHS)
+    classifier = keras.models.load_model(classifier_path, compile=False)
+    splits = paper_splits(dataset, seed, cfg.splits)
+    common = {"dataset": dataset, "seed": seed, "quick": quick, "command": command,
+              "num_cle": int(len(splits.x_cle))}
+    log(f"{dataset}: TRAIN {len(splits.x_train)}, VAL {len(splits.x_val)}, "
+        f"CLE {len(splits.x_cle)}; target VAL FPR {fpr:g}")
+
+    started = time.time()
+    keras.utils.set_random_seed(seed)
+    magnet, report = _fit_magnet(classifier, splits, cfg, fpr, epochs, seed, magnet_from,
+                                 verbose)
+    epochs = magnet.epochs if magnet_from is not None else epochs
+    magnet_seconds = _cle_figures(magnet, splits, common, started)
+    last = {k: h["loss"][-1] for k, h in report["history"].items()}
+    reused = " (reused)" if magnet_from else ""
+    log(f"MagNet: {epochs} epochs{reused}, final train loss I {last['I']:.5f} "
+        f"II {last['II']:.5f}; "
+        f"thresholds I (L2) {report['thresholds']['I']:.6g}, II (L1) "
+        f"{report['thresholds']['II']:.6g}")
+    log(f"MagNet: VAL FPR {report['val_false_positive_rate']:.4f} (I "
+        f"{report['val_false_positive_rate_per_detector']['I']:.4f}, II "
+        f"{report['val_false_positive_rate_per_detector']['II']:.4f}), CLE FPR "
+        f"{magnet.report['cle_false_positive_rate']:.4f}, CLE accuracy "
+        f"{magnet.report['cle_accuracy']:.4f}; {magnet_seconds:.1f} s "
+        f"(training {report['train_seconds']:.1f} s)")
+
+    started = time.time()
+    squeezing = FeatureSqueezing(classifier)
+    fs_report = squeezing.calibrate(splits.x_val, fpr)
+    fs_seconds = _cle_figures(squeezing, splits, common, started)
+    log(f"Feature Squeezing ({', '.join(squeezing.squeezer_names)}): threshold "
+        f"{fs_report['threshold']:.6g}, VAL FPR {fs_report['val_false_positive_rate']:.4f}, "
+        f"CLE FPR {squeezing.report['cle_false_positive_rate']:.4f}, CLE accuracy "
+        f"{squeezing.report['cle_accuracy']:.4f}; {fs_seconds:.1f} s")
+
+    os.makedirs(model_dir, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=".baselines-", dir=model_dir)
+    try:
+        magnet.save(os.path.join(tmp_dir, "magnet"))
+        squeezing.save(os.path.join(tmp_dir, "feature_squeezing.json"))
+        _install(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    log(f"wrote {out_dir}: magnet/, feature_squeezing.json "
+        f"({magnet_seconds + fs_seconds:.1f} s)")
+    return {"magnet": magnet.report, "feature_squeezing": squeezing.report}

@@ -1,0 +1,455 @@
+"""The evaluation report of a trained FM-Defense (paper §IV: Table II, Fig. 1, 4, 5, 6).
+
+    from fmd_tf.evaluation.report import evaluate, render_markdown
+    report = evaluate("saved_models/fmnist", attacks=["fgsm", "pgd"], n=1000,
+                      out_dir="results/fmnist", cache_dir="results/cache")
+    print(render_markdown(report))
+
+`evaluate` attacks the first `n` CLE images (classifier attacks, or the adaptive white-box
+attacks on the whole defense, one run per budget), runs FM-Defense and the baselines (MagNet,
+Feature Squeezing, from MODEL/baselines) on the clean and adversarial sets and returns the
+report dict; with `out_dir` it also writes OUT/report.json, OUT/report.md and the PNG figures.
+The pieces are callable alone: `eta_curve` (Fig. 5), `operating_point_rows` (the report's
+operating-point table), `render_markdown` and `write_report`. `scripts/evaluate.py` is the
+command line.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+
+import numpy as np
+
+__all__ = [
+    "ETAS", "OPERATING_POINT_GRID", "REPORT_FILES", "eta_curve", "evaluate", "model_splits",
+    "operating_point_rows", "render_markdown", "write_json", "write_report",
+]
+
+ETAS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)  # Fig. 5
+# (threshold mode, ρ, reconstruction-gate budget) of the report's operating-point table.
+OPERATING_POINT_GRID = tuple(itertools.product(
+    ("per_code", "unified"), (0.999, 0.99, 0.95, 0.9, 0.8), (0.0, 0.01, 0.05)))
+DEFENSES = ("fm_defense", "magnet", "feature_squeezing")  # report keys, in table order
+REPORT_FILES = ("report.json", "report.md")
+
+
+def write_json(path: str, data) -> None:
+    """`data` as indented JSON (key order kept; numpy scalars as numbers), written to a
+    temporary file and renamed: a reader never sees it half-written."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    os.replace(tmp, path)
+
+
+def model_splits(model_dir: str, dataset: str = "fmnist", seed: int = 0, n: int | None = None):
+    """`fmd_tf.data.paper_splits` at the split sizes the model in `model_dir` was trained with
+    (its model card, `fmd_tf.config.card_split_config`). ValueError for a malformed card, or
+    fewer than `n` CLE images."""
+    from fmd_tf.config import card_split_config
+    from fmd_tf.data import paper_splits
+
+    return _enough_cle(paper_splits(dataset, seed, card_split_config(model_dir)), n)
+
+
+def _enough_cle(splits, n: int | None):
+    if n is not None and n > len(splits.x_cle):
+        raise ValueError(f"--n {n} > {len(splits.x_cle)} CLE images")
+    return splits
+
+
+def _run_fm(fmd, x, batch_size):
+    """`fmd.defend(x)` with the purifier's labels and the continuous detection score."""
+    from fmd_tf.evaluation.harness import fm_scores, purified_labels
+
+    out = fmd.defend(x, batch_size=batch_size)
+    out["purified_label"] = purified_labels(fmd, x)
+    out["score"] = fm_scores(out, _thresholds(fmd, out))
+    return out
+
+
+def _thresholds(fmd, out):
+    """θr [m], or [n, m] for an ensemble (each row's member)."""
+    if hasattr(fmd, "theta_r_rows"):
+        return fmd.theta_r_rows(out["member"])
+    return np.asarray(fmd.theta_r)
+
+
+def eta_curve(fmd, r_val, clean: dict, adv: dict, y, etas=ETAS) -> dict:
+    """Fig. 5: purification recall (clean and adversarial) and the paper's final accuracy when
+    θd is re-calibrated at each η of `etas` on the VAL resistances `r_val` [n_val, m] (θr, θe
+    and the morphs stay `fmd`'s).
+
+    `clean`, `adv`: stored outputs on the clean images and their adversarial versions (true
+    labels `y`) with `resistance`, `classifier_label`, `purified_label` (and `recon_error` when
+    θe is finite). `fmd` needs only `theta_r`, `theta_e`, `threshold_mode`, `num_morphs`,
+    `min_suspicious` and `eta_reference_rho`. Recalls are None where nothing is purified.
+    """
+    from fmd_tf.defense import calibration
+    from fmd_tf.evaluation import harness, metrics
+
+    theta_r, theta_e = np.asarray(fmd.theta_r), float(np.asarray(fmd.theta_e))
+    curve = {"eta": list(etas), "adversarial_recall": [], "clean_recall": [],
+             "paper_final_accuracy": []}
+    for eta in etas:
+        theta_d, _ = calibration.distance_threshold(
+            r_val, theta_r, eta, fmd.threshold_mode, fmd.num_morphs, fmd.min_suspicious,
+            fmd.eta_reference_rho)
+        c = {**clean, **harness.reverdict(clean, theta_r, theta_d, theta_e)}
+        a = {**adv, **harness.reverdict(adv, theta_r, theta_d, theta_e)}
+        curve["adversarial_recall"].append(metrics.purification_recall(a["label"], a["verdict"], y))
+        curve["clean_recall"].append(metrics.purification_recall(c["label"], c["verdict"], y))
+        curve["paper_final_accuracy"].append(metrics.paper_final_accuracy(c, a, y, y))
+    return curve
+
+
+def operating_point_rows(fmd, r_val, e_val, clean: dict, adv_out: dict, y, val_out=None,
+                         y_val=None, grid=OPERATING_POINT_GRID) -> list[dict]:
+    """Defended accuracies if the thresholds were calibrated at the other (mode, ρ,
+    reconstruction-gate budget) of `grid` (and at the model's own, appended when missing) on
+    the same VAL resistances `r_val` and errors `e_val`: on the clean images (`clean`, labels
+    `y`) and each attack of `adv_out` {name: stored outputs}. With `val_out`
+    (`harness.val_outputs`, labels `y_val`) each row also gives the clean VAL defended
+    accuracy, i.e. what an operating point chosen on VAL alone would see."""
+    from fmd_tf.evaluation import harness, metrics
+
+    grid = list(grid)
+    own = (fmd.threshold_mode, fmd.rho, fmd.recon_fpr)  # the model's own point is always a row
+    if own not in grid:
+        grid.append(own)
+    val_rows = (harness.val_operating_points(fmd, val_out, y_val, grid) if val_out is not None
+                else [{} for _ in grid])
+    rows = []
+    for (mode, rho, recon_fpr), val_row in zip(grid, val_rows, strict=True):
+        theta_r, theta_d, theta_e = harness.operating_point_thresholds(
+            fmd, r_val, e_val, mode, rho, recon_fpr)
+        c = harness.reverdict(clean, theta_r, theta_d, theta_e)
+        row = {"threshold_mode": mode, "rho": rho, "recon_fpr": recon_fpr,
+               "theta_d": theta_d,
+               "clean_defended_accuracy": metrics.defended_accuracy(
+                   c["label"], c["verdict"], y, False),
+               "clean_flagged": float(np.mean(c["verdict"] != 0))}
+        for key in ("val_clean_defended_accuracy", "val_clean_flagged"):
+            if key in val_row:
+                row[key] = val_row[key]
+        for name, out in adv_out.items():
+            a = harness.reverdict(out, theta_r, theta_d, theta_e)
+            row[f"{name}_defended_accuracy"] = metrics.defended_accuracy(
+                a["label"], a["verdict"], y, True)
+        rows.append(row)
+    return rows
+
+
+def _check_runs(attacks, linf_eps, l2_eps, n):
+    """[(report name, attack, overrides)] of `harness.expand_budgets`; ValueError for bad input."""
+    from fmd_tf.evaluation.harness import expand_budgets
+
+    if not list(attacks):
+        raise ValueError("no attacks given")
+    if any(not float(e) > 0 for e in (*linf_eps, *l2_eps)):
+        raise ValueError(f"budgets must be > 0, got {list(linf_eps)} / {list(l2_eps)}")
+    if n < 2:
+        raise ValueError(f"n must be >= 2, got {n}")
+    return expand_budgets(attacks, linf_eps, l2_eps)
+
+
+def _attack_entry(method, info, x, x_adv, y, clean, adv) -> dict:
+    """The report entry of one adversarial set (FM-Defense only; baselines are added)."""
+    from fmd_tf.evaluation import harness
+
+    correct = clean["classifier_label"] == y
+    diff = (x_adv - x).reshape(len(x), -1)
+    return {
+        "method": method,
+        "params": info["params"],
+        "attack_seconds": info["seconds"],
+        "attack_cached": info["cached"],
+        "attack_success_rate": float(np.mean(adv["classifier_label"][correct] != y[correct])),
+        "undefended_accuracy": float(np.mean(adv["classifier_label"] == y)),
+        "linf_median": float(np.median(np.abs(diff).max(1))),
+        "l2_median": float(np.median(np.linalg.norm(diff, axis=1))),
+        "fm_defense": harness.defense_metrics(clean, adv, y, y),
+    }
+
+
+def _load_val_resistance(model_dir, fmd, defense, num_val, notes):
+    """MODEL/val_resistance.npy when the single-θr analyses apply to it, else None (a note
+    says why, except for a missing file: see `evaluate`)."""
+    path = os.path.join(model_dir, "val_resistance.npy")
+    r_val = np.load(path) if os.path.exists(path) else None
+    if r_val is not None and len(r_val) != num_val:
+        notes.append(f"{path} has {len(r_val)} rows but VAL has {num_val} "
+                     "images: no ρ / η figures or operating points")
+        r_val = None
+    if hasattr(fmd, "members"):  # each member has its own θr: the single-θr analyses do not apply
+        r_val = None
+        notes.append(f"{defense}: ensemble of {fmd.num_members} members, one per image "
+                     "(key + input); no ρ / η figures or operating points (per-member θr)")
+    return r_val, path
+
+
+def _figures(out_dir, fmd, clean, adv_out, paper_out, r_val, eta_curves, grid_rows, roc):
+    """Writes the PNG figures into `out_dir`; returns their file names."""
+    from fmd_tf.evaluation import figures
+
+    def fig(name):
+        return os.path.join(out_dir, name)
+
+    figures.resistance_histograms(
+        {"clean": clean["resistance"].mean(1),
+         **{a: o["resistance"].mean(1) for a, o in adv_out.items()}}, fig("fig1_resistance.png"))
+    names = ["fig1_resistance.png"]
+    if not paper_out:  # the paper's figures need at least one of the paper's attacks
+        return names
+    figures.detection_vs_unified_threshold(
+        clean["resistance"], {a: o["resistance"] for a, o in paper_out.items()},
+        fig("fig4_detection_vs_threshold.png"))
+    names.append("fig4_detection_vs_threshold.png")
+    if r_val is not None:
+        figures.detection_vs_rho(r_val, clean["resistance"],
+                                 {a: o["resistance"] for a, o in paper_out.items()},
+                                 fmd.num_morphs, fmd.threshold_mode,
+                                 fig("fig4_detection_vs_rho.png"))
+        figures.purification_vs_eta(eta_curves, fig("fig5_purification_vs_eta.png"))
+        names += ["fig4_detection_vs_rho.png", "fig5_purification_vs_eta.png"]
+    figures.purified_grid(grid_rows, fig("fig6_purified.png"))
+    figures.roc_curves({a: r for a, r in roc.items() if a in paper_out}, fig("roc.png"))
+    return names + ["fig6_purified.png", "roc.png"]
+
+
+def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "cw", "deepfool"),
+             n: int = 1000, seed: int = 0, out_dir: str | None = None,
+             cache_dir: str | None = None, batch_size: int = 64, baselines: bool = True,
+             linf_eps=(), l2_eps=(), defense: str = "fmd.keras",
+             attack_defense: str | None = None, splits=None, command: str | None = None,
+             verbose: int = 1) -> dict:
+    """The evaluation report of the defense `model_dir`/`defense` on the first `n` CLE images.
+
+    Args:
+        attacks: names of `fmd_tf.evaluation.harness.ATTACKS`; those of `harness.BUDGETED` run
+            once per budget of `linf_eps` / `l2_eps` when given (`harness.expand_budgets`).
+        out_dir: where report.json, report.md and the figures go (None: nothing is written,
+            no figures).
+        cache_dir: adversarial-set cache (None: none).
+        baselines: also run MagNet and Feature Squeezing from `model_dir`/baselines.
+        defense: the defense file in `model_dir` (fmd.keras, or fmd_ensemble.keras).
+        attack_defense: the defense file the defense-aware attacks attack (default `defense`).
+        splits: the data's `paper_splits` (default `model_splits(model_dir, dataset, seed)`).
+        command: how the run was started, recorded in the report.
+        verbose: 0 silent, else a start line and a progress bar.
+
+    Raises ValueError (unknown attack, budget <= 0, n < 2 or above the CLE images, malformed
+    model card) and FileNotFoundError (a defense file missing) before any attack runs.
+    """
+    import keras
+
+    import fmd_tf  # noqa: F401  (registers the Keras classes)
+    from fmd_tf.attacks import adaptive_detector_pgd
+    from fmd_tf.evaluation import harness
+    from fmd_tf.evaluation.baselines import load_baselines
+
+    started = time.time()
+    runs = _check_runs(attacks, linf_eps, l2_eps, n)
+    attack_defense = attack_defense or defense
+    for name in dict.fromkeys((defense, attack_defense)):
+        if not os.path.isfile(os.path.join(model_dir, name)):
+            raise FileNotFoundError(f"{os.path.join(model_dir, name)} not found")
+    splits = model_splits(model_dir, dataset, seed, n) if splits is None \
+        else _enough_cle(splits, n)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    fmd = keras.models.load_model(os.path.join(model_dir, defense))
+    target = fmd if attack_defense == defense else keras.models.load_model(
+        os.path.join(model_dir, attack_defense))
+    x, y = splits.x_cle[:n], splits.y_cle[:n]
+    loaded, notes = ({}, ["baselines skipped (--no-baselines)"]) if not baselines \
+        else load_baselines(model_dir, fmd.classifier)
+    bar = keras.utils.Progbar(1 + len(runs), stateful_metrics=["stage"], unit_name="set",
+                              verbose=verbose)
+    if verbose:
+        print(f"evaluating {model_dir} on {n} CLE images: clean + "
+              f"{', '.join(name for name, _, _ in runs)}")
+    clean = _run_fm(fmd, x, batch_size)
+    clean_base = {name: b.defend(x) for name, b in loaded.items()}
+    bar.update(1)
+    report = {"dataset": dataset, "n": n, "model": model_dir,
+              "defense": defense, "attack_defense": attack_defense,
+              "purify_label": (fmd.members[0] if hasattr(fmd, "members") else fmd).purify_label,
+              "seed": seed,
+              "command": command if command is not None
+              else f"evaluate({model_dir!r}, attacks={list(attacks)!r}, n={n}, seed={seed})",
+              "clean": harness.clean_metrics(clean, y), "attacks": {}, "notes": notes}
+    for name, b in clean_base.items():
+        report["clean"][name] = harness.clean_metrics(b, y)
+    r_val, r_val_path = _load_val_resistance(model_dir, fmd, defense, len(splits.x_val), notes)
+    adv_out, eta_curves, grid_rows, roc = {}, {}, {"clean": (x, clean["purified"])}, {}
+    for k, (attack, method, overrides) in enumerate(runs):
+        x_adv, info = harness.adversarial_set(method, fmd.classifier, x, y, cache_dir, seed,
+                                              params=overrides, defense=target)
+        adv = adv_out[attack] = _run_fm(fmd, x_adv, batch_size)
+        entry = _attack_entry(method, info, x, x_adv, y, clean, adv)
+        roc[attack] = {"FM-Defense": (clean["score"], adv["score"])}
+        for bname, b in loaded.items():
+            bout = b.defend(x_adv)
+            entry[bname] = harness.defense_metrics(clean_base[bname], bout, y, y)
+            roc[attack][bname] = (clean_base[bname]["score"], bout["score"])
+            if method == "adaptive_pgd":  # the same budget, adapted to this baseline
+                x_b = adaptive_detector_pgd(b, x, y, eps=info["params"]["eps"],
+                                            norm=info["params"]["norm"],
+                                            nb_iter=info["params"]["nb_iter"], seed=seed)
+                entry[f"{bname}_adaptive"] = harness.defense_metrics(
+                    clean_base[bname], b.defend(x_b), y, y)
+        report["attacks"][attack] = entry
+        bar.update(k + 2)
+        if attack.startswith("adaptive"):  # the paper's figures cover the paper's attacks
+            continue
+        grid_rows[attack] = (x_adv, adv["purified"])
+        if r_val is not None:
+            eta_curves[attack] = eta_curve(fmd, r_val, clean, adv, y)
+    report["attacks_eta_curves"] = eta_curves
+    paper_out = {a: o for a, o in adv_out.items() if not a.startswith("adaptive")}
+    if paper_out and r_val is not None:
+        e_val = fmd.reconstruction_error(splits.x_val)
+        val_out = harness.val_outputs(fmd, splits.x_val, r_val, e_val)
+        report["operating_points"] = operating_point_rows(fmd, r_val, e_val, clean, paper_out,
+                                                          y, val_out, splits.y_val)
+    elif paper_out and not hasattr(fmd, "members"):
+        notes.append(f"{r_val_path} missing: no ρ / η figures")
+    report["figures"] = _figures(out_dir, fmd, clean, adv_out, paper_out, r_val, eta_curves,
+                                 grid_rows, roc) if out_dir else []
+    report["seconds"] = time.time() - started
+    if out_dir:
+        write_report(report, out_dir)
+    return report
+
+
+def write_report(report: dict, out_dir: str) -> None:
+    """OUT/report.json (atomically) and OUT/report.md (`render_markdown`)."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "report.json"), report)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(render_markdown(report))
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def _table_ii(paper_attacks) -> list[str]:
+    from fmd_tf.evaluation.harness import PAPER_TABLE_II_MNIST
+
+    lines = [
+        "## Table II: accuracy (%) under attack",
+        "",
+        "Defended accuracy: an adversarial input counts if rejected or its final label is right. "
+        "Paper columns are the paper's MNIST numbers (it reports no Fashion-MNIST table).",
+        "",
+        "| attack | no defense | FM-Defense | MagNet | Feature Squeezing | paper MNIST: no "
+        "defense / FM-Defense / MagNet |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, a in paper_attacks.items():
+        paper = PAPER_TABLE_II_MNIST.get(name, {})
+        paper_s = " / ".join("n/a" if paper.get(k) is None else f"{paper[k]}"
+                             for k in ("no_defense", "fm_defense", "magnet")) if paper else "n/a"
+        cols = [_pct(a["undefended_accuracy"])]
+        cols += [_pct(a[d]["defended_accuracy"]) if d in a else "n/a" for d in DEFENSES]
+        lines.append(f"| {name} | " + " | ".join(cols) + f" | {paper_s} |")
+    return lines
+
+
+def _adaptive_table(adaptive) -> list[str]:
+    lines = ["", "## Security evaluation: adaptive attacks", "",
+             "White-box attacks on the whole defense (fmd_tf.attacks.adaptive). Defended "
+             "accuracy: rejected or final label right. MagNet / Feature Squeezing: first "
+             "the same examples (crafted against FM-Defense, transferred), then, for "
+             "adaptive_pgd, PGD adapted to that baseline at the same budget "
+             "(fmd_tf.attacks.adaptive_detector_pgd).", "",
+             "| attack | norm | ε | no defense | FM-Defense | verdicts (pass/purify/reject) "
+             "| MagNet (transfer / adaptive) | Feature Squeezing (transfer / adaptive) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for a in adaptive.values():
+        fm = a["fm_defense"]
+        cols = [" / ".join(_pct(a[k]["defended_accuracy"]) if k in a else "n/a"
+                           for k in (d, f"{d}_adaptive"))
+                for d in DEFENSES[1:]]
+        lines.append(f"| {a['method']} | {a['params'].get('norm', 'l2')} | "
+                     f"{a['params'].get('eps', 'none')} | {_pct(a['undefended_accuracy'])} | "
+                     f"{_pct(fm['defended_accuracy'])} | "
+                     f"{'/'.join(str(c) for c in fm['verdict_counts'])} | "
+                     + " | ".join(cols) + " |")
+    return lines
+
+
+def _detection_table(report) -> list[str]:
+    lines = ["", "## Detection", "",
+             "| attack | defense | TPR | FPR (clean) | AUC | purification recall | "
+             "paper final accuracy |", "|---|---|---|---|---|---|---|"]
+    for name, a in report["attacks"].items():
+        for d in DEFENSES:
+            if d in a:
+                m = a[d]
+                lines.append(f"| {name} | {d} | {_pct(m['detection_tpr'])} | "
+                             f"{_pct(m['detection_fpr'])} | {m['auc']:.4f} | "
+                             f"{_pct(m['purification_recall'])} | "
+                             f"{_pct(m['paper_final_accuracy'])} |")
+    lines += ["", "Attack success rate (share of clean-correct images misclassified) and "
+              "generation time:", ""]
+    for name, a in report["attacks"].items():
+        lines.append(f"- {name} {json.dumps(a['params'])}: success "
+                     f"{_pct(a['attack_success_rate'])} %, {a['attack_seconds']:.0f} s"
+                     + (" (cached)" if a.get("attack_cached") else ""))
+    return lines
+
+
+def _operating_point_table(ops, attacks) -> list[str]:
+    lines = ["", "## Operating points (same VAL resistances, thresholds re-calibrated)", "",
+             "Reconstruction gate budget 0 is the paper's rule. VAL columns: the clean "
+             "VAL images the thresholds are calibrated on.", "",
+             "| mode | ρ | recon gate budget | θd | VAL clean flagged | VAL clean defended | "
+             "clean flagged | clean defended | "
+             + " | ".join(f"{a} defended" for a in attacks) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(attacks)]
+    for r in ops:
+        lines.append(f"| {r['threshold_mode']} | {r['rho']} | {r['recon_fpr']} | "
+                     f"{r['theta_d']:.3f} | {_pct(r.get('val_clean_flagged'))} | "
+                     f"{_pct(r.get('val_clean_defended_accuracy'))} | "
+                     f"{_pct(r['clean_flagged'])} | {_pct(r['clean_defended_accuracy'])} | "
+                     + " | ".join(_pct(r[f"{a}_defended_accuracy"]) for a in attacks) + " |")
+    return lines
+
+
+def render_markdown(report: dict) -> str:
+    """report.md: the clean figures, Table II, the adaptive attacks, detection, the operating
+    points and the notes of an `evaluate` report."""
+    lines = [
+        f"# FM-Defense evaluation: {report['dataset']}, n = {report['n']}",
+        "",
+        f"Model `{report['model']}`, defense `{report.get('defense', 'fmd.keras')}` "
+        f"(defense-aware attacks target `{report.get('attack_defense', 'fmd.keras')}`); "
+        f"command: `{report['command']}`; {report['seconds']:.0f} s. Purified inputs get the "
+        f"`{report.get('purify_label', 'reconstruction')}` label (`FMDefense.purify_label`).",
+        "",
+        "## Clean",
+        "",
+        "| classifier accuracy | defended accuracy | rejected | purified |",
+        "|---|---|---|---|",
+        "| {} | {} | {} | {} |".format(*(_pct(report["clean"][k]) for k in (
+            "classifier_accuracy", "defended_accuracy", "rejected_rate", "purified_rate"))),
+        "",
+    ]
+    paper_attacks = {k: v for k, v in report["attacks"].items() if not k.startswith("adaptive")}
+    adaptive = {k: v for k, v in report["attacks"].items() if k.startswith("adaptive")}
+    lines += _table_ii(paper_attacks)
+    if adaptive:
+        lines += _adaptive_table(adaptive)
+    lines += _detection_table(report)
+    if report.get("operating_points"):
+        lines += _operating_point_table(report["operating_points"], list(paper_attacks))
+    if report.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    lines += ["", "Figures: " + ", ".join(f"`{f}`" for f in report["figures"]), ""]
+    return "\n".join(lines)

@@ -1,0 +1,186 @@
+"""Choosing FM-Defense's operating point on clean VAL data and VAL-made attacks (no test data).
+
+An operating point is the part of the calibration that does not change the morphs: the
+threshold mode and ρ of the resistance thresholds, and the reconstruction gate's metric,
+per-pixel tolerance τ and clean budget. All of them are re-thresholds of the same stored VAL
+resistances, so a whole grid costs one pass of the defense over VAL (for the calibration) and
+one over the adversarial VAL images.
+
+Rule (`choose_row`): among the rows whose clean VAL defended accuracy is at least the
+classifier's VAL accuracy minus `clean_cost`, the one whose *smallest* defended accuracy over
+clean VAL and every attack is the largest (the best worst case, `max_min_row`); the first such
+row on ties. When no row meets the clean budget, the row with the best clean defended accuracy.
+
+The attacks (`fmd_tf.evaluation.harness.ATTACKS`, FGSM and PGD at ε 0.3 by default) are made
+from the first `n_attack` VAL images against the classifier alone (an attacker who does not
+know the defense); an adversarial image counts as defended when it is rejected or its final
+label is right.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "OPERATING_POINTS",
+    "PAPER_POINT",
+    "OperatingPointConfig",
+    "apply_point",
+    "choose_row",
+    "max_min_row",
+    "operating_point_table",
+    "select_operating_point",
+]
+
+OPERATING_POINTS = ("auto", "paper")
+# The paper's rule (§IV-A): ρ = 99.9 % per code, no reconstruction gate, the purified image's
+# own label.
+PAPER_POINT = {"threshold_mode": "per_code", "rho": 0.999, "recon_fpr": 0.0,
+               "purify_label": "reconstruction"}
+# The keys of a table row that set an FMDefense option.
+POINT_KEYS = ("threshold_mode", "rho", "recon_fpr", "recon_metric", "recon_pixel_tol")
+
+
+@dataclass(frozen=True)
+class OperatingPointConfig:
+    """The grid and the attacks `operating_point="auto"` chooses from (see the module doc)."""
+
+    attacks: tuple[str, ...] = ("fgsm", "pgd")
+    n_attack: int = 500  # first VAL images attacked per attack
+    clean_cost: float = 0.02  # clean VAL defended accuracy >= classifier VAL accuracy - this
+    modes: tuple[str, ...] = ("per_code", "unified")
+    rhos: tuple[float, ...] = (0.999, 0.99, 0.98, 0.97, 0.96, 0.95, 0.9)
+    # (metric, τ) of the reconstruction gate; τ only for "pixel_share". With budget 0 (gate
+    # off) the metric changes nothing: those rows repeat, and ties go to the first.
+    gate_metrics: tuple[tuple[str, float | None], ...] = (
+        ("mae", None), ("mse", None), ("pixel_share", 0.1), ("pixel_share", 0.15),
+        ("pixel_share", 0.2))
+    gate_budgets: tuple[float, ...] = (0.0, 0.0025, 0.005, 0.01, 0.02)
+
+    def __post_init__(self):
+        if self.n_attack < 1:
+            raise ValueError(f"n_attack must be >= 1, got {self.n_attack}")
+        if not 0.0 <= self.clean_cost <= 1.0:
+            raise ValueError(f"clean_cost must be in [0, 1], got {self.clean_cost}")
+        if not all(0.0 < r <= 1.0 for r in self.rhos) or not self.rhos:
+            raise ValueError(f"rhos must lie in (0, 1], got {self.rhos}")
+        if not all(0.0 <= b < 1.0 for b in self.gate_budgets) or not self.gate_budgets:
+            raise ValueError(f"gate_budgets must lie in [0, 1), got {self.gate_budgets}")
+
+
+FAST_OPERATING_POINT = OperatingPointConfig(n_attack=64)
+
+
+def max_min_row(rows: list[dict], attacks, eligible=None) -> int:
+    """Index of the row whose smallest VAL defended accuracy over clean and `attacks` is the
+    largest, among `eligible` indices (default all); the first such row on ties."""
+    keys = ["val_clean_defended_accuracy"] + [f"val_{a}_defended_accuracy" for a in attacks]
+    candidates = range(len(rows)) if eligible is None else list(eligible)
+    if not candidates:
+        raise ValueError("no eligible operating point")
+    return max(candidates, key=lambda i: (min(rows[i][k] for k in keys), -i))
+
+
+def choose_row(rows: list[dict], attacks, classifier_accuracy: float, clean_cost: float) -> int:
+    """The rule of the module docstring: the max-min row among those within `clean_cost` of
+    the classifier's clean VAL accuracy, else the row with the best clean defended accuracy."""
+    floor = classifier_accuracy - clean_cost - 1e-9
+    eligible = [i for i, r in enumerate(rows) if r["val_clean_defended_accuracy"] >= floor]
+    if eligible:
+        return max_min_row(rows, attacks, eligible)
+    clean = [r["val_clean_defended_accuracy"] for r in rows]
+    return int(np.argmax(clean))
+
+
+def operating_point_table(fmd, x_val, y_val, val_resistance, cfg: OperatingPointConfig,
+                          cache_dir: str | None = None, seed: int = 0, verbose: int = 0) -> dict:
+    """VAL figures of every operating point of `cfg`'s grid for a calibrated `fmd`.
+
+    Args:
+        fmd: calibrated `FMDefense` (its normal ranges are used; thresholds are recomputed).
+        x_val, y_val: its clean VAL images [n, H, W, C] and labels [n].
+        val_resistance: [n, m] VAL resistances of `fmd` (the calibration's).
+        cache_dir: adversarial-set cache (None: no cache).
+
+    Returns:
+        {"rows": [...], "classifier_val_accuracy", "attacks": {"names", "n", "seed"}} where
+        each row holds the point's options (`POINT_KEYS`), its thresholds' summary and its
+        `val_clean_defended_accuracy`, `val_clean_flagged`, `val_<attack>_defended_accuracy`.
+    """
+    from fmd_tf.evaluation import harness
+
+    unknown = [a for a in cfg.attacks if a not in harness.ATTACKS or a in harness.DEFENSE_AWARE]
+    if unknown:
+        raise ValueError(f"operating-point attacks must be classifier attacks of "
+                         f"fmd_tf.evaluation.harness.ATTACKS, got {unknown}")
+    x_att, y_att = x_val[: cfg.n_attack], y_val[: cfg.n_attack]
+    adv = {}
+    for attack in cfg.attacks:
+        x_adv, _ = harness.adversarial_set(attack, fmd.classifier, x_att, y_att, cache_dir, seed)
+        if verbose:
+            print(f"operating point: defending {len(x_adv)} VAL {attack} images", flush=True)
+        adv[attack] = (fmd.defend(x_adv), harness.purified_labels(fmd, x_adv), x_adv)
+    rows = []
+    val_out = harness.val_outputs(fmd, x_val, val_resistance, None)
+    for metric, tol in cfg.gate_metrics:
+        gate = fmd.copy_with(recon_metric=metric,
+                             **({} if tol is None else {"recon_pixel_tol": tol}))
+        val_out = {**val_out, "recon_error": gate.reconstruction_error(x_val)}
+        attack_outputs = {
+            name: ({**out, "purified_label": purified,
+                    "recon_error": gate.reconstruction_error(x_adv)}, y_att)
+            for name, (out, purified, x_adv) in adv.items()}
+        grid = list(itertools.product(cfg.modes, cfg.rhos, cfg.gate_budgets))
+        rows += [{"recon_metric": metric, "recon_pixel_tol": tol, **row}
+                 for row in harness.val_operating_points(fmd, val_out, y_val, grid,
+                                                         attack_outputs)]
+    return {"rows": rows,
+            "classifier_val_accuracy": float(np.mean(val_out["classifier_label"] == y_val)),
+            "attacks": {"names": list(cfg.attacks), "n": int(len(x_att)), "seed": seed}}
+
+
+def point_options(row: dict, fmd) -> dict:
+    """FMDefense options of a table row (τ kept at the model's own when the row has none)."""
+    options = {k: row[k] for k in POINT_KEYS if row.get(k) is not None}
+    options.setdefault("recon_pixel_tol", fmd.recon_pixel_tol)
+    return options
+
+
+def apply_point(fmd, options: dict, x_val, val_resistance):
+    """(A copy of `fmd` with `options`, recalibrated on the stored VAL resistances; the
+    calibration report). Only the thresholds move: ranges and morphs stay the same."""
+    point = fmd.copy_with(**options)
+    report = point.calibrate(x_val, val_resistance=val_resistance)
+    return point, report
+
+
+def select_operating_point(fmd, x_val, y_val, val_resistance, operating_point: str = "auto",
+                           cfg: OperatingPointConfig | None = None, cache_dir: str | None = None,
+                           seed: int = 0, verbose: int = 0):
+    """(`fmd` at the chosen operating point, its calibration report, a card entry).
+
+    "auto": the rule of the module docstring on `cfg`'s grid; the card entry holds the chosen
+    row, the rule and the whole table. "paper": `PAPER_POINT`.
+    """
+    if operating_point not in OPERATING_POINTS:
+        raise ValueError(f"operating_point must be one of {OPERATING_POINTS}, "
+                         f"got {operating_point!r}")
+    if operating_point == "paper":
+        point, report = apply_point(fmd, PAPER_POINT, x_val, val_resistance)
+        return point, report, {"rule": "paper", "options": dict(PAPER_POINT)}
+    cfg = cfg or OperatingPointConfig()
+    table = operating_point_table(fmd, x_val, y_val, val_resistance, cfg, cache_dir, seed,
+                                  verbose)
+    index = choose_row(table["rows"], cfg.attacks, table["classifier_val_accuracy"],
+                       cfg.clean_cost)
+    options = point_options(table["rows"][index], fmd)
+    point, report = apply_point(fmd, options, x_val, val_resistance)
+    entry = {"rule": "auto: max-min VAL defended accuracy over clean and "
+                     f"{', '.join(cfg.attacks)}, clean >= classifier - {cfg.clean_cost:g}",
+             "options": options, "chosen_row": index, "settings": dataclasses.asdict(cfg),
+             **table}
+    return point, report, entry

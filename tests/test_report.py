@@ -1,0 +1,291 @@
+"""The pipeline pieces behind scripts/evaluate.py, bench.py, demo.py and train_baselines.py,
+called directly (no subprocess, no trained model): fmd_tf.evaluation.report / bench / demo /
+baselines and the shared runner fmd_tf.cli."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from fmd_tf.cli import UsageError, run_cli, usage_errors
+from fmd_tf.evaluation import baselines, bench, demo, report
+
+# ----------------------------------------------------------------------------- fmd_tf.cli
+
+
+def test_run_cli_prints_one_error_line_and_exits_2(capsys):
+    def parse_args(argv):
+        return argv
+
+    def run(argv):
+        with usage_errors():
+            raise FileNotFoundError(f"{argv[0]} not found")
+
+    assert run_cli(run, parse_args, ["model/fmd.keras"]) == 2
+    assert capsys.readouterr().err == "error: model/fmd.keras not found\n"
+    assert run_cli(lambda args: None, parse_args, []) == 0
+
+
+def test_usage_errors_maps_only_the_named_errors():
+    with pytest.raises(UsageError, match="bad"):
+        with usage_errors(KeyError):
+            raise KeyError("bad")
+    with pytest.raises(TypeError):  # a bug, not a user error: propagates as it is
+        with usage_errors():
+            raise TypeError("bug")
+
+
+# ----------------------------------------------------------------------------- η curves
+
+
+def _fake_defense(**changes):
+    """The attributes `eta_curve` / `operating_point_rows` read, as plain numbers."""
+    return types.SimpleNamespace(**{
+        "theta_r": np.array([0.5, 0.5]), "theta_e": np.inf, "threshold_mode": "per_code",
+        "rho": 0.95, "recon_fpr": 0.01, "num_morphs": 10, "min_suspicious": 1, "eta_reference_rho": 0.9, "eta": 0.5,
+        **changes})
+
+
+def _outputs(resistance, classifier_label, purified_label):
+    return {"resistance": np.array(resistance), "classifier_label": np.array(classifier_label),
+            "purified_label": np.array(purified_label)}
+
+
+def test_eta_curve_by_hand():
+    # VAL: three suspicious rows at distances 0.1, 0.3, 0.5 from θr = [0.5, 0.5]: θd is 0.1
+    # at η = 0 and 0.5 at η = 1.
+    r_val = np.array([[0.4, 0.9], [0.2, 0.9], [0.0, 0.9], [0.9, 0.9]])
+    y = np.array([3, 4])
+    # Clean: one passed, one purified (distance 0.05) to the right label.
+    clean = _outputs([[0.9, 0.9], [0.45, 0.9]], [3, 4], [3, 4])
+    # FGSM: distances 0.2 and 0.5; the purifier gets the first right and the second wrong.
+    adv = _outputs([[0.3, 0.9], [0.0, 0.9]], [0, 0], [3, 0])
+    curve = report.eta_curve(_fake_defense(), r_val, clean, adv, y, etas=(0.0, 1.0))
+    assert curve["eta"] == [0.0, 1.0]
+    # η = 0: both adversarial images rejected (nothing purified); η = 1: both purified.
+    assert curve["adversarial_recall"][0] is None
+    assert curve["adversarial_recall"][1] == pytest.approx(0.5)
+    assert curve["clean_recall"] == [pytest.approx(1.0), pytest.approx(1.0)]
+    # (TP + TN + recovered) / 4: (2 + 1 + 1) / 4, then (0 + 1 + 2) / 4.
+    assert curve["paper_final_accuracy"] == [pytest.approx(1.0), pytest.approx(0.75)]
+
+
+def test_operating_point_rows_cover_the_grid():
+    rng = np.random.default_rng(0)
+    r_val = rng.integers(0, 11, size=(40, 2)) / 10.0
+    e_val = rng.random(40)
+    y = np.arange(6) % 3
+    clean = {**_outputs(rng.integers(5, 11, size=(6, 2)) / 10.0, y, y),
+             "recon_error": rng.random(6)}
+    adv = {**_outputs(rng.integers(0, 6, size=(6, 2)) / 10.0, (y + 1) % 3, y),
+           "recon_error": rng.random(6) + 0.5}
+    val_out = {**_outputs(r_val, np.zeros(40, int), np.zeros(40, int)), "recon_error": e_val}
+    rows = report.operating_point_rows(_fake_defense(), r_val, e_val, clean, {"fgsm": adv}, y,
+                                       val_out, np.zeros(40, int))
+    assert len(rows) == len(report.OPERATING_POINT_GRID) == 30  # the model's point is in it
+    assert [(r["threshold_mode"], r["rho"], r["recon_fpr"]) for r in rows] == list(
+        report.OPERATING_POINT_GRID)
+    # A model point outside the grid is appended as the last row.
+    odd = report.operating_point_rows(_fake_defense(rho=0.97, recon_fpr=0.02), r_val, e_val,
+                                      clean, {"fgsm": adv}, y, grid=[("unified", 0.9, 0.0)])
+    assert [(r["threshold_mode"], r["rho"], r["recon_fpr"]) for r in odd] == [
+        ("unified", 0.9, 0.0), ("per_code", 0.97, 0.02)]
+    for row in rows:
+        for key in ("clean_defended_accuracy", "clean_flagged", "fgsm_defended_accuracy",
+                    "val_clean_defended_accuracy", "val_clean_flagged"):
+            assert 0.0 <= row[key] <= 1.0, key
+    # Without VAL outputs the VAL columns are left out.
+    rows = report.operating_point_rows(_fake_defense(threshold_mode="unified", rho=0.9,
+                                                     recon_fpr=0.0), r_val, e_val, clean, {}, y,
+                                       grid=[("unified", 0.9, 0.0)])
+    assert len(rows) == 1 and "val_clean_flagged" not in rows[0]
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _defense_metrics(value):
+    return {"detection_tpr": value, "detection_fpr": 0.01, "auc": 0.93456,
+            "defended_accuracy": value, "purification_recall": None,
+            "paper_final_accuracy": 0.9, "verdict_counts": [1, 2, 3]}
+
+
+def _report():
+    attack = {"method": "fgsm", "params": {"eps": 0.3}, "attack_seconds": 12.4,
+              "attack_cached": True, "attack_success_rate": 0.8, "undefended_accuracy": 0.2,
+              "fm_defense": _defense_metrics(0.951), "magnet": _defense_metrics(0.5)}
+    adaptive = {"method": "adaptive_pgd", "params": {"eps": 0.05, "norm": "linf"},
+                "attack_seconds": 3.0, "attack_cached": False, "attack_success_rate": 0.5,
+                "undefended_accuracy": 0.1, "fm_defense": _defense_metrics(0.6),
+                "magnet": _defense_metrics(0.4), "magnet_adaptive": _defense_metrics(0.3)}
+    point = {"threshold_mode": "per_code", "rho": 0.99, "recon_fpr": 0.01, "theta_d": 1.23456,
+             "clean_defended_accuracy": 0.9, "clean_flagged": 0.05,
+             "fgsm_defended_accuracy": np.float64(0.875)}
+    return {"dataset": "fmnist", "n": 12, "model": "m", "defense": "fmd.keras",
+            "attack_defense": "fmd.keras", "purify_label": "reconstruction", "seed": 0,
+            "command": "python scripts/evaluate.py --n 12",
+            "clean": {"classifier_accuracy": 0.9, "defended_accuracy": 0.85,
+                      "rejected_rate": 0.05, "purified_rate": None},
+            "attacks": {"fgsm": attack, "adaptive_pgd_linf_0.05": adaptive},
+            "notes": ["baselines skipped"], "attacks_eta_curves": {},
+            "operating_points": [point], "figures": ["roc.png"], "seconds": 61.7}
+
+
+def test_render_markdown_of_a_hand_made_report():
+    md = report.render_markdown(_report())
+    lines = md.splitlines()
+    assert lines[0] == "# FM-Defense evaluation: fmnist, n = 12"
+    assert "command: `python scripts/evaluate.py --n 12`; 62 s." in md
+    assert "| 90.0 | 85.0 | 5.0 | n/a |" in lines  # clean; None is n/a
+    # Table II: paper attacks only, paper MNIST numbers, missing defenses n/a.
+    assert "| fgsm | 20.0 | 95.1 | 50.0 | n/a | 21.2 / 99.8 / 74.6 |" in lines
+    assert not any(line.startswith("| adaptive_pgd_linf") and "21.2" in line for line in lines)
+    assert "## Security evaluation: adaptive attacks" in lines
+    assert ("| adaptive_pgd | linf | 0.05 | 10.0 | 60.0 | 1/2/3 | 40.0 / 30.0 | n/a / n/a |"
+            in lines)
+    assert "| fgsm | magnet | 50.0 | 1.0 | 0.9346 | n/a | 90.0 |" in lines
+    assert '- fgsm {"eps": 0.3}: success 80.0 %, 12 s (cached)' in lines
+    assert "| per_code | 0.99 | 0.01 | 1.235 | n/a | n/a | 5.0 | 90.0 | 87.5 |" in lines
+    assert "| VAL clean defended |" in md and "| fgsm defended |" in md
+    assert lines[-1] == "Figures: `roc.png`" and md.endswith("\n")
+    assert "- baselines skipped" in lines
+
+
+def test_render_markdown_without_adaptive_attacks_or_operating_points():
+    r = _report()
+    del r["attacks"]["adaptive_pgd_linf_0.05"], r["operating_points"]
+    r["notes"] = []
+    md = report.render_markdown(r)
+    assert "adaptive" not in md and "## Operating points" not in md and "## Notes" not in md
+
+
+def test_write_report_writes_json_and_markdown(tmp_path):
+    r = _report()
+    report.write_report(r, str(tmp_path / "out"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(report.REPORT_FILES)
+    loaded = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert list(loaded["attacks"]) == ["fgsm", "adaptive_pgd_linf_0.05"]  # order kept
+    assert loaded["operating_points"][0]["fgsm_defended_accuracy"] == pytest.approx(0.875)
+    assert (tmp_path / "out" / "report.md").read_text() == report.render_markdown(r)
+
+
+def test_evaluate_refuses_bad_input_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="unknown attack"):
+        report.evaluate(str(tmp_path), attacks=["nope"], n=4)
+    with pytest.raises(ValueError, match="budgets must be > 0"):
+        report.evaluate(str(tmp_path), attacks=["adaptive_pgd"], linf_eps=[0.0], n=4)
+    with pytest.raises(ValueError, match="n must be >= 2"):
+        report.evaluate(str(tmp_path), attacks=["fgsm"], n=1)
+    with pytest.raises(FileNotFoundError, match="fmd.keras"):
+        report.evaluate(str(tmp_path), attacks=["fgsm"], n=4, out_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def _bench_report():
+    return {
+        "device": {"name": "cpu x"},
+        "settings": {"num_codes": 10, "num_morphs": 8, "n": 16, "quick": True},
+        "speedup_vs_naive": {"value": 123.456, "fmd_images_per_s": 50.0,
+                             "naive_images_per_s": 0.405, "naive_images_timed": 1,
+                             "speedup_vs_naive_per_code": 12.0},
+        "attack_speedup_vs_art": {"skipped": "ART not importable"},
+        "serving_latency": {"batch_1": {"p50_ms": 4.0, "p99_ms": 9.5, "reps": 5}},
+        "peak_rss_mib": 2048.0,
+    }
+
+
+def test_bench_format_table():
+    lines = bench.format_table(_bench_report()).splitlines()
+    assert lines[0] == "" and lines[1].startswith("| metric")
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in lines[3:-1]}
+    assert rows == {"speedup_vs_naive": "123", "speedup_vs_naive_per_code": "12",
+                    "attack_speedup_vs_art": "skipped", "serving_batch_1_p50_ms": "4",
+                    "peak_rss_mib": "2.05e+03"}
+    assert lines[-1] == "(m=10, N=8, 16 images, QUICK smoke-test sizes)"
+
+
+def test_bench_earlier_sections(tmp_path):
+    out = tmp_path / "bench.json"
+    settings = {"model": "m", "n": 16, "attack_n": 4, "quick": True, "fmd_sha256": "ab"}
+    assert bench.earlier_sections(str(out), settings, ["roofline_share"]) == {}  # no file
+    out.write_text(json.dumps({"settings": settings, "roofline_share": {"value": 0.5}}))
+    assert bench.earlier_sections(str(out), settings, []) == {}
+    assert bench.earlier_sections(str(out), {**settings, "naive_n": 9},
+                                  ["roofline_share", "serving_latency"]) == {
+        "roofline_share": {"value": 0.5}}
+    with pytest.raises(ValueError, match="other settings"):
+        bench.earlier_sections(str(out), {**settings, "n": 32}, ["roofline_share"])
+    with pytest.raises(ValueError, match="fmd_sha256 differs"):
+        bench.earlier_sections(str(out), {**settings, "fmd_sha256": "cd"}, ["roofline_share"])
+    out.write_text("{not json")
+    with pytest.raises(ValueError, match="not readable JSON"):
+        bench.earlier_sections(str(out), settings, ["roofline_share"])
+
+
+def test_bench_config_checks_and_quick_sizes():
+    cfg = bench.BenchConfig()
+    assert cfg.sections == bench.SECTIONS and set(bench.SECTION_KEYS) == set(bench.SECTIONS)
+    quick = bench.BenchConfig(quick=True, **bench.quick_sizes({"n": 256, "attack_n": 100}))
+    assert (quick.n, quick.naive_n, quick.attack_n, quick.latency_reps) == (16, 1, 4, (5, 2))
+    with pytest.raises(ValueError, match="sections"):
+        bench.BenchConfig(sections=("speed", "warp"))
+    with pytest.raises(ValueError, match="art_attacks"):
+        bench.BenchConfig(art_attacks=("fgsm",))
+    with pytest.raises(ValueError, match="naive_n"):
+        bench.BenchConfig(n=2, naive_n=3)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        bench.BenchConfig(batch_size=0)
+
+
+def test_bench_file_sha256(tmp_path):
+    path = tmp_path / "fmd.keras"
+    path.write_bytes(b"model r2")
+    assert bench.file_sha256(path) == (
+        "9433b0f90b6d4a732fee8f723a5e5dcf60b4bd2e451bce57a64154e12588c50a")
+
+
+def test_bench_graph_flops_counts_matmuls():
+    import tensorflow as tf
+
+    w = tf.constant(np.ones((3, 4), np.float32))
+    v = tf.constant(np.ones((4, 5), np.float32))
+    flops = bench.graph_flops(lambda x: tf.nn.relu(tf.matmul(tf.matmul(x, w), v)),
+                              tf.TensorSpec([2, 3], tf.float32))
+    assert flops == 2 * 2 * 3 * 4 + 2 * 2 * 4 * 5
+
+
+# ----------------------------------------------------------------------------- demo, baselines
+
+
+def test_demo_format_rows():
+    rows = {"clean": {"passed": 0.75, "accuracy with FM-Defense": 0.9},
+            "FGSM eps=0.3": {"passed": 0.125, "accuracy with FM-Defense": 0.5}}
+    lines = demo.format_rows(rows, 8, "m").splitlines()
+    assert lines[:2] == ["", "FM-Defense on 8 Fashion-MNIST CLE test images (m/fmd.keras)"]
+    assert lines[2].split() == ["clean", "FGSM", "eps=0.3"]
+    assert lines[3].split() == ["passed", "0.750", "0.125"]
+    assert lines[4].split()[-2:] == ["0.900", "0.500"]
+    assert lines[-1].startswith("(adversarial inputs count as defended")
+
+
+def test_baseline_outputs_checks_and_missing_baselines(tmp_path):
+    with pytest.raises(FileNotFoundError, match="classifier.keras not found"):
+        baselines.check_outputs(str(tmp_path))
+    (tmp_path / "classifier.keras").write_bytes(b"placeholder")
+    assert baselines.check_outputs(str(tmp_path)) == (
+        str(tmp_path / "classifier.keras"), str(tmp_path / "baselines"))
+    (tmp_path / "baselines").mkdir()
+    (tmp_path / "baselines" / "feature_squeezing.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        baselines.check_outputs(str(tmp_path))
+    assert baselines.check_outputs(str(tmp_path), overwrite=True)[1] == str(tmp_path / "baselines")
+    with pytest.raises(ValueError):
+        baselines.baseline_config("no-such-dataset")
+    loaded, notes = baselines.load_baselines(str(tmp_path / "elsewhere"), classifier=None)
+    assert loaded == {} and len(notes) == 2 and "MagNet not found" in notes[0]

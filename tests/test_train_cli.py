@@ -1,0 +1,102 @@
+"""scripts/train.py on the user's own data and classifier, and on the bundled 8x8 digits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _train(*args, timeout=900):
+    return subprocess.run([sys.executable, "scripts/train.py", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def _squares_npz(path, n_train=240, n_test=160, size=16):
+    """A .npz in the documented layout: uint8 RGB squares whose colour is the class."""
+    from test_pipeline import coloured_squares
+
+    (x_tr, y_tr), (x_te, y_te) = (coloured_squares(n, seed=s, size=size)
+                                  for n, s in ((n_train, 10), (n_test, 11)))
+    np.savez(path, x_train=(x_tr * 255).astype(np.uint8), y_train=y_tr,
+             x_test=(x_te * 255).astype(np.uint8), y_test=y_te)
+
+
+def test_train_digits_fast_builds_a_defense_of_its_shape(tmp_path):
+    out = tmp_path / "digits"
+    proc = _train("--dataset", "digits", "--preset", "fast", "--out", str(out), "--verbose", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["dataset"] == "digits" and card["preset"] == "fast"
+    assert card["hyperparameters"]["image_shape"] == [8, 8, 1]
+    assert card["operating_point"]["rule"].startswith("auto")
+    assert (out / "serving/1/saved_model.pb").is_file()
+    chosen = card["operating_point"]["rows"][card["operating_point"]["chosen_row"]]
+    used = card["hyperparameters"]["defense"]  # the options of the saved defense
+    assert (used["rho"], used["recon_fpr"], used["threshold_mode"], used["recon_metric"]) == (
+        chosen["rho"], chosen["recon_fpr"], chosen["threshold_mode"], chosen["recon_metric"])
+    assert card["calibration"]["recon_fpr"] == chosen["recon_fpr"]
+
+
+def test_train_protects_a_users_classifier_on_npz_data(tmp_path):
+    import keras
+
+    data = tmp_path / "squares.npz"
+    _squares_npz(data)
+    with np.load(data) as f:
+        x, y = f["x_train"] / 255.0, f["y_train"]
+    keras.utils.set_random_seed(0)
+    clf = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(8, 3, activation="relu"),
+                            keras.layers.Flatten(), keras.layers.Dense(3)])
+    clf.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    clf.fit(x, y, epochs=2, verbose=0)
+    clf.save(tmp_path / "clf.keras")
+    out = tmp_path / "mine"
+    proc = _train("--data", str(data), "--classifier", str(tmp_path / "clf.keras"), "--preset",
+                  "fast", "--operating-point", "paper", "--out", str(out), "--verbose", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["dataset"] == "squares" and card["stages_run"] == ["dgmm", "vae", "defense"]
+    assert card["operating_point"] == {"rule": "paper", "options": {
+        "threshold_mode": "per_code", "rho": 0.999, "recon_fpr": 0.0,
+        "purify_label": "reconstruction"}}
+    assert not (out / "classifier.keras").exists()  # the user's classifier stays where it is
+    for name in ("fmd.keras", "combo_vae.keras", "serving/1/saved_model.pb"):
+        assert (out / name).is_file(), name
+    # The same classifier on images of another shape is refused before any training.
+    _squares_npz(tmp_path / "big.npz", size=20)
+    proc = _train("--data", str(tmp_path / "big.npz"), "--classifier",
+                  str(tmp_path / "clf.keras"), "--preset", "fast", "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "(16, 16, 3)" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x" / "combo_vae.keras").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/data.npz"], "--data /nonexistent/data.npz not found"),
+    (["--rho", "0.9"], "--operating-point config"),
+    (["--rho", "2", "--operating-point", "config"], "--rho: must be in (0, 1]"),
+    (["--operating-point", "best"], "invalid choice: 'best'"),
+    (["--preset", "tiny"], "invalid choice: 'tiny'"),
+])
+def test_train_usage_errors_are_one_line_without_tensorflow_noise(args, message):
+    proc = _train(*args, "--out", "/nonexistent/out", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    if "invalid choice" not in message:  # argparse prints its usage first
+        assert proc.stderr.startswith("error: "), proc.stderr[:500]
+
+
+def test_train_refuses_a_malformed_npz(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_train=np.zeros((4, 8, 8)), y_train=np.zeros(4))
+    proc = _train("--data", str(bad), "--preset", "fast", "--out", str(tmp_path / "o"),
+                  timeout=300)
+    assert proc.returncode == 2 and "x_test" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
