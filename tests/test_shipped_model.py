@@ -1,0 +1,42 @@
+"""The shipped Fashion-MNIST model: it loads with this code, and its card describes it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import pytest
+
+import fmd_tf  # noqa: F401  (registers the Keras classes)
+
+MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     "saved_models", "fmnist")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    with open(os.path.join(MODEL, "model_card.json")) as f:
+        card = json.load(f)
+    return keras.models.load_model(os.path.join(MODEL, "fmd.keras")), card
+
+
+def test_shipped_model_loads_and_was_built_by_the_default_command(shipped):
+    fmd, card = shipped
+    assert fmd.is_calibrated and fmd._image_shape == (28, 28, 1)
+    assert card["command"] == "python scripts/train.py --dataset fmnist --overwrite"
+    assert card["stages_run"] == ["classifier", "dgmm", "vae", "defense"]
+    assert os.path.isfile(os.path.join(MODEL, "serving", "1", "saved_model.pb"))
+
+
+def test_shipped_operating_point_is_the_cards(shipped):
+    fmd, card = shipped
+    point = card["operating_point"]
+    assert point["rule"].startswith("auto")
+    for key, value in point["options"].items():
+        assert getattr(fmd, key) == pytest.approx(value) if isinstance(value, float) \
+            else getattr(fmd, key) == value, key
+    row = point["rows"][point["chosen_row"]]
+    # The rule's clean budget: within 2 points of the classifier on VAL.
+    assert row["val_clean_defended_accuracy"] >= point["classifier_val_accuracy"] - 0.02 - 1e-9
+    assert card["calibration"]["theta_r"] == pytest.approx(fmd.theta_r.numpy().tolist())
