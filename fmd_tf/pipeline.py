@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
 import numpy as np
 
 from fmd_tf.config import ExperimentConfig, get_config, quick_config, to_dict
+from fmd_tf.files import write_json
 from fmd_tf.operating_point import (
     FAST_OPERATING_POINT,
     OPERATING_POINTS,
@@ -24,7 +24,7 @@ from fmd_tf.operating_point import (
 )
 
 __all__ = ["MIN_VAL_IMAGES", "PRESETS", "calibrate_defense", "experiment_config",
-           "fit_defense", "operating_point_config", "train_combo_vae", "write_json"]
+           "fit_defense", "operating_point_config", "train_combo_vae"]
 
 PRESETS = ("full", "fast")
 MIN_VAL_IMAGES = 50  # fewer clean VAL images cannot place the thresholds' quantiles
@@ -212,15 +212,6 @@ def calibrate_defense(classifier, combo, defense_cfg, x_val, y_val, operating_po
     return fmd, report, entry
 
 
-def write_json(path: str, data) -> None:
-    """`data` as indented JSON, written to a temporary file and renamed (never half-written)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def fit_defense(classifier, train_data, val_data, config: ExperimentConfig | None = None,
                 preset: str = "full", operating_point: str = "auto", out_dir: str | None = None,
                 verbose: int = 1, seed: int = 0):
@@ -284,7 +275,7 @@ def fit_defense(classifier, train_data, val_data, config: ExperimentConfig | Non
         np.save(os.path.join(out_dir, "val_resistance.npy"), report.pop("val_resistance"))
         combo.save(os.path.join(out_dir, "combo_vae.keras"))
         fmd.save(os.path.join(out_dir, "fmd.keras"))
-        write_json(os.path.join(out_dir, "model_card.json"), {
+        write_json(os.path.join(out_dir, "model_card.json"), sort_keys=True, data={
             "api": "fmd_tf.fit_defense", "preset": preset, "operating_point": entry,
             "image_shape": list(config.image_shape), "num_classes": num_classes,
             "num_train": int(len(x_train)), "num_val": int(len(val[0])),

@@ -218,14 +218,6 @@ def _check_outputs(args):
             raise UsageError(f"stage {stage!r} not selected and {path} does not exist")
 
 
-def _save_json(path, data):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def run(args) -> dict:
     import keras
     import numpy as np
@@ -235,6 +227,7 @@ def run(args) -> dict:
     from fmd_tf.config import to_dict
     from fmd_tf.data import load_dataset, make_splits
     from fmd_tf.export import export_after_training
+    from fmd_tf.files import write_json
     from fmd_tf.pipeline import calibrate_defense, check_data, operating_point_config
 
     try:
@@ -378,7 +371,7 @@ def run(args) -> dict:
         splits={"train": len(splits.x_train), "val": len(splits.x_val), "cle": len(splits.x_cle),
                 "source": "TRAIN from the official training set; VAL, CLE from the test set"},
     )
-    _save_json(card_path, card)
+    write_json(card_path, card, sort_keys=True)
     print(f"wrote {args.out}: training_seconds {card['training_seconds']:.0f}")
     return card
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fmd_tf.evaluation.report import write_json
+from fmd_tf.files import write_json
 
 __all__ = [
     "SECTIONS", "SECTION_KEYS", "BenchConfig", "device_info", "earlier_sections",

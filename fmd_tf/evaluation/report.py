@@ -23,9 +23,11 @@ import time
 
 import numpy as np
 
+from fmd_tf.files import write_json
+
 __all__ = [
     "ETAS", "OPERATING_POINT_GRID", "REPORT_FILES", "eta_curve", "evaluate", "model_splits",
-    "operating_point_rows", "render_markdown", "write_json", "write_report",
+    "operating_point_rows", "render_markdown", "write_report",
 ]
 
 ETAS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)  # Fig. 5
@@ -34,15 +36,6 @@ OPERATING_POINT_GRID = tuple(itertools.product(
     ("per_code", "unified"), (0.999, 0.99, 0.95, 0.9, 0.8), (0.0, 0.01, 0.05)))
 DEFENSES = ("fm_defense", "magnet", "feature_squeezing")  # report keys, in table order
 REPORT_FILES = ("report.json", "report.md")
-
-
-def write_json(path: str, data) -> None:
-    """`data` as indented JSON (key order kept; numpy scalars as numbers), written to a
-    temporary file and renamed: a reader never sees it half-written."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-    os.replace(tmp, path)
 
 
 def model_splits(model_dir: str, dataset: str = "fmnist", seed: int = 0, n: int | None = None):
