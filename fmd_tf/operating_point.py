@@ -123,7 +123,8 @@ def operating_point_table(fmd, x_val, y_val, val_resistance, cfg: OperatingPoint
         x_adv, _ = harness.adversarial_set(attack, fmd.classifier, x_att, y_att, cache_dir, seed)
         if verbose:
             print(f"operating point: defending {len(x_adv)} VAL {attack} images", flush=True)
-        adv[attack] = (fmd.defend(x_adv), harness.purified_labels(fmd, x_adv), x_adv)
+        adv[attack] = (fmd.defend(x_adv, verbose=verbose), harness.purified_labels(fmd, x_adv),
+                       x_adv)
     rows = []
     val_out = harness.val_outputs(fmd, x_val, val_resistance, None)
     for metric, tol in cfg.gate_metrics:

@@ -202,7 +202,7 @@ def calibrate_defense(classifier, combo, defense_cfg, x_val, y_val, operating_po
     if verbose:
         print(f"calibrating on {len(x_val)} clean VAL images "
               f"({fmd.num_codes} codes x {fmd.num_morphs} morphs each)", flush=True)
-    report = fmd.calibrate(x_val, val_resistance=val_resistance)
+    report = fmd.calibrate(x_val, val_resistance=val_resistance, verbose=verbose)
     r_val = report["val_resistance"]
     entry = {"rule": "config", "options": {}}
     if operating_point != "config":

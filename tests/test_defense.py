@@ -571,3 +571,16 @@ def test_harness_reverdict_reproduces_the_defense(purify_label):
                               float(fmd.theta_e.numpy()))
     np.testing.assert_array_equal(again["verdict"], out["verdict"])
     np.testing.assert_array_equal(again["label"], out["label"])
+
+
+def test_long_numpy_calls_show_progress(capsys):
+    fmd = _tiny_defense(rho=0.9)
+    x = tiny_images(6, seed=3)
+    report = fmd.calibrate(x, batch_size=4, verbose=1)
+    assert "6/6" in capsys.readouterr().out  # the VAL pass of the calibration
+    quiet = fmd.defend(x, batch_size=4)
+    assert capsys.readouterr().out == ""
+    loud = fmd.defend(x, batch_size=4, verbose=1)
+    assert "6/6" in capsys.readouterr().out
+    np.testing.assert_array_equal(quiet["verdict"], loud["verdict"])
+    np.testing.assert_array_equal(fmd.resistance(x, batch_size=4), report["val_resistance"])

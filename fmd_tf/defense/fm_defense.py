@@ -172,20 +172,33 @@ class BatchedDefense:
         _check_images_static(x, self._image_shape)
         return check_image_values(x)
 
-    def defend(self, x, batch_size: int = 64) -> dict:
-        """`call` on a numpy array of any length, in batches; numpy outputs."""
+    @staticmethod
+    def _in_batches(fn, x, batch_size: int, verbose: int = 0) -> list:
+        """[fn(batch) for each batch of `x`], with a Keras progress bar (images/s, time left)
+        when `verbose`."""
+        bar = keras.utils.Progbar(len(x), unit_name="image") if verbose else None
+        parts = []
+        for i in range(0, len(x), batch_size):
+            parts.append(fn(x[i : i + batch_size]))
+            if bar is not None:
+                bar.update(min(i + batch_size, len(x)))
+        return parts
+
+    def defend(self, x, batch_size: int = 64, verbose: int = 0) -> dict:
+        """`call` on a numpy array of any length, in batches; numpy outputs. `verbose` shows
+        a progress bar."""
         x = self._as_batch(x)
         self._require_calibrated()
-        parts = [self(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        parts = self._in_batches(self, x, batch_size, verbose)
         return {k: np.concatenate([p[k].numpy() for p in parts]) for k in self.output_keys}
 
-    def defend_with_stats(self, x, batch_size: int = 64) -> dict:
+    def defend_with_stats(self, x, batch_size: int = 64, verbose: int = 0) -> dict:
         """`defend` plus `morphs_used` int32 [n, m], the morphs drawn per (image, code) pair."""
         x = self._as_batch(x)
         self._require_calibrated()
         fn = self._compiled()
-        parts = [fn(tf.constant(x[i : i + batch_size]), with_stats=True)
-                 for i in range(0, len(x), batch_size)]
+        parts = self._in_batches(lambda b: fn(tf.constant(b), with_stats=True), x, batch_size,
+                                 verbose)
         return {k: np.concatenate([p[k].numpy() for p in parts])
                 for k in (*self.output_keys, "morphs_used")}
 
@@ -487,14 +500,13 @@ class FMDefense(BatchedDefense, keras.Model):
         return {"purified": purified, "label": purified_label}
 
     # ----------------------------------------------------------------------------- numpy API
-    def resistance(self, x, batch_size: int = 64) -> np.ndarray:
+    def resistance(self, x, batch_size: int = 64, verbose: int = 0) -> np.ndarray:
         """Resistance vectors [n, m] (needs the normal ranges, not the thresholds)."""
         x = self._as_batch(x)
         if not np.any(self.code_high.numpy() > self.code_low.numpy()):
             raise NotCalibratedError("normal ranges are not set: call calibrate(x_val) first")
-        parts = [self(x[i : i + batch_size])["resistance"].numpy()
-                 for i in range(0, len(x), batch_size)]
-        return np.concatenate(parts)
+        return np.concatenate(self._in_batches(lambda b: self(b)["resistance"].numpy(), x,
+                                               batch_size, verbose))
 
     def morph_images(self, x, code: int, count: int | None = None) -> np.ndarray:
         """The first `count` decoded natural morphs of selected code `code`: [n, count, H, W, C]."""
@@ -528,13 +540,15 @@ class FMDefense(BatchedDefense, keras.Model):
         return np.concatenate(parts)
 
     def calibrate(self, x_val, batch_size: int = 64, val_resistance=None,
-                  verify_rows: int = 32) -> dict:
+                  verify_rows: int = 32, verbose: int = 0) -> dict:
         """Set normal ranges, θr and θd from clean validation images (ART's `fit`).
 
         `val_resistance` [n, m]: resistances of `x_val` computed earlier by this very model and
         morph settings (e.g. `val_resistance.npy` from a previous calibration), to change ρ / η /
         the threshold mode without recomputing all n·m·N morphs. The first `verify_rows` rows are
         recomputed and must match exactly, otherwise ValueError.
+
+        `verbose` shows a progress bar over the VAL images.
 
         Returns the calibration figures (VAL false-positive rate, thresholds, mean resistance).
         """
@@ -548,7 +562,7 @@ class FMDefense(BatchedDefense, keras.Model):
         self.code_high.assign(high)
         self.calibrated.assign(0.0)  # new ranges: old thresholds are void; full budget below
         if val_resistance is None:
-            r_val = self.resistance(x_val, batch_size)
+            r_val = self.resistance(x_val, batch_size, verbose)
         else:
             r_val = np.asarray(val_resistance, dtype=np.float32)
             if r_val.shape != (len(x_val), self.num_codes):

@@ -54,11 +54,11 @@ def _enough_cle(splits, n: int | None):
     return splits
 
 
-def _run_fm(fmd, x, batch_size):
+def _run_fm(fmd, x, batch_size, verbose=0):
     """`fmd.defend(x)` with the purifier's labels and the continuous detection score."""
     from fmd_tf.evaluation.harness import fm_scores, purified_labels
 
-    out = fmd.defend(x, batch_size=batch_size)
+    out = fmd.defend(x, batch_size=batch_size, verbose=verbose)
     out["purified_label"] = purified_labels(fmd, x)
     out["score"] = fm_scores(out, _thresholds(fmd, out))
     return out
@@ -265,7 +265,7 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
     if verbose:
         print(f"evaluating {model_dir} on {n} CLE images: clean + "
               f"{', '.join(name for name, _, _ in runs)}")
-    clean = _run_fm(fmd, x, batch_size)
+    clean = _run_fm(fmd, x, batch_size, verbose)
     clean_base = {name: b.defend(x) for name, b in loaded.items()}
     bar.update(1)
     report = {"dataset": dataset, "n": n, "model": model_dir,
@@ -282,7 +282,7 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
     for k, (attack, method, overrides) in enumerate(runs):
         x_adv, info = harness.adversarial_set(method, fmd.classifier, x, y, cache_dir, seed,
                                               params=overrides, defense=target)
-        adv = adv_out[attack] = _run_fm(fmd, x_adv, batch_size)
+        adv = adv_out[attack] = _run_fm(fmd, x_adv, batch_size, verbose)
         entry = _attack_entry(method, info, x, x_adv, y, clean, adv)
         roc[attack] = {"FM-Defense": (clean["score"], adv["score"])}
         for bname, b in loaded.items():
