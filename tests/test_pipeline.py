@@ -108,6 +108,12 @@ def test_fit_defense_on_rgb_images_from_a_dataset(tmp_path):
             "print(json.dumps({'verdict': out['verdict'].tolist(), 'rho': m.rho}))\n")
     loaded = _fresh_process(code, str(tmp_path / "rgb" / "fmd.keras"), str(tmp_path / "x.npy"))
     assert loaded["verdict"] == out["verdict"].tolist() and loaded["rho"] == 0.999
+    fmd_tf.export_saved_model(fmd, str(tmp_path / "serving" / "3"))
+    served = _fresh_process(SERVE, str(tmp_path / "serving" / "3"), str(tmp_path / "x.npy"))
+    assert served["verdict"] == out["verdict"].tolist()
+    assert served["label"] == out["label"].tolist()
+    with pytest.raises(ValueError, match="version directory"):
+        fmd_tf.export_saved_model(fmd, str(tmp_path / "serving" / "latest"))
 
 
 @pytest.fixture(scope="module")
