@@ -28,6 +28,7 @@ import numpy as np
 __all__ = [
     "OPERATING_POINTS",
     "PAPER_POINT",
+    "STAGE_POINTS",
     "OperatingPointConfig",
     "apply_point",
     "choose_row",
@@ -37,6 +38,8 @@ __all__ = [
 ]
 
 OPERATING_POINTS = ("auto", "paper")
+# ... and, for the training stage, "config": the DefenseConfig's own thresholds as given.
+STAGE_POINTS = (*OPERATING_POINTS, "config")
 # The paper's rule (§IV-A): ρ = 99.9 % per code, no reconstruction gate, the purified image's
 # own label.
 PAPER_POINT = {"threshold_mode": "per_code", "rho": 0.999, "recon_fpr": 0.0,

@@ -19,6 +19,7 @@ from fmd_tf.files import write_json
 from fmd_tf.operating_point import (
     FAST_OPERATING_POINT,
     OPERATING_POINTS,
+    STAGE_POINTS,
     OperatingPointConfig,
     select_operating_point,
 )
@@ -195,8 +196,8 @@ def calibrate_defense(classifier, combo, defense_cfg, x_val, y_val, operating_po
     """
     from fmd_tf.defense import FMDefense
 
-    if operating_point not in (*OPERATING_POINTS, "config"):
-        raise ValueError(f"operating_point must be one of {OPERATING_POINTS + ('config',)}, "
+    if operating_point not in STAGE_POINTS:
+        raise ValueError(f"operating_point must be one of {STAGE_POINTS}, "
                          f"got {operating_point!r}")
     fmd = FMDefense.from_config_dataclass(classifier, combo, defense_cfg, name="fmd")
     if verbose:
@@ -262,10 +263,13 @@ def fit_defense(classifier, train_data, val_data, config: ExperimentConfig | Non
                          f"{tuple(train[0].shape[1:])} and the classifier {num_classes}")
     started = time.time()
     keras.utils.set_random_seed(seed)
+    from fmd_tf import training
+
     x_train, y_train = train
-    k = config.combo.dgmm_train_size
-    x_dgmm, y_dgmm = (x_train, y_train) if k is None else (x_train[:k], y_train[:k])
-    x_vae = x_train if config.combo.vae_data == "full" else x_train[: config.splits.train_size]
+    size = config.splits.train_size  # the TRAIN split: the first images of train_data
+    split = (x_train[:size], y_train[:size])
+    x_dgmm, y_dgmm = training.dgmm_training_data(config.combo, split, train)
+    x_vae = training.vae_training_images(config.combo, split[0], x_train)
     combo = train_combo_vae(config, classifier, x_dgmm, y_dgmm, x_vae, seed, verbose=verbose)
     fmd, report, entry = calibrate_defense(
         classifier, combo, config.defense, *val, operating_point,

@@ -102,6 +102,13 @@ def dgmm_learning_rate(combo_cfg, steps: int):
     )
 
 
+def dgmm_training_data(combo_cfg, split, full):
+    """Stage-1 (images, labels): all of the labeled training set `full` when
+    `combo_cfg.dgmm_train_size` is None, else the first k of the TRAIN split `split`."""
+    k = combo_cfg.dgmm_train_size
+    return full if k is None else (split[0][:k], split[1][:k])
+
+
 def vae_training_images(combo_cfg, x_train_split: np.ndarray, x_train_full: np.ndarray):
     """Stage-2 images [N, H, W, C] chosen by `combo_cfg.vae_data` ("train" or "full")."""
     if combo_cfg.vae_data not in VAE_DATA:

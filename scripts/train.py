@@ -54,7 +54,7 @@ MEMBER_STAGES = ("dgmm", "vae", "defense")
 def parse_args(argv):
     from fmd_tf.config import ComboVAEConfig, DefenseConfig
     from fmd_tf.data import DATASETS
-    from fmd_tf.operating_point import OPERATING_POINTS, POINT_KEYS
+    from fmd_tf.operating_point import POINT_KEYS, STAGE_POINTS
     from fmd_tf.options import OptionError, add_arguments, apply_arguments
     from fmd_tf.pipeline import PRESETS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -68,7 +68,7 @@ def parse_args(argv):
                         "file name>)")
     p.add_argument("--preset", default="full", choices=list(PRESETS),
                    help="full (paper scale) or fast (tiny: trials, tests and CI)")
-    p.add_argument("--operating-point", default="auto", choices=[*OPERATING_POINTS, "config"],
+    p.add_argument("--operating-point", default="auto", choices=list(STAGE_POINTS),
                    help="auto: chosen on VAL (clean, FGSM, PGD); paper: rho 0.999, no gate; "
                         "config: the defense flags below as given")
     p.add_argument("--seed", type=int, default=0)
@@ -274,11 +274,8 @@ def run(args) -> dict:
         if "dgmm" in args.stages:
             t = time.time()
             combo = training.new_combo_vae(cfg, strategy, model_seed)
-            if cfg.combo.dgmm_train_size is None:
-                x_dgmm, y_dgmm = x_train_full, y_train_full
-            else:
-                k = cfg.combo.dgmm_train_size
-                x_dgmm, y_dgmm = splits.x_train[:k], splits.y_train[:k]
+            x_dgmm, y_dgmm = training.dgmm_training_data(
+                cfg.combo, (splits.x_train, splits.y_train), (x_train_full, y_train_full))
             training.train_dgmm(cfg, combo, x_dgmm, y_dgmm, log_dir, args.verbose)
             seconds["dgmm"] = time.time() - t
         else:

@@ -300,6 +300,17 @@ def test_vae_training_images_follow_vae_data():
         vae_training_images(ComboVAEConfig(vae_data="test"), split, full)
 
 
+def test_dgmm_training_data_follows_dgmm_train_size():
+    from fmd_tf.config import ComboVAEConfig
+    from fmd_tf.training import dgmm_training_data
+
+    split = (np.zeros((5, 2, 2, 1), np.float32), np.arange(5))
+    full = (np.ones((9, 2, 2, 1), np.float32), np.arange(9))
+    assert dgmm_training_data(ComboVAEConfig(dgmm_train_size=None), split, full) is full
+    x, y = dgmm_training_data(ComboVAEConfig(dgmm_train_size=3), split, full)
+    assert x.shape == (3, 2, 2, 1) and not x.any() and y.tolist() == [0, 1, 2]
+
+
 def test_train_dgmm_decays_learning_rate_over_its_steps(toy_batch):
     from fmd_tf.config import ExperimentConfig
     from fmd_tf.training import new_combo_vae, train_dgmm
