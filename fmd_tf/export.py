@@ -107,8 +107,13 @@ def serving_functions(fmd, jit_compile: bool = False) -> dict:
 
     Each function takes `images` (keyword) float32 [None, *image_shape] and returns a dict of
     tensors. `jit_compile=True` XLA-compiles the morph-search signatures (`serving_default`,
-    `detect`) behind the input checks; see the module docstring.
+    `detect`) behind the input checks; see the module docstring. It needs the full morph
+    budget (the adaptive budget has data-dependent shapes): ValueError otherwise.
     """
+    if jit_compile and getattr(fmd, "adaptive_budget", False):
+        raise ValueError("XLA (jit_compile / --xla) needs the full morph budget: export "
+                         "fmd.copy_with(adaptive_budget=False) (the same verdicts where the "
+                         "budget was chosen on VAL, all m x N morphs per image)")
     image_shape = tuple(int(s) for s in fmd._image_shape)
     spec = tf.TensorSpec([None, *image_shape], tf.float32, name=INPUT_NAME)
 

@@ -15,6 +15,13 @@ The attacks (`fmd_tf.evaluation.harness.ATTACKS`, FGSM and PGD at ε 0.3 by defa
 from the first `n_attack` VAL images against the classifier alone (an attacker who does not
 know the defense); an adversarial image counts as defended when it is rejected or its final
 label is right.
+
+Morph budget (`select_budget`): once the point is chosen, the defense is run on the same clean
+and attacked VAL images with each candidate of `budgets` (the adaptive budget of
+`fmd_tf.defense.adaptive_budget`, which stops drawing a code's morphs once its side of θr is
+clear), and the first whose verdicts agree with the full budget's on at least
+`min_budget_agreement` of the images and whose clean-vs-attack ROC AUC of the resistance score
+moves by at most `max_budget_auc_change` is kept: that is the model's default inference path.
 """
 
 from __future__ import annotations
@@ -31,9 +38,11 @@ __all__ = [
     "STAGE_POINTS",
     "OperatingPointConfig",
     "apply_point",
+    "budget_row",
     "choose_row",
     "max_min_row",
     "operating_point_table",
+    "select_budget",
     "select_operating_point",
 ]
 
@@ -63,6 +72,17 @@ class OperatingPointConfig:
         ("mae", None), ("mse", None), ("pixel_share", 0.1), ("pixel_share", 0.15),
         ("pixel_share", 0.2))
     gate_budgets: tuple[float, ...] = (0.0, 0.0025, 0.005, 0.01, 0.02)
+    # Morph budgets for inference (`select_budget`), cheapest expected first: the adaptive
+    # budget (fmd_tf.defense.adaptive_budget) in rounds of 10 or 5 morphs, then with each
+    # image's lowest 1 or 2 codes finished to all N morphs. () keeps the full budget.
+    budgets: tuple[dict, ...] = (
+        {"adaptive_budget": True, "adaptive_round": 10, "adaptive_refine_codes": 0},
+        {"adaptive_budget": True, "adaptive_round": 5, "adaptive_refine_codes": 1},
+        {"adaptive_budget": True, "adaptive_round": 10, "adaptive_refine_codes": 1},
+        {"adaptive_budget": True, "adaptive_round": 5, "adaptive_refine_codes": 2},
+        {"adaptive_budget": True, "adaptive_round": 10, "adaptive_refine_codes": 2})
+    min_budget_agreement: float = 0.995
+    max_budget_auc_change: float = 0.005
 
     def __post_init__(self):
         if self.n_attack < 1:
@@ -75,7 +95,11 @@ class OperatingPointConfig:
             raise ValueError(f"gate_budgets must lie in [0, 1), got {self.gate_budgets}")
 
 
-FAST_OPERATING_POINT = OperatingPointConfig(n_attack=64)
+# The fast preset: fewer attacked VAL images, and one budget candidate (its N = 8 morphs per
+# code leave little to save).
+FAST_OPERATING_POINT = OperatingPointConfig(
+    n_attack=64, budgets=({"adaptive_budget": True, "adaptive_round": 4,
+                           "adaptive_refine_codes": 1},))
 
 
 def max_min_row(rows: list[dict], attacks, eligible=None) -> int:
@@ -144,7 +168,10 @@ def operating_point_table(fmd, x_val, y_val, val_resistance, cfg: OperatingPoint
                                                          attack_outputs)]
     return {"rows": rows,
             "classifier_val_accuracy": float(np.mean(val_out["classifier_label"] == y_val)),
-            "attacks": {"names": list(cfg.attacks), "n": int(len(x_att)), "seed": seed}}
+            "attacks": {"names": list(cfg.attacks), "n": int(len(x_att)), "seed": seed},
+            # not for the card: the attacked VAL images and their full-budget resistances
+            "adversarial": {name: (x_adv, out["resistance"])
+                            for name, (out, _, x_adv) in adv.items()}}
 
 
 def point_options(row: dict, fmd) -> dict:
@@ -167,12 +194,16 @@ def select_operating_point(fmd, x_val, y_val, val_resistance, operating_point: s
                            seed: int = 0, verbose: int = 0):
     """(`fmd` at the chosen operating point, its calibration report, a card entry).
 
-    "auto": the rule of the module docstring on `cfg`'s grid; the card entry holds the chosen
-    row, the rule and the whole table. "paper": `PAPER_POINT`.
+    "auto": the rule of the module docstring on `cfg`'s grid, then the cheapest morph budget
+    that keeps the full budget's VAL verdicts (`select_budget`); the card entry holds the
+    chosen row, the rule, the whole table and the budget rows. "paper": `PAPER_POINT` with
+    the full budget, as in the paper.
     """
     if operating_point not in OPERATING_POINTS:
         raise ValueError(f"operating_point must be one of {OPERATING_POINTS}, "
                          f"got {operating_point!r}")
+    if fmd.adaptive_budget:  # the table compares thresholds on full-budget resistances
+        fmd = fmd.copy_with(adaptive_budget=False)
     if operating_point == "paper":
         point, report = apply_point(fmd, PAPER_POINT, x_val, val_resistance)
         return point, report, {"rule": "paper", "options": dict(PAPER_POINT)}
@@ -183,8 +214,73 @@ def select_operating_point(fmd, x_val, y_val, val_resistance, operating_point: s
                        cfg.clean_cost)
     options = point_options(table["rows"][index], fmd)
     point, report = apply_point(fmd, options, x_val, val_resistance)
+    adversarial = table.pop("adversarial")
+    n = cfg.n_attack
+    point, budget = select_budget(point, {"clean": (x_val[:n], val_resistance[:n]),
+                                          **adversarial}, cfg, verbose)
     entry = {"rule": "auto: max-min VAL defended accuracy over clean and "
                      f"{', '.join(cfg.attacks)}, clean >= classifier - {cfg.clean_cost:g}",
              "options": options, "chosen_row": index, "settings": dataclasses.asdict(cfg),
-             **table}
+             "budget": budget, **table}
     return point, report, entry
+
+
+def budget_row(fmd, options: dict, sets: dict) -> dict:
+    """VAL figures of the morph budget `options` (e.g. {"adaptive_budget": True}) against the
+    full budget of the calibrated `fmd`.
+
+    `sets`: {name: (images [n, H, W, C], full-budget resistances [n, m] of `fmd`)}, one named
+    "clean" and the others adversarial. Returns the options, `morphs_per_image` (mean over
+    all images), `verdict_agreement` (share of images with the full budget's verdict) and, per
+    adversarial set, the change of the clean-vs-adversarial ROC AUC of the resistance score
+    max_i(θr(i) - r(i)) (`auc_change`) with its largest absolute value (`max_abs_auc_change`).
+    """
+    from fmd_tf.defense.fm_defense import decide
+    from fmd_tf.evaluation.harness import fm_scores
+    from fmd_tf.evaluation.metrics import roc_auc
+
+    variant = fmd.copy_with(**options)
+    theta_r, theta_d, theta_e = (v.numpy() for v in (fmd.theta_r, fmd.theta_d, fmd.theta_e))
+    full, fast, morphs, agree = {}, {}, [], []
+    for name, (x, resistance) in sets.items():
+        out = variant.defend_with_stats(x)
+        full_verdict = decide(resistance, theta_r, theta_d, out["recon_error"], theta_e)[0]
+        agree.append(out["verdict"] == full_verdict.numpy())
+        morphs.append(out["morphs_used"].sum(axis=1))
+        full[name] = fm_scores({"resistance": resistance}, theta_r)
+        fast[name] = fm_scores(out, theta_r)
+    auc_change = {name: roc_auc(fast["clean"], fast[name]) - roc_auc(full["clean"], full[name])
+                  for name in sets if name != "clean"}
+    return {"options": dict(options),
+            "morphs_per_image": float(np.mean(np.concatenate(morphs))),
+            "full_morphs_per_image": float(fmd.num_codes * fmd.num_morphs),
+            "verdict_agreement": float(np.mean(np.concatenate(agree))),
+            "auc_change": auc_change,
+            "max_abs_auc_change": max((abs(v) for v in auc_change.values()), default=0.0)}
+
+
+def select_budget(fmd, sets: dict, cfg: OperatingPointConfig, verbose: int = 0):
+    """(`fmd` with the cheapest morph budget of `cfg.budgets` that holds on VAL, card entry).
+
+    A budget holds when `budget_row` gives verdict agreement >= `cfg.min_budget_agreement`
+    and |AUC change| <= `cfg.max_budget_auc_change` on every adversarial set of `sets`.
+    Candidates are tried in order (cheapest expected first) and the first that holds is
+    taken; when none does, `fmd` keeps the full budget.
+    """
+    rows = []
+    for options in cfg.budgets:
+        if verbose:
+            print(f"morph budget: trying {options} on VAL", flush=True)
+        rows.append(budget_row(fmd, options, sets))
+        row = rows[-1]
+        if row["verdict_agreement"] >= cfg.min_budget_agreement and \
+                row["max_abs_auc_change"] <= cfg.max_budget_auc_change:
+            entry = {"rule": _BUDGET_RULE.format(cfg=cfg), "options": row["options"],
+                     "rows": rows}
+            return fmd.copy_with(**row["options"]), entry
+    return fmd, {"rule": _BUDGET_RULE.format(cfg=cfg), "options": {}, "rows": rows}
+
+
+_BUDGET_RULE = ("first of the budgets with VAL verdict agreement >= {cfg.min_budget_agreement:g} "
+                "and |AUC change| <= {cfg.max_budget_auc_change:g} on every attack, else the "
+                "full budget")

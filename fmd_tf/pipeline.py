@@ -230,8 +230,9 @@ def fit_defense(classifier, train_data, val_data, config: ExperimentConfig | Non
             (`experiment_config`).
         preset: "full" (paper scale) or "fast" (minutes on 2 CPU cores: trials and tests);
             applies only when `config` is None.
-        operating_point: "auto" (chosen on VAL, `fmd_tf.operating_point`) or "paper"
-            (ρ 0.999 per code, no reconstruction gate).
+        operating_point: "auto" (thresholds, gate and morph budget chosen on VAL,
+            `fmd_tf.operating_point`) or "paper" (ρ 0.999 per code, no reconstruction gate,
+            all morphs).
         out_dir: when given, fmd.keras, combo_vae.keras, val_resistance.npy and
             model_card.json are written there (existing files are refused).
         verbose: 0 silent, 1 progress bars, 2 one line per epoch.

@@ -1,7 +1,7 @@
 """Performance benchmark of FM-Defense: naive loop, machine limit, attacks, serving, options.
 
     python scripts/bench.py [--model saved_models/fmnist] [--out results/bench.json] [--n 256]
-        [--naive-n 4] [--attack-n 100] [--batch-size 64] [--sections all] [--quick]
+        [--sections speed,roofline,...] [--quick] [...]   (--help lists every option)
 
 Every figure is a measurement or a ratio of two measurements taken in this one run, on this
 machine (written to --out as JSON and printed as a table):
@@ -28,18 +28,26 @@ attack_speedup_vs_art  own DeepFool and C&W-L2 (fmd_tf.attacks) vs ART's on the 
                    either side is not importable. --art-attacks deepfool reruns DeepFool only
                    and carries C&W over from the existing --out file (ART's C&W takes ~25 min).
 serving_latency    p50 / p99 of the exported SavedModel's `serving_default` signature
-                   (`fmd_tf.export.export_serving` to a temp dir, `tf.saved_model.load`), batch 1
-                   and batch 64, after warm-up calls.
-adaptive_budget    the same defense with `adaptive_budget=True`: mean morphs per image (vs m·N),
-                   ROC AUC clean vs FGSM (eps 0.3, same images; score max_i(θr_i - r_i)) of the
-                   adaptive and the full-budget detector, verdict agreement, throughput ratio;
-                   under `refined` the same with `adaptive_refine_codes` = --adaptive-refine
-                   (each image's K deciding codes finished to all N morphs); both draw the
-                   morphs in the default shuffled order, and `refined_search_order` repeats
-                   `refined` with `adaptive_order="search"` (smallest radius first).
+                   (`fmd_tf.export.export_serving` to a temp dir), batch 1 and batch 64, after a
+                   warm-up call, in this process (`tf.saved_model.load`) and over gRPC through
+                   the local PredictionService server (`fmd_tf.serving.local_server`), for the
+                   full budget ("before") and the default path ("after"), with their ratios.
+default_inference  the model's default inference path as shipped (fmd.keras: the morph budget its
+                   training chose on VAL, e.g. the adaptive budget) against the full budget (all
+                   m·N morphs) on --default-n CLE images and their FGSM versions (eps 0.3):
+                   throughput ratio, verdict agreement, ROC AUC of the resistance score
+                   max_i(θr_i - r_i) of both and its change, morphs per image, and the top op
+                   types by self time of one batch under tf.profiler.
 bfloat16_vs_float32  `morph_dtype="bfloat16"` vs float32: throughput ratio (timed back to back)
                    and agreement of verdicts / resistances on the clean and FGSM images.
+demo_wall          wall time of `scripts/demo.py --n --demo-n` in a new process (imports, model,
+                   data, FGSM, defense, figure) with the default path and with --budget full.
+test_suite         wall time of `python -m pytest -q` (what `make test` runs) in a new process.
 peak_rss_mib       resource.getrusage peak resident memory of this process.
+
+Machines of this kind differ up to 3x in speed: the float32 matmul peak of this machine is
+measured first (`device.matmul_peak_flops`) and every wall time is also given at the reference
+peak of 220 GFLOP/s (`seconds_at_reference_peak` = seconds x peak / 220 GFLOP/s).
 
 With a subset of --sections and an existing --out of the same model file (fmd.keras SHA-256,
 `settings.fmd_sha256`) and sizes, the other sections are kept from that file (listed in
@@ -60,52 +68,27 @@ import sys
 
 from fmd_tf.cli import UsageError, run_cli, usage_errors
 from fmd_tf.evaluation import bench
-from fmd_tf.evaluation.bench import SECTIONS
 from fmd_tf.evaluation.bench import file_sha256 as _file_sha256  # noqa: F401  (tests)
+from fmd_tf.options import add_arguments, apply_arguments, option_help
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="saved_models/fmnist", help="directory holding fmd.keras")
-    p.add_argument("--dataset", default="fmnist")
-    p.add_argument("--out", default="results/bench.json")
-    p.add_argument("--n", type=int, default=256, help="CLE images for the throughput figures")
-    p.add_argument("--naive-n", type=int, default=4, help="images timed by the naive loop")
-    p.add_argument("--attack-n", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--eps", type=float, default=0.3, help="FGSM L∞ budget (adaptive, bf16)")
-    p.add_argument("--adaptive-round", type=int, default=10)
-    p.add_argument("--adaptive-alpha", type=float, default=0.01)
-    p.add_argument("--adaptive-refine", type=int, default=1,
-                   help="adaptive_refine_codes of the `refined` adaptive-budget variant")
-    p.add_argument("--matmul-size", type=int, default=2048)
-    p.add_argument("--latency-reps", type=int, nargs=2, default=(50, 10), metavar=("B1", "B64"),
-                   help="timed serving calls at batch 1 and batch 64")
-    p.add_argument("--cw-iterations", type=int, default=100)
-    p.add_argument("--cw-search-steps", type=int, default=5)
-    p.add_argument("--df-iterations", type=int, default=50)
-    p.add_argument("--art-attacks", default="deepfool,cw",
-                   help="attacks section: which of deepfool,cw to time against ART (one left "
-                        "out is carried over from an existing --out file)")
-    p.add_argument("--sections", default="all", help=f"comma list of {', '.join(SECTIONS)}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
+    add_arguments(p, bench.BenchConfig)
+    p.add_argument("--quick", action="store_true",
+                   help=option_help(bench.BenchConfig, "quick"))
     args = p.parse_args(argv)
-    if args.quick:
-        vars(args).update(bench.quick_sizes(vars(args)))
-    sections = SECTIONS if args.sections == "all" else tuple(
-        s.strip() for s in args.sections.split(",") if s.strip())
-    args.sections = sections
-    args.art_attacks = tuple(a.strip() for a in args.art_attacks.split(",") if a.strip())
-    if not os.path.isfile(os.path.join(args.model, "fmd.keras")):
+    with usage_errors(ValueError):  # BenchConfig checks every value (sections, sizes, ...)
+        cfg = dataclasses.replace(apply_arguments(bench.BenchConfig(), args), quick=args.quick)
+        if cfg.quick:
+            cfg = dataclasses.replace(cfg, **bench.quick_sizes(dataclasses.asdict(cfg)))
+    if not os.path.isfile(os.path.join(cfg.model, "fmd.keras")):
         raise UsageError(
-            f"{os.path.join(args.model, 'fmd.keras')} not found; train it with "
+            f"{os.path.join(cfg.model, 'fmd.keras')} not found; train it with "
             "`python scripts/train.py --dataset fmnist` (or --quick) or pass --model"
         )
-    args.latency_reps = tuple(args.latency_reps)
-    with usage_errors(ValueError):  # BenchConfig checks every value (sections, sizes, ...)
-        args.config = bench.BenchConfig(**{f.name: getattr(args, f.name)
-                                           for f in dataclasses.fields(bench.BenchConfig)})
+    vars(args).update(dataclasses.asdict(cfg))
+    args.config = cfg
     return args
 
 

@@ -1,12 +1,13 @@
 """The main job: FM-Defense on clean Fashion-MNIST test images and their FGSM versions.
 
     python scripts/demo.py [--model saved_models/fmnist] [--n 200] [--eps 0.3]
-        [--figure results/demo.png] [--seed 0]
+        [--figure results/demo.png] [--seed 0] [--budget default|full] [--verbose 1]
 
 Loads the shipped `fmd.keras`, takes the first --n CLE images of the paper split, attacks the
 classifier with FGSM (L∞ eps; the attacker does not know the defense, as in the paper), runs the
-defense on both sets, prints verdict counts and accuracies, and writes a PNG with input / morphs
-of one code / purified image.
+defense on both sets (with a progress bar), prints verdict counts and accuracies, and writes a
+PNG with input / morphs of one code / purified image. `--budget full` draws all N morphs of
+every code instead of the model's own morph budget (to compare).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def parse_args(argv):
     p.add_argument("--eps", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--figure", default="results/demo.png")
+    p.add_argument("--budget", default="default", choices=("default", "full"),
+                   help="the model's morph budget (default) or all morphs (full)")
+    p.add_argument("--verbose", type=int, default=1, choices=(0, 1), help="progress bars")
     args = p.parse_args(argv)
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
@@ -42,7 +46,8 @@ def parse_args(argv):
 def run(args) -> dict:
     from fmd_tf.evaluation.demo import format_rows, run_demo
 
-    rows = run_demo(args.model, args.dataset, args.n, args.eps, args.seed, figure=args.figure)
+    rows = run_demo(args.model, args.dataset, args.n, args.eps, args.seed, figure=args.figure,
+                    budget=args.budget, verbose=args.verbose)
     print(format_rows(rows, args.n, args.model))
     print(f"wrote {args.figure}")
     return rows

@@ -76,6 +76,10 @@ def run(args) -> str:
     from fmd_tf.export import describe_signatures, export_serving
 
     fmd = load_defense(args.model)
+    if args.xla and fmd.adaptive_budget:  # XLA needs fixed shapes: all morphs
+        fmd = fmd.copy_with(adaptive_budget=False)
+        print("--xla: exporting with the full morph budget (the adaptive budget has "
+              "data-dependent shapes)")
     try:
         path = export_serving(fmd, args.out, version=args.version, overwrite=args.overwrite,
                               jit_compile=args.xla)

@@ -75,8 +75,7 @@ def parse_args(argv):
         raise UsageError(f"{args.out} exists; pass --overwrite to replace it")
     args.rho = _floats(args.rho, "rho", 0.0, 1.0, low_open=True)
     args.recon_fpr = _floats(args.recon_fpr, "recon-fpr", 0.0, 0.5, low_open=False)
-    from fmd_tf.defense.calibration import THRESHOLD_MODES
-    from fmd_tf.defense.fm_defense import RECON_METRICS
+    from fmd_tf.config import RECON_METRICS, THRESHOLD_MODES
     from fmd_tf.evaluation.harness import ATTACKS, DEFENSE_AWARE
 
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]

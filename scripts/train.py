@@ -335,6 +335,8 @@ def run(args) -> dict:
         print(f"calibrated on {report['num_val']} VAL images: operating point "
               f"{card['operating_point']['options']}, theta_r {report['theta_r']}, theta_d "
               f"{report['theta_d']:.4f}, VAL FPR {report['val_false_positive_rate']:.4f}")
+        if "budget" in card["operating_point"]:
+            print(f"morph budget: {card['operating_point']['budget']['options'] or 'full'}")
 
     if "ensemble" in args.stages:
         t = time.time()

@@ -338,6 +338,9 @@ def test_adaptive_savedmodel_export_matches(full_and_adaptive, tmp_path):
     served = fn(images=tf.constant(tiny_images(12, seed=2)))
     for key in ("resistance", "verdict", "label"):
         np.testing.assert_array_equal(served[key].numpy(), out[key])
+    with pytest.raises(ValueError, match="full morph budget"):  # XLA needs fixed shapes
+        export_serving(adaptive, str(tmp_path / "xla"), version=1, jit_compile=True)
+    assert not (tmp_path / "xla" / "1").exists()
 
 
 def _bf16_ops(fmd):
@@ -374,7 +377,8 @@ def test_bfloat16_morphs_agree_with_float32(full_and_adaptive, adaptive):
 
 BENCH_KEYS = {
     "device", "settings", "speedup_vs_naive", "roofline_share", "attack_speedup_vs_art",
-    "serving_latency", "adaptive_budget", "bfloat16_vs_float32", "peak_rss_mib",
+    "serving_latency", "default_inference", "bfloat16_vs_float32", "demo_wall", "test_suite",
+    "peak_rss_mib",
 }
 
 
@@ -424,26 +428,11 @@ def test_bench_keeps_earlier_sections_only_of_the_same_model_file(tmp_path):
         bench._earlier_sections(same, ["roofline_share"])
 
 
-@pytest.fixture(scope="module")
-def quick_model_dir(tmp_path_factory):
-    """The quick model: $FMD_QUICK_MODEL (e.g. /tmp/q) if it holds one, else trained here."""
-    given = os.environ.get("FMD_QUICK_MODEL")
-    if given and os.path.isfile(os.path.join(given, "fmd.keras")):
-        return given
-    out = tmp_path_factory.mktemp("quick") / "fmnist"
-    proc = subprocess.run(
-        [sys.executable, "scripts/train.py", "--quick", "--out", str(out), "--verbose", "0"],
-        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return str(out)
-
-
 @pytest.mark.slow
-def test_bench_quick_end_to_end(quick_model_dir, tmp_path):
+def test_bench_quick_end_to_end(quick_model, tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "scripts/bench.py", "--quick", "--model", quick_model_dir,
+        [sys.executable, "scripts/bench.py", "--quick", "--model", str(quick_model),
          "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=1800,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
@@ -457,12 +446,26 @@ def test_bench_quick_end_to_end(quick_model_dir, tmp_path):
     n_morphs = report["settings"]["num_morphs"]
     assert report["speedup_vs_naive"]["naive_max_abs_resistance_diff"] <= 2 / n_morphs + 1e-6
     assert 0 < report["roofline_share"]["value"] < 1.5
-    for key in ("batch_1", "batch_64"):
-        lat = report["serving_latency"][key]
-        assert 0 < lat["p50_ms"] <= lat["p99_ms"]
-    ada = report["adaptive_budget"]
-    assert 0 < ada["mean_morphs_per_image"] <= ada["full_morphs_per_image"]
-    assert 0.0 <= ada["auc_adaptive"] <= 1.0 and 0.0 <= ada["auc_full"] <= 1.0
+    serving = report["serving_latency"]
+    for budget in ("full_budget", "default"):
+        for key in ("in_process_batch_1", "grpc_batch_1", "in_process_batch_64", "grpc_batch_64"):
+            lat = serving[budget][key]
+            assert 0 < lat["p50_ms"] <= lat["p99_ms"]
+    assert set(serving["ratios"]) == set(serving["default"])
+    default = report["default_inference"]
+    assert 0 < default["mean_morphs_per_image"]["default"] <= \
+        default["mean_morphs_per_image"]["full_budget"] == report["settings"]["num_morphs"] * \
+        report["settings"]["num_codes"]
+    assert 0.0 <= default["verdict_agreement"] <= 1.0 and default["profile_top_ops"]["default"]
+    assert default["images"] == {"clean": 16, "fgsm": 16}
+    for section, parts in (("demo_wall", ("default", "full_budget")), ("test_suite", (None,))):
+        peaks = report[section]["matmul_peak_flops"]  # measured right before and after it
+        assert peaks["before"] > 0 and peaks["after"] > 0
+        for name in parts:
+            part = report[section][name] if name else report[section]
+            assert part["seconds"] > 0
+            assert part["seconds_at_reference_peak"] == pytest.approx(
+                part["seconds"] * (peaks["before"] + peaks["after"]) / 2 / 220e9)
     assert 0.0 <= report["bfloat16_vs_float32"]["verdict_agreement"] <= 1.0
     assert report["peak_rss_mib"] > 0
     attacks = report["attack_speedup_vs_art"]

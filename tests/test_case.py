@@ -24,6 +24,7 @@ API (kept deliberately small):
   learnable batch: one bright block per class). ``conftest.py`` exposes them as the
   session-scoped fixtures ``tiny_images`` and ``toy_batch``.
 * :data:`TINY_COMBO_CONFIG` -- a very small ``ComboVAEConfig`` for fast combo-VAE tests.
+* :func:`run_python` -- ``python <args>`` in a new process from the repository root (scripts).
 
 This module is a helper, not a test module: it defines no tests (``conftest.py`` keeps pytest
 from collecting it).
@@ -33,6 +34,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 
 import keras
@@ -41,7 +44,9 @@ import tensorflow as tf
 
 from fmd_tf.config import ComboVAEConfig
 
-__all__ = ["FmdTestCase", "TINY_COMBO_CONFIG", "tiny_images", "toy_batch"]
+__all__ = ["FmdTestCase", "ROOT", "TINY_COMBO_CONFIG", "run_python", "tiny_images", "toy_batch"]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 # Small enough that build + a few train steps take well under a second on one CPU core.
 TINY_COMBO_CONFIG = ComboVAEConfig(
@@ -55,6 +60,15 @@ TINY_COMBO_CONFIG = ComboVAEConfig(
     batch_size=8,
     consistency_weight=0.0,
 )
+
+
+def run_python(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """`python *args` in a new process from the repository root (TensorFlow's C++ log quiet),
+    output captured as text."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env=env or dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
 
 
 def tiny_images(n: int = 4, shape=(28, 28, 1), seed: int = 0) -> np.ndarray:

@@ -38,7 +38,7 @@ def _member(classifier, seed, calibrate=True, **kwargs):
 @pytest.fixture(scope="module")
 def ensemble():
     clf = _classifier()
-    return FMDefenseEnsemble([_member(clf, k) for k in range(3)], selection_key=(7, 11))
+    return FMDefenseEnsemble([_member(clf, k) for k in range(2)], selection_key=(7, 11))
 
 
 def test_select_members_is_keyed_deterministic_and_spread():
@@ -82,12 +82,12 @@ def test_each_row_is_its_members_answer(ensemble):
 
 def test_one_member_batch_and_batch_of_one(ensemble):
     x = tiny_images(40, seed=9)
-    member = select_members(x, 3, (7, 11)).numpy()
-    rows = np.flatnonzero(member == 2)[:4]  # a batch where members 0 and 1 get no rows
+    member = select_members(x, 2, (7, 11)).numpy()
+    rows = np.flatnonzero(member == 1)[:4]  # a batch where member 0 gets no rows
     out = ensemble(x[rows])
-    np.testing.assert_array_equal(out["member"].numpy(), 2)
+    np.testing.assert_array_equal(out["member"].numpy(), 1)
     np.testing.assert_array_equal(out["resistance"].numpy(),
-                                  ensemble.members[2](x[rows])["resistance"].numpy())
+                                  ensemble.members[1](x[rows])["resistance"].numpy())
     one = ensemble(x[rows[:1]])
     assert tuple(one["purified"].shape) == (1, 28, 28, 1)
 

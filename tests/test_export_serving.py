@@ -1,10 +1,10 @@
 """Tests for the TF Serving path: fmd_tf.export, scripts/export.py and fmd_tf.serving.client.
 
-No TF Serving binary is needed: `serving_server.ServingServer` serves the exported SavedModel
-over gRPC (PredictionService) and REST like TF Serving does. One tiny FMDefense (untrained,
-tiny combo-VAE, classifier fitted on the toy batch, thresholds set so that the test images get
-passed, purified and rejected verdicts) is built and exported once for the module; a second
-one on 12x12x3 images (not the (Fashion-)MNIST shape) checks that the signatures and the
+No TF Serving binary is needed: `fmd_tf.serving.local_server.ServingServer` serves the exported
+SavedModel over gRPC (PredictionService) and REST like TF Serving does. One tiny FMDefense
+(untrained, tiny combo-VAE, classifier fitted on the toy batch, thresholds set so that the test
+images get passed, purified and rejected verdicts) is built and exported once for the module; a
+second one on 12x12x3 images (not the (Fashion-)MNIST shape) checks that the signatures and the
 client take the image shape from the model (the client reads it from the server's metadata).
 """
 
@@ -25,7 +25,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from serving_server import ServingServer
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from test_case import TINY_COMBO_CONFIG, tiny_images, toy_batch
 
@@ -40,6 +39,7 @@ from fmd_tf.export import (
 )
 from fmd_tf.models import Classifier, build_combo_vae
 from fmd_tf.serving import client
+from fmd_tf.serving.local_server import ServingServer
 
 REPO = Path(__file__).resolve().parents[1]
 EXPORT_SCRIPT = REPO / "scripts" / "export.py"

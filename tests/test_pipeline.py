@@ -74,6 +74,14 @@ def test_fit_defense_on_digits_with_a_sequential_classifier(tmp_path):
     assert point["rule"].startswith("auto") and point["rows"]
     chosen = point["rows"][point["chosen_row"]]
     assert fmd.rho == chosen["rho"] and fmd.recon_fpr == chosen["recon_fpr"]
+    budget = point["budget"]  # the inference budget, chosen on the same VAL images
+    assert budget["rows"] and fmd.adaptive_budget == bool(budget["options"])
+    for row in budget["rows"]:
+        assert 0 < row["morphs_per_image"] <= row["full_morphs_per_image"]
+        assert row["full_morphs_per_image"] == fmd.num_codes * fmd.num_morphs
+        assert 0.0 <= row["verdict_agreement"] <= 1.0 and set(row["auc_change"]) == {"fgsm", "pgd"}
+    for key, value in budget["options"].items():
+        assert getattr(fmd, key) == value
     assert card["image_shape"] == [8, 8, 1] and card["num_classes"] == 10
     x = x_test[half : half + 12]
     out = fmd.defend(x)
@@ -163,6 +171,29 @@ def test_operating_point_rule_is_the_best_worst_case_within_the_clean_budget():
     assert op.choose_row(rows, attacks, classifier_accuracy=0.95, clean_cost=0.02) == 3
     # No row within the budget: the best clean row.
     assert op.choose_row(rows, attacks, classifier_accuracy=0.99, clean_cost=0.01) == 0
+
+
+def test_budget_rule_takes_the_first_candidate_that_keeps_the_verdicts(monkeypatch):
+    figures = {0: (0.990, 0.001), 1: (0.999, 0.006), 2: (0.996, 0.004), 3: (1.0, 0.0)}
+
+    def fake_row(fmd, options, sets):
+        agreement, change = figures[options["k"]]
+        return {"options": dict(options), "verdict_agreement": agreement,
+                "max_abs_auc_change": change}
+
+    class Model:
+        def copy_with(self, **options):
+            return ("copy", options)
+
+    monkeypatch.setattr(op, "budget_row", fake_row)
+    cfg = op.OperatingPointConfig(budgets=tuple({"k": k} for k in range(4)))
+    model, entry = op.select_budget(Model(), {}, cfg)
+    assert model == ("copy", {"k": 2}) and entry["options"] == {"k": 2}
+    assert [row["options"]["k"] for row in entry["rows"]] == [0, 1, 2]  # stops at the first
+    cfg = op.OperatingPointConfig(budgets=({"k": 0}, {"k": 1}))
+    original = Model()
+    model, entry = op.select_budget(original, {}, cfg)
+    assert model is original and entry["options"] == {} and len(entry["rows"]) == 2
 
 
 def test_operating_point_config_checks():

@@ -4,6 +4,7 @@ baselines and the shared runner fmd_tf.cli."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 
@@ -190,13 +191,20 @@ def test_evaluate_refuses_bad_input_before_any_work(tmp_path):
 
 def _bench_report():
     return {
-        "device": {"name": "cpu x"},
+        "device": {"name": "cpu x"},  # no measured peak: times are not scaled
         "settings": {"num_codes": 10, "num_morphs": 8, "n": 16, "quick": True},
         "speedup_vs_naive": {"value": 123.456, "fmd_images_per_s": 50.0,
                              "naive_images_per_s": 0.405, "naive_images_timed": 1,
                              "speedup_vs_naive_per_code": 12.0},
         "attack_speedup_vs_art": {"skipped": "ART not importable"},
-        "serving_latency": {"batch_1": {"p50_ms": 4.0, "p99_ms": 9.5, "reps": 5}},
+        "serving_latency": {
+            "full_budget": {"grpc_batch_1": {"p50_ms": 20.0, "images_per_s": 50.0}},
+            "default": {"grpc_batch_1": {"p50_ms": 4.0, "images_per_s": 250.0}},
+            "ratios": {"grpc_batch_1": {"p50_speedup": 5.0, "throughput_ratio": 5.0}}},
+        "demo_wall": {"default": {"seconds": 30.0, "seconds_at_reference_peak": 15.0},
+                      "full_budget": {"seconds": 90.0, "seconds_at_reference_peak": 45.0},
+                      "speedup": 3.0},
+        "test_suite": {"seconds": 200.0, "seconds_at_reference_peak": 100.0},
         "peak_rss_mib": 2048.0,
     }
 
@@ -206,8 +214,12 @@ def test_bench_format_table():
     assert lines[0] == "" and lines[1].startswith("| metric")
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in lines[3:-1]}
     assert rows == {"speedup_vs_naive": "123", "speedup_vs_naive_per_code": "12",
-                    "attack_speedup_vs_art": "skipped", "serving_batch_1_p50_ms": "4",
+                    "attack_speedup_vs_art": "skipped", "serving_grpc_batch_1_p50_ms": "4",
+                    "demo_seconds": "30", "test_suite_seconds": "200",
                     "peak_rss_mib": "2.05e+03"}
+    details = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in lines[3:-1]}
+    assert details["demo_seconds"].startswith("15 s at 220 GFLOP/s; full budget 90 s (3x)")
+    assert details["serving_grpc_batch_1_p50_ms"] == "4 ms at 220 GFLOP/s; full budget 20 ms: 5x"
     assert lines[-1] == "(m=10, N=8, 16 images, QUICK smoke-test sizes)"
 
 
@@ -232,16 +244,19 @@ def test_bench_earlier_sections(tmp_path):
 def test_bench_config_checks_and_quick_sizes():
     cfg = bench.BenchConfig()
     assert cfg.sections == bench.SECTIONS and set(bench.SECTION_KEYS) == set(bench.SECTIONS)
-    quick = bench.BenchConfig(quick=True, **bench.quick_sizes({"n": 256, "attack_n": 100}))
+    quick = bench.BenchConfig(quick=True, **bench.quick_sizes(dataclasses.asdict(cfg)))
     assert (quick.n, quick.naive_n, quick.attack_n, quick.latency_reps) == (16, 1, 4, (5, 2))
+    assert (quick.default_n, quick.demo_n) == (16, 8)
     with pytest.raises(ValueError, match="sections"):
         bench.BenchConfig(sections=("speed", "warp"))
     with pytest.raises(ValueError, match="art_attacks"):
         bench.BenchConfig(art_attacks=("fgsm",))
     with pytest.raises(ValueError, match="naive_n"):
         bench.BenchConfig(n=2, naive_n=3)
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="batch_size: must be >= 1"):
         bench.BenchConfig(batch_size=0)
+    with pytest.raises(ValueError, match="latency_reps"):
+        bench.BenchConfig(latency_reps=(5, 0))
 
 
 def test_bench_file_sha256(tmp_path):
@@ -290,3 +305,13 @@ def test_baseline_outputs_checks_and_missing_baselines(tmp_path):
         baselines.baseline_config("no-such-dataset")
     loaded, notes = baselines.load_baselines(str(tmp_path / "elsewhere"), classifier=None)
     assert loaded == {} and len(notes) == 2 and "MagNet not found" in notes[0]
+
+
+def test_bench_times_are_scaled_to_the_reference_peak():
+    section = {"default": {"seconds": 30.0, "seconds_at_reference_peak": None},
+               "full": {"seconds": 90.0, "seconds_at_reference_peak": None},
+               "attack": {"seconds": 5.0}, "speedup": 3.0}
+    bench._scale_times(section, peak=110e9)  # a machine at half the reference peak
+    assert section["default"]["seconds_at_reference_peak"] == pytest.approx(15.0)
+    assert section["full"]["seconds_at_reference_peak"] == pytest.approx(45.0)
+    assert section["attack"] == {"seconds": 5.0}  # only the entries made by _seconds

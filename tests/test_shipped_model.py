@@ -24,8 +24,12 @@ def shipped():
 def test_shipped_model_loads_and_was_built_by_the_default_command(shipped):
     fmd, card = shipped
     assert fmd.is_calibrated and fmd._image_shape == (28, 28, 1)
-    assert card["command"] == "python scripts/train.py --dataset fmnist --overwrite"
-    assert card["stages_run"] == ["classifier", "dgmm", "vae", "defense"]
+    runs = card["runs"]
+    assert runs[0]["command"] == "python scripts/train.py --dataset fmnist --overwrite"
+    assert runs[0]["stages"] == ["classifier", "dgmm", "vae", "defense"]
+    for run in runs[1:]:  # later runs only recalibrated the defense of those models
+        assert run["stages"] == ["defense"], run
+    assert card["command"] == runs[-1]["command"]
     assert os.path.isfile(os.path.join(MODEL, "serving", "1", "saved_model.pb"))
 
 
@@ -40,3 +44,9 @@ def test_shipped_operating_point_is_the_cards(shipped):
     # The rule's clean budget: within 2 points of the classifier on VAL.
     assert row["val_clean_defended_accuracy"] >= point["classifier_val_accuracy"] - 0.02 - 1e-9
     assert card["calibration"]["theta_r"] == pytest.approx(fmd.theta_r.numpy().tolist())
+    budget = point["budget"]  # the default inference path, chosen on VAL
+    assert budget["options"], "the shipped model should use a reduced morph budget"
+    for key, value in budget["options"].items():
+        assert getattr(fmd, key) == value, key
+    chosen = next(row for row in budget["rows"] if row["options"] == budget["options"])
+    assert chosen["verdict_agreement"] >= 0.995 and chosen["max_abs_auc_change"] <= 0.005

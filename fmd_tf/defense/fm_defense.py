@@ -154,7 +154,10 @@ class BatchedDefense:
             jit = self.jit_compile
             if jit is None:
                 jit = bool(tf.config.list_physical_devices("GPU")) and self._xla_compatible()
-            self._graph_fn = tf.function(self._defend, jit_compile=jit, reduce_retracing=True)
+            # autograph off: the graph code uses tf.cond / tf.while_loop itself, and converting
+            # every Keras layer's call made the first call (tracing) about twice as slow.
+            self._graph_fn = tf.function(self._defend, jit_compile=jit, reduce_retracing=True,
+                                         autograph=False)
         return self._graph_fn
 
     def call(self, images):
@@ -202,9 +205,10 @@ class BatchedDefense:
         return {k: np.concatenate([p[k].numpy() for p in parts])
                 for k in (*self.output_keys, "morphs_used")}
 
-    def detect(self, x, batch_size: int = 64):
-        """ART-style detection: (report dict, is_adversarial [n] bool = verdict != passed)."""
-        out = self.defend(x, batch_size)
+    def detect(self, x, batch_size: int = 64, verbose: int = 0):
+        """ART-style detection: (report dict, is_adversarial [n] bool = verdict != passed).
+        `verbose` shows a progress bar."""
+        out = self.defend(x, batch_size, verbose)
         return out, out["verdict"] != VERDICT_PASSED
 
 

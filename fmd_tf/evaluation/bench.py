@@ -14,7 +14,6 @@ chosen sections, keeps the others of an existing report of the same model file a
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import platform
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fmd_tf.files import write_json
+from fmd_tf.options import OptionError, normalize, option, validate
 
 __all__ = [
     "SECTIONS", "SECTION_KEYS", "BenchConfig", "device_info", "earlier_sections",
@@ -33,61 +33,82 @@ __all__ = [
     "naive_defend", "prepare", "quick_sizes", "run_bench", "variant",
 ]
 
-SECTIONS = ("speed", "roofline", "attacks", "serving", "adaptive", "bf16")
+SECTIONS = ("speed", "roofline", "attacks", "serving", "default", "bf16", "demo", "tests")
 # section -> its key in the report
 SECTION_KEYS = {"speed": "speedup_vs_naive", "roofline": "roofline_share",
                 "attacks": "attack_speedup_vs_art", "serving": "serving_latency",
-                "adaptive": "adaptive_budget", "bf16": "bfloat16_vs_float32"}
+                "default": "default_inference", "bf16": "bfloat16_vs_float32",
+                "demo": "demo_wall", "tests": "test_suite"}
 # Settings an earlier report must share for its sections to be carried over.
 CARRY_OVER_KEYS = ("model", "n", "attack_n", "quick", "fmd_sha256")
+# Times are also given at this float32 matmul peak (the reference machine of the targets):
+# time x (this machine's peak / REFERENCE_PEAK).
+REFERENCE_PEAK_FLOPS = 220e9
+
+
+def _at_least_1(value) -> bool:
+    return value >= 1
+
+
+_POSITIVE = (_at_least_1, "must be >= 1")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What `run_bench` measures, and where the report goes (`scripts/bench.py`'s options)."""
+    """What `run_bench` measures, and where the report goes (`scripts/bench.py`'s flags are
+    generated from these fields)."""
 
-    model: str = "saved_models/fmnist"  # directory holding fmd.keras
-    dataset: str = "fmnist"
-    out: str = "results/bench.json"
-    n: int = 256  # CLE images for the throughput figures
-    naive_n: int = 4  # images timed by the naive loop
-    attack_n: int = 100
-    batch_size: int = 64
-    eps: float = 0.3  # FGSM L∞ budget (adaptive, bf16)
-    adaptive_round: int = 10
-    adaptive_alpha: float = 0.01
-    adaptive_refine: int = 1  # adaptive_refine_codes of the `refined` variant
-    matmul_size: int = 2048
-    latency_reps: tuple[int, int] = (50, 10)  # timed serving calls at batch 1 and batch 64
-    cw_iterations: int = 100
-    cw_search_steps: int = 5
-    df_iterations: int = 50
-    art_attacks: tuple[str, ...] = ("deepfool", "cw")  # the others are carried over
-    sections: tuple[str, ...] = SECTIONS
-    seed: int = 0
-    quick: bool = False  # smoke-test sizes (`quick_sizes`), recorded in the report
+    model: str = option("saved_models/fmnist", "directory holding fmd.keras")
+    dataset: str = option("fmnist", "data set of the CLE images")
+    out: str = option("results/bench.json", "the JSON report")
+    n: int = option(256, "CLE images for the throughput figures", check=_POSITIVE)
+    naive_n: int = option(4, "images timed by the naive loop", check=_POSITIVE)
+    attack_n: int = option(100, "images attacked by own and ART's DeepFool / C&W",
+                           check=_POSITIVE)
+    default_n: int = option(1000, "CLE images (and as many FGSM ones) of the default-path "
+                            "section", check=_POSITIVE)
+    demo_n: int = option(200, "the demo's --n in the demo section", check=_POSITIVE)
+    batch_size: int = option(64, "defend batch size", check=_POSITIVE)
+    eps: float = option(0.3, "FGSM L∞ budget (default, bf16 sections)",
+                        check=(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"))
+    matmul_size: int = option(2048, "side of the matmul that measures the peak",
+                              check=_POSITIVE)
+    latency_reps: tuple[int, int] = option(
+        (50, 10), "timed serving calls at batch 1 and batch 64 (the full budget's batch 64: "
+        "half as many)", check=(lambda v: min(v) >= 1, "must be >= 1"))
+    cw_iterations: int = option(100, "C&W iterations", check=_POSITIVE)
+    cw_search_steps: int = option(5, "C&W binary search steps", check=_POSITIVE)
+    df_iterations: int = option(50, "DeepFool iterations", check=_POSITIVE)
+    art_attacks: tuple[str, ...] = option(
+        ("deepfool", "cw"), "attacks section: which of deepfool,cw to time against ART (one "
+        "left out is carried over from an existing --out file)",
+        check=(lambda v: bool(v) and set(v) <= {"deepfool", "cw"},
+               "must be a non-empty subset of deepfool,cw"))
+    sections: tuple[str, ...] = option(
+        SECTIONS, "sections to measure; the others are kept from an existing --out of the same "
+        "model file", check=(lambda v: bool(v) and set(v) <= set(SECTIONS),
+                             f"must be a non-empty subset of {','.join(SECTIONS)}"))
+    seed: int = option(0, "seed of the data split")
+    quick: bool = option(False, "smoke-test sizes (`quick_sizes`), recorded in the report",
+                         cli=False)  # scripts/bench.py: the switch --quick
 
     def __post_init__(self):
-        unknown = [s for s in self.sections if s not in SECTIONS]
-        if unknown or not self.sections:
-            raise ValueError(f"sections: unknown {unknown}; known: {', '.join(SECTIONS)}")
-        if not self.art_attacks or set(self.art_attacks) - {"deepfool", "cw"}:
-            raise ValueError(f"art_attacks: choose from deepfool, cw, got {self.art_attacks}")
-        for name in ("n", "naive_n", "attack_n", "batch_size", "adaptive_round", "matmul_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        normalize(self)
+        validate(self)
+
+    def _cross_checks(self):
         if self.naive_n > self.n:
-            raise ValueError(f"naive_n ({self.naive_n}) must be <= n ({self.n})")
+            raise OptionError("naive_n", f"must be <= n ({self.n})", self.naive_n,
+                              fields=("naive_n", "n"))
 
 
 def quick_sizes(settings: dict) -> dict:
     """The smoke-test sizes of `--quick` for the `BenchConfig` field values in `settings`."""
     return {"n": min(settings["n"], 16), "naive_n": 1,
-            "attack_n": min(settings["attack_n"], 4), "matmul_size": 1024,
+            "attack_n": min(settings["attack_n"], 4), "default_n": min(settings["default_n"], 16),
+            "demo_n": min(settings["demo_n"], 8), "matmul_size": 1024,
             "latency_reps": (5, 2), "cw_iterations": 10, "cw_search_steps": 2,
             "df_iterations": 20}
-
-
 
 
 def _timed(fn, *a, **kw):
@@ -401,133 +422,218 @@ def _time_cw(cw, clf, art_clf, CarliniL2Method, x, batch, cfg, summary):  # noqa
     }
 
 
+def _latency(call, images, reps: int) -> dict:
+    """p50 / p99 / mean milliseconds and images/s of `call(images)` over `reps` timed calls
+    after one warm-up call."""
+    call(images)
+    times = [1000.0 * _timed(call, images)[1] for _ in range(reps)]
+    return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
+            "mean_ms": float(np.mean(times)), "reps": reps,
+            "images_per_s": 1000.0 * len(images) / float(np.median(times))}
+
+
 def section_serving(ctx) -> dict:
+    """The exported SavedModel's `serving_default`, batch 1 and 64, of the full budget
+    ("before") and of the model's default path ("after"), in this process
+    (`tf.saved_model.load`) and through the local PredictionService server over gRPC."""
     import tensorflow as tf
 
     from fmd_tf.export import export_serving
+    from fmd_tf.serving.client import GrpcClient
+    from fmd_tf.serving.local_server import ServingServer
 
-    fmd, cfg = ctx["fmd"], ctx["cfg"]
-    x = ctx["x"]
+    cfg, x = ctx["cfg"], ctx["x"]
+    reps1, reps64 = cfg.latency_reps
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_serving(fmd, tmp, version=1)
-        fn = tf.saved_model.load(path).signatures["serving_default"]
-        for batch, reps in ((1, cfg.latency_reps[0]), (64, cfg.latency_reps[1])):
-            images = tf.constant(np.resize(x, (batch, *x.shape[1:])))
-            for _ in range(2):  # warm-up
-                fn(images=images)["label"].numpy()
-            times = []
-            for _ in range(reps):
-                _, t = _timed(lambda images=images: fn(images=images)["label"].numpy())
-                times.append(1000.0 * t)
-            result[f"batch_{batch}"] = {
-                "p50_ms": float(np.percentile(times, 50)),
-                "p99_ms": float(np.percentile(times, 99)),
-                "mean_ms": float(np.mean(times)), "reps": reps,
-                "images_per_s": 1000.0 * batch / float(np.median(times)),
-            }
-    result["note"] = "tf.saved_model.load in this process (no TF Serving server / network)"
+        for name, model in (("full_budget", ctx["fmd"]), ("default", ctx["default"])):
+            path = export_serving(model, os.path.join(tmp, name), version=1)
+            fn = tf.saved_model.load(path).signatures["serving_default"]
+            figures = {}
+            with ServingServer(path, model_name="fmd", version=1) as server, \
+                    GrpcClient(server.target, timeout=600.0) as client:
+                calls = {"in_process": lambda b, fn=fn: fn(images=tf.constant(b))["label"].numpy(),
+                         "grpc": lambda b, client=client: client.predict("fmd", b)["label"]}
+                for batch in (1, 64):
+                    reps = reps1 if batch == 1 else max(1, reps64 // (2 if name ==
+                                                                    "full_budget" else 1))
+                    images = np.resize(x, (batch, *x.shape[1:])).astype(np.float32)
+                    for where, call in calls.items():
+                        figures[f"{where}_batch_{batch}"] = _latency(call, images, reps)
+            result[name] = figures
+    before, after = result["full_budget"], result["default"]
+    result["ratios"] = {
+        key: {"p50_speedup": before[key]["p50_ms"] / after[key]["p50_ms"],
+              "throughput_ratio": after[key]["images_per_s"] / before[key]["images_per_s"]}
+        for key in after}
+    result["default_options"] = ctx["report"]["settings"]["default_budget"]
+    result["note"] = ("full_budget: the same fmd.keras with adaptive_budget off; default: as "
+                      "shipped. gRPC: fmd_tf.serving.local_server (PredictionService from the "
+                      "tensorflow-serving-api stubs, in this process) on 127.0.0.1")
     return result
 
 
-def _adversarial(ctx):
-    if "x_adv" not in ctx:
-        from fmd_tf.attacks import fgsm
+def _adversarial(ctx, x, y):
+    from fmd_tf.attacks import fgsm
 
-        ctx["x_adv"] = fgsm(ctx["fmd"].classifier, ctx["x"], eps=ctx["cfg"].eps, y=ctx["y"])
-    return ctx["x_adv"]
+    return fgsm(ctx["fmd"].classifier, x, eps=ctx["cfg"].eps, y=y)
 
 
-def section_adaptive(ctx) -> dict:
+def profile_top_ops(fn, top: int = 8) -> list[dict]:
+    """The op types of the most self-time while `fn()` runs under `tf.profiler`: [{"type",
+    "self_time_ms", "share", "occurrences"}], share of all ops' self time (host and device
+    ops, TensorFlow's framework_op_stats tool; idle time left out)."""
+    import glob
+    import json
+
+    import tensorflow as tf
+    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as plugin
+
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        try:
+            fn()
+        finally:
+            tf.profiler.experimental.stop()
+        paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+        data, ok = plugin.xspace_to_tools_data(paths, "framework_op_stats", {})
+    if not ok:
+        return []
+    table = json.loads(data)[0]
+    columns = [c["id"] for c in table["cols"]]
+    per_type: dict[str, list] = {}
+    for row in table["rows"]:
+        values = dict(zip(columns, (c.get("v") for c in row["c"]), strict=True))
+        entry = per_type.setdefault(values["type"], [0.0, 0])
+        entry[0] += float(values["total_self_time"] or 0.0)
+        entry[1] += int(values["occurrences"] or 0)
+    per_type.pop("IDLE", None)  # host time with no op running
+    total = sum(v[0] for v in per_type.values()) or 1.0
+    ranked = sorted(per_type.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"type": name, "self_time_ms": t / 1000.0, "share": t / total, "occurrences": n}
+            for name, (t, n) in ranked]
+
+
+def section_default(ctx) -> dict:
+    """The model's default inference path (as shipped) against the full budget (all m·N
+    morphs) on `default_n` CLE images and their FGSM versions: throughput ratio, verdict
+    agreement, ROC AUC of the resistance score, morphs per image, and the profile's top ops."""
     from fmd_tf.evaluation.harness import fm_scores
     from fmd_tf.evaluation.metrics import roc_auc
 
-    fmd, x, cfg = ctx["fmd"], ctx["x"], ctx["cfg"]
-    x_adv = _adversarial(ctx)
-    options = dict(adaptive_budget=True, adaptive_round=cfg.adaptive_round,
-                   adaptive_alpha=cfg.adaptive_alpha)
-    models = {"full": fmd, "adaptive": variant(fmd, **options),
-              "adaptive_refined": variant(fmd, adaptive_refine_codes=cfg.adaptive_refine,
-                                          **options),
-              "refined_search_order": variant(fmd, adaptive_refine_codes=cfg.adaptive_refine,
-                                              adaptive_order="search", **options)}
-    theta = fmd.theta_r.numpy()
+    cfg, full, default = ctx["cfg"], ctx["fmd"], ctx["default"]
+    x, y = ctx["x_default"], ctx["y_default"]
+    x_adv = _adversarial(ctx, x, y)
     bs = cfg.batch_size
-    for model in models.values():  # warm-up / trace
-        model.defend_with_stats(x[:bs], batch_size=bs)
     runs = {}
-    for name, model in models.items():
+    for name, model in (("full_budget", full), ("default", default)):
+        model.defend_with_stats(x[:bs], batch_size=bs)  # warm-up / trace
         clean, t_clean = _timed(model.defend_with_stats, x, batch_size=bs)
         adv, t_adv = _timed(model.defend_with_stats, x_adv, batch_size=bs)
         runs[name] = {"clean": clean, "adv": adv, "seconds": t_clean + t_adv}
-    ctx["adaptive_runs"] = runs
-    full = runs["full"]
-
-    def morphs(run):
-        return float(np.mean(np.concatenate([run["clean"]["morphs_used"].sum(1),
-                                             run["adv"]["morphs_used"].sum(1)])))
+    theta = full.theta_r.numpy()
 
     def auc(run):
         return roc_auc(fm_scores(run["clean"], theta), fm_scores(run["adv"], theta))
 
-    def agree(run, key):
-        return float(np.mean(np.concatenate([run[s][key] == full[s][key]
+    def morphs(run):
+        return float(np.mean(np.concatenate([run[s]["morphs_used"].sum(1)
                                              for s in ("clean", "adv")])))
 
-    def summary(name):
-        run = runs[name]
-        return {
-            "mean_morphs_per_image": morphs(run),
-            "mean_morphs_per_image_clean": float(run["clean"]["morphs_used"].sum(1).mean()),
-            "mean_morphs_per_image_adv": float(run["adv"]["morphs_used"].sum(1).mean()),
-            "morph_reduction": morphs(full) / morphs(run),
-            "auc": auc(run),
-            "auc_minus_full": auc(run) - auc(full),
-            "verdict_agreement": agree(run, "verdict"),
-            "detection_rate_adv": float(np.mean(run["adv"]["verdict"] != 0)),
-            "false_positive_rate_clean": float(np.mean(run["clean"]["verdict"] != 0)),
-            "throughput_ratio": full["seconds"] / run["seconds"],
-            "images_per_s": 2 * len(x) / run["seconds"],
-        }
-
-    ada, refined = summary("adaptive"), summary("adaptive_refined")
-    search = summary("refined_search_order")
+    agree = np.concatenate([runs["default"][s]["verdict"] == runs["full_budget"][s]["verdict"]
+                            for s in ("clean", "adv")])
+    batch = x[:bs]
+    profile = {name: profile_top_ops(lambda m=model: m.defend(batch, batch_size=bs))
+               for name, model in (("full_budget", full), ("default", default))}
+    images = 2 * len(x)
     return {
-        **{k: ada[k] for k in ("mean_morphs_per_image", "mean_morphs_per_image_clean",
-                               "mean_morphs_per_image_adv", "morph_reduction",
-                               "verdict_agreement", "throughput_ratio")},
-        "auc_adaptive": ada["auc"], "auc_full": auc(full),
-        "full_morphs_per_image": morphs(full),
-        "detection_rate_adv": {"full": float(np.mean(full["adv"]["verdict"] != 0)),
-                               "adaptive": ada["detection_rate_adv"]},
-        "false_positive_rate_clean": {"full": float(np.mean(full["clean"]["verdict"] != 0)),
-                                      "adaptive": ada["false_positive_rate_clean"]},
-        "images_per_s": {"full": 2 * len(x) / full["seconds"], "adaptive": ada["images_per_s"]},
-        "refined": refined,
-        "refined_search_order": search,
-        "order": models["adaptive"].adaptive_order,
-        "round_size": cfg.adaptive_round, "alpha": cfg.adaptive_alpha,
-        "attack": f"FGSM eps={cfg.eps} on the same {len(x)} images (all, successful or not)",
+        "throughput_ratio": runs["full_budget"]["seconds"] / runs["default"]["seconds"],
+        "verdict_agreement": float(agree.mean()),
+        "auc": {name: auc(run) for name, run in runs.items()},
+        "auc_change": auc(runs["default"]) - auc(runs["full_budget"]),
+        "images_per_s": {name: images / run["seconds"] for name, run in runs.items()},
+        "mean_morphs_per_image": {name: morphs(run) for name, run in runs.items()},
+        "detection_rate_adv": {name: float(np.mean(run["adv"]["verdict"] != 0))
+                               for name, run in runs.items()},
+        "false_positive_rate_clean": {name: float(np.mean(run["clean"]["verdict"] != 0))
+                                      for name, run in runs.items()},
+        "images": {"clean": len(x), "fgsm": len(x_adv)},
+        "default_options": ctx["report"]["settings"]["default_budget"],
         "score": "max_i(theta_r_i - r_i)",
-        "refine_codes": cfg.adaptive_refine,
-        "refined_note": f"adaptive_refine_codes={cfg.adaptive_refine}: each image's codes with "
-                        "the lowest r - theta_r estimates then draw all N morphs",
+        "attack": f"FGSM eps={cfg.eps} against the classifier on the same CLE images",
+        "profile_top_ops": profile,
+        "profile_note": f"tf.profiler framework_op_stats of one defend() of {len(batch)} images",
     }
+
+
+def _script_wall(args: list[str], timeout: float = 3600.0) -> float:
+    """Wall seconds of `python <args>` run from the repository root (exit status checked)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
+    return seconds
+
+
+def section_demo(ctx) -> dict:
+    """Wall time of `scripts/demo.py` (a new process: imports, model load, data, FGSM, the
+    defense on clean and FGSM images, the figure) with the model's default path and with
+    `--budget full`, back to back."""
+    cfg = ctx["cfg"]
+    result = {"n": cfg.demo_n}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in (("full_budget", ["--budget", "full"]), ("default", [])):
+            seconds = _script_wall(["scripts/demo.py", "--model", cfg.model, "--n",
+                                    str(cfg.demo_n), "--figure", os.path.join(tmp, "demo.png"),
+                                    *extra])
+            result[name] = _seconds(ctx, seconds)
+    result["speedup"] = result["full_budget"]["seconds"] / result["default"]["seconds"]
+    return result
+
+
+def section_tests(ctx) -> dict:
+    """Wall time of the test suite (`python -m pytest -q`, what `make test` runs) in a new
+    process; with --quick only tests/test_losses.py (a smoke test of the section)."""
+    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    if ctx["cfg"].quick:
+        args.append("tests/test_losses.py")
+    return {"command": "python " + " ".join(args), **_seconds(ctx, _script_wall(args))}
+
+
+def _seconds(ctx, seconds: float) -> dict:
+    """{"seconds", "seconds_at_reference_peak"}: a wall time here, and scaled to the reference
+    machine's matmul peak (`REFERENCE_PEAK_FLOPS`) by `measure` once the section is done (with
+    the mean of the peaks measured right before and right after it)."""
+    return {"seconds": seconds, "seconds_at_reference_peak": None}
+
+
+def _scale_times(value, peak: float):
+    """Fills every `_seconds` entry of a section's result with its time at the reference peak."""
+    if isinstance(value, dict):
+        if "seconds_at_reference_peak" in value and value["seconds_at_reference_peak"] is None:
+            value["seconds_at_reference_peak"] = value["seconds"] * peak / REFERENCE_PEAK_FLOPS
+        for item in value.values():
+            _scale_times(item, peak)
 
 
 def section_bf16(ctx) -> dict:
     fmd, x, cfg = ctx["fmd"], ctx["x"], ctx["cfg"]
-    x_adv = _adversarial(ctx)
+    x_adv = _adversarial(ctx, x, ctx["y"])
     bf16 = variant(fmd, morph_dtype="bfloat16")
     bs = cfg.batch_size
     for model in (fmd, bf16):
         model.defend(x[:bs], batch_size=bs)
     ref, t_f32 = _timed(fmd.defend, x, batch_size=bs)
     out, t_bf16 = _timed(bf16.defend, x, batch_size=bs)
-    if "adaptive_runs" in ctx:  # the same float32 model on the same images: reuse
-        ref_adv = ctx["adaptive_runs"]["full"]["adv"]
-    else:
-        ref_adv = fmd.defend(x_adv, batch_size=bs)
+    ref_adv = fmd.defend(x_adv, batch_size=bs)
     out_adv = bf16.defend(x_adv, batch_size=bs)
     r_diff = np.abs(np.concatenate([out["resistance"] - ref["resistance"],
                                     out_adv["resistance"] - ref_adv["resistance"]]))
@@ -584,28 +690,38 @@ def _table_rows(report: dict) -> list[tuple]:
                          f"success own {a['own']['success_rate']:.2f} / "
                          f"ART {a['art']['success_rate']:.2f}"))
     serving = report.get("serving_latency", {})
-    for key in ("batch_1", "batch_64"):
-        if key in serving:
-            rows.append((f"serving_{key}_p50_ms", serving[key]["p50_ms"],
-                         f"p99 {serving[key]['p99_ms']:.3g} ms over {serving[key]['reps']} calls"))
-    ada = report.get("adaptive_budget", {})
-    if ada:
-        rows += [("adaptive_mean_morphs_per_image", ada["mean_morphs_per_image"],
-                  f"full budget {ada['full_morphs_per_image']:.0f}"),
-                 ("adaptive_auc", ada["auc_adaptive"], f"full budget {ada['auc_full']:.3f}"),
-                 ("adaptive_throughput_ratio", ada["throughput_ratio"],
-                  f"verdict agreement {ada['verdict_agreement']:.3f}")]
-        ref = ada.get("refined")
-        if ref:
-            rows += [("refined_mean_morphs_per_image", ref["mean_morphs_per_image"],
-                      f"reduction {ref['morph_reduction']:.2f}x"),
-                     ("refined_auc", ref["auc"], f"minus full {ref['auc_minus_full']:+.4f}, "
-                      f"verdict agreement {ref['verdict_agreement']:.3f}")]
-        old = ada.get("refined_search_order")
-        if old:
-            rows.append(("refined_search_order_auc", old["auc"],
-                         f"minus full {old['auc_minus_full']:+.4f}, "
-                         f"{old['mean_morphs_per_image']:.0f} morphs/image"))
+    peaks = serving.get("matmul_peak_flops", {"before": REFERENCE_PEAK_FLOPS,
+                                              "after": REFERENCE_PEAK_FLOPS})
+    scale = (peaks["before"] + peaks["after"]) / 2 / REFERENCE_PEAK_FLOPS
+    for key, ratio in serving.get("ratios", {}).items():
+        after, before = serving["default"][key], serving["full_budget"][key]
+        rows.append((f"serving_{key}_p50_ms", after["p50_ms"],
+                     f"{after['p50_ms'] * scale:.3g} ms at 220 GFLOP/s; full budget "
+                     f"{before['p50_ms']:.4g} ms: {ratio['p50_speedup']:.3g}x"))
+    default = report.get("default_inference", {})
+    if default:
+        rows += [("default_throughput_ratio", default["throughput_ratio"],
+                  f"{default['images_per_s']['default']:.3g} vs "
+                  f"{default['images_per_s']['full_budget']:.3g} img/s, "
+                  f"{default['mean_morphs_per_image']['default']:.0f} morphs/image"),
+                 ("default_verdict_agreement", default["verdict_agreement"],
+                  f"{default['images']['clean']} clean + {default['images']['fgsm']} FGSM"),
+                 ("default_auc_change", default["auc_change"],
+                  f"AUC {default['auc']['default']:.4f} vs full "
+                  f"{default['auc']['full_budget']:.4f}")]
+    peak = report["device"].get("matmul_peak_flops")
+    for key, name in (("demo_wall", "demo"), ("test_suite", "test_suite")):
+        part = report.get(key, {})
+        if "default" in part:
+            rows.append((f"{name}_seconds", part["default"]["seconds"],
+                         f"{part['default']['seconds_at_reference_peak']:.3g} s at 220 GFLOP/s; "
+                         f"full budget {part['full_budget']['seconds']:.3g} s "
+                         f"({part['speedup']:.3g}x)"))
+        elif "seconds" in part:
+            rows.append((f"{name}_seconds", part["seconds"],
+                         f"{part['seconds_at_reference_peak']:.3g} s at 220 GFLOP/s"))
+    if peak:
+        rows.append(("matmul_peak_gflops", peak / 1e9, "float32, at the start of this run"))
     bf = report.get("bfloat16_vs_float32", {})
     if bf:
         rows.append(("bfloat16_throughput_ratio", bf["throughput_ratio"],
@@ -667,7 +783,8 @@ def earlier_sections(path: str, settings: dict, keys) -> dict:
 
 
 STEPS = {"speed": section_speed, "roofline": section_roofline, "attacks": section_attacks,
-         "serving": section_serving, "adaptive": section_adaptive, "bf16": section_bf16}
+         "serving": section_serving, "default": section_default, "bf16": section_bf16,
+         "demo": section_demo, "tests": section_tests}
 
 
 def prepare(cfg: BenchConfig) -> dict:
@@ -685,25 +802,29 @@ def prepare(cfg: BenchConfig) -> dict:
     if not os.path.isfile(fmd_path):
         raise FileNotFoundError(f"{fmd_path} not found")
     sha256 = file_sha256(fmd_path)
-    fmd = keras.models.load_model(fmd_path)
-    if not fmd.is_calibrated:
+    default = keras.models.load_model(fmd_path)
+    if not default.is_calibrated:
         raise ValueError(f"{cfg.model}/fmd.keras is not calibrated")
+    # The inner-loop sections (speed, roofline, bf16) measure all m·N morphs.
+    fmd = default.copy_with(adaptive_budget=False) if default.adaptive_budget else default
     splits = paper_splits(cfg.dataset, cfg.seed)
-    count = max(cfg.n, cfg.attack_n)
+    count = max(cfg.n, cfg.attack_n, cfg.default_n)
     if count > len(splits.x_cle):
-        raise ValueError(f"--n / --attack-n must be <= {len(splits.x_cle)} CLE images")
+        raise ValueError(f"--n / --attack-n / --default-n must be <= {len(splits.x_cle)} CLE "
+                         "images")
     x_all = np.ascontiguousarray(splits.x_cle[:count])
-    if cfg.quick and cfg.adaptive_round >= fmd.num_morphs:  # e.g. N = 8 on the quick model
-        cfg = dataclasses.replace(cfg, adaptive_round=max(1, fmd.num_morphs // 4))
-    report = {"device": device_info()}
+    report = {"device": {**device_info(), "matmul_peak_flops": _peak(cfg),
+                         "reference_peak_flops": REFERENCE_PEAK_FLOPS}}
     report["settings"] = {
         "quick": cfg.quick, "model": cfg.model, "n": cfg.n, "naive_n": cfg.naive_n,
-        "attack_n": cfg.attack_n, "batch_size": cfg.batch_size, "num_codes": fmd.num_codes,
-        "num_morphs": fmd.num_morphs, "chunk_size": fmd.chunk_size,
+        "attack_n": cfg.attack_n, "default_n": cfg.default_n, "batch_size": cfg.batch_size,
+        "num_codes": fmd.num_codes, "num_morphs": fmd.num_morphs, "chunk_size": fmd.chunk_size,
         "jit_compile": fmd.jit_compile if fmd.jit_compile is not None
         else bool(tf.config.list_physical_devices("GPU")),
         "sections": list(cfg.sections), "keras": keras.__version__,
-        "adaptive_round": cfg.adaptive_round, "adaptive_alpha": cfg.adaptive_alpha,
+        "default_budget": {k: getattr(default, k) for k in (
+            "adaptive_budget", "adaptive_round", "adaptive_alpha", "adaptive_refine_codes",
+            "adaptive_order", "morph_dtype")},
         "fgsm_eps": cfg.eps, "fmd_sha256": sha256,
     }
     carried = earlier_sections(cfg.out, report["settings"],
@@ -711,8 +832,14 @@ def prepare(cfg: BenchConfig) -> dict:
     report.update(carried)
     if carried:
         report["carried_over"] = sorted(carried)
-    return {"fmd": fmd, "cfg": cfg, "x": x_all[: cfg.n], "y": splits.y_cle[: cfg.n],
-            "x_all": x_all, "report": report}
+    return {"fmd": fmd, "default": default, "cfg": cfg, "x": x_all[: cfg.n],
+            "y": splits.y_cle[: cfg.n], "x_all": x_all, "x_default": x_all[: cfg.default_n],
+            "y_default": splits.y_cle[: cfg.default_n], "report": report}
+
+
+def _peak(cfg: BenchConfig) -> float:
+    """This machine's float32 matmul FLOP/s now (best of a few `cfg.matmul_size` matmuls)."""
+    return matmul_flops_per_s(cfg.matmul_size, "float32", 3 if cfg.quick else 7)["flops_per_s"]
 
 
 def measure(ctx: dict, verbose: int = 1) -> dict:
@@ -724,7 +851,12 @@ def measure(ctx: dict, verbose: int = 1) -> dict:
         if section in cfg.sections:
             if verbose:
                 print(f"[bench] {section} ...", flush=True)
+            before = _peak(cfg)
             report[key], seconds = _timed(STEPS[section], ctx)
+            after = _peak(cfg)
+            # Shared machines change speed: each section keeps the peak measured around it.
+            report[key]["matmul_peak_flops"] = {"before": before, "after": after}
+            _scale_times(report[key], (before + after) / 2)
             report[key]["section_seconds"] = seconds
             report[key]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             write_json(cfg.out, {**report, "incomplete": True})  # keep finished sections

@@ -14,15 +14,22 @@ import os
 
 import numpy as np
 
-__all__ = ["format_rows", "run_demo"]
+__all__ = ["BUDGETS", "format_rows", "run_demo"]
+
+
+BUDGETS = ("default", "full")
 
 
 def run_demo(model_dir: str, dataset: str = "fmnist", n: int = 200, eps: float = 0.3,
-             seed: int = 0, figure: str | None = None) -> dict:
+             seed: int = 0, figure: str | None = None, budget: str = "default",
+             verbose: int = 0) -> dict:
     """{set name: {figure name: value}} of `model_dir`/fmd.keras on the first `n` CLE images
     ("clean") and their FGSM versions at L∞ `eps` ("FGSM eps=<eps>"): verdict shares,
     accuracies without and with the defense, mean resistance. With `figure`, also a PNG of
-    one image of each set, its morphs along one code and its purified version."""
+    one image of each set, its morphs along one code and its purified version.
+
+    `budget`: "default" runs the model as saved (its morph budget); "full" draws all N morphs
+    of every code. `verbose` shows a progress bar per set."""
     import keras
 
     import fmd_tf  # noqa: F401  (registers the Keras classes)
@@ -30,13 +37,19 @@ def run_demo(model_dir: str, dataset: str = "fmnist", n: int = 200, eps: float =
     from fmd_tf.data import paper_splits
     from fmd_tf.evaluation.metrics import defended_accuracy
 
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     fmd = keras.models.load_model(os.path.join(model_dir, "fmd.keras"))
+    if budget == "full" and fmd.adaptive_budget:
+        fmd = fmd.copy_with(adaptive_budget=False)
     splits = paper_splits(dataset, seed)
     x, y = splits.x_cle[:n], splits.y_cle[:n]
     x_adv = fgsm(fmd.classifier, x, eps=eps, y=y)
     rows, outs, sets = {}, {}, {}
     for name, data, adversarial in (("clean", x, False), (f"FGSM eps={eps}", x_adv, True)):
-        out = outs[name] = fmd.defend(data)
+        if verbose:
+            print(f"{name}: {len(data)} images", flush=True)
+        out = outs[name] = fmd.defend(data, verbose=verbose)
         sets[name] = data
         counts = np.bincount(out["verdict"], minlength=3) / len(data)
         rows[name] = {

@@ -10,8 +10,11 @@ import time
 
 import numpy as np
 
-from fmd_tf.defense import calibration
 from fmd_tf.evaluation import metrics
+
+# fmd_tf.defense.calibration is NumPy only, but its package imports TensorFlow: it is imported
+# where it is used, so that the attack tables below load without TensorFlow (fast usage errors
+# in the scripts).
 
 # name -> (attack function name in fmd_tf.attacks, default parameters)
 ATTACKS = {
@@ -214,6 +217,8 @@ def reverdict(out: dict, theta_r, theta_d, theta_e=np.inf) -> dict:
     Needs `purified_label` (`purified_labels`: the label the purifier gives) in `out`, and
     `recon_error` when the reconstruction gate θe is finite.
     """
+    from fmd_tf.defense import calibration
+
     theta_r = np.asarray(theta_r)
     suspicious = calibration.is_suspicious(out["resistance"], theta_r)
     dist = calibration.distance(out["resistance"], theta_r)
@@ -228,6 +233,8 @@ def reverdict(out: dict, theta_r, theta_d, theta_e=np.inf) -> dict:
 def operating_point_thresholds(fmd, r_val, e_val, mode: str, rho: float, recon_fpr: float):
     """(θr [m], θd, θe) that `fmd.calibrate` would set at (`mode`, `rho`, `recon_fpr`) on the
     VAL resistances `r_val` [n, m] and reconstruction errors `e_val` [n] (no morphs)."""
+    from fmd_tf.defense import calibration
+
     theta_r = calibration.resistance_thresholds(r_val, rho, mode, fmd.num_morphs)
     theta_d, _ = calibration.distance_threshold(
         r_val, theta_r, fmd.eta, mode, fmd.num_morphs, fmd.min_suspicious, fmd.eta_reference_rho)

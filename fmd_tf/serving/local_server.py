@@ -1,6 +1,7 @@
-"""Test helper: a minimal stand-in for TensorFlow Serving over one exported SavedModel.
+"""A minimal local stand-in for TensorFlow Serving over one exported SavedModel.
 
-Not a test module. `ServingServer(path)` loads `tf.saved_model.load(path).signatures` and
+For tests and benchmarks where the TF Serving binary is not available (it ships only as a
+Docker image): `ServingServer(path)` loads `tf.saved_model.load(path).signatures` and
 serves them
 
 * over gRPC (`tensorflow_serving.apis.prediction_service_pb2_grpc`): `Predict` and
