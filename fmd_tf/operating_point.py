@@ -93,6 +93,12 @@ class OperatingPointConfig:
             raise ValueError(f"rhos must lie in (0, 1], got {self.rhos}")
         if not all(0.0 <= b < 1.0 for b in self.gate_budgets) or not self.gate_budgets:
             raise ValueError(f"gate_budgets must lie in [0, 1), got {self.gate_budgets}")
+        if not 0.0 <= self.min_budget_agreement <= 1.0:
+            raise ValueError(f"min_budget_agreement must be in [0, 1], got "
+                             f"{self.min_budget_agreement}")
+        if self.max_budget_auc_change < 0.0:
+            raise ValueError(f"max_budget_auc_change must be >= 0, got "
+                             f"{self.max_budget_auc_change}")
 
 
 # The fast preset: fewer attacked VAL images, and one budget candidate (its N = 8 morphs per
@@ -260,7 +266,7 @@ def budget_row(fmd, options: dict, sets: dict) -> dict:
 
 
 def select_budget(fmd, sets: dict, cfg: OperatingPointConfig, verbose: int = 0):
-    """(`fmd` with the cheapest morph budget of `cfg.budgets` that holds on VAL, card entry).
+    """(`fmd` with the first morph budget of `cfg.budgets` that holds on VAL, card entry).
 
     A budget holds when `budget_row` gives verdict agreement >= `cfg.min_budget_agreement`
     and |AUC change| <= `cfg.max_budget_auc_change` on every adversarial set of `sets`.

@@ -17,6 +17,7 @@ import os
 import sys
 
 from fmd_tf.cli import UsageError, run_cli
+from fmd_tf.evaluation.demo import BUDGETS
 
 
 def parse_args(argv):
@@ -27,7 +28,7 @@ def parse_args(argv):
     p.add_argument("--eps", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--figure", default="results/demo.png")
-    p.add_argument("--budget", default="default", choices=("default", "full"),
+    p.add_argument("--budget", default=BUDGETS[0], choices=BUDGETS,
                    help="the model's morph budget (default) or all morphs (full)")
     p.add_argument("--verbose", type=int, default=1, choices=(0, 1), help="progress bars")
     args = p.parse_args(argv)

@@ -204,6 +204,10 @@ def test_operating_point_config_checks():
         op.OperatingPointConfig(n_attack=0)
     with pytest.raises(ValueError, match="rhos"):
         op.OperatingPointConfig(rhos=(0.95, 1.5))
+    with pytest.raises(ValueError, match="min_budget_agreement"):
+        op.OperatingPointConfig(min_budget_agreement=1.5)
+    with pytest.raises(ValueError, match="max_budget_auc_change"):
+        op.OperatingPointConfig(max_budget_auc_change=-0.1)
 
 
 @pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1), (30, 26, 3), (64, 64, 3)])

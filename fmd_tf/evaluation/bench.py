@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fmd_tf.config import POSITIVE_INT, UNIT_LEFT_OPEN
 from fmd_tf.files import write_json
 from fmd_tf.options import OptionError, normalize, option, validate
 
@@ -46,13 +47,6 @@ CARRY_OVER_KEYS = ("model", "n", "attack_n", "quick", "fmd_sha256")
 REFERENCE_PEAK_FLOPS = 220e9
 
 
-def _at_least_1(value) -> bool:
-    return value >= 1
-
-
-_POSITIVE = (_at_least_1, "must be >= 1")
-
-
 @dataclass(frozen=True)
 class BenchConfig:
     """What `run_bench` measures, and where the report goes (`scripts/bench.py`'s flags are
@@ -61,24 +55,23 @@ class BenchConfig:
     model: str = option("saved_models/fmnist", "directory holding fmd.keras")
     dataset: str = option("fmnist", "data set of the CLE images")
     out: str = option("results/bench.json", "the JSON report")
-    n: int = option(256, "CLE images for the throughput figures", check=_POSITIVE)
-    naive_n: int = option(4, "images timed by the naive loop", check=_POSITIVE)
+    n: int = option(256, "CLE images for the throughput figures", check=POSITIVE_INT)
+    naive_n: int = option(4, "images timed by the naive loop", check=POSITIVE_INT)
     attack_n: int = option(100, "images attacked by own and ART's DeepFool / C&W",
-                           check=_POSITIVE)
+                           check=POSITIVE_INT)
     default_n: int = option(1000, "CLE images (and as many FGSM ones) of the default-path "
-                            "section", check=_POSITIVE)
-    demo_n: int = option(200, "the demo's --n in the demo section", check=_POSITIVE)
-    batch_size: int = option(64, "defend batch size", check=_POSITIVE)
-    eps: float = option(0.3, "FGSM L∞ budget (default, bf16 sections)",
-                        check=(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"))
+                            "section", check=POSITIVE_INT)
+    demo_n: int = option(200, "the demo's --n in the demo section", check=POSITIVE_INT)
+    batch_size: int = option(64, "defend batch size", check=POSITIVE_INT)
+    eps: float = option(0.3, "FGSM L∞ budget (default, bf16 sections)", check=UNIT_LEFT_OPEN)
     matmul_size: int = option(2048, "side of the matmul that measures the peak",
-                              check=_POSITIVE)
+                              check=POSITIVE_INT)
     latency_reps: tuple[int, int] = option(
         (50, 10), "timed serving calls at batch 1 and batch 64 (the full budget's batch 64: "
         "half as many)", check=(lambda v: min(v) >= 1, "must be >= 1"))
-    cw_iterations: int = option(100, "C&W iterations", check=_POSITIVE)
-    cw_search_steps: int = option(5, "C&W binary search steps", check=_POSITIVE)
-    df_iterations: int = option(50, "DeepFool iterations", check=_POSITIVE)
+    cw_iterations: int = option(100, "C&W iterations", check=POSITIVE_INT)
+    cw_search_steps: int = option(5, "C&W binary search steps", check=POSITIVE_INT)
+    df_iterations: int = option(50, "DeepFool iterations", check=POSITIVE_INT)
     art_attacks: tuple[str, ...] = option(
         ("deepfool", "cw"), "attacks section: which of deepfool,cw to time against ART (one "
         "left out is carried over from an existing --out file)",
