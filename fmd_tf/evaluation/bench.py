@@ -587,7 +587,7 @@ def section_demo(ctx) -> dict:
             seconds = _script_wall(["scripts/demo.py", "--model", cfg.model, "--n",
                                     str(cfg.demo_n), "--figure", os.path.join(tmp, "demo.png"),
                                     *extra])
-            result[name] = _seconds(ctx, seconds)
+            result[name] = _seconds(seconds)
     result["speedup"] = result["full_budget"]["seconds"] / result["default"]["seconds"]
     return result
 
@@ -598,10 +598,10 @@ def section_tests(ctx) -> dict:
     args = ["-m", "pytest", "-q", "-p", "no:cacheprovider"]
     if ctx["cfg"].quick:
         args.append("tests/test_losses.py")
-    return {"command": "python " + " ".join(args), **_seconds(ctx, _script_wall(args))}
+    return {"command": "python " + " ".join(args), **_seconds(_script_wall(args))}
 
 
-def _seconds(ctx, seconds: float) -> dict:
+def _seconds(seconds: float) -> dict:
     """{"seconds", "seconds_at_reference_peak"}: a wall time here, and scaled to the reference
     machine's matmul peak (`REFERENCE_PEAK_FLOPS`) by `measure` once the section is done (with
     the mean of the peaks measured right before and right after it)."""

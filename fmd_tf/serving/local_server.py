@@ -285,69 +285,67 @@ def _make_handler(backend: ServingBackend):
         def _error(self, status: Status):
             self._send(_HTTP_STATUS.get(status.code, 500), {"error": status.message})
 
-        def do_POST(self):  # noqa: N802
+        def _answer(self, respond):
+            """Sends `respond()`'s JSON payload with 200, or the error it raises: a Status
+            with its HTTP code, anything else as INTERNAL (a request never stops the server)."""
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length)
-                match = _PREDICT_PATH.match(self.path)
-                if not match:
-                    raise Status("NOT_FOUND", f"Malformed request: POST {self.path}")
-                name, version = match.group(1), match.group(2)
-                try:
-                    body = json.loads(raw or b"null")
-                except ValueError as e:
-                    raise Status("INVALID_ARGUMENT", f"JSON Parse error: {e}") from None
-                backend.check_model(name, version)
-                signature = (body.get("signature_name") if isinstance(body, dict) else None) \
-                    or "serving_default"
-                if signature not in backend.signatures:
-                    raise Status("FAILED_PRECONDITION", f'Serving signature name: "{signature}" '
-                                                        "not found in signature def")
-                specs = backend.signatures[signature].structured_input_signature[1]
-                inputs = _rest_inputs(body, specs)
-                outputs = backend.predict(name, version, signature, inputs)
+                payload = respond()
             except Status as status:
                 self._error(status)
-                return
             except Exception as e:  # noqa: BLE001
                 self._error(Status("INTERNAL", f"{type(e).__name__}: {e}"))
-                return
+            else:
+                self._send(200, payload)
+
+        def do_POST(self):  # noqa: N802
+            self._answer(self._predict)
+
+        def do_GET(self):  # noqa: N802
+            self._answer(self._status_or_metadata)
+
+        def _predict(self) -> dict:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length)
+            match = _PREDICT_PATH.match(self.path)
+            if not match:
+                raise Status("NOT_FOUND", f"Malformed request: POST {self.path}")
+            name, version = match.group(1), match.group(2)
+            try:
+                body = json.loads(raw or b"null")
+            except ValueError as e:
+                raise Status("INVALID_ARGUMENT", f"JSON Parse error: {e}") from None
+            backend.check_model(name, version)
+            signature = (body.get("signature_name") if isinstance(body, dict) else None) \
+                or "serving_default"
+            if signature not in backend.signatures:
+                raise Status("FAILED_PRECONDITION", f'Serving signature name: "{signature}" '
+                                                    "not found in signature def")
+            specs = backend.signatures[signature].structured_input_signature[1]
+            inputs = _rest_inputs(body, specs)
+            outputs = backend.predict(name, version, signature, inputs)
             if "instances" in body:
                 n = len(next(iter(outputs.values())))
                 rows = [{k: v[i].tolist() for k, v in outputs.items()} for i in range(n)]
                 if len(outputs) == 1:
                     rows = [next(iter(r.values())) for r in rows]
-                self._send(200, {"predictions": rows})
-            else:
-                cols = {k: v.tolist() for k, v in outputs.items()}
-                self._send(200, {"outputs": next(iter(cols.values())) if len(cols) == 1
-                                 else cols})
+                return {"predictions": rows}
+            cols = {k: v.tolist() for k, v in outputs.items()}
+            return {"outputs": next(iter(cols.values())) if len(cols) == 1 else cols}
 
-        def do_GET(self):  # noqa: N802
+        def _status_or_metadata(self) -> dict:
             match = _MODEL_PATH.match(self.path)
-            try:
-                if not match:
-                    raise Status("NOT_FOUND", f"Malformed request: GET {self.path}")
-                if match.group(3):
-                    if not backend.metadata:  # a TF Serving without the metadata endpoint
-                        with backend._lock:
-                            backend.metadata_requests += 1
-                        raise Status("INVALID_ARGUMENT", f"Malformed request: GET {self.path}")
-                    response = backend.get_metadata(match.group(1), match.group(2))
-                else:
-                    backend.check_model(match.group(1), match.group(2))
-            except Status as status:
-                self._error(status)
-                return
-            except Exception as e:  # noqa: BLE001
-                self._error(Status("INTERNAL", f"{type(e).__name__}: {e}"))
-                return
+            if not match:
+                raise Status("NOT_FOUND", f"Malformed request: GET {self.path}")
             if match.group(3):
-                self._send(200, _metadata_json(response))
-            else:
-                self._send(200, {"model_version_status": [{
-                    "version": str(backend.version), "state": "AVAILABLE",
-                    "status": {"error_code": "OK", "error_message": ""}}]})
+                if not backend.metadata:  # a TF Serving without the metadata endpoint
+                    with backend._lock:
+                        backend.metadata_requests += 1
+                    raise Status("INVALID_ARGUMENT", f"Malformed request: GET {self.path}")
+                return _metadata_json(backend.get_metadata(match.group(1), match.group(2)))
+            backend.check_model(match.group(1), match.group(2))
+            return {"model_version_status": [{
+                "version": str(backend.version), "state": "AVAILABLE",
+                "status": {"error_code": "OK", "error_message": ""}}]}
 
     return Handler
 
