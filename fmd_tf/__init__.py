@@ -47,23 +47,43 @@ def _register_keras_classes():
 
 
 class _RegisterAfterKeras(_abc.MetaPathFinder):
-    """Finds nothing itself: when `keras` is first imported, registers fmd_tf's Keras classes
-    right after Keras has loaded, then removes itself."""
+    """Finds nothing itself: watches the imports of `keras` and `tensorflow` and registers
+    fmd_tf's Keras classes once Keras is loaded and neither import is still running (TensorFlow
+    imports Keras from inside its own import, when fmd_tf's modules cannot import TensorFlow
+    yet), then removes itself."""
+
+    _WATCHED = ("keras", "tensorflow")
+
+    def __init__(self):
+        self._busy = False  # inside our own find_spec call
+        self._running = set()  # watched modules whose import has not finished
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "keras":
+        if fullname not in self._WATCHED or self._busy:
             return None
-        _sys.meta_path.remove(self)
-        spec = _util.find_spec(fullname)
+        self._busy = True
+        try:
+            spec = _util.find_spec(fullname)
+        finally:
+            self._busy = False
         if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
             exec_module = spec.loader.exec_module
 
             def exec_then_register(module):
-                exec_module(module)
-                _register_keras_classes()
+                self._running.add(fullname)
+                try:
+                    exec_module(module)
+                finally:
+                    self._running.discard(fullname)
+                self._register_when_ready()
 
             spec.loader.exec_module = exec_then_register
         return spec
+
+    def _register_when_ready(self):
+        if "keras" in _sys.modules and not self._running and self in _sys.meta_path:
+            _sys.meta_path.remove(self)
+            _register_keras_classes()
 
 
 if "keras" in _sys.modules:

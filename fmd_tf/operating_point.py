@@ -156,8 +156,8 @@ def operating_point_table(fmd, x_val, y_val, val_resistance, cfg: OperatingPoint
         x_adv, _ = harness.adversarial_set(attack, fmd.classifier, x_att, y_att, cache_dir, seed)
         if verbose:
             print(f"operating point: defending {len(x_adv)} VAL {attack} images", flush=True)
-        adv[attack] = (fmd.defend(x_adv, verbose=verbose), harness.purified_labels(fmd, x_adv),
-                       x_adv)
+        adv[attack] = (fmd.defend_with_stats(x_adv, verbose=verbose, outcomes=True),
+                       harness.purified_labels(fmd, x_adv), x_adv)
     rows = []
     val_out = harness.val_outputs(fmd, x_val, val_resistance, None)
     for metric, tol in cfg.gate_metrics:
@@ -175,8 +175,8 @@ def operating_point_table(fmd, x_val, y_val, val_resistance, cfg: OperatingPoint
     return {"rows": rows,
             "classifier_val_accuracy": float(np.mean(val_out["classifier_label"] == y_val)),
             "attacks": {"names": list(cfg.attacks), "n": int(len(x_att)), "seed": seed},
-            # not for the card: the attacked VAL images and their full-budget resistances
-            "adversarial": {name: (x_adv, out["resistance"])
+            # not for the card: the attacked VAL images and their full-budget morph outcomes
+            "adversarial": {name: (x_adv, out["morph_outcomes"])
                             for name, (out, _, x_adv) in adv.items()}}
 
 
@@ -197,13 +197,15 @@ def apply_point(fmd, options: dict, x_val, val_resistance):
 
 def select_operating_point(fmd, x_val, y_val, val_resistance, operating_point: str = "auto",
                            cfg: OperatingPointConfig | None = None, cache_dir: str | None = None,
-                           seed: int = 0, verbose: int = 0):
+                           seed: int = 0, verbose: int = 0, val_outcomes=None):
     """(`fmd` at the chosen operating point, its calibration report, a card entry).
 
     "auto": the rule of the module docstring on `cfg`'s grid, then the cheapest morph budget
     that keeps the full budget's VAL verdicts (`select_budget`); the card entry holds the
     chosen row, the rule, the whole table and the budget rows. "paper": `PAPER_POINT` with
-    the full budget, as in the paper.
+    the full budget, as in the paper. `val_outcomes` [n, m, N] bool: the calibration's morph
+    outcomes of `x_val` (`val_morph_outcomes`); without them the budget step recomputes those
+    of the clean images it uses.
     """
     if operating_point not in OPERATING_POINTS:
         raise ValueError(f"operating_point must be one of {OPERATING_POINTS}, "
@@ -222,8 +224,12 @@ def select_operating_point(fmd, x_val, y_val, val_resistance, operating_point: s
     point, report = apply_point(fmd, options, x_val, val_resistance)
     adversarial = table.pop("adversarial")
     n = cfg.n_attack
-    point, budget = select_budget(point, {"clean": (x_val[:n], val_resistance[:n]),
-                                          **adversarial}, cfg, verbose)
+    if val_outcomes is None:
+        val_outcomes = point.defend_with_stats(x_val[:n], verbose=verbose,
+                                               outcomes=True)["morph_outcomes"]
+    sets = {name: (outcomes[:n], point.reconstruction_error(x[:n])) for name, (x, outcomes)
+            in {"clean": (x_val, val_outcomes), **adversarial}.items()}
+    point, budget = select_budget(point, sets, cfg, verbose)
     entry = {"rule": "auto: max-min VAL defended accuracy over clean and "
                      f"{', '.join(cfg.attacks)}, clean >= classifier - {cfg.clean_cost:g}",
              "options": options, "chosen_row": index, "settings": dataclasses.asdict(cfg),
@@ -233,14 +239,19 @@ def select_operating_point(fmd, x_val, y_val, val_resistance, operating_point: s
 
 def budget_row(fmd, options: dict, sets: dict) -> dict:
     """VAL figures of the morph budget `options` (e.g. {"adaptive_budget": True}) against the
-    full budget of the calibrated `fmd`.
+    full budget of the calibrated `fmd`, replayed on the full budget's morph outcomes (exactly
+    what the budget would draw and decide, `FMDefense.adaptive_resistance_on_outcomes`).
 
-    `sets`: {name: (images [n, H, W, C], full-budget resistances [n, m] of `fmd`)}, one named
-    "clean" and the others adversarial. Returns the options, `morphs_per_image` (mean over
+    `sets`: {name: (morph outcomes [n, m, N] bool of `fmd`'s full budget, reconstruction
+    errors [n] of its gate)}, one named "clean" and the others adversarial (from
+    `defend_with_stats(x, outcomes=True)` and `reconstruction_error(x)`). Returns the options,
+    `morphs_per_image` (mean over
     all images), `verdict_agreement` (share of images with the full budget's verdict) and, per
     adversarial set, the change of the clean-vs-adversarial ROC AUC of the resistance score
     max_i(θr(i) - r(i)) (`auc_change`) with its largest absolute value (`max_abs_auc_change`).
     """
+    import tensorflow as tf
+
     from fmd_tf.defense.fm_defense import decide
     from fmd_tf.evaluation.harness import fm_scores
     from fmd_tf.evaluation.metrics import roc_auc
@@ -248,13 +259,18 @@ def budget_row(fmd, options: dict, sets: dict) -> dict:
     variant = fmd.copy_with(**options)
     theta_r, theta_d, theta_e = (v.numpy() for v in (fmd.theta_r, fmd.theta_d, fmd.theta_e))
     full, fast, morphs, agree = {}, {}, [], []
-    for name, (x, resistance) in sets.items():
-        out = variant.defend_with_stats(x)
-        full_verdict = decide(resistance, theta_r, theta_d, out["recon_error"], theta_e)[0]
-        agree.append(out["verdict"] == full_verdict.numpy())
-        morphs.append(out["morphs_used"].sum(axis=1))
+    for name, (outcomes, recon_error) in sets.items():
+        resistance = tf.reduce_mean(tf.cast(outcomes, tf.float32), axis=-1).numpy()
+        if variant.adaptive_budget:
+            fast_resistance, used = variant.adaptive_resistance_on_outcomes(outcomes)
+        else:
+            fast_resistance, used = resistance, np.full(resistance.shape, fmd.num_morphs)
+        verdicts = [decide(r, theta_r, theta_d, recon_error, theta_e)[0].numpy()
+                    for r in (resistance, fast_resistance)]
+        agree.append(verdicts[0] == verdicts[1])
+        morphs.append(used.sum(axis=1))
         full[name] = fm_scores({"resistance": resistance}, theta_r)
-        fast[name] = fm_scores(out, theta_r)
+        fast[name] = fm_scores({"resistance": fast_resistance}, theta_r)
     auc_change = {name: roc_auc(fast["clean"], fast[name]) - roc_auc(full["clean"], full[name])
                   for name in sets if name != "clean"}
     return {"options": dict(options),

@@ -204,11 +204,12 @@ def calibrate_defense(classifier, combo, defense_cfg, x_val, y_val, operating_po
         print(f"calibrating on {len(x_val)} clean VAL images "
               f"({fmd.num_codes} codes x {fmd.num_morphs} morphs each)", flush=True)
     report = fmd.calibrate(x_val, val_resistance=val_resistance, verbose=verbose)
-    r_val = report["val_resistance"]
+    r_val, outcomes = report["val_resistance"], report.pop("val_morph_outcomes", None)
     entry = {"rule": "config", "options": {}}
     if operating_point != "config":
         fmd, report, entry = select_operating_point(
-            fmd, x_val, y_val, r_val, operating_point, op_cfg, cache_dir, seed, verbose)
+            fmd, x_val, y_val, r_val, operating_point, op_cfg, cache_dir, seed, verbose,
+            val_outcomes=outcomes)
     report["val_resistance"] = r_val
     return fmd, report, entry
 

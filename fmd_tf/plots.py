@@ -9,30 +9,51 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def montage(tiles: np.ndarray, pad: int = 2) -> np.ndarray:
+    """One image of a grid of tiles [R, C, H, W, ch] -> [R·(H+pad)-pad, C·(W+pad)-pad, ch],
+    separated by white `pad`-pixel lines (one `imshow` instead of R·C axes)."""
+    rows, cols, h, w, ch = tiles.shape
+    grid = np.ones((rows * (h + pad) - pad, cols * (w + pad) - pad, ch), np.float32)
+    for r in range(rows):
+        for c in range(cols):
+            grid[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = tiles[r, c]
+    return grid
+
+
+def _show(ax, image: np.ndarray) -> None:
+    """imshow of [H, W, 1] (gray) or [H, W, 3] (RGB) in [0, 1] without ticks."""
+    if image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(np.clip(image, 0.0, 1.0))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def latent_traversals(combo_vae, images, low, high, path, steps: int = 9) -> None:
     """For each image, every zs code swept from low to high (others and zu fixed); rows = codes.
 
-    Paper Fig. 1 idea: one code changes one semantic feature.
+    Paper Fig. 1 idea: one code changes one semantic feature. All sweeps are decoded in one
+    call and drawn as one montage.
     """
     out = combo_vae(images)
     mean, zu = out["mean"].numpy(), out["zu"].numpy()
-    d_s = mean.shape[1]
-    fig, axes = plt.subplots(
-        d_s, len(images) * (steps + 1), figsize=(len(images) * (steps + 1) * 0.6, d_s * 0.6)
-    )
-    for k, (m, u) in enumerate(zip(mean, zu, strict=True)):
-        for i in range(d_s):
-            z = np.repeat(m[None], steps, axis=0)
-            z[:, i] = np.linspace(low[i], high[i], steps)
-            decoded = combo_vae.decode(z, np.repeat(u[None], steps, axis=0)).numpy()
-            col0 = k * (steps + 1)
-            axes[i, col0].imshow(images[k, ..., 0], cmap="gray", vmin=0, vmax=1)
-            for j in range(steps):
-                axes[i, col0 + j + 1].imshow(decoded[j, ..., 0], cmap="gray", vmin=0, vmax=1)
-            axes[i, col0].set_ylabel(f"z{i}", rotation=0, fontsize=6, labelpad=8)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
+    n, d_s = mean.shape
+    z = np.repeat(mean[:, None, None, :], d_s, axis=1).repeat(steps, axis=2)  # [n, d_s, S, d_s]
+    sweep = np.linspace(low, high, steps, dtype=np.float32)  # [S, d_s]
+    for i in range(d_s):
+        z[:, i, :, i] = sweep[:, i]
+    u = np.broadcast_to(zu[:, None, None, :], (n, d_s, steps, zu.shape[1]))
+    decoded = combo_vae.decode(z.reshape(-1, d_s), u.reshape(-1, zu.shape[1])).numpy()
+    decoded = decoded.reshape(n, d_s, steps, *images.shape[1:])
+    originals = np.broadcast_to(np.asarray(images)[:, None, None], (n, d_s, 1, *images.shape[1:]))
+    tiles = np.concatenate([originals, decoded], axis=2)  # [n, d_s, S + 1, H, W, C]
+    tiles = tiles.transpose(1, 0, 2, 3, 4, 5).reshape(d_s, n * (steps + 1), *images.shape[1:])
+    h = images.shape[1]
+    fig, ax = plt.subplots(figsize=(n * (steps + 1) * 0.6, d_s * 0.6))
+    _show(ax, montage(tiles))
+    ax.set_yticks([(h + 2) * i + h / 2 for i in range(d_s)], [f"z{i}" for i in range(d_s)],
+                  fontsize=6)
     fig.suptitle("latent traversals: input, then each zs code swept over its normal range")
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
@@ -51,7 +72,7 @@ def defense_panel(rows, path, title: str = "") -> None:
             ax.set_yticks([])
             if j < len(tiles) - 1 or j == cols - 1:
                 tile = purified if j == cols - 1 else tiles[j]
-                ax.imshow(tile[..., 0], cmap="gray", vmin=0, vmax=1)
+                _show(ax, tile)
         axes[i, 0].set_ylabel(name, fontsize=7)
         axes[i, 0].set_title("input", fontsize=6)
         axes[i, 1].set_title("morphs of one code ->", fontsize=6, loc="left")

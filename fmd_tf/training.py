@@ -7,13 +7,14 @@ figures that go into the model card.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from fmd_tf.config import DGMM_LR_SCHEDULES, VAE_DATA, ExperimentConfig
+from fmd_tf.config import DGMM_LR_SCHEDULES, TRAIN_PRECISIONS, VAE_DATA, ExperimentConfig
 from fmd_tf.models.classifier import Classifier
 from fmd_tf.models.combo_vae import ComboVAE, build_combo_vae
 from fmd_tf.models.dgmm import DGMM
@@ -44,6 +45,42 @@ def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int =
     return float(np.mean(np.argmax(logits, axis=-1) == y))
 
 
+def bfloat16_is_fast() -> bool:
+    """Whether this machine computes bfloat16 natively: a GPU of compute capability >= 8.0,
+    else a CPU with AVX512-BF16 or AMX-BF16 (from /proc/cpuinfo). A fixed rule, not a timing
+    probe, so that the choice does not depend on what else the machine is doing."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return tuple(details.get("compute_capability", (0, 0))) >= (8, 0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = {word for line in f if line.startswith("flags") for word in line.split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def training_precision(name: str) -> str:
+    """The Keras dtype policy that `ClassifierConfig.precision` `name` trains with."""
+    if name not in TRAIN_PRECISIONS:
+        raise ValueError(f"precision must be one of {TRAIN_PRECISIONS}, got {name!r}")
+    if name != "auto":
+        return name
+    return "mixed_bfloat16" if bfloat16_is_fast() else "float32"
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Keras' global dtype policy set to `name` inside the block (layers built there use it)."""
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
+
+
 def train_classifier(
     cfg: ExperimentConfig,
     x_train: np.ndarray,
@@ -52,11 +89,16 @@ def train_classifier(
     log_dir: str | None = None,
     verbose: int | str = "auto",
 ) -> Classifier:
-    """Train the target classifier (sparse cross-entropy on logits, Adam, cosine-decayed rate)."""
+    """Train the target classifier (sparse cross-entropy on logits, Adam, cosine-decayed rate)
+    with the dtype policy of `training_precision(cfg.classifier.precision)`; save its
+    `inference_copy` (float32)."""
     c = cfg.classifier
     if c.train_size is not None:
         x_train, y_train = x_train[: c.train_size], y_train[: c.train_size]
-    with strategy.scope():
+    policy = training_precision(c.precision)
+    if verbose:
+        print(f"classifier: training with the {policy} dtype policy", flush=True)
+    with dtype_policy(policy), strategy.scope():
         model = Classifier(
             num_classes=cfg.num_classes,
             conv_filters=c.conv_filters,
@@ -81,8 +123,13 @@ def train_classifier(
 
 
 def inference_copy(model: keras.Model) -> keras.Model:
-    """An uncompiled copy with the same weights (drops optimizer state before saving)."""
-    copy = model.__class__.from_config(model.get_config())
+    """An uncompiled float32 copy with the same weights (drops the optimizer state and a
+    mixed-precision training policy before saving)."""
+    config = model.get_config()
+    if "dtype" in config:
+        config["dtype"] = "float32"
+    with dtype_policy("float32"):
+        copy = model.__class__.from_config(config)
     copy.build(model.get_build_config()["input_shape"])
     copy.set_weights(model.get_weights())
     return copy
@@ -163,8 +210,14 @@ def train_vae(
             c.discriminator_learning_rate, beta_1=0.5, beta_2=0.9
         ),
     )
+    # The DGMM and the classifier are frozen: their outputs on the training images are
+    # computed once here, not once per epoch inside the loss.
+    targets = {"zu": model.dgmm.predict(x_train, batch_size=512, verbose=0)}
+    if c.consistency_weight > 0:
+        targets["logits"] = classifier.predict(x_train, batch_size=512, verbose=0)
+    targets = {k: v.astype(np.float32) for k, v in targets.items()}
     model.fit(
-        x_train, batch_size=c.batch_size, epochs=c.vae_epochs, verbose=verbose,
+        x_train, targets, batch_size=c.batch_size, epochs=c.vae_epochs, verbose=verbose,
         callbacks=_callbacks(log_dir, "combo_vae"),
     )
     return model
@@ -179,18 +232,20 @@ def combo_vae_metrics(
     classifier: keras.Model, model: ComboVAE, x: np.ndarray, y: np.ndarray, batch_size: int = 512
 ) -> dict:
     """DGMM accuracy, reconstruction MSE and reconstruction label agreement on (x, y)."""
-    dgmm_pred, mse, agree = [], [], []
-    for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size]
+
+    @tf.function(autograph=False, reduce_retracing=True)
+    def figures(xb):
         out = model(xb)
-        dgmm_pred.append(np.argmax(model.dgmm.class_logits(out["zu"]).numpy(), axis=-1))
-        rec = out["reconstruction"].numpy()
-        mse.append(np.mean((rec - xb) ** 2, axis=(1, 2, 3)))
-        agree.append(
-            np.argmax(classifier(rec).numpy(), -1) == np.argmax(classifier(xb).numpy(), -1)
-        )
+        rec = out["reconstruction"]
+        return (tf.argmax(model.dgmm.class_logits(out["zu"]), axis=-1),
+                tf.reduce_mean(tf.square(rec - xb), axis=[1, 2, 3]),
+                tf.equal(tf.argmax(classifier(rec), -1), tf.argmax(classifier(xb), -1)))
+
+    parts = [[t.numpy() for t in figures(tf.constant(x[i : i + batch_size]))]
+             for i in range(0, len(x), batch_size)]
+    dgmm_pred, mse, agree = (np.concatenate(p) for p in zip(*parts, strict=True))
     return {
-        "dgmm_test_accuracy": float(np.mean(np.concatenate(dgmm_pred) == y)),
-        "recon_mse": float(np.mean(np.concatenate(mse))),
-        "recon_label_agreement": float(np.mean(np.concatenate(agree))),
+        "dgmm_test_accuracy": float(np.mean(dgmm_pred == y)),
+        "recon_mse": float(np.mean(mse)),
+        "recon_label_agreement": float(np.mean(agree)),
     }

@@ -43,6 +43,13 @@ bfloat16_vs_float32  `morph_dtype="bfloat16"` vs float32: throughput ratio (time
 demo_wall          wall time of `scripts/demo.py --n --demo-n` in a new process (imports, model,
                    data, FGSM, defense, figure) with the default path and with --budget full.
 test_suite         wall time of `python -m pytest -q` (what `make test` runs) in a new process.
+training           full training from scratch: wall time and accuracies of the model card
+                   --training-card (a `scripts/train.py --dataset fmnist` run, scaled by the
+                   peak that run measured before and after itself); and, side by side here, the
+                   changes it rests on: classifier steps in float32 vs mixed_bfloat16, combo-VAE
+                   steps with the frozen DGMM's and classifier's outputs computed in the loss vs
+                   precomputed, one morph-budget trial run on the model vs replayed on the full
+                   budget's morph outcomes (checked identical).
 peak_rss_mib       resource.getrusage peak resident memory of this process.
 
 Machines of this kind differ up to 3x in speed: the float32 matmul peak of this machine is

@@ -219,6 +219,7 @@ def _check_outputs(args):
 
 
 def run(args) -> dict:
+    _check_outputs(args)  # before the imports: a refusal answers at once
     import keras
     import numpy as np
 
@@ -226,6 +227,8 @@ def run(args) -> dict:
     from fmd_tf import plots, training
     from fmd_tf.config import to_dict
     from fmd_tf.data import load_dataset, make_splits
+    from fmd_tf.evaluation.bench import matmul_peak_flops
+    from fmd_tf.evaluation.latent_codes import code_activity
     from fmd_tf.export import export_after_training
     from fmd_tf.files import write_json
     from fmd_tf.pipeline import calibrate_defense, check_data, operating_point_config
@@ -236,7 +239,6 @@ def run(args) -> dict:
         raise UsageError(str(e)) from None
     num_classes = int(max(y_train_full.max(), y_test.max())) + 1
     cfg = _config(args, x_train_full.shape[1:], num_classes, len(x_train_full), len(x_test))
-    _check_outputs(args)
     os.makedirs(args.out, exist_ok=True)
     model_seed = args.seed + args.member_index  # the data splits always follow --seed
     keras.utils.set_random_seed(model_seed)
@@ -248,6 +250,7 @@ def run(args) -> dict:
         with open(card_path) as f:
             card = json.load(f)
     splits = make_splits((x_train_full, y_train_full), (x_test, y_test), cfg.splits, args.seed)
+    peak_before = matmul_peak_flops()  # times in the card are read against this machine's speed
     started = time.time()
     seconds = dict(card.get("stage_seconds", {}))
     seconds_before = dict(seconds)
@@ -258,6 +261,7 @@ def run(args) -> dict:
         classifier = training.train_classifier(
             cfg, x_train_full, y_train_full, strategy, log_dir, args.verbose
         )
+        card["classifier_precision"] = training.training_precision(cfg.classifier.precision)
         classifier = training.inference_copy(classifier)
         classifier.save(path("classifier.keras"))
         seconds["classifier"] = time.time() - t
@@ -303,6 +307,9 @@ def run(args) -> dict:
         means = combo.shared_encoder(splits.x_train[:2000])[0].numpy()
         low, high = np.percentile(means, 1, axis=0), np.percentile(means, 99, axis=0)
         plots.latent_traversals(combo, splits.x_cle[:3], low, high, path("latent_traversals.png"))
+        card["latent_codes"] = code_activity(combo, classifier, splits.x_val[:500], low, high)
+        print(f"latent codes: {card['latent_codes']['num_active']} of {combo.shared_dim} "
+              f"class-shared codes change the image (full-range sweep)")
 
     if "defense" in args.stages:
         t = time.time()
@@ -349,6 +356,7 @@ def run(args) -> dict:
     runs.append({"command": command, "stages": args.stages,
                  "stage_seconds": {k: v for k, v in seconds.items()
                                    if seconds_before.get(k) != v},
+                 "matmul_peak_flops": {"before": peak_before, "after": matmul_peak_flops()},
                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     card.update(
         runs=runs,

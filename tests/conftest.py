@@ -6,8 +6,10 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import fcntl  # noqa: E402
+import shlex  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -31,11 +33,61 @@ def toy_batch():
     return test_case.toy_batch()
 
 
+# The files that take longest, longest first (measured with --durations): pytest-xdist hands out
+# whole files (--dist loadfile) in collection order, so they start first and the short files
+# fill in at the end instead of one long file running alone.
+LONGEST_FIRST = ("test_ensemble_stage.py", "test_ensemble.py", "test_evaluate_scripts.py",
+                 "test_pipeline.py", "test_train_cli.py", "test_attacks.py", "test_scripts.py",
+                 "test_export_serving.py", "test_defense.py", "test_models.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
+QUICK_MODEL_COMMAND = [sys.executable, "scripts/train.py", "--quick", "--operating-point",
+                       "config", "--verbose", "0"]
+
+
+def _shared_base(tmp_path_factory) -> Path:
+    """The session's base temp folder, shared by the pytest-xdist workers."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _start_quick_model(base: Path) -> None:
+    """Start `QUICK_MODEL_COMMAND` into base/quick_model/fmnist in the background, once per
+    session whichever process asks first; its exit status lands in base/quick_model.rc."""
+    with open(base / "quick_model.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (base / "quick_model.started").exists():
+            return
+        (base / "quick_model.started").touch()
+        out, rc, log = (base / "quick_model" / "fmnist", base / "quick_model.rc",
+                        base / "quick_model.log")
+        q = shlex.quote
+        command = shlex.join([*QUICK_MODEL_COMMAND, "--out", str(out)])
+        subprocess.Popen(["sh", "-c", f"{command} > {q(str(log))} 2>&1; echo $? > "
+                                      f"{q(f'{rc}.tmp')} && mv {q(f'{rc}.tmp')} {q(str(rc))}"],
+                         cwd=ROOT, start_new_session=True,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+
+
+def pytest_collection_finish(session):
+    """Start the quick model as soon as the collected tests show that one needs it, so that
+    it trains while the workers run other tests instead of when the first test asks."""
+    if os.environ.get("FMD_QUICK_MODEL") or not any(
+            "quick_model" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    _start_quick_model(_shared_base(session.config._tmp_path_factory))
+
+
 @pytest.fixture(scope="session")
 def quick_model(tmp_path_factory) -> Path:
-    """The `scripts/train.py --quick` Fashion-MNIST model, trained once per test session (one
-    pytest-xdist worker trains it, the others wait for it and reuse it). Read-only: copy it
-    before changing it.
+    """The `scripts/train.py --quick` Fashion-MNIST model, trained once per test session in the
+    background (`pytest_collection_finish`; every pytest-xdist worker waits for the same one).
+    Read-only: copy it before changing it.
 
     Trained with the config's own operating point (ρ 0.95, no gate), so that script figures are
     checked against known settings; the automatic choice is tested in test_train_cli and
@@ -44,17 +96,13 @@ def quick_model(tmp_path_factory) -> Path:
     given = os.environ.get("FMD_QUICK_MODEL")
     if given and (Path(given) / "fmd.keras").is_file():
         return Path(given)
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent  # shared by the workers of this session
-    out = base / "quick_model" / "fmnist"
-    with open(base / "quick_model.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not (out / "model_card.json").is_file():
-            proc = subprocess.run(
-                [sys.executable, "scripts/train.py", "--quick", "--operating-point", "config",
-                 "--out", str(out), "--verbose", "0"],
-                cwd=ROOT, capture_output=True, text=True, timeout=1200,
-                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-            assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    base = _shared_base(tmp_path_factory)
+    _start_quick_model(base)
+    rc = base / "quick_model.rc"
+    deadline = time.monotonic() + 1200
+    while not rc.exists():
+        assert time.monotonic() < deadline, "the quick model did not finish in 20 minutes"
+        time.sleep(0.5)
+    log = (base / "quick_model.log").read_text()
+    assert rc.read_text().strip() == "0", log[-3000:]
+    return base / "quick_model" / "fmnist"

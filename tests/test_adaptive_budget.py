@@ -205,6 +205,49 @@ def test_adaptive_equals_full_budget_where_it_ran_to_n(full_and_adaptive):
     np.testing.assert_array_equal(plain["resistance"], out_ada["resistance"])
 
 
+@pytest.mark.parametrize("refine", [0, 2])
+def test_replay_on_full_budget_outcomes_equals_the_adaptive_path(full_and_adaptive, refine):
+    full, adaptive, out_full, _ = full_and_adaptive
+    x = tiny_images(12, seed=2)
+    model = adaptive.copy_with(adaptive_refine_codes=refine)
+    recorded = model.defend_with_stats(x, outcomes=True)  # full budget whatever the model's
+    outcomes = recorded["morph_outcomes"]
+    assert outcomes.shape == (12, 4, 40) and outcomes.dtype == bool
+    np.testing.assert_array_equal(outcomes.mean(axis=-1).astype(np.float32),
+                                  out_full["resistance"])
+    np.testing.assert_array_equal(recorded["verdict"], out_full["verdict"])
+    replayed, used = model.adaptive_resistance_on_outcomes(outcomes)
+    real = model.defend_with_stats(x)
+    assert (used < 40).any()  # some pairs stopped early
+    np.testing.assert_array_equal(used, real["morphs_used"])
+    np.testing.assert_array_equal(replayed, real["resistance"])
+
+
+def test_budget_row_replays_the_candidate_budget(full_and_adaptive):
+    from fmd_tf import operating_point as op
+
+    full, adaptive, out_full, out_ada = full_and_adaptive
+    x = tiny_images(12, seed=2)
+    outcomes = full.defend_with_stats(x, outcomes=True)["morph_outcomes"]
+    sets = {"clean": (outcomes[:6], full.reconstruction_error(x[:6])),
+            "fgsm": (outcomes[6:], full.reconstruction_error(x[6:]))}
+    row = op.budget_row(full, {"adaptive_budget": True, "adaptive_round": 10}, sets)
+    assert row["morphs_per_image"] == out_ada["morphs_used"].sum(axis=1).mean()
+    assert row["verdict_agreement"] == np.mean(out_ada["verdict"] == out_full["verdict"])
+    assert row["full_morphs_per_image"] == 4 * 40 and set(row["auc_change"]) == {"fgsm"}
+    same = op.budget_row(full, {"adaptive_budget": False}, sets)
+    assert same["verdict_agreement"] == 1.0 and same["max_abs_auc_change"] == 0.0
+    assert same["morphs_per_image"] == 4 * 40
+    with pytest.raises(ValueError, match="member"):
+        _ensemble_like(full).defend_with_stats(x, outcomes=True)
+
+
+def _ensemble_like(fmd):
+    from fmd_tf.defense import FMDefenseEnsemble
+
+    return FMDefenseEnsemble([fmd, fmd.copy_with(seed=fmd.seed + 1)])
+
+
 def test_finish_pairs_draws_only_the_missing_morphs():
     rng = np.random.default_rng(0)
     outcomes = tf.constant(rng.uniform(size=(5, 40)) < 0.6)
@@ -378,6 +421,7 @@ def test_bfloat16_morphs_agree_with_float32(full_and_adaptive, adaptive):
 BENCH_KEYS = {
     "device", "settings", "speedup_vs_naive", "roofline_share", "attack_speedup_vs_art",
     "serving_latency", "default_inference", "bfloat16_vs_float32", "demo_wall", "test_suite",
+    "training",
     "peak_rss_mib",
 }
 
@@ -467,6 +511,9 @@ def test_bench_quick_end_to_end(quick_model, tmp_path):
             assert part["seconds_at_reference_peak"] == pytest.approx(
                 part["seconds"] * (peaks["before"] + peaks["after"]) / 2 / 220e9)
     assert 0.0 <= report["bfloat16_vs_float32"]["verdict_agreement"] <= 1.0
+    train = report["training"]
+    assert train["classifier_step_ms"]["float32"] > 0 and train["vae_step_ms"]["in_loss"] > 0
+    assert train["budget_trial"]["replay_identical_to_model"] is True
     assert report["peak_rss_mib"] > 0
     attacks = report["attack_speedup_vs_art"]
     assert attacks.get("skipped") or {"deepfool", "carlini_wagner_l2"} <= set(attacks)

@@ -470,6 +470,30 @@ def test_combo_vae_consistency_gradient_reaches_decoder_only(toy_batch):
     ), "the consistency term did not change the decoder's update"
 
 
+def test_combo_vae_precomputed_codes_and_logits_give_the_same_update(toy_batch):
+    x, _ = toy_batch
+    clf = _tiny_classifier()
+    start = _consistency_combo(0.0, seed=2).get_weights()
+    updated = []
+    model = _consistency_combo(5.0, seed=2)
+    model.set_weights(start)
+    zu = model.dgmm(x).numpy()
+    uniform = np.zeros((len(x), 10), np.float32)  # other targets: another loss (they are used)
+    for data in ((x,), (x, {"zu": zu, "logits": clf(x).numpy()}), (x, {"logits": uniform})):
+        model = _compile_combo(_consistency_combo(5.0, seed=2))
+        model.set_weights(start)
+        model.set_consistency_classifier(clf)
+        logs = model.train_on_batch(*data, return_dict=True)
+        updated.append((logs, _weights(model.shared_encoder) + _weights(model.decoder)))
+    (logs_a, w_a), (logs_b, w_b), (logs_u, _) = updated
+    assert logs_a["consistency"] > 1e-6
+    assert abs(logs_u["consistency"] - logs_a["consistency"]) > 1e-4
+    for key in logs_a:
+        np.testing.assert_allclose(logs_a[key], logs_b[key], rtol=1e-5, atol=1e-7)
+    for a, b in zip(w_a, w_b, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=str(np.abs(a - b).max()))
+
+
 def test_combo_vae_accepts_trained_dgmm(toy_batch):
     x, y = toy_batch
     dgmm = _small_dgmm()  # stage 1: a DGMM trained on its own
@@ -578,3 +602,24 @@ def test_mirrored_strategy_two_logical_cpus():
     assert result["combo_iterations"] == result["disc_iterations"] == 4  # 128 / 32
     assert result["dgmm_iterations"] == 4
     assert result["sgd_step_max_diff"] < 1e-6
+
+
+def test_classifier_trains_in_mixed_bfloat16_and_is_saved_in_float32(toy_batch):
+    from fmd_tf import training
+    from fmd_tf.config import get_config, quick_config
+
+    x, y = toy_batch
+    cfg = quick_config(get_config("fmnist"))
+    cfg = dataclasses.replace(cfg, classifier=dataclasses.replace(
+        cfg.classifier, precision="mixed_bfloat16", conv_filters=(4, 4), dense_units=(8,)))
+    model = training.train_classifier(cfg, x, y, training.get_strategy("default"), verbose=0)
+    assert model.logits_layer.compute_dtype == "bfloat16"
+    assert keras.config.dtype_policy().name == "float32"  # restored after construction
+    copy = training.inference_copy(model)
+    assert {w.dtype for w in copy.weights} == {"float32"}
+    assert copy.logits_layer.compute_dtype == "float32" and copy(x).dtype == "float32"
+    np.testing.assert_allclose(copy(x).numpy(), np.asarray(model(x), np.float32), atol=0.05)
+    assert training.training_precision("float32") == "float32"
+    assert training.training_precision("auto") in ("float32", "mixed_bfloat16")
+    with pytest.raises(ValueError, match="precision"):
+        training.training_precision("float16")

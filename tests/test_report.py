@@ -205,6 +205,13 @@ def _bench_report():
                       "full_budget": {"seconds": 90.0, "seconds_at_reference_peak": 45.0},
                       "speedup": 3.0},
         "test_suite": {"seconds": 200.0, "seconds_at_reference_peak": 100.0},
+        "training": {
+            "classifier_step_ms": {"float32": 70.0, "mixed_bfloat16": 40.0, "speedup": 1.75},
+            "vae_step_ms": {"in_loss": 180.0, "precomputed": 150.0, "speedup": 1.2},
+            "budget_trial": {"speedup": 50.0, "replay_identical_to_model": True},
+            "full_training": {"seconds": 1800.0, "seconds_at_reference_peak": 1500.0,
+                              "classifier_test_accuracy": 0.92, "dgmm_test_accuracy": 0.91,
+                              "recon_label_agreement": 0.93}},
         "peak_rss_mib": 2048.0,
     }
 
@@ -216,10 +223,14 @@ def test_bench_format_table():
     assert rows == {"speedup_vs_naive": "123", "speedup_vs_naive_per_code": "12",
                     "attack_speedup_vs_art": "skipped", "serving_grpc_batch_1_p50_ms": "4",
                     "demo_seconds": "30", "test_suite_seconds": "200",
+                    "classifier_bf16_step_speedup": "1.75", "vae_precomputed_step_speedup": "1.2",
+                    "budget_trial_replay_speedup": "50", "full_training_seconds": "1.8e+03",
                     "peak_rss_mib": "2.05e+03"}
     details = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in lines[3:-1]}
     assert details["demo_seconds"].startswith("15 s at 220 GFLOP/s; full budget 90 s (3x)")
     assert details["serving_grpc_batch_1_p50_ms"] == "4 ms at 220 GFLOP/s; full budget 20 ms: 5x"
+    assert details["full_training_seconds"] == ("1500 s at 220 GFLOP/s; classifier 0.9200, DGMM "
+                                                "0.9100, recon agreement 0.9300")
     assert lines[-1] == "(m=10, N=8, 16 images, QUICK smoke-test sizes)"
 
 

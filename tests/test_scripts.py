@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -59,78 +58,6 @@ def test_train_bad_arguments():
         assert "Traceback" not in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def ensemble_model(quick_model, tmp_path_factory):
-    """A copy of the quick model with `--stages ensemble --ensemble 2` trained into it."""
-    out = tmp_path_factory.mktemp("ensemble") / "fmnist"
-    shutil.copytree(quick_model, out)
-    proc = _run("scripts/train.py", "--quick", "--out", str(out), "--stages", "ensemble",
-                "--verbose", "0")
-    assert proc.returncode == 2 and "--ensemble K" in proc.stderr
-    proc = _run("scripts/train.py", "--quick", "--out", str(out), "--stages", "ensemble",
-                "--ensemble", "2", "--ensemble-key", "5,6", "--verbose", "0")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
-
-
-def test_train_ensemble_stage(ensemble_model, tmp_path):
-    out = ensemble_model
-    for name in ("members/1/fmd.keras", "members/1/model_card.json", "fmd_ensemble.keras",
-                 "serving_ensemble/1/saved_model.pb"):
-        assert (out / name).is_file(), name
-    card = json.loads((out / "model_card.json").read_text())
-    assert card["ensemble"]["num_members"] == 2 and card["ensemble"]["selection_key"] == [5, 6]
-    assert card["ensemble"]["reused_members"] == []
-    member_card = json.loads((out / "members/1/model_card.json").read_text())
-    assert member_card["member_index"] == 1 and "--member-index" not in member_card["command"]
-    assert member_card["classifier_path"] == str(out / "classifier.keras")
-    assert not (out / "members/1/classifier.keras").exists()  # the classifier is shared
-    assert not (out / "members/1/serving").exists()  # served through serving_ensemble
-    import keras
-
-    import fmd_tf  # noqa: F401  (registers the Keras classes)
-    from fmd_tf.data import paper_splits
-
-    ens = keras.models.load_model(out / "fmd_ensemble.keras")
-    x = paper_splits("fmnist", 0).x_cle[:16]
-    result = ens.defend(x)
-    assert ens.num_members == 2 and all(m.classifier is ens.classifier for m in ens.members)
-    assert ens.members[0].seed != ens.members[1].seed
-    for k, m in enumerate(ens.members):  # each row is its member's own answer
-        rows = result["member"] == k
-        assert result["verdict"][rows].tolist() == m.defend(x[rows])["verdict"].tolist()
-    # A second run reuses member 1 (no --overwrite) and refuses to replace the ensemble file.
-    proc = _run("scripts/train.py", "--quick", "--out", str(out), "--stages", "ensemble",
-                "--ensemble", "2", "--verbose", "0")
-    assert proc.returncode == 2 and "fmd_ensemble.keras" in proc.stderr
-    _evaluate_ensemble(out, "fmd_ensemble.keras", tmp_path)  # EOT over its members
-    proc = _run("scripts/evaluate.py", "--model", str(out), "--defense", "nothing.keras")
-    assert proc.returncode == 2 and "nothing.keras" in proc.stderr and "--ensemble" not in \
-        proc.stderr
-
-
-@pytest.mark.slow
-def test_evaluate_ensemble_with_a_transfer_attack_from_member_0(ensemble_model, tmp_path):
-    _evaluate_ensemble(ensemble_model, "fmd.keras", tmp_path)
-
-
-def _evaluate_ensemble(out, attacked, tmp_path):
-    """scripts/evaluate.py on the ensemble with adaptive PGD made against `attacked`."""
-    proc = _run("scripts/evaluate.py", "--model", str(out), "--defense", "fmd_ensemble.keras",
-                "--attack-defense", attacked, "--attacks", "adaptive_pgd", "--linf-eps",
-                "0.05", "--n", "4", "--out", str(tmp_path / "eval"), "--cache",
-                str(tmp_path / "cache"), "--no-baselines")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert report["defense"] == "fmd_ensemble.keras"
-    assert report["attack_defense"] == attacked
-    assert "operating_points" not in report
-    assert any("ensemble of 2 members" in note for note in report["notes"])
-    entry = report["attacks"]["adaptive_pgd_linf_0.05"]
-    assert entry["attack_cached"] is False  # a fresh cache: the attack ran
-    assert 0.0 <= entry["fm_defense"]["auc"] <= 1.0
-
-
 def test_train_missing_data_exits_2(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", FMD_DATA_DIR=str(tmp_path / "empty"),
                HOME=str(tmp_path), FMD_NO_DOWNLOAD="1")
@@ -152,9 +79,36 @@ def test_demo_runs_on_quick_model(quick_model, tmp_path):
     assert figure.stat().st_size > 1000
 
 
+def test_latent_codes_script_on_quick_model(quick_model, tmp_path):
+    out = tmp_path / "codes" / "latent_codes.json"
+    proc = _run("scripts/latent_codes.py", "--model", str(quick_model), "--n", "16", "--out",
+                str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["num_codes"] == 10 and report["images"] == 16
+    assert len(report["sweep_pixel_change"]) == len(report["kl_nats"]) == 10
+    assert report["num_active"] == sum(report["active"])
+    assert "z9: KL" in proc.stdout
+    card = json.loads((quick_model / "model_card.json").read_text())
+    assert card["latent_codes"]["num_codes"] == 10  # train.py writes the same figures
+    proc = _run("scripts/latent_codes.py", "--model", str(tmp_path))
+    assert proc.returncode == 2 and "fmd.keras" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_demo_missing_model_exits_2(tmp_path):
     proc = _run("scripts/demo.py", "--model", str(tmp_path))
     assert proc.returncode == 2 and "fmd.keras" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_import_fmd_tf_then_tensorflow_registers_its_keras_classes():
+    # TensorFlow imports Keras inside its own import: the registration must wait for both.
+    # (The other order, keras then fmd_tf, is what the test modules themselves do.)
+    code = ("import fmd_tf, tensorflow\nimport keras\nnames = ['FMDefense', 'FMDefenseEnsemble', "
+            "'ComboVAE', 'DGMM', 'Classifier']\nprint([n for n in names if keras.saving."
+            "get_registered_object(f'fmd_tf>{n}') is None])")
+    proc = _run("-c", code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
 
 
 def test_run_cli_user_errors_exit_2_without_traceback(capsys):

@@ -83,6 +83,7 @@ __all__ = [
     "sequential_test_on_streams",
     "finish_pairs",
     "adaptive_resistance",
+    "adaptive_resistance_on_outcomes",
     "chunked_labels",
 ]
 
@@ -312,6 +313,14 @@ def adaptive_resistance(mean, zu, label, selected, morph_values, theta_r, label_
         same = tf.equal(labels, tf.gather(tf.cast(label, tf.int64), image)[:, None])
         return tf.reduce_sum(tf.cast(same, tf.int32), axis=1)
 
+    return _test_and_refine(count_fn, theta, batch, m, num_morphs, round_size, alpha,
+                            refine_codes)
+
+
+def _test_and_refine(count_fn, theta, batch, m: int, num_morphs: int, round_size: int,
+                     alpha: float, refine_codes: int):
+    """`sequential_counts` on the P = B·m pairs, then `finish_pairs` on each image's
+    `refine_codes` lowest k/n - θ -> (resistance [B, m] float32, drawn [B, m] int32)."""
     successes, drawn, _ = sequential_counts(count_fn, theta, num_morphs, round_size, alpha)
     if refine_codes:
         estimate = tf.cast(successes, tf.float32) / tf.cast(tf.maximum(drawn, 1), tf.float32)
@@ -323,3 +332,34 @@ def adaptive_resistance(mean, zu, label, selected, morph_values, theta_r, label_
                                         round_size)
     resistance = tf.cast(successes, tf.float32) / tf.cast(tf.maximum(drawn, 1), tf.float32)
     return tf.reshape(resistance, [batch, m]), tf.reshape(drawn, [batch, m])
+
+
+def adaptive_resistance_on_outcomes(outcomes, theta_r, round_size: int, alpha: float,
+                                    refine_codes: int = 0, order=None):
+    """`adaptive_resistance` replayed on the full budget's morph outcomes, without a model.
+
+    The adaptive budget draws its morphs from the same N natural morphs as the full budget, so
+    its result is a function of which of them keep the label: given those outcomes it is
+    reproduced exactly, e.g. to compare candidate budgets on VAL
+    (`fmd_tf.operating_point.budget_row`) from one full-budget pass.
+
+    Args:
+        outcomes: [B, m, N] bool, morph j (search order) of code i of image b kept the label.
+        theta_r: [m] thresholds θr.
+        round_size, alpha, refine_codes, order: as in `adaptive_resistance`.
+
+    Returns:
+        (resistance [B, m] float32 = k / n, morphs_used [B, m] int32 = n).
+    """
+    outcomes = tf.convert_to_tensor(outcomes, tf.bool)
+    batch, m, num_morphs = (int(d) for d in outcomes.shape)
+    if order is not None:
+        outcomes = tf.gather(outcomes, tf.constant(order, tf.int32), axis=-1)
+    streams = tf.reshape(tf.cast(outcomes, tf.int32), [batch * m, num_morphs])
+    theta = tf.tile(tf.cast(theta_r, tf.float32), [batch])
+
+    def count_fn(index, start, size):
+        return tf.reduce_sum(tf.gather(streams, index)[:, start : start + size], axis=1)
+
+    return _test_and_refine(count_fn, theta, batch, m, num_morphs, round_size, alpha,
+                            refine_codes)

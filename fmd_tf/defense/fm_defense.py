@@ -192,18 +192,35 @@ class BatchedDefense:
         a progress bar."""
         x = self._as_batch(x)
         self._require_calibrated()
-        parts = self._in_batches(self, x, batch_size, verbose)
-        return {k: np.concatenate([p[k].numpy() for p in parts]) for k in self.output_keys}
+        return self._passes(x, batch_size, verbose, self.output_keys)
 
-    def defend_with_stats(self, x, batch_size: int = 64, verbose: int = 0) -> dict:
-        """`defend` plus `morphs_used` int32 [n, m], the morphs drawn per (image, code) pair."""
+    def defend_with_stats(self, x, batch_size: int = 64, verbose: int = 0,
+                          outcomes: bool = False) -> dict:
+        """`defend` plus `morphs_used` int32 [n, m], the morphs drawn per (image, code) pair.
+
+        `outcomes`: run the full budget whatever the model's own, and add `morph_outcomes`
+        bool [n, m, N] (morph j of code i kept the label), from which
+        `adaptive_resistance_on_outcomes` replays any adaptive budget.
+        """
+        if outcomes and not hasattr(self, "_full_outcomes"):
+            raise ValueError(f"{type(self).__name__} has no morph outcomes of its own: ask "
+                             "each member (FMDefense) for them")
         x = self._as_batch(x)
         self._require_calibrated()
+        if outcomes:
+            keys = (*self.output_keys, "morphs_used", "morph_outcomes")
+            return self._passes(x, batch_size, verbose, keys, with_outcomes=True)
+        return self._passes(x, batch_size, verbose, (*self.output_keys, "morphs_used"),
+                            with_stats=True)
+
+    def _passes(self, x, batch_size: int, verbose: int, keys, **flags) -> dict:
+        """{key: numpy [n, ...]} of the graph (`_defend` with `flags`) over the float32 numpy
+        images `x` in batches."""
         fn = self._compiled()
-        parts = self._in_batches(lambda b: fn(tf.constant(b), with_stats=True), x, batch_size,
-                                 verbose)
-        return {k: np.concatenate([p[k].numpy() for p in parts])
-                for k in (*self.output_keys, "morphs_used")}
+        # One trace for any batch size (a shorter last batch would otherwise trace again).
+        fn.get_concrete_function(tf.TensorSpec([None, *x.shape[1:]], tf.float32), **flags)
+        parts = self._in_batches(lambda b: fn(tf.constant(b), **flags), x, batch_size, verbose)
+        return {k: np.concatenate([p[k].numpy() for p in parts]) for k in keys}
 
     def detect(self, x, batch_size: int = 64, verbose: int = 0):
         """ART-style detection: (report dict, is_adversarial [n] bool = verdict != passed).
@@ -437,8 +454,25 @@ class FMDefense(BatchedDefense, keras.Model):
             order=adaptive.draw_order(self.adaptive_order, self.num_morphs, self.seed),
         )
 
+    def adaptive_resistance_on_outcomes(self, outcomes):
+        """(r [n, m] float32, morphs drawn [n, m] int32) that this model's adaptive budget
+        (its round, α, refined codes, draw order and θr) gives on images whose full-budget morph
+        outcomes [n, m, N] bool are `outcomes` (`defend_with_stats(x, outcomes=True)`),
+        replayed without the model (`adaptive_budget.adaptive_resistance_on_outcomes`)."""
+        r, used = adaptive.adaptive_resistance_on_outcomes(
+            outcomes, self.theta_r, self.adaptive_round, self.adaptive_alpha,
+            refine_codes=self.adaptive_refine_codes,
+            order=adaptive.draw_order(self.adaptive_order, self.num_morphs, self.seed))
+        return r.numpy(), used.numpy()
+
     def _full_resistance(self, mean, zu, label, return_used=False):
         """r [B, m]: share of each code's N morphs that keep `label`."""
+        r = tf.reduce_mean(tf.cast(self._full_outcomes(mean, zu, label), tf.float32), axis=-1)
+        n = self.num_morphs
+        return (r, tf.fill(tf.shape(r), tf.constant(n, tf.int32))) if return_used else r
+
+    def _full_outcomes(self, mean, zu, label):
+        """[B, m, N] bool: morph j of code i keeps `label` (all N natural morphs)."""
         selected = tf.constant(self.selected_codes, tf.int32)
         low = tf.gather(self.code_low, selected)
         high = tf.gather(self.code_high, selected)
@@ -450,18 +484,23 @@ class FMDefense(BatchedDefense, keras.Model):
         zu_all = tf.broadcast_to(zu[:, None, None, :], [batch, m, n, tf.shape(zu)[-1]])
         latents = tf.reshape(tf.concat([zs, zu_all], axis=-1), [batch * m * n, -1])
         labels = tf.reshape(self._morph_labels(latents), [batch, m, n])
-        same = tf.cast(tf.equal(labels, label[:, None, None]), tf.float32)
-        r = tf.reduce_mean(same, axis=-1)
-        return (r, tf.fill(tf.shape(r), tf.constant(n, tf.int32))) if return_used else r
+        return tf.equal(labels, label[:, None, None])
 
-    def _defend(self, images, with_stats=False):
-        return self._defend_valid(validate_images(images, self._image_shape), with_stats)
+    def _defend(self, images, with_stats=False, with_outcomes=False):
+        return self._defend_valid(validate_images(images, self._image_shape), with_stats,
+                                  with_outcomes)
 
-    def _defend_valid(self, images, with_stats=False):
-        """`_defend` on already validated float32 images (any batch size, 0 included)."""
+    def _defend_valid(self, images, with_stats=False, with_outcomes=False):
+        """`_defend` on already validated float32 images (any batch size, 0 included);
+        `with_outcomes`: the full budget, and its morph outcomes [B, m, N] bool."""
         label = tf.argmax(self.classifier(images), axis=-1)
         mean, _, zu = self.combo_vae.encode(images)
-        resistance, morphs_used = self._resistance(mean, zu, label, return_used=True)
+        if with_outcomes:
+            outcomes = self._full_outcomes(mean, zu, label)
+            resistance = tf.reduce_mean(tf.cast(outcomes, tf.float32), axis=-1)
+            morphs_used = tf.fill(tf.shape(resistance), tf.constant(self.num_morphs, tf.int32))
+        else:
+            resistance, morphs_used = self._resistance(mean, zu, label, return_used=True)
         reconstruction = self.combo_vae.decode(mean, zu)
         purified, purified_label = self._purify_codes(mean, zu, label, reconstruction)
         recon_error = reconstruction_error(images, reconstruction, self.recon_metric,
@@ -476,7 +515,8 @@ class FMDefense(BatchedDefense, keras.Model):
             "distance": distance,
             "purified": purified,
             "recon_error": recon_error,
-            **({"morphs_used": morphs_used} if with_stats else {}),
+            **({"morphs_used": morphs_used} if with_stats or with_outcomes else {}),
+            **({"morph_outcomes": outcomes} if with_outcomes else {}),
         }
 
     def _purify_codes(self, mean, zu, label, reconstruction=None):
@@ -509,8 +549,7 @@ class FMDefense(BatchedDefense, keras.Model):
         x = self._as_batch(x)
         if not np.any(self.code_high.numpy() > self.code_low.numpy()):
             raise NotCalibratedError("normal ranges are not set: call calibrate(x_val) first")
-        return np.concatenate(self._in_batches(lambda b: self(b)["resistance"].numpy(), x,
-                                               batch_size, verbose))
+        return self._passes(x, batch_size, verbose, ("resistance",))["resistance"]
 
     def morph_images(self, x, code: int, count: int | None = None) -> np.ndarray:
         """The first `count` decoded natural morphs of selected code `code`: [n, count, H, W, C]."""
@@ -554,7 +593,8 @@ class FMDefense(BatchedDefense, keras.Model):
 
         `verbose` shows a progress bar over the VAL images.
 
-        Returns the calibration figures (VAL false-positive rate, thresholds, mean resistance).
+        Returns the calibration figures (VAL false-positive rate, thresholds, mean resistance),
+        `val_resistance` [n, m] and, when computed here, `val_morph_outcomes` [n, m, N] bool.
         """
         x_val = self._as_batch(x_val)
         means = np.concatenate([
@@ -565,8 +605,11 @@ class FMDefense(BatchedDefense, keras.Model):
         self.code_low.assign(low)
         self.code_high.assign(high)
         self.calibrated.assign(0.0)  # new ranges: old thresholds are void; full budget below
+        outcomes = None
         if val_resistance is None:
-            r_val = self.resistance(x_val, batch_size, verbose)
+            full = self._passes(x_val, batch_size, verbose, ("resistance", "morph_outcomes"),
+                                with_outcomes=True)
+            r_val, outcomes = full["resistance"], full["morph_outcomes"]
         else:
             r_val = np.asarray(val_resistance, dtype=np.float32)
             if r_val.shape != (len(x_val), self.num_codes):
@@ -606,6 +649,7 @@ class FMDefense(BatchedDefense, keras.Model):
             "val_mean_resistance": r_val.mean(axis=0).tolist(),
             "val_share_min_resistance_zero": float(np.mean(r_val.min(axis=1) == 0.0)),
             "val_resistance": r_val,
+            **({} if outcomes is None else {"val_morph_outcomes": outcomes}),
         }
 
 

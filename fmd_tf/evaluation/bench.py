@@ -30,16 +30,17 @@ from fmd_tf.options import OptionError, normalize, option, validate
 
 __all__ = [
     "SECTIONS", "SECTION_KEYS", "BenchConfig", "device_info", "earlier_sections",
-    "file_sha256", "format_table", "graph_flops", "matmul_flops_per_s", "measure",
-    "naive_defend", "prepare", "quick_sizes", "run_bench", "variant",
+    "file_sha256", "format_table", "graph_flops", "matmul_flops_per_s", "matmul_peak_flops",
+    "measure", "naive_defend", "prepare", "quick_sizes", "run_bench", "variant",
 ]
 
-SECTIONS = ("speed", "roofline", "attacks", "serving", "default", "bf16", "demo", "tests")
+SECTIONS = ("speed", "roofline", "attacks", "serving", "default", "bf16", "demo", "tests",
+            "training")
 # section -> its key in the report
 SECTION_KEYS = {"speed": "speedup_vs_naive", "roofline": "roofline_share",
                 "attacks": "attack_speedup_vs_art", "serving": "serving_latency",
                 "default": "default_inference", "bf16": "bfloat16_vs_float32",
-                "demo": "demo_wall", "tests": "test_suite"}
+                "demo": "demo_wall", "tests": "test_suite", "training": "training"}
 # Settings an earlier report must share for its sections to be carried over.
 CARRY_OVER_KEYS = ("model", "n", "attack_n", "quick", "fmd_sha256")
 # Times are also given at this float32 matmul peak (the reference machine of the targets):
@@ -77,6 +78,11 @@ class BenchConfig:
         "left out is carried over from an existing --out file)",
         check=(lambda v: bool(v) and set(v) <= {"deepfool", "cw"},
                "must be a non-empty subset of deepfool,cw"))
+    training_steps: int = option(40, "training section: timed steps per stage variant",
+                                 check=POSITIVE_INT)
+    training_card: str = option(
+        "results/training/model_card.json", "training section: the model card of a from-scratch "
+        "`scripts/train.py --dataset fmnist` run (its wall time and accuracies are reported)")
     sections: tuple[str, ...] = option(
         SECTIONS, "sections to measure; the others are kept from an existing --out of the same "
         "model file", check=(lambda v: bool(v) and set(v) <= set(SECTIONS),
@@ -101,7 +107,7 @@ def quick_sizes(settings: dict) -> dict:
             "attack_n": min(settings["attack_n"], 4), "default_n": min(settings["default_n"], 16),
             "demo_n": min(settings["demo_n"], 8), "matmul_size": 1024,
             "latency_reps": (5, 2), "cw_iterations": 10, "cw_search_steps": 2,
-            "df_iterations": 20}
+            "df_iterations": 20, "training_steps": 3}
 
 
 def _timed(fn, *a, **kw):
@@ -713,6 +719,24 @@ def _table_rows(report: dict) -> list[tuple]:
         elif "seconds" in part:
             rows.append((f"{name}_seconds", part["seconds"],
                          f"{part['seconds_at_reference_peak']:.3g} s at 220 GFLOP/s"))
+    train = report.get("training", {})
+    if train:
+        clf, vae, trial = (train[k] for k in ("classifier_step_ms", "vae_step_ms",
+                                              "budget_trial"))
+        rows += [("classifier_bf16_step_speedup", clf["speedup"],
+                  f"{clf['mixed_bfloat16']:.3g} vs {clf['float32']:.3g} ms/step"),
+                 ("vae_precomputed_step_speedup", vae["speedup"],
+                  f"{vae['precomputed']:.3g} vs {vae['in_loss']:.3g} ms/step"),
+                 ("budget_trial_replay_speedup", trial["speedup"],
+                  f"identical to the model: {trial['replay_identical_to_model']}")]
+        full = train.get("full_training")
+        if full:
+            at_ref = full["seconds_at_reference_peak"]
+            rows.append(("full_training_seconds", full["seconds"],
+                         ("" if at_ref is None else f"{at_ref:.4g} s at 220 GFLOP/s; ")
+                         + f"classifier {full['classifier_test_accuracy']:.4f}, DGMM "
+                         f"{full['dgmm_test_accuracy']:.4f}, recon agreement "
+                         f"{full['recon_label_agreement']:.4f}"))
     if peak:
         rows.append(("matmul_peak_gflops", peak / 1e9, "float32, at the start of this run"))
     bf = report.get("bfloat16_vs_float32", {})
@@ -775,9 +799,129 @@ def earlier_sections(path: str, settings: dict, keys) -> dict:
 # ----------------------------------------------------------------------------- run
 
 
+def _step_ms(fit, steps: int) -> float:
+    """Milliseconds per step of `fit(steps)` (a Keras fit of that many steps), after a warm-up
+    fit of 2 steps that traces the train function."""
+    fit(2)
+    start = time.perf_counter()
+    fit(steps)
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def training_card_figures(card: dict) -> dict:
+    """Wall time (scaled by the peak its run recorded) and quality figures of a model card."""
+    run = card["runs"][0]
+    peaks = run.get("matmul_peak_flops")
+    seconds = sum(run["stage_seconds"].values())
+    scaled = None if not peaks else \
+        seconds * (peaks["before"] + peaks["after"]) / 2 / REFERENCE_PEAK_FLOPS
+    calibration = card.get("calibration", {})
+    return {"command": run["command"], "stage_seconds": run["stage_seconds"],
+            "seconds": seconds, "seconds_at_reference_peak": scaled,
+            "matmul_peak_flops": peaks, "classifier_precision": card.get("classifier_precision"),
+            **{k: card.get(k) for k in ("classifier_test_accuracy", "dgmm_test_accuracy",
+                                        "recon_label_agreement", "recon_mse")},
+            "val_false_positive_rate": calibration.get("val_false_positive_rate"),
+            "budget": card.get("operating_point", {}).get("budget", {}).get("options")}
+
+
+def section_training(ctx) -> dict:
+    """Full training from scratch (the card `cfg.training_card`; its own run's peak scales it)
+    and, side by side here, the three changes it rests on: classifier steps in float32 vs
+    mixed_bfloat16; combo-VAE steps with the frozen DGMM's and classifier's outputs computed
+    in the loss vs precomputed once; the morph-budget trial run on the model vs replayed on the
+    full budget's morph outcomes (`operating_point.budget_row`)."""
+    import json
+
+    import keras
+
+    from fmd_tf import training
+    from fmd_tf.config import get_config
+    from fmd_tf.data import load_dataset
+    from fmd_tf.models.classifier import Classifier
+    from fmd_tf.operating_point import OperatingPointConfig, budget_row
+
+    cfg, fmd, default = ctx["cfg"], ctx["fmd"], ctx["default"]
+    steps, batch = cfg.training_steps, 128
+    exp = get_config(cfg.dataset)
+    (x_train, y_train), _ = load_dataset(cfg.dataset)
+    count = (steps + 2) * batch
+    x_train, y_train = x_train[:count], y_train[:count]
+    result = {"steps": steps, "batch_size": batch}
+
+    classifier_ms = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        with training.dtype_policy(policy):
+            clf = Classifier(num_classes=exp.num_classes,
+                             conv_filters=exp.classifier.conv_filters,
+                             dense_units=exp.classifier.dense_units,
+                             dropout=exp.classifier.dropout)
+            clf.build((None, *x_train.shape[1:]))
+            clf.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True))
+        classifier_ms[policy] = _step_ms(lambda k, m=clf: m.fit(
+            x_train[: k * batch], y_train[: k * batch], batch_size=batch, verbose=0), steps)
+    result["classifier_step_ms"] = {**classifier_ms, "speedup": classifier_ms["float32"]
+                                    / classifier_ms["mixed_bfloat16"],
+                                    "chosen_here": training.training_precision("auto")}
+
+    combo = training.new_combo_vae(exp, training.get_strategy("default"), 0)
+    combo.set_consistency_classifier(fmd.classifier)
+    combo.compile(optimizer=keras.optimizers.Adam(1e-3))
+    targets = {"zu": combo.dgmm.predict(x_train, batch_size=512, verbose=0),
+               "logits": fmd.classifier.predict(x_train, batch_size=512, verbose=0)}
+    vae_ms = {
+        "in_loss": _step_ms(lambda k: combo.fit(x_train[: k * batch], batch_size=batch,
+                                                verbose=0), steps),
+        "precomputed": _step_ms(lambda k: combo.fit(
+            x_train[: k * batch], {n: v[: k * batch] for n, v in targets.items()},
+            batch_size=batch, verbose=0), steps)}
+    result["vae_step_ms"] = {**vae_ms, "speedup": vae_ms["in_loss"] / vae_ms["precomputed"]}
+
+    # One budget candidate (the model's own) on clean and FGSM CLE images.
+    n = min(len(ctx["x"]), 64)
+    x, x_adv = ctx["x"][:n], _adversarial(ctx, ctx["x"][:n], ctx["y"][:n])
+    options = {k: getattr(default, k) for k in ("adaptive_budget", "adaptive_round",
+                                                 "adaptive_refine_codes")}
+    variant_model = fmd.copy_with(**options)
+    start = time.perf_counter()
+    ran = {name: variant_model.defend_with_stats(images) for name, images in
+           (("clean", x), ("fgsm", x_adv))}
+    model_seconds = time.perf_counter() - start
+    sets = {name: (fmd.defend_with_stats(images, outcomes=True)["morph_outcomes"],
+                   fmd.reconstruction_error(images))
+            for name, images in (("clean", x), ("fgsm", x_adv))}
+    start = time.perf_counter()
+    row = budget_row(fmd, options, sets)
+    replay_seconds = time.perf_counter() - start
+    replayed = [variant_model.adaptive_resistance_on_outcomes(sets[k][0]) for k in ran]
+    identical = all(np.array_equal(r, ran[k]["resistance"]) and
+                    np.array_equal(u, ran[k]["morphs_used"])
+                    for (r, u), k in zip(replayed, ran, strict=True))
+    trials = len(OperatingPointConfig().budgets)
+    result["budget_trial"] = {
+        "images": {"clean": n, "fgsm": n}, "options": options,
+        "model_seconds": model_seconds, "replay_seconds": replay_seconds,
+        "speedup": model_seconds / max(replay_seconds, 1e-9),
+        "replay_identical_to_model": bool(identical),
+        "verdict_agreement": row["verdict_agreement"],
+        "note": f"training tries up to {trials} candidates on "
+                f"{OperatingPointConfig().n_attack} clean + "
+                f"{OperatingPointConfig().n_attack} per attack VAL images"}
+
+    if os.path.isfile(cfg.training_card):
+        with open(cfg.training_card) as f:
+            result["full_training"] = training_card_figures(json.load(f))
+        result["full_training"]["card"] = cfg.training_card
+    else:
+        result["full_training"] = None
+        result["full_training_note"] = f"{cfg.training_card} not found"
+    return result
+
+
 STEPS = {"speed": section_speed, "roofline": section_roofline, "attacks": section_attacks,
          "serving": section_serving, "default": section_default, "bf16": section_bf16,
-         "demo": section_demo, "tests": section_tests}
+         "demo": section_demo, "tests": section_tests, "training": section_training}
 
 
 def prepare(cfg: BenchConfig) -> dict:
@@ -830,9 +974,14 @@ def prepare(cfg: BenchConfig) -> dict:
             "y_default": splits.y_cle[: cfg.default_n], "report": report}
 
 
+def matmul_peak_flops(size: int = 2048, reps: int = 5) -> float:
+    """This machine's float32 matmul FLOP/s now (best of `reps` size² matmuls): the speed that
+    wall times are scaled by (`REFERENCE_PEAK_FLOPS`)."""
+    return matmul_flops_per_s(size, "float32", reps)["flops_per_s"]
+
+
 def _peak(cfg: BenchConfig) -> float:
-    """This machine's float32 matmul FLOP/s now (best of a few `cfg.matmul_size` matmuls)."""
-    return matmul_flops_per_s(cfg.matmul_size, "float32", 3 if cfg.quick else 7)["flops_per_s"]
+    return matmul_peak_flops(cfg.matmul_size, 3 if cfg.quick else 7)
 
 
 def measure(ctx: dict, verbose: int = 1) -> dict:

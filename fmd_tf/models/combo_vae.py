@@ -42,6 +42,10 @@ class ComboVAE(keras.Model):
             is not taught the classifier's (attackable) features. Needs the classifier from
             `set_consistency_classifier` at training time; the classifier is not saved.
 
+    `fit` takes images, or (images, {"zu": the frozen DGMM's codes, "logits": the classifier's
+    logits}) with either key, so that these per-image constants of the loss are computed once
+    per image rather than once per epoch (`fmd_tf.training.train_vae` does this).
+
     Call: images [B, H, W, C] -> dict(mean [B, d_s], log_var [B, d_s], zu [B, K],
     reconstruction [B, H, W, C]) with zs = mean (no sampling).
     """
@@ -141,11 +145,13 @@ class ComboVAE(keras.Model):
         base = tf.constant(self.seed, tf.int32) + 7919 * tf.cast(replica, tf.int32)
         return tf.stack([base, step])
 
-    def _forward(self, x, seed, training):
+    def _forward(self, x, seed, training, targets=None):
+        targets = targets or {}
         mean, log_var = self.shared_encoder(x, training=training)
         eps = tf.random.stateless_normal(tf.shape(mean), seed=seed)
         zs = mean + tf.exp(0.5 * log_var) * eps
-        zu = tf.stop_gradient(self.dgmm(x, training=False))
+        zu = targets["zu"] if "zu" in targets else self.dgmm(x, training=False)
+        zu = tf.stop_gradient(zu)
         x_hat = self.decode(zs, zu)
         l_r = tf.reduce_mean(losses.reconstruction_loss(x, x_hat))
         l_kl = tf.reduce_mean(losses.gaussian_kl(mean, log_var))
@@ -154,8 +160,9 @@ class ComboVAE(keras.Model):
         if self.consistency_weight > 0.0:
             if self._consistency_fn is None:
                 raise ValueError("consistency_weight > 0 needs set_consistency_classifier()")
+            clean_logits = targets["logits"] if "logits" in targets else self._consistency_fn(x)
             l_c = tf.reduce_mean(losses.label_consistency_loss(
-                self._consistency_fn(x), self._consistency_fn(x_hat)
+                clean_logits, self._consistency_fn(x_hat)
             ))
         zs_fixed = tf.stop_gradient(zs)
         permuted = losses.permute_dims(zs_fixed, seed + tf.constant([0, 1], tf.int32))
@@ -179,14 +186,21 @@ class ComboVAE(keras.Model):
             self.trackers[name].update_state(value)
         return {m.name: m.result() for m in self.metrics}
 
+    @staticmethod
+    def _unpack(data):
+        """(images, targets dict or None) of a batch: x, (x,) or (x, targets)."""
+        if isinstance(data, (tuple, list)):
+            return data[0], (data[1] if len(data) > 1 else None)
+        return data, None
+
     def train_step(self, data):
-        x = data[0] if isinstance(data, (tuple, list)) else data
+        x, targets = self._unpack(data)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         enc_vars = self.shared_encoder.trainable_variables
         dec_vars = self.decoder.trainable_variables
         disc_vars = self.discriminator.trainable_variables
         with tf.GradientTape(persistent=True) as tape:
-            terms = self._forward(x, self._step_seed(), training=True)
+            terms = self._forward(x, self._step_seed(), training=True, targets=targets)
             l_r, l_kl, l_tc, l_d, l_c = terms
             vae_loss = (self.recon_weight * l_r + self.beta * l_kl + self.gamma * l_tc) / replicas
             dec_loss = vae_loss + self.consistency_weight * l_c / replicas
@@ -200,9 +214,9 @@ class ComboVAE(keras.Model):
         return self._update_trackers(*terms)
 
     def test_step(self, data):
-        x = data[0] if isinstance(data, (tuple, list)) else data
+        x, targets = self._unpack(data)
         seed = tf.constant([self.seed, 0], tf.int32)
-        return self._update_trackers(*self._forward(x, seed, training=False))
+        return self._update_trackers(*self._forward(x, seed, training=False, targets=targets))
 
     @property
     def metrics(self):
