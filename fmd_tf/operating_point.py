@@ -250,8 +250,7 @@ def budget_row(fmd, options: dict, sets: dict) -> dict:
     adversarial set, the change of the clean-vs-adversarial ROC AUC of the resistance score
     max_i(θr(i) - r(i)) (`auc_change`) with its largest absolute value (`max_abs_auc_change`).
     """
-    import tensorflow as tf
-
+    from fmd_tf.defense.adaptive_budget import full_resistance
     from fmd_tf.defense.fm_defense import decide
     from fmd_tf.evaluation.harness import fm_scores
     from fmd_tf.evaluation.metrics import roc_auc
@@ -260,7 +259,7 @@ def budget_row(fmd, options: dict, sets: dict) -> dict:
     theta_r, theta_d, theta_e = (v.numpy() for v in (fmd.theta_r, fmd.theta_d, fmd.theta_e))
     full, fast, morphs, agree = {}, {}, [], []
     for name, (outcomes, recon_error) in sets.items():
-        resistance = tf.reduce_mean(tf.cast(outcomes, tf.float32), axis=-1).numpy()
+        resistance = full_resistance(outcomes).numpy()
         if variant.adaptive_budget:
             fast_resistance, used = variant.adaptive_resistance_on_outcomes(outcomes)
         else:

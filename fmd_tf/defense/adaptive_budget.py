@@ -84,6 +84,7 @@ __all__ = [
     "finish_pairs",
     "adaptive_resistance",
     "adaptive_resistance_on_outcomes",
+    "full_resistance",
     "chunked_labels",
 ]
 
@@ -235,6 +236,11 @@ def sequential_test_on_streams(outcomes, theta, round_size: int, alpha: float):
         count_fn, tf.convert_to_tensor(theta, tf.float32), num_morphs, round_size, alpha
     )
     return tf.cast(successes, tf.float32) / tf.cast(drawn, tf.float32), drawn
+
+
+def full_resistance(outcomes):
+    """Full-budget resistance k_N / N [..., m] float32 of morph outcomes [..., m, N] bool."""
+    return tf.reduce_mean(tf.cast(outcomes, tf.float32), axis=-1)
 
 
 def chunked_labels(label_fn, latents, chunk_size: int):

@@ -467,9 +467,13 @@ class FMDefense(BatchedDefense, keras.Model):
 
     def _full_resistance(self, mean, zu, label, return_used=False):
         """r [B, m]: share of each code's N morphs that keep `label`."""
-        r = tf.reduce_mean(tf.cast(self._full_outcomes(mean, zu, label), tf.float32), axis=-1)
-        n = self.num_morphs
-        return (r, tf.fill(tf.shape(r), tf.constant(n, tf.int32))) if return_used else r
+        r, used = self._resistance_of(self._full_outcomes(mean, zu, label))
+        return (r, used) if return_used else r
+
+    def _resistance_of(self, outcomes):
+        """(r [B, m], morphs drawn [B, m] int32 = N) of full-budget outcomes [B, m, N]."""
+        r = adaptive.full_resistance(outcomes)
+        return r, tf.fill(tf.shape(r), tf.constant(self.num_morphs, tf.int32))
 
     def _full_outcomes(self, mean, zu, label):
         """[B, m, N] bool: morph j of code i keeps `label` (all N natural morphs)."""
@@ -497,8 +501,7 @@ class FMDefense(BatchedDefense, keras.Model):
         mean, _, zu = self.combo_vae.encode(images)
         if with_outcomes:
             outcomes = self._full_outcomes(mean, zu, label)
-            resistance = tf.reduce_mean(tf.cast(outcomes, tf.float32), axis=-1)
-            morphs_used = tf.fill(tf.shape(resistance), tf.constant(self.num_morphs, tf.int32))
+            resistance, morphs_used = self._resistance_of(outcomes)
         else:
             resistance, morphs_used = self._resistance(mean, zu, label, return_used=True)
         reconstruction = self.combo_vae.decode(mean, zu)
