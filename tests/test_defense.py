@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -503,9 +504,10 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("x,error,message", BAD_INPUTS)
 def test_bad_input_numpy_api(calibrated, x, error, message):
     fmd, _ = calibrated
-    for method in (fmd.detect, fmd.calibrate, fmd.defend):
-        with pytest.raises(error, match=message):
+    for method in (fmd.detect, fmd.calibrate, fmd.defend, fmd):
+        with pytest.raises(error, match=message) as caught:
             method(x)
+        assert re.search(message, str(caught.value).splitlines()[0])  # named on line one
     assert fmd.is_calibrated  # a failed calibrate leaves the old state
 
 

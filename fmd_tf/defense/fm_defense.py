@@ -160,6 +160,14 @@ class BatchedDefense:
                                          autograph=False)
         return self._graph_fn
 
+    def __call__(self, images, *args, **kwargs):
+        # numpy input (eager use from Python): checked here, so that a bad image raises a
+        # ValueError / TypeError that names the problem instead of a graph error (tensors
+        # keep the in-graph checks of `validate_images`, which the SavedModel runs too).
+        if isinstance(images, np.ndarray):
+            images = self._as_batch(images)
+        return super().__call__(images, *args, **kwargs)
+
     def call(self, images):
         if self._image_shape is not None:
             _check_images_static(images, self._image_shape)
