@@ -69,9 +69,15 @@ def gaussian_kl(mean, log_var):
     Returns:
         [B] KL divergence per sample.
     """
+    return tf.reduce_sum(gaussian_kl_per_dim(mean, log_var), axis=-1)
+
+
+def gaussian_kl_per_dim(mean, log_var):
+    """KL(N(mean_i, exp(log_var_i)) || N(0, 1)) of each dimension: [B, D] terms of `gaussian_kl`,
+    0.5 * (mean^2 + exp(log_var) - log_var - 1) (a code's share of L_KL)."""
     mean = tf.convert_to_tensor(mean, tf.float32)
     log_var = tf.convert_to_tensor(log_var, tf.float32)
-    return 0.5 * tf.reduce_sum(tf.square(mean) + tf.exp(log_var) - log_var - 1.0, axis=-1)
+    return 0.5 * (tf.square(mean) + tf.exp(log_var) - log_var - 1.0)
 
 
 def reconstruction_loss(x, x_hat):

@@ -81,6 +81,22 @@ def dtype_policy(name: str):
         keras.config.set_dtype_policy(before)
 
 
+def new_classifier(cfg: ExperimentConfig, steps: int) -> Classifier:
+    """The built, compiled classifier of `cfg` (sparse cross-entropy on logits, Adam with the
+    rate cosine-decayed over `steps`), in the current dtype policy and strategy scope."""
+    c = cfg.classifier
+    model = Classifier(num_classes=cfg.num_classes, conv_filters=c.conv_filters,
+                       dense_units=c.dense_units, dropout=c.dropout, name="classifier")
+    model.build((None, *cfg.image_shape))
+    model.compile(
+        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+            c.learning_rate, decay_steps=max(int(steps), 1), alpha=0.01)),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
 def train_classifier(
     cfg: ExperimentConfig,
     x_train: np.ndarray,
@@ -99,22 +115,7 @@ def train_classifier(
     if verbose:
         print(f"classifier: training with the {policy} dtype policy", flush=True)
     with dtype_policy(policy), strategy.scope():
-        model = Classifier(
-            num_classes=cfg.num_classes,
-            conv_filters=c.conv_filters,
-            dense_units=c.dense_units,
-            dropout=c.dropout,
-            name="classifier",
-        )
-        model.build((None, *cfg.image_shape))
-        steps = c.epochs * int(np.ceil(len(x_train) / c.batch_size))
-        model.compile(
-            optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
-                c.learning_rate, decay_steps=steps, alpha=0.01
-            )),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
+        model = new_classifier(cfg, steps=c.epochs * int(np.ceil(len(x_train) / c.batch_size)))
     model.fit(
         x_train, y_train, batch_size=c.batch_size, epochs=c.epochs, verbose=verbose,
         callbacks=_callbacks(log_dir, "classifier"),

@@ -72,6 +72,9 @@ def test_gaussian_kl_closed_form():
     np.testing.assert_allclose(
         _np(out), [1.5, 0.0, 0.5 * (1 - math.log(2.0)) + 2.0], rtol=1e-6, atol=1e-7
     )
+    per_dim = _np(losses.gaussian_kl_per_dim(mean, log_var))
+    np.testing.assert_allclose(per_dim, [[0.5] * 3, [0.0] * 3,
+                                         [0.5 * (1 - math.log(2.0)), 2.0, 0.0]], atol=1e-7)
 
 
 def test_label_consistency_loss_closed_form():

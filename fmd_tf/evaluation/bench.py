@@ -838,7 +838,6 @@ def section_training(ctx) -> dict:
     from fmd_tf import training
     from fmd_tf.config import get_config
     from fmd_tf.data import load_dataset
-    from fmd_tf.models.classifier import Classifier
     from fmd_tf.operating_point import OperatingPointConfig, budget_row
 
     cfg, fmd, default = ctx["cfg"], ctx["fmd"], ctx["default"]
@@ -852,13 +851,7 @@ def section_training(ctx) -> dict:
     classifier_ms = {}
     for policy in ("float32", "mixed_bfloat16"):
         with training.dtype_policy(policy):
-            clf = Classifier(num_classes=exp.num_classes,
-                             conv_filters=exp.classifier.conv_filters,
-                             dense_units=exp.classifier.dense_units,
-                             dropout=exp.classifier.dropout)
-            clf.build((None, *x_train.shape[1:]))
-            clf.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(
-                from_logits=True))
+            clf = training.new_classifier(exp, steps=steps + 2)
         classifier_ms[policy] = _step_ms(lambda k, m=clf: m.fit(
             x_train[: k * batch], y_train[: k * batch], batch_size=batch, verbose=0), steps)
     result["classifier_step_ms"] = {**classifier_ms, "speedup": classifier_ms["float32"]

@@ -66,7 +66,7 @@ def code_activity(combo, classifier, x, low, high, steps: int = 9, batch_size: i
     def batch_figures(xb, noise_seed):
         mean, log_var, zu = combo.encode(xb)
         b, d_s = tf.shape(mean)[0], mean.shape[-1]
-        kl = 0.5 * (tf.square(mean) + tf.exp(log_var) - log_var - 1.0)  # [B, d_s]
+        kl = losses.gaussian_kl_per_dim(mean, log_var)  # [B, d_s]
         reconstruction = combo.decode(mean, zu)
         label = tf.argmax(classifier(reconstruction), axis=-1)
         latents = tf.reshape(_sweep_latents(mean, values), [-1, d_s])
