@@ -21,15 +21,15 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"
 __all__ = ["ExperimentConfig", "FMDefense", "FMDefenseEnsemble", "export_saved_model",
-           "fit_defense"]
+           "fit_defense", "load_defense"]
 
 # public name -> the module that defines it (imported on first use)
 _PUBLIC = {"ExperimentConfig": "fmd_tf.config", "FMDefense": "fmd_tf.defense",
            "FMDefenseEnsemble": "fmd_tf.defense", "export_saved_model": "fmd_tf.export",
-           "fit_defense": "fmd_tf.pipeline"}
+           "fit_defense": "fmd_tf.pipeline", "load_defense": "fmd_tf.loading"}
 _SUBMODULES = ("attacks", "baselines", "calibration", "cli", "config", "data", "defense",
-               "evaluation", "export", "losses", "models", "operating_point", "options",
-               "pipeline", "plots", "serving", "training")
+               "evaluation", "export", "files", "loading", "losses", "models", "operating_point",
+               "options", "pipeline", "plots", "serving", "training")
 
 
 def __getattr__(name):

@@ -15,7 +15,8 @@ import time
 import numpy as np
 
 from fmd_tf.config import ExperimentConfig, get_config, quick_config, to_dict
-from fmd_tf.files import write_json
+from fmd_tf.files import StagedOutputs, write_json
+from fmd_tf.loading import artifact_records, model_artifacts
 from fmd_tf.operating_point import (
     FAST_OPERATING_POINT,
     OPERATING_POINTS,
@@ -104,21 +105,28 @@ def _as_arrays(data, name: str):
     else:
         raise TypeError(f"{name} must be (x, y) numpy arrays or a tf.data.Dataset of (x, y) "
                         f"batches, got {type(data).__name__}")
-    x, y = np.asarray(x), np.asarray(y).reshape(-1)
+    try:
+        x, y = np.asarray(x), np.asarray(y).reshape(-1)
+    except ValueError as e:  # nested lists of uneven lengths
+        raise ValueError(f"{name}: images and labels must be arrays: {e}") from None
     if x.ndim != 4:
         raise ValueError(f"{name}: images must be [N, H, W, C], got shape {x.shape}")
+    if len(x) == 0:
+        raise ValueError(f"{name}: no images")
     if len(x) != len(y):
         raise ValueError(f"{name}: {len(x)} images but {len(y)} labels")
     if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"{name}: images must be float in [0, 1], got dtype {x.dtype} "
-                         "(divide uint8 images by 255)")
+        hint = " (divide uint8 images by 255)" if np.issubdtype(x.dtype, np.integer) else ""
+        raise ValueError(f"{name}: images must be float in [0, 1], got dtype {x.dtype}{hint}")
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{name}: labels must be integers 0..K-1, got dtype {y.dtype}")
-    x = x.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(x)) or x.min() < 0.0 or x.max() > 1.0:
-        raise ValueError(f"{name}: images must be finite and in [0, 1], found values in "
-                         f"[{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]")
-    return x, y.astype(np.int64)
+    # The values as given, before the cast (a float64 1e300 would read as Inf).
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name}: images contain NaN or Inf")
+    if x.min() < 0.0 or x.max() > 1.0:
+        raise ValueError(f"{name}: images must be in [0, 1], found values in "
+                         f"[{x.min():.3g}, {x.max():.3g}]")
+    return x.astype(np.float32, copy=False), y.astype(np.int64)
 
 
 def _num_classes(classifier, x) -> int:
@@ -278,14 +286,17 @@ def fit_defense(classifier, train_data, val_data, config: ExperimentConfig | Non
         operating_point_config(preset), seed=seed, verbose=verbose)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        np.save(os.path.join(out_dir, "val_resistance.npy"), report.pop("val_resistance"))
-        combo.save(os.path.join(out_dir, "combo_vae.keras"))
-        fmd.save(os.path.join(out_dir, "fmd.keras"))
-        write_json(os.path.join(out_dir, "model_card.json"), sort_keys=True, data={
+        stage = StagedOutputs(out_dir)  # out_dir gets all files or none
+        np.save(stage.path("val_resistance.npy"), report.pop("val_resistance"))
+        combo.save(stage.path("combo_vae.keras"))
+        fmd.save(stage.path("fmd.keras"))
+        write_json(stage.path("model_card.json"), sort_keys=True, data={
+            "artifacts": artifact_records(stage.dir, model_artifacts(stage.dir)),
             "api": "fmd_tf.fit_defense", "preset": preset, "operating_point": entry,
             "image_shape": list(config.image_shape), "num_classes": num_classes,
             "num_train": int(len(x_train)), "num_val": int(len(val[0])),
             "hyperparameters": to_dict(config), "calibration": report,
             "seconds": time.time() - started})
+        stage.commit(last="model_card.json")
     return fmd
 

@@ -8,6 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fmd_tf.files import atomic_path  # noqa: E402
+
 
 def montage(tiles: np.ndarray, pad: int = 2) -> np.ndarray:
     """One image of a grid of tiles [R, C, H, W, ch] -> [R·(H+pad)-pad, C·(W+pad)-pad, ch],
@@ -55,7 +57,8 @@ def latent_traversals(combo_vae, images, low, high, path, steps: int = 9) -> Non
     ax.set_yticks([(h + 2) * i + h / 2 for i in range(d_s)], [f"z{i}" for i in range(d_s)],
                   fontsize=6)
     fig.suptitle("latent traversals: input, then each zs code swept over its normal range")
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -80,5 +83,6 @@ def defense_panel(rows, path, title: str = "") -> None:
         axes[i, -1].set_xlabel(caption, fontsize=6)
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, bbox_inches="tight")
     plt.close(fig)

@@ -40,6 +40,11 @@ default_inference  the model's default inference path as shipped (fmd.keras: the
                    types by self time of one batch under tf.profiler.
 bfloat16_vs_float32  `morph_dtype="bfloat16"` vs float32: throughput ratio (timed back to back)
                    and agreement of verdicts / resistances on the clean and FGSM images.
+serving_load       the exported model behind the local PredictionService / REST server under
+                   load: --load-clients concurrent clients, --load-requests requests (10 %
+                   malformed) over gRPC and over REST, server-side batching off and on; every
+                   answer checked against FMDefense in process, every bad request
+                   INVALID_ARGUMENT; p50 / p99 latency, requests/s, resident-memory growth.
 demo_wall          wall time of `scripts/demo.py --n --demo-n` in a new process (imports, model,
                    data, FGSM, defense, figure) with the default path and with --budget full.
 test_suite         wall time of `python -m pytest -q` (what `make test` runs) in a new process.

@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from fmd_tf.cli import UsageError, run_cli
+from fmd_tf.cli import UsageError, run_cli, usage_errors
 from fmd_tf.evaluation.demo import BUDGETS
 
 
@@ -46,9 +46,11 @@ def parse_args(argv):
 
 def run(args) -> dict:
     from fmd_tf.evaluation.demo import format_rows, run_demo
+    from fmd_tf.loading import ModelFileError
 
-    rows = run_demo(args.model, args.dataset, args.n, args.eps, args.seed, figure=args.figure,
-                    budget=args.budget, verbose=args.verbose)
+    with usage_errors(ModelFileError):  # a damaged or changed model file
+        rows = run_demo(args.model, args.dataset, args.n, args.eps, args.seed,
+                        figure=args.figure, budget=args.budget, verbose=args.verbose)
     print(format_rows(rows, args.n, args.model))
     print(f"wrote {args.figure}")
     return rows

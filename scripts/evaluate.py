@@ -81,15 +81,17 @@ def parse_args(argv):
 
 def run(args) -> dict:
     from fmd_tf.evaluation.report import evaluate, model_splits, render_markdown
+    from fmd_tf.loading import ModelFileError
 
     with usage_errors(ValueError):  # a malformed model card, too few CLE images
         splits = model_splits(args.model, args.dataset, args.seed, args.n)
-    report = evaluate(
-        args.model, args.dataset, args.attacks, args.n, args.seed, out_dir=args.out,
-        cache_dir=args.cache, batch_size=args.batch_size, baselines=not args.no_baselines,
-        linf_eps=args.linf_eps, l2_eps=args.l2_eps, defense=args.defense,
-        attack_defense=args.attack_defense, splits=splits,
-        command="python scripts/evaluate.py " + " ".join(sys.argv[1:]))
+    with usage_errors(ModelFileError):  # a damaged or changed model file
+        report = evaluate(
+            args.model, args.dataset, args.attacks, args.n, args.seed, out_dir=args.out,
+            cache_dir=args.cache, batch_size=args.batch_size, baselines=not args.no_baselines,
+            linf_eps=args.linf_eps, l2_eps=args.l2_eps, defense=args.defense,
+            attack_defense=args.attack_defense, splits=splits,
+            command="python scripts/evaluate.py " + " ".join(sys.argv[1:]))
     print(render_markdown(report))
     return report
 

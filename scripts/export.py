@@ -16,9 +16,8 @@ import argparse
 import functools
 import os
 import sys
-import zipfile
 
-from fmd_tf.cli import UsageError, run_cli
+from fmd_tf.cli import UsageError, run_cli, usage_errors
 
 
 def parse_args(argv):
@@ -46,36 +45,20 @@ def parse_args(argv):
         )
     if not args.model.endswith(".keras"):
         raise UsageError(f"--model must be a .keras file, got {args.model}")
-    if not zipfile.is_zipfile(args.model):
-        raise UsageError(f"{args.model} is not a .keras archive (not a zip file): corrupt or "
-                         "not written by model.save")
+    from fmd_tf.loading import check_model_file
+
+    with usage_errors():  # damaged, changed since training, newer format: before TensorFlow
+        check_model_file(args.model)
     return args
-
-
-def load_defense(path):
-    """The FMDefense in a .keras file, or UsageError saying why it cannot be used."""
-    import keras
-
-    import fmd_tf  # noqa: F401  (registers the Keras classes)
-    from fmd_tf.defense import FMDefense
-
-    try:
-        model = keras.models.load_model(path)
-    except Exception as e:  # noqa: BLE001  (any loading failure is a bad model file)
-        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UsageError(
-            f"cannot load {path} as a Keras model ({type(e).__name__}: {message})"
-        ) from None
-    if not isinstance(model, FMDefense):
-        raise UsageError(f"{path} holds a {type(model).__name__}, not an FMDefense")
-    return model
 
 
 def run(args) -> str:
     from fmd_tf.defense import NotCalibratedError
     from fmd_tf.export import describe_signatures, export_serving
+    from fmd_tf.loading import CARD, load_defense, record_artifacts
 
-    fmd = load_defense(args.model)
+    with usage_errors():  # an unregistered class, not a defense
+        fmd = load_defense(args.model, verify=False)  # checked in parse_args
     if args.xla and fmd.adaptive_budget:  # XLA needs fixed shapes: all morphs
         fmd = fmd.copy_with(adaptive_budget=False)
         print("--xla: exporting with the full morph budget (the adaptive budget has "
@@ -88,6 +71,11 @@ def run(args) -> str:
     except OSError as e:  # e.g. --out not writable
         raise UsageError(f"cannot write {args.out}: {e}") from None
     print(f"wrote {path}" + (" (XLA)" if args.xla else ""))
+    model_dir = os.path.dirname(os.path.abspath(args.model))
+    if os.path.isfile(os.path.join(model_dir, CARD)) and \
+            os.path.dirname(os.path.abspath(args.out)) == model_dir:  # the model's own serving/
+        record_artifacts(model_dir, [os.path.relpath(os.path.abspath(path), model_dir)])
+        print(f"recorded its SHA-256 in {os.path.join(model_dir, CARD)}")
     for name, sig in describe_signatures(path).items():
         print(f"signature {name!r}:")
         for kind in ("inputs", "outputs"):

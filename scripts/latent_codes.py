@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from fmd_tf.cli import UsageError, run_cli
+from fmd_tf.cli import UsageError, run_cli, usage_errors
 
 
 def parse_args(argv):
@@ -37,8 +37,10 @@ def parse_args(argv):
 def run(args):
     from fmd_tf.evaluation.latent_codes import defense_code_activity
     from fmd_tf.files import write_json
+    from fmd_tf.loading import ModelFileError
 
-    report = defense_code_activity(args.model, args.dataset, args.n, args.seed)
+    with usage_errors(ModelFileError):  # a damaged or changed model file
+        report = defense_code_activity(args.model, args.dataset, args.n, args.seed)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_json(args.out, report, sort_keys=True)
     print(json.dumps({k: report[k] for k in ("num_active", "num_codes", "total_correlation")}))

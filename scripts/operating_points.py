@@ -29,11 +29,10 @@ Exit status 2 (no traceback) for a missing model, data set or bad option.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-from fmd_tf.cli import UsageError, run_cli
+from fmd_tf.cli import UsageError, run_cli, usage_errors
 
 
 def _floats(text: str, name: str, low: float, high: float, low_open: bool) -> list[float]:
@@ -113,15 +112,15 @@ def _metric_name(metric: str, pixel_tol) -> str:
 
 
 def run(args) -> list[dict]:
-    import keras
     import numpy as np
 
-    import fmd_tf  # noqa: F401
     from fmd_tf.config import card_split_config
     from fmd_tf.data import paper_splits
+    from fmd_tf.loading import load_defense
     from fmd_tf.operating_point import OperatingPointConfig, max_min_row, operating_point_table
 
-    fmd = keras.models.load_model(os.path.join(args.model, "fmd.keras"))
+    with usage_errors():
+        fmd = load_defense(args.model)
     if not fmd.is_calibrated:
         raise UsageError(f"{args.model}/fmd.keras is not calibrated")
     try:
@@ -167,12 +166,11 @@ def run(args) -> list[dict]:
               f"{', '.join(adv)}): {row['threshold_mode']}, ρ {row['rho']}, gate "
               f"{row['recon_fpr']} {_metric_name(row['recon_metric'], row['recon_pixel_tol'])}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"model": args.model, "val_classifier_accuracy": clf_acc,
-                       "attacks": {"names": list(adv), "n": len(x_att) if adv else 0,
-                                   "seed": args.seed}, "max_min_row": best, "rows": rows},
-                      f, indent=2)
-            f.write("\n")
+        from fmd_tf.files import write_json
+
+        write_json(args.out, {"model": args.model, "val_classifier_accuracy": clf_acc,
+                              "attacks": {"names": list(adv), "n": len(x_att) if adv else 0,
+                                          "seed": args.seed}, "max_min_row": best, "rows": rows})
     return rows
 
 

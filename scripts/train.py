@@ -35,6 +35,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 
@@ -219,7 +220,20 @@ def _check_outputs(args):
 
 
 def run(args) -> dict:
+    """Train the selected stages into a staging directory inside --out and move the results
+    into place at the end (`fmd_tf.files.StagedOutputs`): a run that fails or is killed leaves
+    --out as it was."""
+    from fmd_tf.files import StagedOutputs
+
     _check_outputs(args)  # before the imports: a refusal answers at once
+    try:
+        return _run(args)
+    except BaseException:
+        shutil.rmtree(os.path.join(args.out, StagedOutputs.STAGING), ignore_errors=True)
+        raise
+
+
+def _run(args) -> dict:
     import keras
     import numpy as np
 
@@ -230,7 +244,8 @@ def run(args) -> dict:
     from fmd_tf.evaluation.bench import matmul_peak_flops
     from fmd_tf.evaluation.latent_codes import code_activity
     from fmd_tf.export import export_after_training
-    from fmd_tf.files import write_json
+    from fmd_tf.files import StagedOutputs, atomic_path, write_json
+    from fmd_tf.loading import artifact_records, model_artifacts
     from fmd_tf.pipeline import calibrate_defense, check_data, operating_point_config
 
     try:
@@ -240,6 +255,7 @@ def run(args) -> dict:
     num_classes = int(max(y_train_full.max(), y_test.max())) + 1
     cfg = _config(args, x_train_full.shape[1:], num_classes, len(x_train_full), len(x_test))
     os.makedirs(args.out, exist_ok=True)
+    stage = StagedOutputs(args.out)  # nothing in OUT changes before the run has finished
     model_seed = args.seed + args.member_index  # the data splits always follow --seed
     keras.utils.set_random_seed(model_seed)
     strategy = training.get_strategy(args.strategy)
@@ -254,7 +270,11 @@ def run(args) -> dict:
     started = time.time()
     seconds = dict(card.get("stage_seconds", {}))
     seconds_before = dict(seconds)
-    path = lambda name: os.path.join(args.out, name)  # noqa: E731
+    path = stage.find  # this run's copy of an output, else the one in OUT
+
+    def save(model, name):
+        with atomic_path(stage.path(name)) as tmp:
+            model.save(tmp)
 
     t = time.time()
     if "classifier" in args.stages:
@@ -263,7 +283,7 @@ def run(args) -> dict:
         )
         card["classifier_precision"] = training.training_precision(cfg.classifier.precision)
         classifier = training.inference_copy(classifier)
-        classifier.save(path("classifier.keras"))
+        save(classifier, "classifier.keras")
         seconds["classifier"] = time.time() - t
     else:
         classifier = keras.models.load_model(args.classifier or path("classifier.keras"))
@@ -293,7 +313,7 @@ def run(args) -> dict:
             training.train_vae(cfg, combo, x_vae, log_dir, args.verbose, classifier)
             seconds["vae"] = time.time() - t
         combo = training.inference_copy(combo)
-        combo.save(path("combo_vae.keras"))
+        save(combo, "combo_vae.keras")
     elif "defense" in args.stages:
         combo = keras.models.load_model(path("combo_vae.keras"))
     else:
@@ -306,7 +326,8 @@ def run(args) -> dict:
     if "vae" in args.stages:
         means = combo.shared_encoder(splits.x_train[:2000])[0].numpy()
         low, high = np.percentile(means, 1, axis=0), np.percentile(means, 99, axis=0)
-        plots.latent_traversals(combo, splits.x_cle[:3], low, high, path("latent_traversals.png"))
+        plots.latent_traversals(combo, splits.x_cle[:3], low, high,
+                                stage.path("latent_traversals.png"))
         card["latent_codes"] = code_activity(combo, classifier, splits.x_val[:500], low, high)
         print(f"latent codes: {card['latent_codes']['num_active']} of {combo.shared_dim} "
               f"class-shared codes change the image (full-range sweep)")
@@ -330,13 +351,14 @@ def run(args) -> dict:
         except ValueError as e:
             raise UsageError(str(e)) from None
         cfg = dataclasses.replace(cfg, defense=fmd.config)  # the card records what is used
-        np.save(path("val_resistance.npy"), report.pop("val_resistance"))
-        fmd.save(path("fmd.keras"))
+        with atomic_path(stage.path("val_resistance.npy")) as tmp:
+            np.save(tmp, report.pop("val_resistance"))
+        save(fmd, "fmd.keras")
         seconds["defense_rethreshold" if reuse is not None else "defense"] = time.time() - t
         if reuse is None:  # a fresh calibration replaces any re-threshold of the previous one
             seconds.pop("defense_rethreshold", None)
         # Members of an ensemble are served through OUT/serving_ensemble, not on their own.
-        card["serving_export"] = (export_after_training(fmd, args.out)
+        card["serving_export"] = (stage.final(export_after_training(fmd, stage.dir))
                                   if args.member_index == 0 else None)
         card["calibration"] = report
         print(f"calibrated on {report['num_val']} VAL images: operating point "
@@ -347,8 +369,8 @@ def run(args) -> dict:
 
     if "ensemble" in args.stages:
         t = time.time()
-        card["ensemble"] = _train_ensemble(args, cfg, classifier_path=args.classifier
-                                           or path("classifier.keras"))
+        card["ensemble"] = _train_ensemble(args, stage, classifier_path=args.classifier
+                                           or os.path.join(args.out, "classifier.keras"))
         seconds["ensemble"] = time.time() - t
 
     command = "python scripts/train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -363,7 +385,7 @@ def run(args) -> dict:
         dataset=args.dataset,
         seed=args.seed,
         member_index=args.member_index,
-        classifier_path=args.classifier or path("classifier.keras"),
+        classifier_path=args.classifier or os.path.join(args.out, "classifier.keras"),
         command=command,
         stages_run=args.stages,
         quick=args.preset == "fast",
@@ -378,7 +400,13 @@ def run(args) -> dict:
         splits={"train": len(splits.x_train), "val": len(splits.x_val), "cle": len(splits.x_cle),
                 "source": "TRAIN from the official training set; VAL, CLE from the test set"},
     )
-    write_json(card_path, card, sort_keys=True)
+    # SHA-256 of what the card describes: this run's files, the earlier records of the others
+    # (files of a card written before checksums existed are recorded as they are now).
+    card["artifacts"] = {**artifact_records(args.out, model_artifacts(args.out)),
+                         **card.get("artifacts", {}),
+                         **artifact_records(stage.dir, model_artifacts(stage.dir))}
+    write_json(stage.path("model_card.json"), card, sort_keys=True)
+    stage.commit(last="model_card.json")
     print(f"wrote {args.out}: training_seconds {card['training_seconds']:.0f}")
     return card
 
@@ -398,7 +426,7 @@ def _member_args(args, index, reference) -> argparse.Namespace:
     return member
 
 
-def _train_ensemble(args, cfg, classifier_path) -> dict:
+def _train_ensemble(args, stage, classifier_path) -> dict:
     """Members 1..K-1 (trained, or reused when present) + OUT/fmd_ensemble.keras."""
     import keras
 
@@ -407,7 +435,7 @@ def _train_ensemble(args, cfg, classifier_path) -> dict:
     from fmd_tf.export import export_serving
     from fmd_tf.options import member_shared_fields
 
-    members, reused = [keras.models.load_model(os.path.join(args.out, "fmd.keras"))], []
+    members, reused = [keras.models.load_model(stage.find("fmd.keras"))], []
     for index in range(1, args.ensemble):
         margs = _member_args(args, index, members[0])
         margs.classifier = classifier_path
@@ -429,9 +457,12 @@ def _train_ensemble(args, cfg, classifier_path) -> dict:
         ensemble = FMDefenseEnsemble(members, selection_key=args.ensemble_key, name="fmd_ensemble")
     except ValueError as e:
         raise UsageError(f"cannot assemble the ensemble: {e}") from None
-    ensemble.save(os.path.join(args.out, "fmd_ensemble.keras"))
-    serving = export_serving(ensemble, os.path.join(args.out, "serving_ensemble"), version=1,
-                             overwrite=True)
+    from fmd_tf.files import atomic_path
+
+    with atomic_path(stage.path("fmd_ensemble.keras")) as tmp:
+        ensemble.save(tmp)
+    serving = stage.final(export_serving(ensemble, stage.path("serving_ensemble"), version=1,
+                                         overwrite=True))
     cards = []
     for index in range(1, args.ensemble):
         with open(os.path.join(args.out, "members", str(index), "model_card.json")) as f:

@@ -38,7 +38,9 @@ def toy_batch():
 # fill in at the end instead of one long file running alone.
 LONGEST_FIRST = ("test_ensemble_stage.py", "test_ensemble.py", "test_evaluate_scripts.py",
                  "test_pipeline.py", "test_train_cli.py", "test_attacks.py", "test_scripts.py",
-                 "test_export_serving.py", "test_defense.py", "test_models.py")
+                 "test_export_serving.py", "test_serving_load.py", "test_reproducibility.py",
+                 "test_defense.py", "test_loading.py", "test_input_properties.py",
+                 "test_models.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -50,3 +50,11 @@ def test_shipped_operating_point_is_the_cards(shipped):
         assert getattr(fmd, key) == value, key
     chosen = next(row for row in budget["rows"] if row["options"] == budget["options"])
     assert chosen["verdict_agreement"] >= 0.995 and chosen["max_abs_auc_change"] <= 0.005
+
+
+def test_shipped_files_are_the_ones_the_card_describes():
+    from fmd_tf.loading import load_defense, verify_artifacts
+
+    checked = verify_artifacts(MODEL)
+    assert {"classifier.keras", "combo_vae.keras", "fmd.keras", "serving/1"} <= set(checked)
+    assert load_defense(MODEL).is_calibrated

@@ -17,6 +17,7 @@ from fmd_tf.config import (  # noqa: F401  (PURIFY_*: re-exported, defined with 
 )
 from fmd_tf.defense import adaptive_budget as adaptive
 from fmd_tf.defense import calibration, morphs, precision
+from fmd_tf.loading import SAVE_FORMAT, check_save_format
 
 VERDICT_PASSED, VERDICT_PURIFIED, VERDICT_REJECTED = 0, 1, 2
 OUTPUT_KEYS = ("label", "verdict", "classifier_label", "resistance", "distance", "purified",
@@ -24,6 +25,7 @@ OUTPUT_KEYS = ("label", "verdict", "classifier_label", "resistance", "distance",
 # Options whose default changed: a saved config without the key was written when the option
 # did not exist yet, and behaved as this value.
 LEGACY_DEFAULTS = {"recon_metric": "mse", "purify_label": "reconstruction"}
+
 # Keyword arguments of FMDefense that go to keras.Model, not to the DefenseConfig.
 _KERAS_KWARGS = ("name", "trainable", "dtype", "autocast", "activity_regularizer")
 _OPTION_NAMES = tuple(f.name for f in dataclasses.fields(DefenseConfig))
@@ -34,17 +36,25 @@ class NotCalibratedError(RuntimeError):
 
 
 def _check_images_static(images, image_shape):
-    """Python-side checks that need no data: dtype, rank, image size."""
+    """Python-side checks that need no data: dtype, rank, image size (`image_shape` None: a
+    model not built yet, dtype and rank only)."""
     dtype = getattr(images, "dtype", None)
-    if dtype is not None and not tf.as_dtype(dtype).is_floating:
-        raise TypeError(
-            f"images must be float32 in [0, 1], got dtype {tf.as_dtype(dtype).name} "
-            "(divide uint8 images by 255 first)"
-        )
+    if dtype is not None:
+        try:
+            tf_dtype = tf.as_dtype(dtype)
+        except TypeError:  # numpy dtypes TensorFlow has no counterpart for (datetime64, ...)
+            tf_dtype = None
+        # numpy's own name: an object array would read "string" (what TensorFlow maps it to)
+        name = dtype.name if isinstance(dtype, np.dtype) else tf_dtype.name
+        if tf_dtype is None or not tf_dtype.is_floating or name == "object":
+            hint = " (divide uint8 images by 255 first)" if tf_dtype is not None and \
+                tf_dtype.is_integer else ""
+            raise TypeError(f"images must be float32 in [0, 1], got dtype {name}{hint}")
     shape = tuple(images.shape)
+    size = "H, W, C" if image_shape is None else ", ".join(map(str, image_shape))
     if len(shape) != 4:
-        raise ValueError(f"images must have rank 4 [batch, {image_shape}], got shape {shape}")
-    if shape[1:] != tuple(image_shape) and None not in shape[1:]:
+        raise ValueError(f"images must have rank 4 [batch, {size}], got shape {shape}")
+    if image_shape is not None and shape[1:] != tuple(image_shape) and None not in shape[1:]:
         raise ValueError(f"images must be [batch, {', '.join(map(str, image_shape))}], got {shape}")
 
 
@@ -53,33 +63,50 @@ def check_image_values(x) -> np.ndarray:
     (nothing is clipped)."""
     if len(x) == 0:
         raise ValueError("images: empty batch")
-    x = np.asarray(x).astype(np.float32, copy=False)
+    # The values as given, before the cast: a float64 1e300 is out of [0, 1], not an Inf.
+    x = np.asarray(x)
     if not np.all(np.isfinite(x)):
         raise ValueError("images contain NaN or Inf")
     if x.min() < 0.0 or x.max() > 1.0:
         raise ValueError(
             f"images must be in [0, 1], found values in [{x.min():.3g}, {x.max():.3g}]"
         )
-    return x
+    return x.astype(np.float32, copy=False)
 
 
 def validate_images(images, image_shape):
-    """Graph-side checks (InvalidArgumentError naming the problem); returns float32 images."""
+    """Graph-side checks (InvalidArgumentError naming the problem); returns float32 images.
+
+    In order, each stage only once the previous one passed, so that the first problem is the
+    one reported: rank and image size, empty batch, NaN / Inf, range. (A graph fed a batch of
+    another rank - a SavedModel signature does not check the rank of what it is given - failed
+    inside the size comparison with "Incompatible shapes: [3] vs. [2]", or in a reduction.)"""
     images = tf.cast(images, tf.float32)
-    checks = [
-        tf.debugging.assert_equal(
-            tf.shape(images)[1:], tf.constant(image_shape, tf.int32),
-            message=f"images must be [batch, {', '.join(map(str, image_shape))}]",
-        ),
-        tf.debugging.assert_positive(tf.shape(images)[0], message="images: empty batch"),
-        tf.debugging.assert_all_finite(images, message="images contain NaN or Inf"),
-        tf.debugging.assert_greater_equal(
-            tf.reduce_min(images), 0.0, message="images must be in [0, 1]: found a value < 0"
-        ),
-        tf.debugging.assert_less_equal(
-            tf.reduce_max(images), 1.0, message="images must be in [0, 1]: found a value > 1"
-        ),
+    rank = len(image_shape) + 1
+    shape = tf.shape(images)
+    # H, W, C whatever the rank (padded with -1), so that the comparison itself cannot fail.
+    dims = tf.concat([shape, tf.fill([rank], -1)], 0)[1:rank]
+    fits = tf.logical_and(tf.equal(tf.size(shape), rank),
+                          tf.reduce_all(tf.equal(dims, tf.constant(image_shape, tf.int32))))
+    stages = [
+        lambda: [tf.debugging.assert_equal(
+            tf.cast(fits, tf.int32), 1,
+            message=f"images must be [batch, {', '.join(map(str, image_shape))}]")],
+        lambda: [tf.debugging.assert_positive(shape[0], message="images: empty batch")],
+        lambda: [tf.debugging.assert_all_finite(images, message="images contain NaN or Inf")],
+        lambda: [
+            tf.debugging.assert_greater_equal(
+                tf.reduce_min(images), 0.0, message="images must be in [0, 1]: found a value < 0"
+            ),
+            tf.debugging.assert_less_equal(
+                tf.reduce_max(images), 1.0, message="images must be in [0, 1]: found a value > 1"
+            ),
+        ],
     ]
+    checks = []
+    for stage in stages:
+        with tf.control_dependencies(checks):
+            checks = stage()
     with tf.control_dependencies(checks):
         return tf.identity(images)
 
@@ -131,6 +158,12 @@ class BatchedDefense:
 
     output_keys = OUTPUT_KEYS  # what `defend` returns
 
+    def get_config(self):
+        from fmd_tf import __version__
+
+        return {**super().get_config(), "fmd_tf_format": SAVE_FORMAT,
+                "fmd_tf_version": __version__}
+
     # The constructor's jit_compile as given: None stays None ("auto" by our rule in
     # `_compiled`). keras.Model's own property would resolve None to True on any machine with a
     # GPU, also for graphs XLA cannot compile (the adaptive budget, the ensemble's member draw).
@@ -163,8 +196,9 @@ class BatchedDefense:
     def __call__(self, images, *args, **kwargs):
         # numpy input (eager use from Python): checked here, so that a bad image raises a
         # ValueError / TypeError that names the problem instead of a graph error (tensors
-        # keep the in-graph checks of `validate_images`, which the SavedModel runs too).
-        if isinstance(images, np.ndarray):
+        # keep the in-graph checks of `validate_images`, which the SavedModel runs too). Numpy
+        # scalars and nested lists too: Keras would fail on them with messages of its own.
+        if isinstance(images, (np.ndarray, np.generic, list, tuple, float, int)):
             images = self._as_batch(images)
         return super().__call__(images, *args, **kwargs)
 
@@ -177,10 +211,15 @@ class BatchedDefense:
 
     # ----------------------------------------------------------------------------- numpy API
     def _as_batch(self, x) -> np.ndarray:
-        x = np.asarray(x)
+        try:
+            x = np.asarray(x)
+        except ValueError as e:  # nested lists of uneven lengths
+            raise ValueError(f"images must be an array [batch, H, W, C]: {e}") from None
+        # dtype and rank before a first build (which takes the image shape from `x`): a model
+        # built from a rank-3 batch failed in Keras, with a message about kernel shapes.
+        _check_images_static(x, self._image_shape if self.built else None)
         if not self.built:
             self.build((None, *x.shape[1:]))
-        _check_images_static(x, self._image_shape)
         return check_image_values(x)
 
     @staticmethod
@@ -333,7 +372,7 @@ class FMDefense(BatchedDefense, keras.Model):
         """A saved config (`get_config()` of any version) as today's: options missing from an
         old file take the value they had before they existed (`LEGACY_DEFAULTS`, e.g. θe was
         calibrated on the squared error), or else their default in the constructor."""
-        return {**LEGACY_DEFAULTS, **config}
+        return {**LEGACY_DEFAULTS, **check_save_format(config)}
 
     @classmethod
     def from_config(cls, config):

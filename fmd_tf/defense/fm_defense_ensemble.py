@@ -30,8 +30,9 @@ from fmd_tf.defense.fm_defense import (
     _maybe_deserialize,
     validate_images,
 )
+from fmd_tf.loading import FORMAT_KEYS, check_save_format
 
-_MEMBER_OWN_CONFIG = ("classifier", "name", "trainable", "dtype")
+_MEMBER_OWN_CONFIG = ("classifier", "name", "trainable", "dtype", *FORMAT_KEYS)
 
 
 def select_members(images, num_members: int, key) -> tf.Tensor:
@@ -197,7 +198,7 @@ class FMDefenseEnsemble(BatchedDefense, keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
+        config = check_save_format(config)
         classifier = _maybe_deserialize(config.pop("classifier"))
         names = config.pop("member_names", None) or [None] * len(config["members"])
         image_shape = tuple(config.pop("image_shape"))

@@ -7,14 +7,14 @@
 Sections (`SECTIONS`, each a function of a context dict that `prepare` builds, writing one
 report key): the speedup over a naive eager loop (`naive_defend`), the share of the machine's
 matmul FLOP/s (`graph_flops`, `matmul_flops_per_s`), own attacks vs ART's, serving latency of
-the exported SavedModel, the adaptive morph budget and bfloat16 morphs. `measure` runs the
-chosen sections, keeps the others of an existing report of the same model file and sizes
-(`earlier_sections`), and writes the report after each section.
+the exported SavedModel and the served model under load (`serving_load`: concurrent clients,
+malformed requests, with and without server-side batching), the adaptive morph budget and
+bfloat16 morphs. `measure` runs the chosen sections, keeps the others of an existing report of
+the same model file and sizes (`earlier_sections`), and writes the report after each section.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import resource
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fmd_tf.config import POSITIVE_INT, UNIT_LEFT_OPEN
+from fmd_tf.config import POSITIVE, POSITIVE_INT, UNIT_LEFT_OPEN
+from fmd_tf.files import sha256 as file_sha256  # which fmd.keras a bench measured
 from fmd_tf.files import write_json
 from fmd_tf.options import OptionError, normalize, option, validate
 
@@ -34,18 +35,22 @@ __all__ = [
     "measure", "naive_defend", "prepare", "quick_sizes", "run_bench", "variant",
 ]
 
-SECTIONS = ("speed", "roofline", "attacks", "serving", "default", "bf16", "demo", "tests",
-            "training")
+SECTIONS = ("speed", "roofline", "attacks", "serving", "serving_load", "default", "bf16", "demo",
+            "tests", "training")
 # section -> its key in the report
 SECTION_KEYS = {"speed": "speedup_vs_naive", "roofline": "roofline_share",
                 "attacks": "attack_speedup_vs_art", "serving": "serving_latency",
-                "default": "default_inference", "bf16": "bfloat16_vs_float32",
+                "serving_load": "serving_load", "default": "default_inference",
+                "bf16": "bfloat16_vs_float32",
                 "demo": "demo_wall", "tests": "test_suite", "training": "training"}
 # Settings an earlier report must share for its sections to be carried over.
 CARRY_OVER_KEYS = ("model", "n", "attack_n", "quick", "fmd_sha256")
 # Times are also given at this float32 matmul peak (the reference machine of the targets):
 # time x (this machine's peak / REFERENCE_PEAK).
 REFERENCE_PEAK_FLOPS = 220e9
+# serving_load: the share of malformed requests and the bound on resident-memory growth per run.
+LOAD_BAD_SHARE = 0.1
+LOAD_RSS_LIMIT_MIB = 64.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,12 @@ class BenchConfig:
     latency_reps: tuple[int, int] = option(
         (50, 10), "timed serving calls at batch 1 and batch 64 (the full budget's batch 64: "
         "half as many)", check=(lambda v: min(v) >= 1, "must be >= 1"))
+    load_requests: int = option(2000, "serving_load: requests per protocol (gRPC, REST) and "
+                                "batching setting (off, on), 10 % of them malformed",
+                                check=POSITIVE_INT)
+    load_clients: int = option(8, "serving_load: concurrent clients", check=POSITIVE_INT)
+    load_time_limit: float = option(1800.0, "serving_load: seconds one run may take (its "
+                                    "clients stop sending after it)", check=POSITIVE)
     cw_iterations: int = option(100, "C&W iterations", check=POSITIVE_INT)
     cw_search_steps: int = option(5, "C&W binary search steps", check=POSITIVE_INT)
     df_iterations: int = option(50, "DeepFool iterations", check=POSITIVE_INT)
@@ -106,7 +117,8 @@ def quick_sizes(settings: dict) -> dict:
     return {"n": min(settings["n"], 16), "naive_n": 1,
             "attack_n": min(settings["attack_n"], 4), "default_n": min(settings["default_n"], 16),
             "demo_n": min(settings["demo_n"], 8), "matmul_size": 1024,
-            "latency_reps": (5, 2), "cw_iterations": 10, "cw_search_steps": 2,
+            "latency_reps": (5, 2), "load_requests": min(settings["load_requests"], 40),
+            "cw_iterations": 10, "cw_search_steps": 2,
             "df_iterations": 20, "training_steps": 3}
 
 
@@ -472,6 +484,50 @@ def section_serving(ctx) -> dict:
     return result
 
 
+def section_serving_load(ctx) -> dict:
+    """The bounded load test (`fmd_tf.serving.load_test.run_load`) on the model as shipped
+    (fmd.keras exported to a temporary SavedModel, as `scripts/export.py` writes it) behind
+    the local PredictionService / REST server: `load_clients` clients, `load_requests`
+    requests (10 % malformed, batch 1, `serving_default`) over gRPC and over REST, with
+    server-side batching off and on; every answer checked against `FMDefense` in this
+    process on the same CLE images."""
+    from fmd_tf.export import export_serving
+    from fmd_tf.serving.load_test import expected_outputs, output_tolerances, run_load
+    from fmd_tf.serving.local_server import ServingServer
+
+    cfg, model, images = ctx["cfg"], ctx["default"], ctx["x"]
+    tolerances = output_tolerances(model)
+    expected, seconds = _timed(expected_outputs, model, images, batch_size=cfg.batch_size)
+    batching = {"max_batch_size": 64, "batch_timeout_micros": 2000, "num_batch_threads": 1}
+    result = {"images": len(images), "clients": cfg.load_clients,
+              "requests": cfg.load_requests, "bad_share": LOAD_BAD_SHARE,
+              "rss_limit_mib": LOAD_RSS_LIMIT_MIB, "expected_seconds": seconds,
+              "batching_parameters": batching}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_serving(model, tmp, version=1)
+        for name, on in (("batching_off", False), ("batching_on", True)):
+            with ServingServer(path, model_name="fmd", version=1,
+                               max_workers=2 * cfg.load_clients, batching=on,
+                               **batching) as server:
+                result[name] = {}
+                for protocol in ("grpc", "rest"):
+                    before = _peak(cfg)  # the machine's speed around each run (shared hosts)
+                    run = run_load(server, images, expected, clients=cfg.load_clients,
+                                   requests=cfg.load_requests, bad_share=LOAD_BAD_SHARE,
+                                   protocol=protocol, seed=cfg.seed,
+                                   time_limit_s=cfg.load_time_limit,
+                                   rss_limit_mib=LOAD_RSS_LIMIT_MIB, output_atol=tolerances)
+                    run["matmul_peak_flops"] = {"before": before, "after": _peak(cfg)}
+                    result[name][protocol] = run
+    runs = [run for name in ("batching_off", "batching_on") for run in result[name].values()]
+    result["passed"] = all(run["passed"] and run["complete"] for run in runs)
+    result["note"] = ("fmd_tf.serving.local_server in this process (threads) on 127.0.0.1; "
+                      "latency: a good request as its client sees it; rss_mib: VmRSS of this "
+                      "process (server and clients) before / after the measured run; compare "
+                      "runs only at similar matmul_peak_flops (measured around each run)")
+    return result
+
+
 def _adversarial(ctx, x, y):
     from fmd_tf.attacks import fgsm
 
@@ -697,6 +753,14 @@ def _table_rows(report: dict) -> list[tuple]:
         rows.append((f"serving_{key}_p50_ms", after["p50_ms"],
                      f"{after['p50_ms'] * scale:.3g} ms at 220 GFLOP/s; full budget "
                      f"{before['p50_ms']:.4g} ms: {ratio['p50_speedup']:.3g}x"))
+    load = report.get("serving_load", {})
+    for name in ("batching_off", "batching_on"):
+        for protocol, run in load.get(name, {}).items():
+            rows.append((f"serving_load_{protocol}_{name}_p50_ms", run["latency_ms"]["p50"],
+                         f"p99 {run['latency_ms']['p99']:.4g} ms, {run['throughput_rps']:.3g} "
+                         f"req/s, {run['requests']} requests: {run['wrong_answers']} wrong, "
+                         f"{run['unexpected_statuses']} unexpected, RSS "
+                         f"{run['rss_mib']['growth']:+.3g} MiB"))
     default = report.get("default_inference", {})
     if default:
         rows += [("default_throughput_ratio", default["throughput_ratio"],
@@ -759,15 +823,6 @@ def format_table(report: dict) -> str:
     lines.append(f"(m={s['num_codes']}, N={s['num_morphs']}, {s['n']} images, "
                  f"{'QUICK smoke-test sizes' if s['quick'] else 'full-size settings'})")
     return "\n".join(lines)
-
-
-def file_sha256(path) -> str:
-    """Hex SHA-256 of a file's bytes: which fmd.keras a bench measured."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def earlier_sections(path: str, settings: dict, keys) -> dict:
@@ -913,7 +968,8 @@ def section_training(ctx) -> dict:
 
 
 STEPS = {"speed": section_speed, "roofline": section_roofline, "attacks": section_attacks,
-         "serving": section_serving, "default": section_default, "bf16": section_bf16,
+         "serving": section_serving, "serving_load": section_serving_load,
+         "default": section_default, "bf16": section_bf16,
          "demo": section_demo, "tests": section_tests, "training": section_training}
 
 

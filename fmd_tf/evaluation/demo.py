@@ -30,16 +30,14 @@ def run_demo(model_dir: str, dataset: str = "fmnist", n: int = 200, eps: float =
 
     `budget`: "default" runs the model as saved (its morph budget); "full" draws all N morphs
     of every code. `verbose` shows a progress bar per set."""
-    import keras
-
-    import fmd_tf  # noqa: F401  (registers the Keras classes)
     from fmd_tf.attacks import fgsm
     from fmd_tf.data import paper_splits
     from fmd_tf.evaluation.metrics import defended_accuracy
+    from fmd_tf.loading import load_defense
 
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
-    fmd = keras.models.load_model(os.path.join(model_dir, "fmd.keras"))
+    fmd = load_defense(model_dir)
     if budget == "full" and fmd.adaptive_budget:
         fmd = fmd.copy_with(adaptive_budget=False)
     splits = paper_splits(dataset, seed)

@@ -10,11 +10,13 @@ import numpy as np  # noqa: E402
 
 from fmd_tf.defense import calibration  # noqa: E402
 from fmd_tf.evaluation import metrics  # noqa: E402
+from fmd_tf.files import atomic_path  # noqa: E402
 
 
 def _save(fig, path):
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 

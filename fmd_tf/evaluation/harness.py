@@ -7,10 +7,12 @@ import inspect
 import json
 import os
 import time
+import zipfile
 
 import numpy as np
 
 from fmd_tf.evaluation import metrics
+from fmd_tf.files import atomic_path
 
 # fmd_tf.defense.calibration is NumPy only, but its package imports TensorFlow: it is imported
 # where it is used, so that the attack tables below load without TensorFlow (fast usage errors
@@ -119,11 +121,10 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
         os.makedirs(cache_dir, exist_ok=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         path = os.path.join(cache_dir, f"{attack}_{len(x)}_{digest}.npz")
-        if os.path.exists(path):
-            with np.load(path) as f:
-                if str(f["key"]) == key:
-                    return f["x_adv"], {"params": params, "seconds": float(f["seconds"]),
-                                        "cached": True}
+        cached = _read_cache_entry(path, key)
+        if cached is not None:
+            x_adv, seconds = cached
+            return x_adv, {"params": params, "seconds": seconds, "cached": True}
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -135,10 +136,24 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
         x_adv = fn(target, x, **params)
     seconds = time.time() - start
     if path:
-        tmp = path + ".tmp.npz"
-        np.savez_compressed(tmp, x_adv=x_adv, key=key, seconds=seconds)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            np.savez_compressed(tmp, x_adv=x_adv, key=key, seconds=seconds)
     return x_adv, {"params": params, "seconds": seconds, "cached": False}
+
+
+def _read_cache_entry(path, key):
+    """(x_adv, seconds) stored at `path` for `key`; None when there is no entry, it belongs to
+    another key, or it cannot be read (truncated or damaged: the attack is run again and the
+    entry rewritten)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path) as f:
+            if str(f["key"]) != key:
+                return None
+            return f["x_adv"], float(f["seconds"])
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
 
 
 def fm_scores(out: dict, theta_r) -> np.ndarray:

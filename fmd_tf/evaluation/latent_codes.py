@@ -106,14 +106,10 @@ def defense_code_activity(model_dir: str, dataset: str = "fmnist", n: int = 500,
     """`code_activity` of the combo-VAE in `model_dir`/fmd.keras on the first `n` VAL images of
     the paper split of `dataset`, over the defense's calibrated normal ranges (the ranges its
     morphs stay in)."""
-    import os
-
-    import keras
-
-    import fmd_tf  # noqa: F401  (registers the Keras classes)
     from fmd_tf.data import paper_splits
+    from fmd_tf.loading import load_defense
 
-    fmd = keras.models.load_model(os.path.join(model_dir, "fmd.keras"))
+    fmd = load_defense(model_dir)
     x = paper_splits(dataset, seed).x_val[:n]
     report = code_activity(fmd.combo_vae, fmd.classifier, x, fmd.code_low.numpy(),
                            fmd.code_high.numpy())

@@ -23,7 +23,8 @@ import time
 
 import numpy as np
 
-from fmd_tf.files import write_json
+from fmd_tf.files import write_json, write_text
+from fmd_tf.loading import load_defense
 
 __all__ = [
     "ETAS", "OPERATING_POINT_GRID", "REPORT_FILES", "eta_curve", "evaluate", "model_splits",
@@ -254,9 +255,8 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
         else _enough_cle(splits, n)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-    fmd = keras.models.load_model(os.path.join(model_dir, defense))
-    target = fmd if attack_defense == defense else keras.models.load_model(
-        os.path.join(model_dir, attack_defense))
+    fmd = load_defense(model_dir, name=defense)
+    target = fmd if attack_defense == defense else load_defense(model_dir, name=attack_defense)
     x, y = splits.x_cle[:n], splits.y_cle[:n]
     loaded, notes = ({}, ["baselines skipped (--no-baselines)"]) if not baselines \
         else load_baselines(model_dir, fmd.classifier)
@@ -320,11 +320,10 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
 
 
 def write_report(report: dict, out_dir: str) -> None:
-    """OUT/report.json (atomically) and OUT/report.md (`render_markdown`)."""
+    """OUT/report.json and OUT/report.md (`render_markdown`), each written atomically."""
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "report.json"), report)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(render_markdown(report))
+    write_text(os.path.join(out_dir, "report.md"), render_markdown(report))
 
 
 def _pct(v) -> str:

@@ -29,14 +29,31 @@ take the server down. Both listen on 127.0.0.1 on free ports.
     with ServingServer("/tmp/serving/1", model_name="fmd", version=1) as server:
         predict_grpc(server.target, "fmd", images)
         predict_rest(server.rest_url, "fmd", images)
+
+Server-side batching (TF Serving's `--enable_batching` with its batching parameters):
+`ServingServer(path, batching=True, max_batch_size=64, batch_timeout_micros=2000,
+num_batch_threads=1)` merges concurrent predict requests (gRPC and REST alike) for the same
+signature into one graph call and splits the outputs back by rows. A batch closes when it holds
+`max_batch_size` rows (images) or `batch_timeout_micros` after its first request arrived; one
+queue per signature, served by `num_batch_threads` threads. A bad request never fails the good
+ones batched with it: each request is checked on its own first (input names, dtype, output
+filter: INVALID_ARGUMENT as without batching), and only requests that fit the signature (its
+rank and fixed sizes, 1 to `max_batch_size` rows) join a batch; the others run alone, exactly
+as without batching. When a merged call still fails (e.g. a NaN image, caught by the in-graph
+check), every request of that batch is run again alone, so only the bad one gets its
+INVALID_ARGUMENT. Answers with batching equal those without, up to float round-off of the
+larger batch. `server.backend.batching_stats()` counts graph calls, merged batches and such
+fall-backs. With `batching=False` (the default) each request is one graph call, as before.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import threading
+import time
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -77,12 +94,155 @@ def _graph_message(e: tf.errors.OpError) -> str:
     return text or e.message
 
 
-class ServingBackend:
-    """The model: signatures of one SavedModel version, shared by the gRPC and REST fronts."""
+_STOP = object()  # tells a batching thread to finish
 
-    def __init__(self, path, model_name="fmd", version=1, metadata=True):
+
+class _Task:
+    """One request waiting in a batching queue: inputs {key: array [rows, ...]} -> future."""
+
+    __slots__ = ("inputs", "rows", "future", "arrived")
+
+    def __init__(self, inputs, rows):
+        self.inputs, self.rows = inputs, rows
+        self.future = futures.Future()
+        self.arrived = time.monotonic()
+
+
+class _Batcher:
+    """The batching queue of one signature (TF Serving's `--enable_batching`).
+
+    `run(inputs) -> {output: array}` is the backend's graph call (raises Status). Tasks are
+    merged in arrival order until `max_batch_size` rows or `timeout_s` after the first task of
+    the batch arrived; a task that would overflow the batch starts the next one.
+    """
+
+    def __init__(self, name, run, max_batch_size, timeout_s, threads, stats, lock):
+        self.run, self.max_batch_size, self.timeout_s = run, max_batch_size, timeout_s
+        self._stats, self._stats_lock = stats, lock
+        self._queue = queue.SimpleQueue()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._loop, daemon=True,
+                                          name=f"batching-{name}-{i}") for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, inputs, rows) -> dict:
+        """Blocks until the task's batch ran; its own outputs {key: array [rows, ...]}."""
+        task = _Task(inputs, rows)
+        with self._lock:
+            if self._closed:
+                raise Status("UNAVAILABLE", "the server is shutting down")
+            self._queue.put(task)
+        return task.future.result()
+
+    def close(self, timeout=30.0):
+        with self._lock:
+            self._closed = True
+            for _ in self._threads:
+                self._queue.put(_STOP)
+        for thread in self._threads:
+            thread.join(timeout)
+        while True:  # nothing can be left, but never leave a caller waiting
+            try:
+                task = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if task is not _STOP:
+                task.future.set_exception(Status("UNAVAILABLE", "the server is shutting down"))
+
+    def _loop(self):
+        carry = None
+        while True:
+            first, carry = (carry if carry is not None else self._queue.get()), None
+            if first is _STOP:
+                return
+            batch, rows, stop = [first], first.rows, False
+            deadline = first.arrived + self.timeout_s
+            while rows < self.max_batch_size:
+                wait = deadline - time.monotonic()
+                try:
+                    task = self._queue.get(timeout=wait) if wait > 0 else \
+                        self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if task is _STOP:
+                    stop = True
+                    break
+                if rows + task.rows > self.max_batch_size:
+                    carry = task  # the first task of the next batch
+                    break
+                batch.append(task)
+                rows += task.rows
+            self._execute(batch)
+            if stop:
+                return
+
+    def _count(self, **increments):
+        with self._stats_lock:
+            for key, value in increments.items():
+                if key.startswith("max_"):
+                    self._stats[key] = max(self._stats[key], value)
+                else:
+                    self._stats[key] += value
+
+    def _answer_alone(self, task):
+        self._count(graph_calls=1)
+        try:
+            task.future.set_result(self.run(task.inputs))
+        except Status as status:
+            task.future.set_exception(status)
+        except Exception as e:  # noqa: BLE001  (a batching thread never dies)
+            task.future.set_exception(Status("INTERNAL", f"{type(e).__name__}: {e}"))
+
+    def _execute(self, batch):
+        rows = sum(task.rows for task in batch)
+        self._count(batches=1, requests=len(batch), merged=int(len(batch) > 1),
+                    max_requests=len(batch), max_rows=rows)
+        if len(batch) == 1:
+            self._answer_alone(batch[0])
+            return
+        try:
+            merged = {key: np.concatenate([task.inputs[key] for task in batch])
+                      for key in batch[0].inputs}
+            self._count(graph_calls=1)
+            outputs = self.run(merged)
+            if any(np.ndim(v) == 0 or len(v) != rows for v in outputs.values()):
+                raise Status("INTERNAL", "an output without the batch dimension")
+        except Exception:  # noqa: BLE001  (a bad request in the batch: each runs alone)
+            self._count(fallbacks=1)
+            for task in batch:
+                self._answer_alone(task)
+            return
+        ends = np.cumsum([task.rows for task in batch])
+        for task, end in zip(batch, ends, strict=True):
+            start = end - task.rows
+            task.future.set_result({key: value[start:end] for key, value in outputs.items()})
+
+
+class ServingBackend:
+    """The model: signatures of one SavedModel version, shared by the gRPC and REST fronts.
+
+    `batching=True`: concurrent predict requests for one signature are merged into one graph
+    call (see the module docstring; `max_batch_size` rows, `batch_timeout_micros`,
+    `num_batch_threads` per signature queue).
+    """
+
+    def __init__(self, path, model_name="fmd", version=1, metadata=True, batching=False,
+                 max_batch_size=64, batch_timeout_micros=2000, num_batch_threads=1):
         self.path, self.model_name, self.version = os.fspath(path), model_name, int(version)
         self.metadata = bool(metadata)
+        if batching and (int(max_batch_size) < 1 or int(batch_timeout_micros) < 0
+                         or int(num_batch_threads) < 1):
+            raise ValueError("batching needs max_batch_size >= 1, batch_timeout_micros >= 0 "
+                             "and num_batch_threads >= 1")
+        self.batching = bool(batching)
+        self.max_batch_size, self.batch_timeout_micros = int(max_batch_size), \
+            int(batch_timeout_micros)
+        self.num_batch_threads = int(num_batch_threads)
+        self._batchers = {}
+        self._batch_stats = dict.fromkeys(("batches", "requests", "merged", "fallbacks",
+                                           "graph_calls", "max_requests", "max_rows"), 0)
         self.loaded = tf.saved_model.load(self.path)
         self.signatures = dict(self.loaded.signatures)
         proto = saved_model_pb2.SavedModel()
@@ -120,20 +280,30 @@ class ServingBackend:
                 f"Sent extra: {sorted(set(inputs) - set(specs))}. "
                 f"Missing but required: {sorted(set(specs) - set(inputs))}.",
             )
-        feed = {}
         for key, value in inputs.items():
             want = specs[key].dtype
             if tf.as_dtype(value.dtype) != want:
                 raise Status("INVALID_ARGUMENT", f"Expects arg[0] ({key}) to be {want.name} but "
                                                  f"{tf.as_dtype(value.dtype).name} is provided")
-            feed[key] = tf.constant(value)
         outputs_spec = fn.structured_outputs
         unknown = [k for k in output_filter if k not in outputs_spec]
         if unknown:
             raise Status("INVALID_ARGUMENT",
                          f"output tensor alias not found in signature: {unknown[0]}")
+        rows = self._batch_rows(inputs, specs) if self.batching else None
+        if rows is None:
+            result = self._call(signature, inputs)
+        else:
+            result = self._batcher(signature).submit(inputs, rows)
+        keys = list(output_filter) or sorted(result)
+        return {k: result[k] for k in keys}
+
+    def _call(self, signature, inputs) -> dict:
+        """One graph call of `signature` on inputs {key: np.ndarray}: {output: np.ndarray};
+        raises Status (graph errors mapped as TF Serving does)."""
+        fn = self.signatures[signature]
         try:
-            result = fn(**feed)
+            result = fn(**{key: tf.constant(value) for key, value in inputs.items()})
         except tf.errors.InvalidArgumentError as e:
             raise Status("INVALID_ARGUMENT", _graph_message(e)) from None
         except (ValueError, TypeError) as e:  # rejected before the graph runs
@@ -142,8 +312,50 @@ class ServingBackend:
             code = next((c.name for c in grpc.StatusCode if c.value[0] == e.error_code),
                         "INTERNAL")
             raise Status(code, _graph_message(e)) from None
-        keys = list(output_filter) or sorted(result)
-        return {k: result[k].numpy() for k in keys}
+        return {k: v.numpy() for k, v in result.items()}
+
+    def _batch_rows(self, inputs, specs):
+        """Rows of a request that may join a batch (every input of the signature's rank and
+        fixed sizes, a variable batch dimension, the same 1..max_batch_size rows); else None:
+        the request runs alone and answers exactly as without batching."""
+        rows = set()
+        for key, value in inputs.items():
+            shape = specs[key].shape
+            if shape.rank is None or value.ndim != shape.rank or value.ndim == 0 \
+                    or shape[0] is not None:
+                return None
+            if any(want is not None and got != want
+                   for got, want in zip(value.shape[1:], shape[1:], strict=True)):
+                return None
+            rows.add(value.shape[0])
+        if len(rows) != 1:
+            return None
+        (count,) = rows
+        return count if 1 <= count <= self.max_batch_size else None
+
+    def _batcher(self, signature) -> _Batcher:
+        with self._lock:
+            if signature not in self._batchers:
+                self._batchers[signature] = _Batcher(
+                    signature, lambda inputs: self._call(signature, inputs),
+                    self.max_batch_size, self.batch_timeout_micros / 1e6,
+                    self.num_batch_threads, self._batch_stats, self._lock)
+            return self._batchers[signature]
+
+    def batching_stats(self) -> dict:
+        """Counters of the batching queues (all signatures): `batches` (formed, of any size),
+        `requests` (that went through a queue), `merged` (batches of >= 2 requests),
+        `fallbacks` (merged batches that failed and were rerun one request at a time),
+        `graph_calls` (made by the queues), `max_requests` / `max_rows` (largest batch)."""
+        with self._lock:
+            return dict(self._batch_stats)
+
+    def close(self):
+        """Stops the batching threads (a request arriving later starts new ones)."""
+        with self._lock:
+            batchers, self._batchers = list(self._batchers.values()), {}
+        for batcher in batchers:
+            batcher.close()
 
     def signature_def_map(self):
         """The SignatureDefMap TF Serving answers: every SignatureDef of the "serve" graph."""
@@ -231,8 +443,17 @@ def _rest_inputs(body, specs):
     def array(key, value):
         if key not in specs:
             raise Status("INVALID_ARGUMENT", f"JSON object: unknown input {key!r}")
+        want = specs[key].dtype
         try:
-            return np.asarray(value, dtype=specs[key].dtype.as_numpy_dtype)
+            found = np.asarray(value)
+            # JSON types as TF Serving takes them: numbers for a numeric input (numpy alone
+            # would also read "0.5" or true as a float).
+            kinds = "iuf" if want.is_floating else "iu" if want.is_integer else \
+                "b" if want == tf.bool else None
+            if kinds and found.size and found.dtype.kind not in kinds:
+                raise TypeError(f"{found.dtype.name.rstrip('0123456789') or found.dtype.kind} "
+                                f"values where {want.name} numbers are expected")
+            return found.astype(want.as_numpy_dtype)
         except (ValueError, TypeError) as e:
             raise Status("INVALID_ARGUMENT", f"JSON Value for {key!r}: {e}") from None
 
@@ -355,10 +576,18 @@ class ServingServer:
 
     Attributes after `start()`: `target` ("127.0.0.1:PORT", gRPC), `rest_url`
     ("http://127.0.0.1:PORT"), `backend` (the loaded model and a request counter).
+    `max_workers`: gRPC handler threads (requests served at once; with batching, at most that
+    many gRPC requests can share a batch). `batching`, `max_batch_size`, `batch_timeout_micros`,
+    `num_batch_threads`: server-side batching (module docstring); off by default.
     """
 
-    def __init__(self, path, model_name="fmd", version=1, max_workers=4, metadata=True):
-        self.backend = ServingBackend(path, model_name, version, metadata=metadata)
+    def __init__(self, path, model_name="fmd", version=1, max_workers=4, metadata=True,
+                 batching=False, max_batch_size=64, batch_timeout_micros=2000,
+                 num_batch_threads=1):
+        self.backend = ServingBackend(path, model_name, version, metadata=metadata,
+                                      batching=batching, max_batch_size=max_batch_size,
+                                      batch_timeout_micros=batch_timeout_micros,
+                                      num_batch_threads=num_batch_threads)
         self.max_workers = max_workers
         self._grpc = None
         self._http = None
@@ -390,6 +619,7 @@ class ServingServer:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+        self.backend.close()
 
     def __enter__(self):
         return self.start()
