@@ -41,6 +41,7 @@ from fmd_tf.baselines.magnet import (
     union_false_positive_rate,
 )
 from fmd_tf.defense.fm_defense import VERDICT_PASSED, VERDICT_REJECTED, NotCalibratedError
+from fmd_tf.files import write_json
 
 __all__ = ["FeatureSqueezing", "median_filter", "reduce_bit_depth"]
 
@@ -251,10 +252,7 @@ class FeatureSqueezing:
         }
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(state, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(path + ".tmp", path)
+        write_json(path, state, sort_keys=True)
 
     @classmethod
     def load(cls, path: str, classifier) -> FeatureSqueezing:

@@ -52,6 +52,7 @@ from fmd_tf.defense.fm_defense import (
     NotCalibratedError,
     check_image_values,
 )
+from fmd_tf.files import atomic_path, write_json
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -544,7 +545,8 @@ class MagNet:
         """Write detector_I.keras, detector_II.keras and magnet.json (settings, thresholds)."""
         os.makedirs(directory, exist_ok=True)
         for name, ae in self.autoencoders.items():
-            ae.save(os.path.join(directory, f"detector_{name}.keras"))
+            with atomic_path(os.path.join(directory, f"detector_{name}.keras")) as tmp:
+                ae.save(tmp)
         state = {
             "settings": self._settings(),
             "thresholds": self.thresholds,
@@ -552,11 +554,7 @@ class MagNet:
             "detector_norms": {k: f"L{p}" for k, p in DETECTOR_NORMS.items()},
             "report": self.report,
         }
-        path = os.path.join(directory, _JSON_NAME)
-        with open(path + ".tmp", "w") as f:
-            json.dump(state, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(path + ".tmp", path)
+        write_json(os.path.join(directory, _JSON_NAME), state, sort_keys=True)
 
     @classmethod
     def load(cls, directory: str, classifier=None) -> MagNet:
