@@ -64,10 +64,7 @@ def artifact_records(model_dir, names) -> dict:
     for name in names:
         path = os.path.join(os.fspath(model_dir), name)
         if os.path.exists(path):
-            size = (os.path.getsize(path) if os.path.isfile(path) else sum(
-                os.path.getsize(os.path.join(root, f))
-                for root, _, files in os.walk(path) for f in files))
-            records[name] = {"sha256": sha256(path), "bytes": size}
+            records[name] = {"sha256": sha256(path), "bytes": _size(path)}
     return records
 
 
@@ -79,13 +76,10 @@ def model_artifacts(model_dir) -> list[str]:
     for serving in SERVING_DIRS:
         base = os.path.join(model_dir, serving)
         if os.path.isdir(base):
-            names += [f"{serving}/{v}" for v in sorted(os.listdir(base), key=_version_key)
-                      if v.isdigit() and os.path.isdir(os.path.join(base, v))]
+            versions = [v for v in os.listdir(base)
+                        if v.isdigit() and os.path.isdir(os.path.join(base, v))]
+            names += [f"{serving}/{v}" for v in sorted(versions, key=int)]
     return names
-
-
-def _version_key(name: str):
-    return (not name.isdigit(), int(name) if name.isdigit() else 0, name)
 
 
 def record_artifacts(model_dir, names=None) -> dict:
@@ -108,7 +102,8 @@ def verify_artifacts(model_dir, names=None) -> dict:
 
     Raises:
         FileNotFoundError: an artifact the card records is missing.
-        ModelFileError: a checksum differs from the card, or the card records none of `names`.
+        ModelFileError: a checksum differs from the card.
+    Artifacts of `names` the card does not record are not checked (not in the result).
     """
     model_dir = os.fspath(model_dir)
     card_path = os.path.join(model_dir, CARD)
@@ -218,4 +213,8 @@ def load_defense(path, verify: bool = True, name: str = "fmd.keras"):
 
 
 def _size(path) -> int:
-    return os.path.getsize(path)
+    """Bytes of a file, or of every file under a directory."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path)
+               for f in files)

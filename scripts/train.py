@@ -244,7 +244,7 @@ def _run(args) -> dict:
     from fmd_tf.evaluation.bench import matmul_peak_flops
     from fmd_tf.evaluation.latent_codes import code_activity
     from fmd_tf.export import export_after_training
-    from fmd_tf.files import StagedOutputs, atomic_path, write_json
+    from fmd_tf.files import StagedOutputs, write_json
     from fmd_tf.loading import artifact_records, model_artifacts
     from fmd_tf.pipeline import calibrate_defense, check_data, operating_point_config
 
@@ -272,10 +272,6 @@ def _run(args) -> dict:
     seconds_before = dict(seconds)
     path = stage.find  # this run's copy of an output, else the one in OUT
 
-    def save(model, name):
-        with atomic_path(stage.path(name)) as tmp:
-            model.save(tmp)
-
     t = time.time()
     if "classifier" in args.stages:
         classifier = training.train_classifier(
@@ -283,7 +279,7 @@ def _run(args) -> dict:
         )
         card["classifier_precision"] = training.training_precision(cfg.classifier.precision)
         classifier = training.inference_copy(classifier)
-        save(classifier, "classifier.keras")
+        classifier.save(stage.path("classifier.keras"))
         seconds["classifier"] = time.time() - t
     else:
         classifier = keras.models.load_model(args.classifier or path("classifier.keras"))
@@ -313,7 +309,7 @@ def _run(args) -> dict:
             training.train_vae(cfg, combo, x_vae, log_dir, args.verbose, classifier)
             seconds["vae"] = time.time() - t
         combo = training.inference_copy(combo)
-        save(combo, "combo_vae.keras")
+        combo.save(stage.path("combo_vae.keras"))
     elif "defense" in args.stages:
         combo = keras.models.load_model(path("combo_vae.keras"))
     else:
@@ -351,9 +347,8 @@ def _run(args) -> dict:
         except ValueError as e:
             raise UsageError(str(e)) from None
         cfg = dataclasses.replace(cfg, defense=fmd.config)  # the card records what is used
-        with atomic_path(stage.path("val_resistance.npy")) as tmp:
-            np.save(tmp, report.pop("val_resistance"))
-        save(fmd, "fmd.keras")
+        np.save(stage.path("val_resistance.npy"), report.pop("val_resistance"))
+        fmd.save(stage.path("fmd.keras"))
         seconds["defense_rethreshold" if reuse is not None else "defense"] = time.time() - t
         if reuse is None:  # a fresh calibration replaces any re-threshold of the previous one
             seconds.pop("defense_rethreshold", None)
@@ -401,10 +396,11 @@ def _run(args) -> dict:
                 "source": "TRAIN from the official training set; VAL, CLE from the test set"},
     )
     # SHA-256 of what the card describes: this run's files, the earlier records of the others
-    # (files of a card written before checksums existed are recorded as they are now).
-    card["artifacts"] = {**artifact_records(args.out, model_artifacts(args.out)),
-                         **card.get("artifacts", {}),
-                         **artifact_records(stage.dir, model_artifacts(stage.dir))}
+    # (files a card written before checksums existed does not record: as they are now).
+    written = artifact_records(stage.dir, model_artifacts(stage.dir))
+    recorded = card.get("artifacts", {})
+    unrecorded = [n for n in model_artifacts(args.out) if n not in written and n not in recorded]
+    card["artifacts"] = {**recorded, **artifact_records(args.out, unrecorded), **written}
     write_json(stage.path("model_card.json"), card, sort_keys=True)
     stage.commit(last="model_card.json")
     print(f"wrote {args.out}: training_seconds {card['training_seconds']:.0f}")
@@ -457,10 +453,7 @@ def _train_ensemble(args, stage, classifier_path) -> dict:
         ensemble = FMDefenseEnsemble(members, selection_key=args.ensemble_key, name="fmd_ensemble")
     except ValueError as e:
         raise UsageError(f"cannot assemble the ensemble: {e}") from None
-    from fmd_tf.files import atomic_path
-
-    with atomic_path(stage.path("fmd_ensemble.keras")) as tmp:
-        ensemble.save(tmp)
+    ensemble.save(stage.path("fmd_ensemble.keras"))
     serving = stage.final(export_serving(ensemble, stage.path("serving_ensemble"), version=1,
                                          overwrite=True))
     cards = []
