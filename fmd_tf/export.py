@@ -64,6 +64,7 @@ import tempfile
 import tensorflow as tf
 
 from fmd_tf.defense.fm_defense import OUTPUT_KEYS, validate_images
+from fmd_tf.files import replace_directory
 
 __all__ = [
     "SIGNATURES",
@@ -202,16 +203,8 @@ def export_serving(fmd, out_dir, version: int = 1, overwrite: bool = False,
     try:
         staged = os.path.join(tmp, "model")
         _write_saved_model(fmd, staged, jit_compile)
-        if os.path.exists(final):  # overwrite: swap, restoring the old version on failure
-            old = os.path.join(tmp, "old")
-            os.rename(final, old)
-            try:
-                os.rename(staged, final)
-            except BaseException:
-                os.rename(old, final)
-                raise
-        else:
-            os.rename(staged, final)
+        # overwrite: swapped in, the old version restored on failure
+        replace_directory(staged, final, os.path.join(tmp, "old"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

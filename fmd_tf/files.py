@@ -14,7 +14,8 @@ import os
 import shutil
 import tempfile
 
-__all__ = ["StagedOutputs", "atomic_path", "sha256", "write_json", "write_text"]
+__all__ = ["StagedOutputs", "atomic_path", "replace_directory", "sha256", "write_json",
+           "write_text"]
 
 
 @contextlib.contextmanager
@@ -43,6 +44,21 @@ def atomic_path(path):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def replace_directory(source, target, old) -> None:
+    """Move the directory `source` to `target` (same file system). An existing `target` is
+    first renamed to `old` (a free path), put back if the move fails, and removed after it."""
+    if not os.path.exists(target):
+        os.rename(source, target)
+        return
+    os.rename(target, old)
+    try:
+        os.rename(source, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old)
 
 
 def write_text(path, text: str) -> None:
@@ -130,12 +146,8 @@ class StagedOutputs:
         for name in order:
             source, target = self.path(name), os.path.join(self.out_dir, name)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            if os.path.isdir(source) and os.path.exists(target):
-                old = os.path.join(self.dir, ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(target, old)
-                os.rename(source, target)
-                shutil.rmtree(old)
+            if os.path.isdir(source):
+                replace_directory(source, target, os.path.join(self.dir, ".old"))
             else:
                 os.replace(source, target)
         shutil.rmtree(self.dir)
