@@ -48,7 +48,7 @@ PURIFY_ZU = ("encoded", "class_mean")  # DefenseConfig.purify_zu
 PURIFY_LABELS = ("reconstruction", "corroborated")  # DefenseConfig.purify_label
 RECON_METRICS = ("mae", "mse", "pixel_share")  # DefenseConfig.recon_metric
 DRAW_ORDERS = ("shuffled", "search")  # DefenseConfig.adaptive_order
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # DefenseConfig.morph_dtype
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "auto")  # DefenseConfig.morph_dtype
 
 # Valid ranges, as `option(check=...)` takes them.
 POSITIVE_INT = (lambda v: v >= 1, "must be >= 1")
@@ -264,9 +264,18 @@ class DefenseConfig:
         "(a fixed permutation drawn from seed) or search (smallest radius first); the full "
         "budget does not depend on it", choices=DRAW_ORDERS,
     )
-    morph_dtype: str = option("float32", "compute dtype of the decoder+classifier pass over "
-                              "the morphs (fmd_tf.defense.precision); weights stay float32",
-                              choices=COMPUTE_DTYPES)
+    morph_dtype: str = option(
+        "auto", "compute dtype of the decoder+classifier pass over the morphs "
+        "(fmd_tf.defense.precision); weights stay float32. auto: bfloat16 where the machine "
+        "computes it natively (a CPU with AVX512-BF16/AMX, a GPU of compute capability >= 8.0), "
+        "float32 elsewhere", choices=COMPUTE_DTYPES,
+    )
+    morph_check_margin: float = option(
+        1.0, "with a reduced morph_dtype, morphs whose top two classifier outputs differ by "
+        "less than this are classified again in float32, so the labels are float32's unless an "
+        "output's rounding error exceeds half of it (0 = no check; in logits, or in log "
+        "probabilities for a classifier with a softmax output)", check=NON_NEGATIVE,
+    )
     recon_fpr: float = option(
         0.0, "reconstruction gate (not in the paper; 0 = off, the paper's rule): reject inputs "
         "whose combo-VAE reconstruction error exceeds the clean VAL (1 - recon_fpr) quantile",
@@ -336,9 +345,11 @@ def quick_config(cfg: ExperimentConfig) -> ExperimentConfig:
             cfg.combo, dgmm_epochs=1, vae_epochs=1, batch_size=64, dgmm_train_size=512,
             vae_data="train",
         ),
+        # float32 morphs: a classifier trained for one epoch has small logits, so nearly every
+        # morph would be a close call and checked bfloat16 would only add a pass.
         defense=dataclasses.replace(
             cfg.defense, num_morphs=8, candidates_per_step=4, max_steps=4, chunk_size=256,
-            rho=0.95,
+            rho=0.95, morph_dtype="float32",
         ),
     )
 

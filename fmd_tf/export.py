@@ -111,10 +111,10 @@ def serving_functions(fmd, jit_compile: bool = False) -> dict:
     `detect`) behind the input checks; see the module docstring. It needs the full morph
     budget (the adaptive budget has data-dependent shapes): ValueError otherwise.
     """
-    if jit_compile and getattr(fmd, "adaptive_budget", False):
-        raise ValueError("XLA (jit_compile / --xla) needs the full morph budget: export "
-                         "fmd.copy_with(adaptive_budget=False) (the same verdicts where the "
-                         "budget was chosen on VAL, all m x N morphs per image)")
+    if jit_compile and not fmd._xla_compatible():
+        raise ValueError("XLA (jit_compile / --xla) needs fixed shapes: export "
+                         "fmd.copy_with(**FMDefense.XLA_OPTIONS) (all m x N morphs per image in "
+                         "float32: the same verdicts where the budget was chosen on VAL)")
     image_shape = tuple(int(s) for s in fmd._image_shape)
     spec = tf.TensorSpec([None, *image_shape], tf.float32, name=INPUT_NAME)
 

@@ -35,7 +35,7 @@ SERVING_DIRS = ("serving", "serving_ensemble")
 # The layout of a saved FMDefense / FMDefenseEnsemble config, stored in every file with the
 # fmd_tf version that wrote it. Raise it when a file written now could not be read by an older
 # fmd_tf; files without it (written before it existed) are format 1.
-SAVE_FORMAT = 1
+SAVE_FORMAT = 2  # 2: DefenseConfig.morph_check_margin
 FORMAT_KEYS = ("fmd_tf_format", "fmd_tf_version")
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from fmd_tf.config import DGMM_LR_SCHEDULES, TRAIN_PRECISIONS, VAE_DATA, ExperimentConfig
+from fmd_tf.defense.precision import bfloat16_is_fast
 from fmd_tf.models.classifier import Classifier
 from fmd_tf.models.combo_vae import ComboVAE, build_combo_vae
 from fmd_tf.models.dgmm import DGMM
@@ -43,22 +44,6 @@ def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int =
     """Share of `x` whose argmax logit equals `y`."""
     logits = model.predict(x, batch_size=batch_size, verbose=0)
     return float(np.mean(np.argmax(logits, axis=-1) == y))
-
-
-def bfloat16_is_fast() -> bool:
-    """Whether this machine computes bfloat16 natively: a GPU of compute capability >= 8.0,
-    else a CPU with AVX512-BF16 or AMX-BF16 (from /proc/cpuinfo). A fixed rule, not a timing
-    probe, so that the choice does not depend on what else the machine is doing."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        return tuple(details.get("compute_capability", (0, 0))) >= (8, 0)
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = {word for line in f if line.startswith("flags") for word in line.split()}
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def training_precision(name: str) -> str:

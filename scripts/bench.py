@@ -38,8 +38,10 @@ default_inference  the model's default inference path as shipped (fmd.keras: the
                    throughput ratio, verdict agreement, ROC AUC of the resistance score
                    max_i(θr_i - r_i) of both and its change, morphs per image, and the top op
                    types by self time of one batch under tf.profiler.
-bfloat16_vs_float32  `morph_dtype="bfloat16"` vs float32: throughput ratio (timed back to back)
-                   and agreement of verdicts / resistances on the clean and FGSM images.
+bfloat16_vs_float32  the morph pass in bfloat16 vs float32, unchecked (`morph_check_margin=0`)
+                   and checked (close calls classified again in float32; `checked`):
+                   throughput ratios (timed back to back), morph outcomes that differ from
+                   float32's, agreement of verdicts / resistances on the clean and FGSM images.
 serving_load       the exported model behind the local PredictionService / REST server under
                    load: --load-clients concurrent clients, --load-requests requests (10 %
                    malformed) over gRPC and over REST, server-side batching off and on; every

@@ -59,10 +59,10 @@ def run(args) -> str:
 
     with usage_errors():  # an unregistered class, not a defense
         fmd = load_defense(args.model, verify=False)  # checked in parse_args
-    if args.xla and fmd.adaptive_budget:  # XLA needs fixed shapes: all morphs
-        fmd = fmd.copy_with(adaptive_budget=False)
-        print("--xla: exporting with the full morph budget (the adaptive budget has "
-              "data-dependent shapes)")
+    if args.xla and not fmd._xla_compatible():  # XLA needs fixed shapes
+        fmd = fmd.copy_with(**fmd.XLA_OPTIONS)
+        print(f"--xla: exporting with {fmd.XLA_OPTIONS} (the default budget and the checked "
+              "reduced-precision morphs have data-dependent shapes)")
     try:
         path = export_serving(fmd, args.out, version=args.version, overwrite=args.overwrite,
                               jit_compile=args.xla)

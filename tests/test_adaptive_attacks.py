@@ -43,7 +43,7 @@ def _defense(classifier, **kwargs):
     keras.utils.set_random_seed(0)
     combo = build_combo_vae(TINY_COMBO_CONFIG, (28, 28, 1), 10)
     args = dict(num_morphs=8, candidates_per_step=4, max_steps=4, radius_step=0.2,
-                chunk_size=64, rho=0.9)
+                chunk_size=64, rho=0.9, morph_dtype="float32")
     args.update(kwargs)
     fmd = FMDefense(classifier, combo, **args)
     fmd.build((None, 28, 28, 1))

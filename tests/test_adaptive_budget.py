@@ -17,7 +17,7 @@ from test_defense import ConstantClassifier, _tiny_defense
 
 import fmd_tf  # noqa: F401
 from fmd_tf.config import DefenseConfig
-from fmd_tf.defense import FMDefense
+from fmd_tf.defense import FMDefense, precision
 from fmd_tf.defense import adaptive_budget as ab
 from fmd_tf.models import build_combo_vae
 
@@ -354,7 +354,7 @@ def test_from_config_dataclass_passes_new_fields():
         adaptive_budget=True, adaptive_round=4, adaptive_alpha=0.02, morph_dtype="float16",
         adaptive_order="search",
     )
-    assert DefenseConfig().adaptive_budget is False and DefenseConfig().morph_dtype == "float32"
+    assert DefenseConfig().adaptive_budget is False and DefenseConfig().morph_dtype == "auto"
     combo = build_combo_vae(TINY_COMBO_CONFIG, (28, 28, 1), 10)
     fmd = FMDefense.from_config_dataclass(ConstantClassifier(), combo, cfg)
     assert (fmd.adaptive_budget, fmd.adaptive_round, fmd.adaptive_alpha, fmd.morph_dtype,
@@ -381,7 +381,7 @@ def test_adaptive_savedmodel_export_matches(full_and_adaptive, tmp_path):
     served = fn(images=tf.constant(tiny_images(12, seed=2)))
     for key in ("resistance", "verdict", "label"):
         np.testing.assert_array_equal(served[key].numpy(), out[key])
-    with pytest.raises(ValueError, match="full morph budget"):  # XLA needs fixed shapes
+    with pytest.raises(ValueError, match="fixed shapes"):  # XLA needs fixed shapes
         export_serving(adaptive, str(tmp_path / "xla"), version=1, jit_compile=True)
     assert not (tmp_path / "xla" / "1").exists()
 
@@ -414,6 +414,64 @@ def test_bfloat16_morphs_agree_with_float32(full_and_adaptive, adaptive):
     assert _bf16_ops(bf16) == {"Conv2D", "MatMul", "Conv2DBackpropInput"}
     assert bf16.classifier.dtype_policy.name == "float32"
     assert bf16.combo_vae.decoder.stack[0].dtype_policy.name == "float32"
+
+
+def _labels_with(fmd, latents, dtype, margin):
+    return precision.morph_labels(fmd.classifier, fmd.combo_vae.decoder, tf.constant(latents),
+                                  dtype, margin).numpy()
+
+
+def test_checked_morph_labels_are_float32_where_the_margin_is_small():
+    """Rows whose bfloat16 top-two margin is below the check margin get float32's label, the
+    others keep bfloat16's; margin 0 is plain bfloat16, a huge margin is float32 throughout."""
+    fmd = _sensitive(_tiny_defense())
+    logits = fmd.classifier.logits_layer  # larger logits: margins of all sizes
+    logits.kernel.assign(logits.kernel * 30.0)
+    latents = np.random.default_rng(0).normal(0.0, 3.0, (400, 7)).astype(np.float32)
+    f32 = _labels_with(fmd, latents, "float32", 0.0)
+    with precision.mixed_policy((fmd.combo_vae.decoder, fmd.classifier), "bfloat16"):
+        outputs = tf.cast(fmd.classifier(fmd.combo_vae.decoder(latents)), tf.float32).numpy()
+    top2 = np.sort(outputs, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    bf16 = outputs.argmax(axis=1)
+    assert (bf16 != f32).any(), "the test needs rows where bfloat16 and float32 differ"
+    tau = float(np.median(margin))
+    np.testing.assert_array_equal(_labels_with(fmd, latents, "bfloat16", tau),
+                                  np.where(margin < tau, f32, bf16))
+    np.testing.assert_array_equal(_labels_with(fmd, latents, "bfloat16", 0.0), bf16)
+    np.testing.assert_array_equal(_labels_with(fmd, latents, "bfloat16", 1e9), f32)
+
+
+def test_checked_morph_labels_without_close_calls_skip_the_float32_pass():
+    """No row below the margin: the float32 pass is skipped (oneDNN's convolution fails on an
+    empty batch), the labels are bfloat16's."""
+    fmd = _tiny_defense(ConstantClassifier(), morph_dtype="bfloat16")
+    latents = np.zeros((6, 7), np.float32)
+    np.testing.assert_array_equal(_labels_with(fmd, latents, "bfloat16", 1.0), np.full(6, 4))
+
+
+def test_output_margin_is_in_logits_for_logits_and_for_softmax_outputs():
+    logits = tf.constant([[2.0, -1.0, 0.5], [0.0, 3.0, 2.9]])
+    np.testing.assert_allclose(precision.output_margin(logits), [1.5, 0.1], atol=1e-6)
+    np.testing.assert_allclose(precision.output_margin(tf.nn.softmax(logits)), [1.5, 0.1],
+                               atol=1e-5)
+
+
+def test_auto_morph_dtype_follows_the_machine(monkeypatch):
+    monkeypatch.setattr(precision, "bfloat16_is_fast", lambda: True)
+    assert precision.resolve_dtype("auto") == "bfloat16"
+    fmd = _tiny_defense(morph_dtype="auto")
+    assert not fmd._xla_compatible()  # checked morphs: data-dependent shapes
+    with pytest.raises(ValueError, match="morph_check_margin"):
+        _tiny_defense(morph_dtype="auto", jit_compile=True)
+    assert _tiny_defense(morph_dtype="auto", morph_check_margin=0.0, jit_compile=True)
+    assert fmd.copy_with(**FMDefense.XLA_OPTIONS)._xla_compatible()
+    monkeypatch.setattr(precision, "bfloat16_is_fast", lambda: False)
+    assert precision.resolve_dtype("auto") == "float32"
+    assert _tiny_defense(morph_dtype="auto", jit_compile=True)._xla_compatible()
+    assert precision.resolve_dtype("float16") == "float16"
+    with pytest.raises(ValueError, match="compute dtype"):
+        precision.resolve_dtype("int8")
 
 
 # ----------------------------------------------------------------------------- bench script
@@ -510,7 +568,12 @@ def test_bench_quick_end_to_end(quick_model, tmp_path):
             assert part["seconds"] > 0
             assert part["seconds_at_reference_peak"] == pytest.approx(
                 part["seconds"] * (peaks["before"] + peaks["after"]) / 2 / 220e9)
-    assert 0.0 <= report["bfloat16_vs_float32"]["verdict_agreement"] <= 1.0
+    bf16 = report["bfloat16_vs_float32"]
+    assert 0.0 <= bf16["verdict_agreement"] <= 1.0
+    checked = bf16["checked"]
+    assert 0 <= checked["morph_outcomes_differing"] <= checked["morph_outcomes"] == \
+        2 * 16 * report["settings"]["num_morphs"] * report["settings"]["num_codes"]
+    assert checked["throughput_ratio"] > 0 and checked["morph_check_margin"] > 0
     train = report["training"]
     assert train["classifier_step_ms"]["float32"] > 0 and train["vae_step_ms"]["in_loss"] > 0
     assert train["budget_trial"]["replay_identical_to_model"] is True

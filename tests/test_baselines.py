@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_case import FmdTestCase, tiny_images, toy_batch
+from test_case import FmdTestCase, run_script, tiny_images, toy_batch
 
 from fmd_tf.baselines import (
     FeatureSqueezing,
@@ -23,9 +21,6 @@ from fmd_tf.baselines import (
 )
 from fmd_tf.defense import NotCalibratedError
 from fmd_tf.models import Classifier
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "scripts", "train_baselines.py")
 
 
 def tiny_classifier(seed=0, num_classes=10):
@@ -331,10 +326,8 @@ def test_magnet_not_calibrated_and_argument_checks():
 
 
 # ----------------------------------------------------------------------------- script
-def _run_script(*args, timeout=300):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=REPO)
+def _run_script(*args):
+    return run_script("scripts/train_baselines.py", *args)
 
 
 def test_script_refuses_missing_classifier_and_overwrite(tmp_path):

@@ -25,6 +25,9 @@ API (kept deliberately small):
   session-scoped fixtures ``tiny_images`` and ``toy_batch``.
 * :data:`TINY_COMBO_CONFIG` -- a very small ``ComboVAEConfig`` for fast combo-VAE tests.
 * :func:`run_python` -- ``python <args>`` in a new process from the repository root (scripts).
+* :func:`run_script` -- a script's command line in this process, with the same result object
+  (no new Python and TensorFlow import, 5-10 s each): for tests of what a script does, not of
+  how it starts (import time, exit before TensorFlow, environment, signals).
 
 This module is a helper, not a test module: it defines no tests (``conftest.py`` keeps pytest
 from collecting it).
@@ -32,11 +35,15 @@ from collecting it).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import traceback
 
 import keras
 import numpy as np
@@ -44,7 +51,8 @@ import tensorflow as tf
 
 from fmd_tf.config import ComboVAEConfig
 
-__all__ = ["FmdTestCase", "ROOT", "TINY_COMBO_CONFIG", "run_python", "tiny_images", "toy_batch"]
+__all__ = ["FmdTestCase", "ROOT", "TINY_COMBO_CONFIG", "run_python", "run_script", "tiny_images",
+           "toy_batch"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
@@ -69,6 +77,46 @@ def run_python(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
         [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
         env=env or dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
     )
+
+
+_SCRIPTS = {}
+
+
+def _script(path: str):
+    """The module of scripts/<name>.py (`path` relative to the repository), imported once."""
+    if path not in _SCRIPTS:
+        name = "fmd_script_" + os.path.splitext(os.path.basename(path))[0]
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _SCRIPTS[path] = module
+    return _SCRIPTS[path]
+
+
+def run_script(path: str, *args, **_ignored) -> subprocess.CompletedProcess:
+    """`python path *args` run in this process: the script's `run_cli(run, parse_args, argv)`
+    from the repository root, its stdout / stderr captured, an uncaught exception's traceback
+    on stderr with exit status 1 (as a new process would print it), argparse's exit status
+    kept. Returns what `run_python` returns."""
+    module = _script(path)
+    out, err = io.StringIO(), io.StringIO()
+    argv, cwd = sys.argv, os.getcwd()
+    sys.argv = [path, *map(str, args)]
+    try:
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = module.run_cli(module.run, module.parse_args, sys.argv[1:])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # noqa: BLE001 - reported like an uncaught exception
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+    return subprocess.CompletedProcess([sys.executable, path, *map(str, args)], code,
+                                       out.getvalue(), err.getvalue())
 
 
 def tiny_images(n: int = 4, shape=(28, 28, 1), seed: int = 0) -> np.ndarray:

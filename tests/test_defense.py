@@ -235,7 +235,8 @@ def _tiny_defense(classifier=None, **kwargs):
     keras.utils.set_random_seed(0)
     classifier = classifier or Classifier(conv_filters=(4, 4), dense_units=(8,), name="clf")
     combo = build_combo_vae(TINY_COMBO_CONFIG, (28, 28, 1), 10)
-    args = dict(num_morphs=4, candidates_per_step=2, max_steps=4, chunk_size=16, rho=0.9)
+    args = dict(num_morphs=4, candidates_per_step=2, max_steps=4, chunk_size=16, rho=0.9,
+                morph_dtype="float32")
     args.update(kwargs)
     fmd = FMDefense(classifier, combo, **args)
     fmd.build((None, 28, 28, 1))
@@ -461,7 +462,8 @@ SAVED_KEYS = {
     "radius_step", "max_steps", "range_percentiles", "selected_codes", "threshold_mode", "rho",
     "eta", "min_suspicious", "eta_reference_rho", "purify_zu", "purify_label", "chunk_size",
     "seed", "adaptive_budget", "adaptive_round", "adaptive_alpha", "adaptive_refine_codes",
-    "adaptive_order", "morph_dtype", "recon_fpr", "recon_metric", "recon_pixel_tol",
+    "adaptive_order", "morph_dtype", "morph_check_margin", "recon_fpr", "recon_metric",
+    "recon_pixel_tol",
     "fmd_tf_format", "fmd_tf_version",  # which fmd_tf wrote the file (fmd_tf.loading)
 }
 

@@ -15,7 +15,8 @@ import fmd_tf  # noqa: F401
 from fmd_tf.defense import FMDefense, FMDefenseEnsemble, NotCalibratedError, select_members
 from fmd_tf.models import Classifier, build_combo_vae
 
-ARGS = dict(num_morphs=4, candidates_per_step=2, max_steps=4, chunk_size=16, rho=0.9)
+ARGS = dict(num_morphs=4, candidates_per_step=2, max_steps=4, chunk_size=16, rho=0.9,
+            morph_dtype="float32")
 
 
 def _classifier():

@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from test_case import run_python as _run
+from test_case import run_script as _run
 
 
 @pytest.fixture(scope="module")

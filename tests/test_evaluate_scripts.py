@@ -8,13 +8,14 @@ import shutil
 
 import pytest
 from test_case import run_python as _run
+from test_case import run_script
 
 
 def test_evaluate_report_schema(quick_model, tmp_path):
     out = tmp_path / "eval"
-    proc = _run("scripts/evaluate.py", "--model", str(quick_model), "--attacks", "fgsm,deepfool",
-                "--n", "12", "--out", str(out), "--cache", str(tmp_path / "cache"),
-                "--no-baselines")
+    proc = run_script("scripts/evaluate.py", "--model", str(quick_model), "--attacks",
+                      "fgsm,deepfool", "--n", "12", "--out", str(out), "--cache",
+                      str(tmp_path / "cache"), "--no-baselines")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert {"dataset", "n", "model", "clean", "attacks"} <= set(report)
@@ -41,18 +42,18 @@ def test_evaluate_report_schema(quick_model, tmp_path):
     assert 0.0 <= own[0]["val_clean_defended_accuracy"] <= 1.0
     assert "| VAL clean defended |" in (out / "report.md").read_text()
     # Second run uses the cached adversarial set.
-    proc = _run("scripts/evaluate.py", "--model", str(quick_model), "--attacks", "fgsm",
-                "--n", "12", "--out", str(out), "--cache", str(tmp_path / "cache"),
-                "--no-baselines")
+    proc = run_script("scripts/evaluate.py", "--model", str(quick_model), "--attacks", "fgsm",
+                      "--n", "12", "--out", str(out), "--cache", str(tmp_path / "cache"),
+                      "--no-baselines")
     assert proc.returncode == 0
     assert json.loads((out / "report.json").read_text())["attacks"]["fgsm"]["attack_cached"]
 
 
 def test_evaluate_adaptive_budget_grid(quick_model, tmp_path):
     out = tmp_path / "adaptive"
-    proc = _run("scripts/evaluate.py", "--model", str(quick_model), "--attacks",
-                "fgsm,adaptive_pgd", "--linf-eps", "0.05", "--l2-eps", "1.5", "--n", "4",
-                "--out", str(out), "--cache", str(tmp_path / "cache"), "--no-baselines")
+    proc = run_script("scripts/evaluate.py", "--model", str(quick_model), "--attacks",
+                      "fgsm,adaptive_pgd", "--linf-eps", "0.05", "--l2-eps", "1.5", "--n", "4",
+                      "--out", str(out), "--cache", str(tmp_path / "cache"), "--no-baselines")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert list(report["attacks"]) == ["fgsm", "adaptive_pgd_linf_0.05", "adaptive_pgd_l2_1.5"]
@@ -66,9 +67,9 @@ def test_evaluate_adaptive_budget_grid(quick_model, tmp_path):
     # The paper's figures and operating points cover only the paper's attacks.
     assert all("adaptive" not in k for row in report["operating_points"] for k in row)
     # Adaptive attacks alone: no paper figures, still a report.
-    proc = _run("scripts/evaluate.py", "--model", str(quick_model), "--attacks", "cw_hiconf",
-                "--linf-eps", "0.05", "--n", "4", "--out", str(out / "only"),
-                "--cache", str(tmp_path / "cache"), "--no-baselines")
+    proc = run_script("scripts/evaluate.py", "--model", str(quick_model), "--attacks", "cw_hiconf",
+                      "--linf-eps", "0.05", "--n", "4", "--out", str(out / "only"),
+                      "--cache", str(tmp_path / "cache"), "--no-baselines")
     assert proc.returncode == 0, proc.stderr[-3000:]
     only = json.loads((out / "only" / "report.json").read_text())
     assert list(only["attacks"]) == ["adaptive_cw_hiconf_linf_0.05"]
@@ -92,8 +93,8 @@ def test_evaluate_bad_model_card_split_sizes(quick_model, tmp_path):
     card = json.loads((model / "model_card.json").read_text())
     card["hyperparameters"]["splits"] = {"val_size": 10, "bogus": 1}
     (model / "model_card.json").write_text(json.dumps(card))
-    proc = _run("scripts/evaluate.py", "--model", str(model), "--attacks", "fgsm", "--n", "4",
-                "--out", str(tmp_path / "out"), "--no-baselines")
+    proc = run_script("scripts/evaluate.py", "--model", str(model), "--attacks", "fgsm", "--n", "4",
+                      "--out", str(tmp_path / "out"), "--no-baselines")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "hyperparameters.splits" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -104,11 +105,11 @@ def test_operating_points_on_clean_val(quick_model, tmp_path):
     cal, rho = card["calibration"], card["hyperparameters"]["defense"]["rho"]
     own_metric = card["hyperparameters"]["defense"]["recon_metric"]
     rhos, gates = sorted({1.0, rho}), sorted({0.0, 0.01, cal["recon_fpr"]})
-    proc = _run("scripts/operating_points.py", "--model", str(quick_model), "--rho",
-                ",".join(map(str, rhos)), "--recon-fpr", ",".join(map(str, gates)),
-                "--modes", "per_code", "--recon-metric", "mae,mse,pixel_share",
-                "--recon-pixel-tol", "0.05,0.2", "--attacks", "fgsm",
-                "--n-attack", "6", "--cache", str(tmp_path / "cache"), "--out", str(out))
+    proc = run_script("scripts/operating_points.py", "--model", str(quick_model), "--rho",
+                      ",".join(map(str, rhos)), "--recon-fpr", ",".join(map(str, gates)),
+                      "--modes", "per_code", "--recon-metric", "mae,mse,pixel_share",
+                      "--recon-pixel-tol", "0.05,0.2", "--attacks", "fgsm",
+                      "--n-attack", "6", "--cache", str(tmp_path / "cache"), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {(r["recon_metric"], r["rho"], r["recon_fpr"]): r for r in report["rows"]

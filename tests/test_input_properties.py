@@ -73,7 +73,7 @@ def defense():
             if "kernel" in w.path:
                 w.assign(w.numpy() * 10.0)
     fmd = FMDefense(classifier, combo, num_morphs=NUM_MORPHS, candidates_per_step=2,
-                    max_steps=4, chunk_size=16, rho=0.9, name="fmd")
+                    max_steps=4, chunk_size=16, rho=0.9, morph_dtype="float32", name="fmd")
     fmd.calibrate(tiny_images(16, seed=3))
     # No distance sum of (0.3 - r) over 4 codes, r in multiples of 1/4, equals 1.0 exactly.
     fmd.theta_r.assign(np.full(NUM_CODES, 0.3, np.float32))

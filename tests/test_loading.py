@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import fmd_tf
+from fmd_tf import loading
 from fmd_tf.cli import run_cli
 from fmd_tf.files import StagedOutputs, atomic_path, sha256, write_json
 from fmd_tf.loading import ModelFileError, load_defense, record_artifacts, verify_artifacts
@@ -192,7 +193,8 @@ def test_saved_config_records_the_format_and_a_newer_one_is_refused(model_copy):
     path = model_copy / "fmd.keras"
     with zipfile.ZipFile(path) as archive:
         config = json.loads(archive.read("config.json"))["config"]
-    assert config["fmd_tf_format"] == 1 and config["fmd_tf_version"] == fmd_tf.__version__
+    assert config["fmd_tf_format"] == loading.SAVE_FORMAT == 2
+    assert config["fmd_tf_version"] == fmd_tf.__version__
 
     def newer(c):
         c["config"].update(fmd_tf_format=99, fmd_tf_version="9.0.0")

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 from test_case import run_python as _run
+from test_case import run_script
 
 
 def test_train_quick_writes_models_and_card(quick_model):
@@ -72,8 +73,8 @@ def test_train_missing_data_exits_2(tmp_path):
 
 def test_demo_runs_on_quick_model(quick_model, tmp_path):
     figure = tmp_path / "demo.png"
-    proc = _run("scripts/demo.py", "--model", str(quick_model), "--n", "8", "--figure",
-                str(figure))
+    proc = run_script("scripts/demo.py", "--model", str(quick_model), "--n", "8", "--figure",
+                      str(figure))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "accuracy with FM-Defense" in proc.stdout and "FGSM eps=0.3" in proc.stdout
     assert figure.stat().st_size > 1000
@@ -81,8 +82,8 @@ def test_demo_runs_on_quick_model(quick_model, tmp_path):
 
 def test_latent_codes_script_on_quick_model(quick_model, tmp_path):
     out = tmp_path / "codes" / "latent_codes.json"
-    proc = _run("scripts/latent_codes.py", "--model", str(quick_model), "--n", "16", "--out",
-                str(out))
+    proc = run_script("scripts/latent_codes.py", "--model", str(quick_model), "--n", "16", "--out",
+                      str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["num_codes"] == 10 and report["images"] == 16
@@ -91,7 +92,7 @@ def test_latent_codes_script_on_quick_model(quick_model, tmp_path):
     assert "z9: KL" in proc.stdout
     card = json.loads((quick_model / "model_card.json").read_text())
     assert card["latent_codes"]["num_codes"] == 10  # train.py writes the same figures
-    proc = _run("scripts/latent_codes.py", "--model", str(tmp_path))
+    proc = run_script("scripts/latent_codes.py", "--model", str(tmp_path))
     assert proc.returncode == 2 and "fmd.keras" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+from test_case import run_python, run_script
 
 
-def _train(*args, timeout=900):
-    return subprocess.run([sys.executable, "scripts/train.py", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=ENV)
+def _train(*args):
+    return run_script("scripts/train.py", *args)
 
 
 def _squares_npz(path, n_train=240, n_test=160, size=16):
@@ -86,7 +80,7 @@ def test_train_protects_a_users_classifier_on_npz_data(tmp_path):
     (["--preset", "tiny"], "invalid choice: 'tiny'"),
 ])
 def test_train_usage_errors_are_one_line_without_tensorflow_noise(args, message):
-    proc = _train(*args, "--out", "/nonexistent/out", timeout=120)
+    proc = run_python("scripts/train.py", *args, "--out", "/nonexistent/out", timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
     if "invalid choice" not in message:  # argparse prints its usage first
@@ -96,7 +90,37 @@ def test_train_usage_errors_are_one_line_without_tensorflow_noise(args, message)
 def test_train_refuses_a_malformed_npz(tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, x_train=np.zeros((4, 8, 8)), y_train=np.zeros(4))
-    proc = _train("--data", str(bad), "--preset", "fast", "--out", str(tmp_path / "o"),
-                  timeout=300)
+    proc = _train("--data", str(bad), "--preset", "fast", "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "x_test" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_train_mnist_from_official_idx_files(tmp_path, monkeypatch):
+    """`--dataset mnist` end to end with the paper's MNIST settings (20 manipulated codes) at the
+    fast preset's sizes, on the four IDX files in the official format (gzip, big-endian
+    header) in $FMD_DATA_DIR/mnist: scikit-learn's 8x8 digits scaled to 28x28."""
+    from sklearn.datasets import load_digits
+    from test_data import IDX_FILES, _idx_bytes, _write_gz
+
+    digits = load_digits()
+    images = np.pad(np.kron(digits.images, np.ones((3, 3))), ((0, 0), (2, 2), (2, 2)))
+    images = np.round(images * 255.0 / 16.0).astype(np.uint8)  # [1797, 28, 28]
+    labels = digits.target.astype(np.uint8)
+    arrays = {"x_train": images[:1200], "y_train": labels[:1200],
+              "x_test": images[1200:], "y_test": labels[1200:]}
+    (tmp_path / "data" / "mnist").mkdir(parents=True)
+    for key, name in IDX_FILES.items():
+        _write_gz(tmp_path / "data" / "mnist" / name, _idx_bytes(arrays[key]))
+    monkeypatch.setenv("FMD_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("FMD_NO_DOWNLOAD", "1")
+    out = tmp_path / "mnist"
+    proc = _train("--dataset", "mnist", "--preset", "fast", "--out", str(out), "--verbose", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["dataset"] == "mnist"
+    assert card["hyperparameters"]["combo"]["shared_dim"] == 20
+    assert card["hyperparameters"]["image_shape"] == [28, 28, 1]
+    assert np.load(out / "val_resistance.npy").shape[1] == 20
+    for name in ("classifier.keras", "fmd.keras", "serving/1/saved_model.pb"):
+        assert (out / name).is_file(), name

@@ -24,7 +24,8 @@ OUTPUT_KEYS = ("label", "verdict", "classifier_label", "resistance", "distance",
                "recon_error")
 # Options whose default changed: a saved config without the key was written when the option
 # did not exist yet, and behaved as this value.
-LEGACY_DEFAULTS = {"recon_metric": "mse", "purify_label": "reconstruction"}
+LEGACY_DEFAULTS = {"recon_metric": "mse", "purify_label": "reconstruction",
+                   "morph_dtype": "float32", "morph_check_margin": 0.0}
 
 # Keyword arguments of FMDefense that go to keras.Model, not to the DefenseConfig.
 _KERAS_KWARGS = ("name", "trainable", "dtype", "autocast", "activity_regularizer")
@@ -357,9 +358,9 @@ class FMDefense(BatchedDefense, keras.Model):
             raise _options.OptionError("adaptive_refine_codes",
                                        f"must be in [0, {m}] (the number of selected codes)",
                                        config.adaptive_refine_codes)
-        if config.adaptive_budget and jit_compile:
-            raise ValueError("adaptive_budget has data-dependent shapes: jit_compile must be "
-                             "None or False")
+        if jit_compile and _dynamic_shapes(config):
+            raise ValueError(f"{_dynamic_shapes(config)} has data-dependent shapes: jit_compile "
+                             f"must be None or False, or use copy_with(**FMDefense.XLA_OPTIONS)")
 
     @classmethod
     def from_config_dataclass(cls, classifier, combo_vae, defense_cfg, **kwargs):
@@ -400,8 +401,9 @@ class FMDefense(BatchedDefense, keras.Model):
         classifier; ranges, thresholds and search table are copied. E.g.
         `fmd.copy_with(adaptive_budget=True)`."""
         jit_compile = changes.pop("jit_compile", self.jit_compile)
-        if changes.get("adaptive_budget", self.adaptive_budget) and jit_compile:
-            jit_compile = None  # the adaptive loop cannot be XLA-compiled
+        if jit_compile and _dynamic_shapes(dataclasses.replace(self._config, **{
+                k: v for k, v in changes.items() if k in _OPTION_NAMES})):
+            jit_compile = None  # data-dependent shapes cannot be XLA-compiled
         changes.setdefault("name", self.name)
         copy = FMDefense(self.classifier if classifier is None else classifier, self.combo_vae,
                          self._config, jit_compile=jit_compile, **changes)
@@ -453,8 +455,16 @@ class FMDefense(BatchedDefense, keras.Model):
     def is_calibrated(self) -> bool:
         return self.built and float(self.calibrated.numpy()) > 0.5
 
+    # Options of a copy whose graph has fixed shapes (XLA): all N morphs, float32 morphs.
+    XLA_OPTIONS = {"adaptive_budget": False, "morph_dtype": "float32"}
+
     def _xla_compatible(self) -> bool:
-        return not self.adaptive_budget
+        return not _dynamic_shapes(self._config)
+
+    def _labels_of(self, latents):
+        """Classifier labels [M] int64 of decoder(latents [M, D]) in `morph_dtype`."""
+        return precision.morph_labels(self.classifier, self.combo_vae.decoder, latents,
+                                      self.morph_dtype, self.morph_check_margin)
 
     # ----------------------------------------------------------------------------- graph
     def _morph_labels(self, latents):
@@ -468,8 +478,7 @@ class FMDefense(BatchedDefense, keras.Model):
         chunks = tf.reshape(padded, [num_chunks, chunk, tf.shape(latents)[1]])
 
         def label_chunk(z):
-            return precision.morph_labels(self.classifier, self.combo_vae.decoder, z,
-                                          self.morph_dtype)
+            return self._labels_of(z)
 
         labels = tf.map_fn(
             label_chunk, chunks, fn_output_signature=tf.int64, parallel_iterations=1
@@ -494,8 +503,7 @@ class FMDefense(BatchedDefense, keras.Model):
         )
         return adaptive.adaptive_resistance(
             mean, zu, label, selected, values, self.theta_r,
-            lambda z: precision.morph_labels(self.classifier, self.combo_vae.decoder, z,
-                                             self.morph_dtype),
+            self._labels_of,
             self.adaptive_round, self.adaptive_alpha, self.chunk_size,
             refine_codes=self.adaptive_refine_codes,
             order=adaptive.draw_order(self.adaptive_order, self.num_morphs, self.seed),
@@ -701,6 +709,17 @@ class FMDefense(BatchedDefense, keras.Model):
             "val_resistance": r_val,
             **({} if outcomes is None else {"val_morph_outcomes": outcomes}),
         }
+
+
+def _dynamic_shapes(config: DefenseConfig) -> str:
+    """The options of `config` that give the graph data-dependent shapes (not XLA-compatible),
+    as text ("" if none): the adaptive budget, checked reduced-precision morphs."""
+    reasons = []
+    if config.adaptive_budget:
+        reasons.append("adaptive_budget")
+    if precision.resolve_dtype(config.morph_dtype) != "float32" and config.morph_check_margin > 0:
+        reasons.append(f"morph_dtype={config.morph_dtype!r} with morph_check_margin > 0")
+    return " and ".join(reasons)
 
 
 def _option_property(name: str) -> property:

@@ -680,34 +680,56 @@ def _scale_times(value, peak: float):
 
 
 def section_bf16(ctx) -> dict:
+    """The morph pass (all m·N morphs) in bfloat16 against float32 on the same clean and FGSM
+    images, unchecked (`morph_check_margin` 0) and checked (the default margin: close calls
+    classified again in float32, `fmd_tf.defense.precision`): throughput ratios (timed back to
+    back), morph outcomes that differ from float32's, verdict / resistance / label agreement."""
+    from fmd_tf.config import DefenseConfig
+
     fmd, x, cfg = ctx["fmd"], ctx["x"], ctx["cfg"]
     x_adv = _adversarial(ctx, x, ctx["y"])
-    bf16 = variant(fmd, morph_dtype="bfloat16")
+    margin = DefenseConfig.morph_check_margin
+    models = {"float32": variant(fmd, morph_dtype="float32"),
+              "bfloat16": variant(fmd, morph_dtype="bfloat16", morph_check_margin=0.0),
+              "checked": variant(fmd, morph_dtype="bfloat16", morph_check_margin=margin)}
     bs = cfg.batch_size
-    for model in (fmd, bf16):
-        model.defend(x[:bs], batch_size=bs)
-    ref, t_f32 = _timed(fmd.defend, x, batch_size=bs)
-    out, t_bf16 = _timed(bf16.defend, x, batch_size=bs)
-    ref_adv = fmd.defend(x_adv, batch_size=bs)
-    out_adv = bf16.defend(x_adv, batch_size=bs)
-    r_diff = np.abs(np.concatenate([out["resistance"] - ref["resistance"],
-                                    out_adv["resistance"] - ref_adv["resistance"]]))
+    runs = {}
+    for name, model in models.items():
+        model.defend_with_stats(x[:bs], batch_size=bs, outcomes=True)  # warm-up / trace
+        clean, seconds = _timed(model.defend_with_stats, x, batch_size=bs, outcomes=True)
+        runs[name] = {"clean": clean, "seconds": seconds,
+                      "adv": model.defend_with_stats(x_adv, batch_size=bs, outcomes=True)}
+
+    def compare(name):
+        out, ref = runs[name], runs["float32"]
+        both = ("clean", "adv")
+        r_diff = np.abs(np.concatenate([out[s]["resistance"] - ref[s]["resistance"]
+                                        for s in both]))
+        outcomes = [out[s]["morph_outcomes"] != ref[s]["morph_outcomes"] for s in both]
+        return {
+            "throughput_ratio": ref["seconds"] / out["seconds"],
+            "images_per_s": len(x) / out["seconds"],
+            "morph_outcomes_differing": int(sum(d.sum() for d in outcomes)),
+            "morph_outcomes": int(sum(d.size for d in outcomes)),
+            "verdict_agreement": float(np.mean(np.concatenate(
+                [out[s]["verdict"] == ref[s]["verdict"] for s in both]))),
+            "resistance_max_abs_diff": float(r_diff.max()),
+            "label_agreement": float(np.mean(np.concatenate(
+                [out[s]["label"] == ref[s]["label"] for s in both]))),
+        }
+
+    unchecked = compare("bfloat16")
     result = {
-        "throughput_ratio": t_f32 / t_bf16,
-        "images_per_s": {"float32": len(x) / t_f32, "bfloat16": len(x) / t_bf16},
-        "verdict_agreement_clean": float(np.mean(out["verdict"] == ref["verdict"])),
-        "verdict_agreement_adv": float(np.mean(out_adv["verdict"] == ref_adv["verdict"])),
-        "verdict_agreement": float(np.mean(np.concatenate(
-            [out["verdict"] == ref["verdict"], out_adv["verdict"] == ref_adv["verdict"]]))),
-        "resistance_mean_abs_diff": float(r_diff.mean()),
-        "resistance_max_abs_diff": float(r_diff.max()),
-        "label_agreement": float(np.mean(np.concatenate([out["label"] == ref["label"],
-                                                         out_adv["label"] == ref_adv["label"]]))),
+        **unchecked,
+        "images_per_s": {"float32": len(x) / runs["float32"]["seconds"],
+                         "bfloat16": unchecked["images_per_s"]},
+        "checked": {"morph_check_margin": margin, **compare("checked")},
+        "images": {"clean": len(x), "fgsm": len(x_adv)},
     }
     if "peak_bf16" in ctx and "roofline_share" in ctx["report"]:
         per_image = ctx["report"]["roofline_share"]["flops_per_image"]
         result["roofline_share_vs_bf16_matmul"] = (
-            len(x) * per_image / t_bf16 / ctx["peak_bf16"]["flops_per_s"])
+            len(x) * per_image / runs["bfloat16"]["seconds"] / ctx["peak_bf16"]["flops_per_s"])
     return result
 
 
@@ -807,6 +829,11 @@ def _table_rows(report: dict) -> list[tuple]:
     if bf:
         rows.append(("bfloat16_throughput_ratio", bf["throughput_ratio"],
                      f"verdict agreement {bf['verdict_agreement']:.3f}"))
+        checked = bf.get("checked")
+        if checked:
+            rows.append(("bfloat16_checked_throughput_ratio", checked["throughput_ratio"],
+                         f"{checked['morph_outcomes_differing']} of "
+                         f"{checked['morph_outcomes']} morph outcomes differ from float32"))
     rows.append(("peak_rss_mib", report["peak_rss_mib"], report["device"]["name"]))
     return rows
 
