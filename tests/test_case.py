@@ -93,7 +93,7 @@ def _script(path: str):
     return _SCRIPTS[path]
 
 
-def run_script(path: str, *args, **_ignored) -> subprocess.CompletedProcess:
+def run_script(path: str, *args) -> subprocess.CompletedProcess:
     """`python path *args` run in this process: the script's `run_cli(run, parse_args, argv)`
     from the repository root, its stdout / stderr captured, an uncaught exception's traceback
     on stderr with exit status 1 (as a new process would print it), argparse's exit status
