@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_case import TINY_COMBO_CONFIG, tiny_images
+from test_case import TINY_COMBO_CONFIG, script_module, tiny_images
 from test_defense import ConstantClassifier, _tiny_defense
 
 import fmd_tf  # noqa: F401
@@ -496,13 +496,7 @@ def test_bench_missing_model_exits_2(tmp_path):
 
 
 def _bench_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_script",
-                                                  os.path.join(ROOT, "scripts", "bench.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("scripts/bench.py")
 
 
 def test_bench_keeps_earlier_sections_only_of_the_same_model_file(tmp_path):

@@ -25,6 +25,7 @@ API (kept deliberately small):
   session-scoped fixtures ``tiny_images`` and ``toy_batch``.
 * :data:`TINY_COMBO_CONFIG` -- a very small ``ComboVAEConfig`` for fast combo-VAE tests.
 * :func:`run_python` -- ``python <args>`` in a new process from the repository root (scripts).
+* :func:`script_module` -- a script's module (imported once), for tests of its functions.
 * :func:`run_script` -- a script's command line in this process, with the same result object
   (no new Python and TensorFlow import, 5-10 s each): for tests of what a script does, not of
   how it starts (import time, exit before TensorFlow, environment, signals).
@@ -51,8 +52,8 @@ import tensorflow as tf
 
 from fmd_tf.config import ComboVAEConfig
 
-__all__ = ["FmdTestCase", "ROOT", "TINY_COMBO_CONFIG", "run_python", "run_script", "tiny_images",
-           "toy_batch"]
+__all__ = ["FmdTestCase", "ROOT", "TINY_COMBO_CONFIG", "run_python", "run_script",
+           "script_module", "tiny_images", "toy_batch"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
@@ -82,8 +83,9 @@ def run_python(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
 _SCRIPTS = {}
 
 
-def _script(path: str):
-    """The module of scripts/<name>.py (`path` relative to the repository), imported once."""
+def script_module(path: str):
+    """The module of a script (`path` relative to the repository, e.g. "scripts/bench.py"),
+    imported once per process, for tests that call its functions."""
     if path not in _SCRIPTS:
         name = "fmd_script_" + os.path.splitext(os.path.basename(path))[0]
         spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
@@ -98,7 +100,7 @@ def run_script(path: str, *args) -> subprocess.CompletedProcess:
     from the repository root, its stdout / stderr captured, an uncaught exception's traceback
     on stderr with exit status 1 (as a new process would print it), argparse's exit status
     kept. Returns what `run_python` returns."""
-    module = _script(path)
+    module = script_module(path)
     out, err = io.StringIO(), io.StringIO()
     argv, cwd = sys.argv, os.getcwd()
     sys.argv = [path, *map(str, args)]

@@ -11,7 +11,6 @@ client take the image shape from the model (the client reads it from the server'
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import socket
@@ -26,7 +25,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-from test_case import TINY_COMBO_CONFIG, tiny_images, toy_batch
+from test_case import TINY_COMBO_CONFIG, script_module, tiny_images, toy_batch
 
 import fmd_tf  # noqa: F401  (registers the Keras classes)
 from fmd_tf.defense import FMDefense, NotCalibratedError
@@ -320,9 +319,7 @@ def test_export_script_bad_model_file(tmp_path, kind):
 
 
 def test_export_script_exports_and_prints_signatures(keras_file, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("export_script", EXPORT_SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = script_module("scripts/export.py")
     assert script.main(["--model", str(keras_file), "--out", str(tmp_path), "--version",
                         "2"]) == 0
     out = capsys.readouterr().out

@@ -17,6 +17,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from test_case import script_module
 
 import fmd_tf
 from fmd_tf import loading
@@ -226,11 +227,7 @@ def test_load_defense_refuses_a_model_that_is_not_a_defense(model_copy):
 
 
 def test_export_script_refuses_a_changed_model_file(model_copy, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("export_script", ROOT / "scripts/export.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = script_module("scripts/export.py")
     assert script.main(["--model", str(model_copy / "fmd.keras"), "--out",
                         str(model_copy / "serving"), "--version", "2"]) == 0
     card = json.loads((model_copy / "model_card.json").read_text())
@@ -359,11 +356,7 @@ def test_evaluate_killed_at_a_random_point_leaves_whole_files(quick_model, tmp_p
 
 
 def test_verify_model_script(model_copy, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("verify", ROOT / "scripts/verify_model.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = script_module("scripts/verify_model.py")
     main = lambda *a: run_cli(script.run, script.parse_args, list(a))  # noqa: E731
     assert main("--model", str(model_copy)) == 0
     out = capsys.readouterr().out
@@ -378,11 +371,7 @@ def test_verify_model_script(model_copy, capsys):
 @pytest.mark.parametrize("script", ["demo.py", "latent_codes.py", "evaluate.py",
                                     "operating_points.py"])
 def test_scripts_refuse_a_changed_model_file(model_copy, script, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / "scripts" / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script_module(f"scripts/{script}")
     with open(model_copy / "fmd.keras", "ab") as f:
         f.write(b"\0")
     extra = ["--n", "8"] if script == "evaluate.py" else []
