@@ -6,6 +6,8 @@
 
 - ``"fmnist"`` / ``"mnist"``: [N, 28, 28, 1], read from the official IDX ``.gz`` files;
 - ``"digits"``: scikit-learn's bundled 8x8 digits, [N, 8, 8, 1] (see `_load_digits`);
+- ``"celeba"``: identity classification on the user's CelebA copy, [N, 64, 64, 3] (see
+  `load_celeba`; the official files in ``$FMD_DATA_DIR/celeba``);
 - a ``.npz`` file with arrays x_train, y_train, x_test, y_test (`load_npz`);
 - a directory of images, one sub-folder per class (`load_image_directory`).
 
@@ -43,12 +45,15 @@ __all__ = [
     "DataFormatError",
     "DataNotAvailableError",
     "Splits",
+    "celeba_root",
     "fit_split_config",
+    "load_celeba",
     "load_dataset",
     "load_image_directory",
     "load_npz",
     "make_splits",
     "paper_splits",
+    "read_celeba_identities",
     "stratified_split",
 ]
 
@@ -199,11 +204,133 @@ def _load_mnist():
 
 
 def _load_celeba():
+    return load_celeba()
+
+
+# --------------------------------------------------------------------------- CelebA
+
+CELEBA_IDENTITIES = 1000  # K: the most frequent identities, ~31,000 images (20,000 TRAIN +
+CELEBA_TEST_FRACTION = 0.25  # ~7,800 test images for the paper's 2,000 VAL + 5,000 CLE)
+CELEBA_IMAGE_SIZE = 64  # side of the square images (the paper's 64x64)
+_CELEBA_IMAGES = "img_align_celeba"
+_CELEBA_IDENTITY_FILE = "identity_CelebA.txt"
+# Where the official files are, in the flat layout or the official archive's folders.
+_CELEBA_LAYOUTS = ((_CELEBA_IMAGES, _CELEBA_IDENTITY_FILE),
+                   (f"Img/{_CELEBA_IMAGES}", f"Anno/{_CELEBA_IDENTITY_FILE}"))
+_CELEBA_HOME = ("the CelebA page, mmlab.ie.cuhk.edu.hk/projects/CelebA.html (\"Align&Cropped "
+                "Images\": img_align_celeba.zip, unzipped; Anno/identity_CelebA.txt)")
+
+
+def celeba_root() -> Path:
+    """Where `load_dataset("celeba")` looks: $FMD_DATA_DIR/celeba, else ~/.keras/datasets/celeba."""
+    env = os.environ.get("FMD_DATA_DIR")
+    return Path(env) / "celeba" if env else Path.home() / ".keras" / "datasets" / "celeba"
+
+
+def _celeba_files(root: Path) -> tuple[Path, Path]:
+    """(image folder, identity file) of a CelebA copy in either layout of `_CELEBA_LAYOUTS`;
+    DataNotAvailableError naming each missing file and where to get it."""
+    for images, identities in _CELEBA_LAYOUTS:
+        if (root / images).is_dir() and (root / identities).is_file():
+            return root / images, root / identities
+    tests = (Path.is_dir, Path.is_file)  # the image folder, the identity file
+    missing = [str(root / _CELEBA_LAYOUTS[0][k]) for k in range(2)
+               if not any(tests[k](root / layout[k]) for layout in _CELEBA_LAYOUTS)]
     raise DataNotAvailableError(
-        "dataset 'celeba' is not available in this release: CelebA (identity classification, "
-        "paper §IV) needs the aligned images and identity labels, which cannot be downloaded "
-        "automatically. Place them under $FMD_DATA_DIR/celeba; support is planned."
+        f"dataset 'celeba' not found: missing "
+        f"{', '.join(missing) or 'the image folder and the identity file in one layout'} (also "
+        f"looked for Img/{_CELEBA_IMAGES}/ and Anno/{_CELEBA_IDENTITY_FILE} under {root}).\n"
+        f"Fix: get {_CELEBA_IMAGES}/ and {_CELEBA_IDENTITY_FILE} from {_CELEBA_HOME} and put "
+        "them in $FMD_DATA_DIR/celeba (or ~/.keras/datasets/celeba); they cannot be "
+        "downloaded automatically."
     )
+
+
+def read_celeba_identities(path) -> tuple[list[str], np.ndarray]:
+    """(image file names, int64 identity of each) of an identity_CelebA.txt: one line per image,
+    ``000001.jpg 2880``. DataFormatError naming the first malformed line."""
+    names, ids = [], []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 2 or not fields[1].isdigit():
+                raise DataFormatError(f"{path}, line {number}: expected '<image file> "
+                                      f"<identity number>', got {line.strip()!r}")
+            names.append(fields[0])
+            ids.append(int(fields[1]))
+    if not names:
+        raise DataFormatError(f"{path} lists no images")
+    return names, np.asarray(ids, np.int64)
+
+
+def _read_face_images(paths: list[Path], size: int) -> np.ndarray:
+    """JPEG/PNG files -> float32 [N, size, size, 3] in [0, 1]: the central square of each image
+    (side min(H, W)), resized with antialiasing (tf.data, files read in parallel)."""
+    import tensorflow as tf
+
+    def read(path):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        h, w = tf.shape(image)[0], tf.shape(image)[1]
+        side = tf.minimum(h, w)
+        image = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side,
+                                              side)
+        image = tf.image.resize(tf.cast(image, tf.float32), [size, size], antialias=True)
+        return tf.clip_by_value(image / 255.0, 0.0, 1.0)
+
+    dataset = tf.data.Dataset.from_tensor_slices([str(p) for p in paths]).map(
+        read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(512)
+    return np.concatenate([batch.numpy() for batch in dataset]).astype(np.float32)
+
+
+def load_celeba(root=None, num_identities: int = CELEBA_IDENTITIES,
+                image_size: int = CELEBA_IMAGE_SIZE, seed: int = 0):
+    """CelebA identity classification from the user's copy: ((x_train, y_train), (x_test, y_test)).
+
+    `root` (default `celeba_root()`) holds the official ``img_align_celeba/`` (178x218 JPEGs)
+    and ``identity_CelebA.txt``, flat or as the archive's ``Img/`` and ``Anno/`` folders. The
+    `num_identities` identities with the most images (ties: lower identity number) are the
+    classes, label k the k-th of them by identity number; when the copy has fewer identities
+    with two or more images, all of those (a warning says so). Images: the central 178x178
+    square resized to `image_size` (float32 [N, S, S, 3] in [0, 1]). Each identity's images are
+    split `stratified_split(y, CELEBA_TEST_FRACTION, seed)`: the official partition file
+    (list_eval_partition.txt) is not used, because it puts each identity in one part only
+    (attribute-prediction protocol), so an identity classifier could not be tested on it.
+
+    Raises DataNotAvailableError naming the missing files and where to get them, and
+    DataFormatError for a malformed identity file or listed images that are missing.
+    """
+    import warnings
+
+    root = Path(root).expanduser() if root is not None else celeba_root()
+    if num_identities < 2 or image_size < 8:
+        raise ValueError(f"num_identities must be >= 2 and image_size >= 8, got "
+                         f"{num_identities}, {image_size}")
+    images, identity_file = _celeba_files(root)
+    names, ids = read_celeba_identities(identity_file)
+    values, counts = np.unique(ids, return_counts=True)
+    eligible = counts >= 2
+    order = np.lexsort((values, -counts))  # most images first, then lower identity number
+    chosen = [v for v in values[order] if eligible[np.searchsorted(values, v)]][:num_identities]
+    if len(chosen) < 2:
+        raise DataFormatError(f"{identity_file}: fewer than 2 identities with 2 or more images")
+    if len(chosen) < num_identities:
+        warnings.warn(f"CelebA: {len(chosen)} identities with 2 or more images in "
+                      f"{identity_file}, fewer than the {num_identities} asked for; using "
+                      "them all", stacklevel=2)
+    classes = np.sort(np.asarray(chosen, np.int64))
+    keep = np.flatnonzero(np.isin(ids, classes))
+    paths = [images / names[i] for i in keep]
+    absent = [str(p) for p in paths if not p.is_file()]
+    if absent:
+        raise DataFormatError(f"images listed in {identity_file} are missing from {images} "
+                              f"({len(absent)}, e.g. {', '.join(absent[:3])}); unzip the whole "
+                              f"img_align_celeba.zip there")
+    x = _read_face_images(paths, int(image_size))
+    y = np.searchsorted(classes, ids[keep]).astype(np.int64)
+    train_index, test_index = stratified_split(y, CELEBA_TEST_FRACTION, seed)
+    return (x[train_index], y[train_index]), (x[test_index], y[test_index])
 
 
 # --------------------------------------------------------------------------- stratified split

@@ -1,17 +1,21 @@
 """Train and calibrate the baseline defenses (MagNet, Feature Squeezing) next to FM-Defense.
 
     python scripts/train_baselines.py --dataset fmnist [--model saved_models/fmnist]
-        [--epochs N | --magnet-from DIR] [--fpr F] [--seed 0] [--overwrite] [--quick]
-        [--verbose 0|1|2]
+        [--epochs N | --magnet-from DIR] [--fpr F] [--cache DIR] [--seed 0] [--overwrite]
+        [--quick] [--verbose 0|1|2]
 
 Needs MODEL/classifier.keras (from scripts/train.py). Trains MagNet's two autoencoders on the
 paper's TRAIN split (20,000 images), calibrates MagNet and Feature Squeezing on VAL (2,000) at
-the clean false-positive rate --fpr (default 1 - rho of the FM-Defense config, 0.001), reports
-the rate reached on VAL and on the clean CLE images, and writes
+the clean false-positive rate --fpr, reports the rate reached on VAL and on the clean CLE
+images, and writes
 
     MODEL/baselines/magnet/             detector_I.keras, detector_II.keras, magnet.json
     MODEL/baselines/feature_squeezing.json
 
+Same footing as FM-Defense: --fpr defaults to the share of clean VAL images the FM-Defense in
+MODEL flags (its model card; 1 - rho of the config without one), and Feature Squeezing's
+squeezers are chosen on VAL with the attacked VAL images its operating point was chosen with
+(FGSM and PGD on the first 500 VAL images by default; --cache DIR keeps them).
 Existing outputs are never replaced without --overwrite (exit status 2, nothing written).
 --magnet-from DIR reuses the MagNet autoencoders saved in DIR (they are trained on images only,
 so a retrained classifier keeps them) and re-calibrates their thresholds; magnet.json records
@@ -38,7 +42,10 @@ def parse_args(argv):
     p.add_argument("--epochs", type=int, default=None,
                    help="MagNet AE epochs (default 20; MagNet used 100; --quick: 1)")
     p.add_argument("--fpr", type=float, default=None,
-                   help="target clean false-positive rate on VAL (default 1 - rho)")
+                   help="target clean false-positive rate on VAL (default: the FM-Defense's "
+                        "VAL FPR from MODEL/model_card.json, else 1 - rho)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="adversarial-set cache for the attacked VAL images (default: none)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed")
     p.add_argument("--overwrite", action="store_true", help="replace existing baseline outputs")
     p.add_argument("--quick", action="store_true", help="tiny split and 1 epoch, for tests/CI")
@@ -74,7 +81,7 @@ def run(args) -> dict:
     return baselines.train_baselines(
         args.model, args.dataset, epochs=args.epochs, fpr=args.fpr, seed=args.seed,
         overwrite=args.overwrite, quick=args.quick, verbose=args.verbose,
-        magnet_from=args.magnet_from,
+        magnet_from=args.magnet_from, cache_dir=args.cache,
         command="python scripts/train_baselines.py " + shlex.join(sys.argv[1:]))
 
 

@@ -12,10 +12,12 @@ import tensorflow as tf
 from test_case import FmdTestCase, run_script, tiny_images, toy_batch
 
 from fmd_tf.baselines import (
+    SQUEEZER_CANDIDATES,
     FeatureSqueezing,
     MagNet,
     MagNetAutoencoder,
     calibrate_thresholds,
+    choose_squeezers,
     median_filter,
     reduce_bit_depth,
 )
@@ -213,6 +215,42 @@ def test_feature_squeezing_not_calibrated_and_bad_arguments():
         fs.score(tiny_images(2) * 2)
 
 
+def test_choose_squeezers_picks_the_best_worst_case_on_val():
+    classifier = _mean_intensity_classifier()
+    rng = np.random.default_rng(0)
+    x_val = np.concatenate([rng.uniform(0.0, 0.05, (20, 28, 28, 1)),
+                            rng.uniform(0.95, 1.0, (20, 28, 28, 1))]).astype(np.float32)
+    # Dark images (class 1) the classifier calls bright: 1 bit turns them black, the label
+    # flips and they are rejected; a median filter leaves a constant image as it is.
+    x_adv, y_adv = np.full((10, 28, 28, 1), 0.35, np.float32), np.ones(10, np.int64)
+    candidates = [(None, 2), (None, 3), (1, None), (1, 2)]
+    index, rows = choose_squeezers(classifier, x_val, {"a": (x_adv, y_adv),
+                                                       "b": (x_adv[:4], y_adv[:4])},
+                                   0.0, candidates)
+    assert [(r["bit_depth"], r["median_size"]) for r in rows] == candidates
+    assert [r["val_a_defended_accuracy"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
+    assert [r["val_b_defended_accuracy"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
+    assert index == 2  # the first of the two best
+    assert all(r["val_false_positive_rate"] == 0.0 for r in rows)
+    direct = FeatureSqueezing(classifier, bit_depth=1, median_size=None)
+    direct.calibrate(x_val, 0.0)
+    assert rows[2]["threshold"] == direct.threshold
+    # Bright images (class 0) of isolated white pixels on black, mean 0.25, that the classifier
+    # calls dark: bit-depth reduction leaves a 0/1 image as it is (passed, wrong), a 2x2 median
+    # erases the pixels and the softmax moves (rejected). Each squeezer alone misses one attack.
+    x_b = np.zeros((10, 28, 28, 1), np.float32)
+    x_b[:, ::2, ::2] = 1.0
+    y_b = np.zeros(10, np.int64)
+    candidates = [(1, None), (None, 2), (1, 2)]
+    index, rows = choose_squeezers(classifier, x_val, {"a": (x_adv, y_adv), "b": (x_b, y_b)},
+                                   0.0, candidates)
+    assert [r["val_a_defended_accuracy"] for r in rows] == [1.0, 0.0, 1.0]
+    assert [r["val_b_defended_accuracy"] for r in rows] == [0.0, 1.0, 1.0]
+    assert index == 2
+    with pytest.raises(ValueError, match="attacked VAL"):
+        choose_squeezers(classifier, x_val, {}, 0.0)
+
+
 def test_feature_squeezing_save_load_round_trip(tmp_path):
     classifier = tiny_classifier(seed=1)
     fs = FeatureSqueezing(classifier)
@@ -355,10 +393,16 @@ def test_script_refuses_missing_classifier_and_overwrite(tmp_path):
     assert sorted(p.relative_to(model_dir) for p in model_dir.rglob("*")) == before
 
 
+# What the baselines are matched to: the FM-Defense's VAL FPR and its operating point's attacks.
+FM_CARD = {"calibration": {"val_false_positive_rate": 0.08},
+           "operating_point": {"attacks": {"names": ["fgsm"], "n": 16, "seed": 0}}}
+
+
 def test_script_quick_end_to_end(tmp_path):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     tiny_classifier().save(str(model_dir / "classifier.keras"))
+    (model_dir / "model_card.json").write_text(json.dumps(FM_CARD))
     proc = _run_script("--quick", "--model", str(model_dir))
     if proc.returncode == 2 and "not available" in proc.stderr.lower():
         pytest.skip(f"Fashion-MNIST is not available: {proc.stderr[-300:]}")
@@ -366,16 +410,27 @@ def test_script_quick_end_to_end(tmp_path):
     assert "MagNet: VAL FPR" in proc.stdout and "Feature Squeezing" in proc.stdout
     out_dir = model_dir / "baselines"
     assert sorted(os.listdir(out_dir)) == ["feature_squeezing.json", "magnet"]
-    assert sorted(os.listdir(model_dir)) == ["baselines", "classifier.keras"]  # no temp dir left
+    assert sorted(os.listdir(model_dir)) == [  # no temp dir left
+        "baselines", "classifier.keras", "model_card.json"]
     with open(out_dir / "magnet" / "magnet.json") as f:
         state = json.load(f)
-    assert state["fpr"] == pytest.approx(0.05)  # 1 - rho of the quick config
-    assert state["report"]["val_false_positive_rate"] <= 0.05
+    assert state["fpr"] == pytest.approx(0.08)  # the FM-Defense's VAL FPR in the card
+    assert state["report"]["fpr_source"].startswith("FM-Defense")
+    assert state["report"]["val_false_positive_rate"] <= 0.08
     assert state["settings"]["epochs"] == 1 and state["report"]["num_train"] == 512
     with open(out_dir / "feature_squeezing.json") as f:
         fs_state = json.load(f)
-    assert fs_state["report"]["val_false_positive_rate"] <= 0.05
-    assert fs_state["squeezers"] == ["bit_depth_1", "median_2x2"]
+    assert fs_state["fpr"] == pytest.approx(0.08)
+    assert fs_state["report"]["val_false_positive_rate"] <= 0.08
+    selection = fs_state["report"]["selection"]  # chosen on VAL with the card's attacks
+    assert (selection["attacks"], selection["n"]) == (["fgsm"], 16)
+    assert len(selection["rows"]) == len(SQUEEZER_CANDIDATES)
+    chosen = selection["rows"][selection["chosen"]]
+    names = ([f"bit_depth_{chosen['bit_depth']}"] if chosen["bit_depth"] else []) + (
+        [f"median_{chosen['median_size']}x{chosen['median_size']}"] if chosen["median_size"]
+        else [])
+    assert fs_state["squeezers"] == names
+    assert fs_state["threshold"] == pytest.approx(chosen["threshold"])
     magnet = MagNet.load(str(out_dir / "magnet"))
     assert magnet.is_calibrated
     proc = _run_script("--quick", "--model", str(model_dir))  # a second run refuses
@@ -385,6 +440,7 @@ def test_script_quick_end_to_end(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     tiny_classifier(seed=1).save(str(other / "classifier.keras"))
+    (other / "model_card.json").write_text(json.dumps(FM_CARD))
     proc = _run_script("--quick", "--model", str(other), "--magnet-from",
                        str(out_dir / "magnet"))
     assert proc.returncode == 0, proc.stderr[-4000:]

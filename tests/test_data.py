@@ -309,9 +309,103 @@ def test_missing_path_is_not_an_unknown_name(tmp_path):
         load_dataset(tmp_path / "missing.npz")
 
 
-def test_celeba_is_not_available():
-    with pytest.raises(DataNotAvailableError, match="celeba"):
+# --------------------------------------------------------------------------- CelebA (fake tree)
+# A small tree in the official layout: 178x218 JPEGs named like the real ones, and the real
+# identity_CelebA.txt / list_eval_partition.txt formats. Each identity has its own colour in
+# the central 178x178 square and green bands above and below it, which the crop must remove.
+CELEBA_COUNTS = {2880: 6, 17: 5, 4000: 5, 9: 3, 77: 2, 500: 1}  # identity -> images
+GREEN = (0, 255, 0)
+
+
+def _identity_colour(identity):
+    rng = np.random.default_rng(identity)
+    return rng.integers(40, 200, 3)
+
+
+def _fake_celeba(root, layout=("img_align_celeba", "identity_CelebA.txt"), counts=None):
+    """Writes the tree under `root`; `counts` {identity: images} (default CELEBA_COUNTS)."""
+    import tensorflow as tf
+
+    images, identity_file = root / layout[0], root / layout[1]
+    images.mkdir(parents=True)
+    identity_file.parent.mkdir(parents=True, exist_ok=True)
+    lines, number = [], 0
+    for identity, count in (counts or CELEBA_COUNTS).items():
+        for _ in range(count):
+            number += 1
+            name = f"{number:06d}.jpg"
+            pixels = np.empty((218, 178, 3), np.uint8)
+            pixels[:] = GREEN
+            pixels[20:198] = _identity_colour(identity)
+            (images / name).write_bytes(tf.io.encode_jpeg(pixels, quality=95).numpy())
+            lines.append(f"{name} {identity}")
+    identity_file.write_text("\n".join(lines) + "\n")
+    (root / "list_eval_partition.txt").write_text(
+        "".join(f"{n:06d}.jpg {n % 3}\n" for n in range(1, number + 1)))
+    return lines
+
+
+def test_celeba_reads_the_official_layout(tmp_path):
+    lines = _fake_celeba(tmp_path)
+    (x_train, y_train), (x_test, y_test) = data.load_celeba(tmp_path, num_identities=4,
+                                                            image_size=16)
+    # The 4 identities with most images (ties: lower number), labels by identity number.
+    classes = [17, 2880, 4000, 9]
+    assert sorted(classes) == [9, 17, 2880, 4000]
+    x, y = np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test])
+    assert x.shape == (19, 16, 16, 3) and x.dtype == np.float32 and y.dtype == np.int64
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert np.bincount(y).tolist() == [3, 5, 6, 5]  # ids 9, 17, 2880, 4000
+    assert len(x_test) == round(0.25 * 19) and set(y_test) <= set(y_train)
+    for label, identity in enumerate(sorted(classes)):  # the centre, not the green bands
+        colour = _identity_colour(identity) / 255.0
+        np.testing.assert_allclose(x[y == label].mean(axis=(0, 1, 2)), colour, atol=0.03)
+    assert len(lines) == 22  # identities 77 and 500 are left out
+    # Same seed, same split.
+    again = data.load_celeba(tmp_path, num_identities=4, image_size=16)
+    np.testing.assert_array_equal(again[1][1], y_test)
+
+
+def test_celeba_archive_layout_through_load_dataset(isolated_sources, tmp_path, monkeypatch):
+    root = tmp_path / "data" / "celeba"
+    _fake_celeba(root, ("Img/img_align_celeba", "Anno/identity_CelebA.txt"))
+    monkeypatch.setenv("FMD_DATA_DIR", str(tmp_path / "data"))
+    assert data.celeba_root() == root
+    with pytest.warns(UserWarning, match="5 identities with 2 or more images"):
+        (x_train, y_train), (x_test, _) = load_dataset("celeba")
+    assert x_train.shape[1:] == (64, 64, 3) and len(x_train) + len(x_test) == 21
+    assert set(y_train) == set(range(5))
+
+
+def test_celeba_missing_files_say_what_and_where(isolated_sources, tmp_path, monkeypatch):
+    monkeypatch.setenv("FMD_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataNotAvailableError) as e:
         load_dataset("celeba")
+    message = str(e.value)
+    assert str(tmp_path / "celeba" / "img_align_celeba") in message
+    assert str(tmp_path / "celeba" / "identity_CelebA.txt") in message
+    assert "mmlab.ie.cuhk.edu.hk/projects/CelebA.html" in message and "FMD_DATA_DIR" in message
+    root = tmp_path / "celeba"
+    _fake_celeba(root)
+    (root / "identity_CelebA.txt").unlink()
+    with pytest.raises(DataNotAvailableError, match="identity_CelebA.txt") as e:
+        data.load_celeba(root)
+    assert "img_align_celeba," not in str(e.value)  # the folder is there
+
+
+def test_celeba_malformed_identity_file_and_missing_images(tmp_path):
+    _fake_celeba(tmp_path)
+    identity_file = tmp_path / "identity_CelebA.txt"
+    good = identity_file.read_text()
+    identity_file.write_text(good + "000099.jpg person\n")
+    with pytest.raises(DataFormatError, match=r"line 23: expected"):
+        data.load_celeba(tmp_path)
+    identity_file.write_text(good)
+    (tmp_path / "img_align_celeba" / "000001.jpg").unlink()
+    with pytest.raises(DataFormatError, match=r"missing from .* \(1, e\.g\. .*000001\.jpg\)"):
+        data.load_celeba(tmp_path, num_identities=4, image_size=16)
+    with pytest.raises(ValueError, match="num_identities"):
+        data.load_celeba(tmp_path, num_identities=1)
 
 
 # --------------------------------------------------------------------------- MNIST (IDX files)

@@ -10,9 +10,11 @@ import types
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fmd_tf.cli import UsageError, run_cli, usage_errors
-from fmd_tf.evaluation import baselines, bench, demo, report
+from fmd_tf.evaluation import baselines, bench, demo, harness, metrics, report
 
 # ----------------------------------------------------------------------------- fmd_tf.cli
 
@@ -111,6 +113,7 @@ def test_operating_point_rows_cover_the_grid():
 
 def _defense_metrics(value):
     return {"detection_tpr": value, "detection_fpr": 0.01, "auc": 0.93456,
+            "tpr_at_fpr_1pct": 0.25, "tpr_at_fpr_5pct": 0.625,
             "defended_accuracy": value, "purification_recall": None,
             "paper_final_accuracy": 0.9, "verdict_counts": [1, 2, 3]}
 
@@ -130,7 +133,12 @@ def _report():
             "attack_defense": "fmd.keras", "purify_label": "reconstruction", "seed": 0,
             "command": "python scripts/evaluate.py --n 12",
             "clean": {"classifier_accuracy": 0.9, "defended_accuracy": 0.85,
-                      "rejected_rate": 0.05, "purified_rate": None},
+                      "rejected_rate": 0.05, "purified_rate": None,
+                      "magnet": {"defended_accuracy": 0.8}},
+            "calibration": {"fm_defense": {"val_false_positive_rate": 0.05},
+                            "magnet": {"fpr_target": 0.05, "val_false_positive_rate": 0.05},
+                            "feature_squeezing": {"val_false_positive_rate": 0.04,
+                                                  "squeezers": ["bit_depth_1"]}},
             "attacks": {"fgsm": attack, "adaptive_pgd_linf_0.05": adaptive},
             "notes": ["baselines skipped"], "attacks_eta_curves": {},
             "operating_points": [point], "figures": ["roc.png"], "seconds": 61.7}
@@ -144,16 +152,68 @@ def test_render_markdown_of_a_hand_made_report():
     assert "| 90.0 | 85.0 | 5.0 | n/a |" in lines  # clean; None is n/a
     # Table II: paper attacks only, paper MNIST numbers, missing defenses n/a.
     assert "| fgsm | 20.0 | 95.1 | 50.0 | n/a | 21.2 / 99.8 / 74.6 |" in lines
+    assert "| clean | 90.0 | 85.0 | 80.0 | n/a | n/a |" in lines  # each defense's clean cost
+    assert ("thresholds: FM-Defense 5.00 %; magnet 5.00 %; feature_squeezing 4.00 % (squeezers "
+            "bit_depth_1, chosen on VAL).") in md
     assert not any(line.startswith("| adaptive_pgd_linf") and "21.2" in line for line in lines)
     assert "## Security evaluation: adaptive attacks" in lines
     assert ("| adaptive_pgd | linf | 0.05 | 10.0 | 60.0 | 1/2/3 | 40.0 / 30.0 | n/a / n/a |"
             in lines)
-    assert "| fgsm | magnet | 50.0 | 1.0 | 0.9346 | n/a | 90.0 |" in lines
+    assert "| fgsm | magnet | 50.0 | 1.0 | 0.9346 | 25.0 | 62.5 | n/a | 90.0 |" in lines
+    assert "| TPR at 1 % FPR | TPR at 5 % FPR |" in md
     assert '- fgsm {"eps": 0.3}: success 80.0 %, 12 s (cached)' in lines
     assert "| per_code | 0.99 | 0.01 | 1.235 | n/a | n/a | 5.0 | 90.0 | 87.5 |" in lines
     assert "| VAL clean defended |" in md and "| fgsm defended |" in md
     assert lines[-1] == "Figures: `roc.png`" and md.endswith("\n")
     assert "- baselines skipped" in lines
+
+
+def test_render_markdown_of_a_report_without_tpr_at_fpr():
+    r = _report()  # written before the TPR-at-FPR columns existed
+    for entry in r["attacks"].values():
+        for d in ("fm_defense", "magnet"):
+            del entry[d]["tpr_at_fpr_1pct"], entry[d]["tpr_at_fpr_5pct"]
+    md = report.render_markdown(r)
+    assert "| fgsm | magnet | 50.0 | 1.0 | 0.9346 | n/a | 90.0 |" in md.splitlines()
+    assert "TPR at 1 %" not in md
+
+
+def test_tpr_at_fpr_by_hand():
+    neg = np.arange(100.0)  # 0..99
+    # fpr 0.05: 5 negatives may score above t, so t = 94 (95..99 flagged); ">" not ">=".
+    assert metrics.tpr_at_fpr(neg, [94.0, 94.5, 100.0], 0.05) == pytest.approx(2 / 3)
+    assert metrics.tpr_at_fpr(neg, [94.0, 94.5, 100.0], 0.0) == pytest.approx(1 / 3)
+    assert metrics.tpr_at_fpr(neg, [-5.0, 0.0], 1.0) == 1.0  # every negative may be flagged
+    ties = np.r_[np.zeros(90), np.ones(10)]  # 10 % of the negatives tied at the top
+    assert metrics.tpr_at_fpr(ties, [1.0, 2.0], 0.05) == 0.5  # the tie is not split: FPR 0
+    assert metrics.tpr_at_fpr(ties, [1.0, 2.0], 0.1) == 1.0  # t = 0 flags the tie: FPR 0.1
+    with pytest.raises(ValueError, match="fpr"):
+        metrics.tpr_at_fpr(neg, [1.0], 1.5)
+    with pytest.raises(ValueError, match="at least one"):
+        metrics.tpr_at_fpr([], [1.0], 0.1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=30),
+       st.lists(st.integers(0, 6), min_size=1, max_size=30), st.floats(0.0, 1.0))
+def test_tpr_at_fpr_is_the_best_tpr_within_the_fpr(neg, pos, fpr):
+    """Brute force over every threshold of "score > t": the largest TPR whose FPR <= fpr."""
+    neg, pos = np.asarray(neg, float), np.asarray(pos, float)
+    best = max(np.mean(pos > t) for t in np.r_[neg, pos, -np.inf]
+               if np.mean(neg > t) <= fpr + 1e-12)
+    assert metrics.tpr_at_fpr(neg, pos, fpr) == pytest.approx(best)
+
+
+def test_defense_metrics_read_every_score_at_the_same_fprs():
+    rng = np.random.default_rng(0)
+    clean = {"verdict": np.zeros(200, np.int32), "score": rng.normal(size=200),
+             "label": np.zeros(200, np.int64)}
+    adv = {"verdict": np.full(100, 2, np.int32), "score": rng.normal(1.0, size=100),
+           "label": np.full(100, -1, np.int64)}
+    m = harness.defense_metrics(clean, adv, np.zeros(200, int), np.zeros(100, int))
+    for f in harness.DETECTION_FPRS:
+        assert m[harness.tpr_key(f)] == metrics.tpr_at_fpr(clean["score"], adv["score"], f)
+    assert harness.tpr_key(0.01) == "tpr_at_fpr_1pct" and harness.tpr_key(0.05) in m
 
 
 def test_render_markdown_without_adaptive_attacks_or_operating_points():
@@ -316,6 +376,24 @@ def test_baseline_outputs_checks_and_missing_baselines(tmp_path):
         baselines.baseline_config("no-such-dataset")
     loaded, notes = baselines.load_baselines(str(tmp_path / "elsewhere"), classifier=None)
     assert loaded == {} and len(notes) == 2 and "MagNet not found" in notes[0]
+
+
+def test_fm_defense_point_reads_the_card_or_falls_back(tmp_path):
+    from fmd_tf.operating_point import FAST_OPERATING_POINT, OperatingPointConfig
+
+    default = OperatingPointConfig()
+    assert baselines.fm_defense_point(str(tmp_path)) == {
+        "val_false_positive_rate": None, "attacks": list(default.attacks),
+        "n": default.n_attack, "seed": 0}
+    assert baselines.fm_defense_point(str(tmp_path), quick=True)["n"] == \
+        FAST_OPERATING_POINT.n_attack
+    (tmp_path / "model_card.json").write_text(json.dumps({
+        "calibration": {"val_false_positive_rate": 0.0435},
+        "operating_point": {"attacks": {"names": ["fgsm"], "n": 32, "seed": 3}}}))
+    assert baselines.fm_defense_point(str(tmp_path)) == {
+        "val_false_positive_rate": 0.0435, "attacks": ["fgsm"], "n": 32, "seed": 3}
+    (tmp_path / "model_card.json").write_text(json.dumps({"operating_point": {"rule": "paper"}}))
+    assert baselines.fm_defense_point(str(tmp_path))["attacks"] == list(default.attacks)
 
 
 def test_bench_times_are_scaled_to_the_reference_peak():

@@ -124,3 +124,24 @@ def test_train_mnist_from_official_idx_files(tmp_path, monkeypatch):
     assert np.load(out / "val_resistance.npy").shape[1] == 20
     for name in ("classifier.keras", "fmd.keras", "serving/1/saved_model.pb"):
         assert (out / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_train_celeba_from_the_official_layout(tmp_path, monkeypatch):
+    """`--dataset celeba` end to end at the fast preset's sizes on a generated tree in the
+    official layout ($FMD_DATA_DIR/celeba: img_align_celeba/ JPEGs, identity_CelebA.txt), 10
+    identities of 40 images: 64x64 RGB through training, calibration and the SavedModel."""
+    from test_data import _fake_celeba
+
+    _fake_celeba(tmp_path / "data" / "celeba", counts={k: 40 for k in range(1, 11)})
+    monkeypatch.setenv("FMD_DATA_DIR", str(tmp_path / "data"))
+    out = tmp_path / "celeba"
+    with pytest.warns(UserWarning, match="10 identities"):
+        proc = _train("--dataset", "celeba", "--preset", "fast", "--out", str(out),
+                      "--verbose", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["dataset"] == "celeba" and card["hyperparameters"]["num_classes"] == 10
+    assert card["hyperparameters"]["image_shape"] == [64, 64, 3]
+    for name in ("classifier.keras", "fmd.keras", "serving/1/saved_model.pb"):
+        assert (out / name).is_file(), name

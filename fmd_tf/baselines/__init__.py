@@ -5,7 +5,13 @@ are calibrated on clean VAL images to a target false-positive rate (FM-Defense: 
 Importing this package registers `MagNetAutoencoder` for ``keras.models.load_model``.
 """
 
-from fmd_tf.baselines.feature_squeezing import FeatureSqueezing, median_filter, reduce_bit_depth
+from fmd_tf.baselines.feature_squeezing import (
+    SQUEEZER_CANDIDATES,
+    FeatureSqueezing,
+    choose_squeezers,
+    median_filter,
+    reduce_bit_depth,
+)
 from fmd_tf.baselines.magnet import (
     DEFAULT_EPOCHS,
     MagNet,
@@ -14,6 +20,6 @@ from fmd_tf.baselines.magnet import (
 )
 
 __all__ = [
-    "DEFAULT_EPOCHS", "FeatureSqueezing", "MagNet", "MagNetAutoencoder", "calibrate_thresholds",
-    "median_filter", "reduce_bit_depth",
+    "DEFAULT_EPOCHS", "SQUEEZER_CANDIDATES", "FeatureSqueezing", "MagNet", "MagNetAutoencoder",
+    "calibrate_thresholds", "choose_squeezers", "median_filter", "reduce_bit_depth",
 ]

@@ -1,11 +1,12 @@
-"""Feature Squeezing baseline (Xu, Evans & Qi, NDSS 2018) with its MNIST configuration.
+"""Feature Squeezing baseline (Xu, Evans & Qi, NDSS 2018).
 
-Squeezers (MNIST, paper Table 3 / EvadeML-Zoo): **bit-depth reduction to 1 bit** and a **2x2
-median filter**. Score of an image x: the largest L1 distance between the classifier's softmax
-on x and on a squeezed x, ``max_s ||softmax(f(x)) - softmax(f(s(x)))||_1`` (in [0, 2]). An image
-is adversarial iff its score is above a threshold set on clean VAL images at the target
-false-positive rate (FM-Defense: 1 - ρ = 0.001); see
-:func:`fmd_tf.baselines.magnet.calibrate_thresholds`.
+Squeezers: by default its MNIST configuration (paper Table 3 / EvadeML-Zoo), **bit-depth
+reduction to 1 bit** and a **2x2 median filter**; `choose_squeezers` picks them for another
+dataset on VAL, as Xu et al. did per dataset (`fmd_tf.evaluation.baselines` does). Score of
+an image x: the largest L1 distance between the classifier's softmax on x and on a squeezed x,
+``max_s ||softmax(f(x)) - softmax(f(s(x)))||_1`` (in [0, 2]). An image is adversarial iff its
+score is above a threshold set on clean VAL images at a target false-positive rate (that of
+the FM-Defense it is compared with); see :func:`fmd_tf.baselines.magnet.calibrate_thresholds`.
 
 Bit-depth reduction to b bits: ``round(x * (2**b - 1)) / (2**b - 1)`` with round-half-to-even
 (numpy's ``rint``, as in the reference code): for b = 1, values <= 0.5 become 0, the rest 1.
@@ -43,7 +44,13 @@ from fmd_tf.baselines.magnet import (
 from fmd_tf.defense.fm_defense import VERDICT_PASSED, VERDICT_REJECTED, NotCalibratedError
 from fmd_tf.files import write_json
 
-__all__ = ["FeatureSqueezing", "median_filter", "reduce_bit_depth"]
+__all__ = ["SQUEEZER_CANDIDATES", "FeatureSqueezing", "choose_squeezers", "median_filter",
+           "reduce_bit_depth"]
+
+# (bit depth, median window) settings `choose_squeezers` picks from: each squeezer alone and
+# every pair (None: that squeezer left out).
+SQUEEZER_CANDIDATES = tuple((bits, median) for bits in (None, 1, 2, 3, 4, 5)
+                            for median in (None, 2, 3) if (bits, median) != (None, None))
 
 
 def reduce_bit_depth(images, bits: int = 1):
@@ -266,3 +273,34 @@ class FeatureSqueezing:
             fs.fpr = state.get("fpr")
         fs.report = state.get("report", {})
         return fs
+
+
+def choose_squeezers(classifier, x_val, adversarial: dict, fpr, candidates=SQUEEZER_CANDIDATES,
+                     from_logits: bool = True) -> tuple[int, list[dict]]:
+    """(index of the chosen candidate, one row per candidate): the squeezers chosen on VAL.
+
+    Each (bit depth, median window) of `candidates` is calibrated on the clean VAL images
+    `x_val` at `fpr` and run on every attacked VAL set of `adversarial` {name: (x_adv, y)}; the
+    chosen row has the largest *smallest* defended accuracy (rejected or label right) over the
+    attacks, the first on ties: the max-min rule FM-Defense's operating point is chosen with
+    (`fmd_tf.operating_point`). Rows: bit_depth, median_size, threshold,
+    val_false_positive_rate and val_<name>_defended_accuracy.
+    """
+    from fmd_tf.evaluation.metrics import defended_accuracy
+
+    if not candidates or not adversarial:
+        raise ValueError("choose_squeezers needs candidates and at least one attacked VAL set")
+    rows = []
+    for bits, median in candidates:
+        fs = FeatureSqueezing(classifier, bit_depth=bits, median_size=median,
+                              from_logits=from_logits)
+        report = fs.calibrate(x_val, fpr)
+        row = {"bit_depth": bits, "median_size": median, "threshold": report["threshold"],
+               "val_false_positive_rate": report["val_false_positive_rate"]}
+        for name, (x_adv, y_adv) in adversarial.items():
+            out = fs.defend(x_adv)
+            row[f"val_{name}_defended_accuracy"] = defended_accuracy(
+                out["label"], out["verdict"], y_adv, True)
+        rows.append(row)
+    worst = [min(row[f"val_{name}_defended_accuracy"] for name in adversarial) for row in rows]
+    return int(np.argmax(worst)), rows  # argmax: the first of the ties

@@ -19,9 +19,9 @@ morphs whose reduced-precision margin is below `check_margin` are therefore eval
 float32 (a gather of those rows; attacked images have more close calls than clean ones) and take
 float32's label, so the labels are float32's unless some output's error exceeds
 `check_margin` / 2. `scripts/bench.py`, section `bfloat16_vs_float32`, counts the morphs whose
-checked label differs from float32's (0 of 512,000 on the shipped model). The margin is in logit units: for a classifier that
-outputs probabilities (a softmax layer), it is taken between the logarithms of the two largest
-(`output_margin`), the same logit margin.
+checked label differs from float32's (0 of 512,000 on the shipped model). The margin is in
+logit units: for a classifier that outputs probabilities (a softmax layer), it is taken between
+the logarithms of the two largest (`output_margin`), the same logit margin.
 """
 
 from __future__ import annotations

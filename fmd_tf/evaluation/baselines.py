@@ -7,16 +7,23 @@
 ones), calibrates MagNet and Feature Squeezing on VAL at a clean false-positive rate and writes
 them there (never half-written; existing ones only with overwrite=True); `load_baselines` gives
 them to `fmd_tf.evaluation.report.evaluate`. `scripts/train_baselines.py` is the command line.
+
+A fair comparison (`fm_defense_point`): by default every baseline is calibrated at the clean VAL
+false-positive rate of the FM-Defense in MODEL (the share of VAL images its calibration flags),
+and Feature Squeezing's squeezers are chosen on VAL (`choose_squeezers`) with the attacked VAL
+images FM-Defense's operating point was chosen with, by the same max-min rule.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import time
 
-__all__ = ["OUTPUTS", "baseline_config", "check_outputs", "load_baselines", "train_baselines"]
+__all__ = ["OUTPUTS", "baseline_config", "check_outputs", "fm_defense_point", "load_baselines",
+           "train_baselines"]
 
 OUTPUTS = ("magnet", "feature_squeezing.json")  # under MODEL/baselines
 
@@ -50,6 +57,26 @@ def baseline_config(dataset: str = "fmnist", quick: bool = False):
 
     cfg = get_config(dataset)
     return quick_config(cfg) if quick else cfg
+
+
+def fm_defense_point(model_dir: str, quick: bool = False) -> dict:
+    """What the baselines are matched to, from MODEL/model_card.json: {"val_false_positive_rate":
+    the share of clean VAL the FM-Defense calibration flags (None without a calibrated card),
+    "attacks": names, "n": first VAL images attacked, "seed"} (the attacks of its operating-point
+    table; `OperatingPointConfig`'s, or the fast preset's with `quick`, when it has none)."""
+    from fmd_tf.operating_point import FAST_OPERATING_POINT, OperatingPointConfig
+
+    path = os.path.join(model_dir, "model_card.json")
+    card = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            card = json.load(f)
+    default = FAST_OPERATING_POINT if quick else OperatingPointConfig()
+    attacks = (card.get("operating_point") or {}).get("attacks") or {}
+    return {"val_false_positive_rate": (card.get("calibration") or {}).get(
+                "val_false_positive_rate"),
+            "attacks": list(attacks.get("names") or default.attacks),
+            "n": int(attacks.get("n") or default.n_attack), "seed": int(attacks.get("seed", 0))}
 
 
 def check_outputs(model_dir: str, overwrite: bool = False) -> tuple[str, str]:
@@ -99,6 +126,28 @@ def _fit_magnet(classifier, splits, cfg, fpr, epochs, seed, magnet_from, verbose
     return magnet, report
 
 
+def _fit_feature_squeezing(classifier, splits, point, fpr, cache_dir, seed):
+    """Feature Squeezing with the squeezers `choose_squeezers` picks on VAL (the attacks of
+    `point`, made from its first VAL images), calibrated at `fpr`; the choice in its report."""
+    from fmd_tf.baselines import FeatureSqueezing, choose_squeezers
+    from fmd_tf.evaluation import harness
+
+    n = min(point["n"], len(splits.x_val))
+    x_att, y_att = splits.x_val[:n], splits.y_val[:n]
+    adversarial = {name: (harness.adversarial_set(name, classifier, x_att, y_att, cache_dir,
+                                                  point["seed"])[0], y_att)
+                   for name in point["attacks"]}
+    index, rows = choose_squeezers(classifier, splits.x_val, adversarial, fpr)
+    squeezing = FeatureSqueezing(classifier, bit_depth=rows[index]["bit_depth"],
+                                 median_size=rows[index]["median_size"])
+    squeezing.calibrate(splits.x_val, fpr)
+    squeezing.report["selection"] = {
+        "rule": "max-min VAL defended accuracy over the attacks (rejected or label right)",
+        "attacks": point["attacks"], "n": n, "seed": point["seed"], "chosen": index,
+        "rows": rows}
+    return squeezing
+
+
 def _cle_figures(defense, splits, common, started) -> float:
     """Adds the CLE false-positive rate and accuracy (and `common`) to `defense.report`;
     returns the seconds since `started`."""
@@ -113,7 +162,8 @@ def _cle_figures(defense, splits, common, started) -> float:
 def train_baselines(model_dir: str, dataset: str = "fmnist", *, epochs: int | None = None,
                     fpr: float | None = None, seed: int = 0, overwrite: bool = False,
                     quick: bool = False, verbose: int = 0, magnet_from: str | None = None,
-                    command: str | None = None, log=print) -> dict:
+                    command: str | None = None, cache_dir: str | None = None,
+                    log=print) -> dict:
     """Train and calibrate MagNet and Feature Squeezing around MODEL/classifier.keras; write
     them to MODEL/baselines (see the module doc). Returns {"magnet": report,
     "feature_squeezing": report}.
@@ -121,12 +171,14 @@ def train_baselines(model_dir: str, dataset: str = "fmnist", *, epochs: int | No
     Args:
         epochs: MagNet autoencoder epochs (default `fmd_tf.baselines.DEFAULT_EPOCHS`, 1 with
             `quick`); not with `magnet_from`.
-        fpr: target clean false-positive rate on VAL (default 1 - ρ of the dataset's config).
+        fpr: target clean false-positive rate on VAL (default: the FM-Defense's in `model_dir`,
+            `fm_defense_point`; 1 - ρ of the dataset's config when its card has none).
         quick: the tiny split of `fmd_tf.config.quick_config`.
         verbose: Keras verbosity of the autoencoder training.
         magnet_from: a MODEL/baselines/magnet directory whose autoencoders are reused (only
             the thresholds are re-calibrated).
         command: how the run was started, recorded in the reports.
+        cache_dir: adversarial-set cache of the attacked VAL images (None: none).
         log: called with each progress line (None: silent).
 
     Raises FileNotFoundError / FileExistsError (`check_outputs`) and ValueError (unknown
@@ -139,18 +191,24 @@ def train_baselines(model_dir: str, dataset: str = "fmnist", *, epochs: int | No
     import keras
 
     import fmd_tf  # noqa: F401  (registers the Keras classes)
-    from fmd_tf.baselines import DEFAULT_EPOCHS, FeatureSqueezing
+    from fmd_tf.baselines import DEFAULT_EPOCHS
     from fmd_tf.data import paper_splits
 
-    fpr = fpr if fpr is not None else 1.0 - cfg.defense.rho
+    point = fm_defense_point(model_dir, quick)
+    if fpr is not None:
+        fpr_source = "given"
+    elif point["val_false_positive_rate"] is not None:
+        fpr, fpr_source = point["val_false_positive_rate"], "FM-Defense VAL FPR (model card)"
+    else:
+        fpr, fpr_source = 1.0 - cfg.defense.rho, "1 - rho (no calibrated FM-Defense card)"
     fpr = round(fpr, 12)  # 1 - 0.999 is 0.0010000000000000009
     epochs = epochs or (1 if quick else DEFAULT_EPOCHS)
     classifier = keras.models.load_model(classifier_path, compile=False)
     splits = paper_splits(dataset, seed, cfg.splits)
     common = {"dataset": dataset, "seed": seed, "quick": quick, "command": command,
-              "num_cle": int(len(splits.x_cle))}
+              "num_cle": int(len(splits.x_cle)), "fpr_source": fpr_source}
     log(f"{dataset}: TRAIN {len(splits.x_train)}, VAL {len(splits.x_val)}, "
-        f"CLE {len(splits.x_cle)}; target VAL FPR {fpr:g}")
+        f"CLE {len(splits.x_cle)}; target VAL FPR {fpr:g} ({fpr_source})")
 
     started = time.time()
     keras.utils.set_random_seed(seed)
@@ -172,13 +230,16 @@ def train_baselines(model_dir: str, dataset: str = "fmnist", *, epochs: int | No
         f"(training {report['train_seconds']:.1f} s)")
 
     started = time.time()
-    squeezing = FeatureSqueezing(classifier)
-    fs_report = squeezing.calibrate(splits.x_val, fpr)
+    squeezing = _fit_feature_squeezing(classifier, splits, point, fpr, cache_dir, seed)
     fs_seconds = _cle_figures(squeezing, splits, common, started)
-    log(f"Feature Squeezing ({', '.join(squeezing.squeezer_names)}): threshold "
-        f"{fs_report['threshold']:.6g}, VAL FPR {fs_report['val_false_positive_rate']:.4f}, "
-        f"CLE FPR {squeezing.report['cle_false_positive_rate']:.4f}, CLE accuracy "
-        f"{squeezing.report['cle_accuracy']:.4f}; {fs_seconds:.1f} s")
+    fs_report = squeezing.report
+    selection = fs_report["selection"]
+    log(f"Feature Squeezing: squeezers chosen on VAL ({len(selection['rows'])} candidates, "
+        f"{', '.join(selection['attacks'])} on {selection['n']} VAL images): "
+        f"{', '.join(squeezing.squeezer_names)}; threshold {fs_report['threshold']:.6g}, "
+        f"VAL FPR {fs_report['val_false_positive_rate']:.4f}, "
+        f"CLE FPR {fs_report['cle_false_positive_rate']:.4f}, CLE accuracy "
+        f"{fs_report['cle_accuracy']:.4f}; {fs_seconds:.1f} s")
 
     os.makedirs(model_dir, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=".baselines-", dir=model_dir)

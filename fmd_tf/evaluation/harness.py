@@ -173,13 +173,27 @@ def fm_scores(out: dict, theta_r) -> np.ndarray:
     return np.round(score, 6)
 
 
+# Clean false-positive rates at which every defense's score is also read (TPR at each): the
+# same points for all, whatever FPR each defense's own threshold was calibrated at.
+DETECTION_FPRS = (0.01, 0.05)
+
+
+def tpr_key(fpr: float) -> str:
+    """Report key of the TPR at clean FPR `fpr`: tpr_at_fpr_1pct for 0.01."""
+    return f"tpr_at_fpr_{100 * fpr:g}pct"
+
+
 def defense_metrics(clean: dict, adv: dict, y_clean, y_adv, score_key: str = "score") -> dict:
-    """Report-schema metrics of one defense on one attack (outputs with label/verdict/score)."""
+    """Report-schema metrics of one defense on one attack (outputs with label/verdict/score):
+    the verdicts' TPR / FPR, and the continuous score's ROC AUC and TPR at `DETECTION_FPRS`
+    (thresholds set on these clean images, `metrics.tpr_at_fpr`)."""
     tpr, fpr = metrics.detection_rates(clean["verdict"] != 0, adv["verdict"] != 0)
     return {
         "detection_tpr": tpr,
         "detection_fpr": fpr,
         "auc": metrics.roc_auc(clean[score_key], adv[score_key]),
+        **{tpr_key(f): metrics.tpr_at_fpr(clean[score_key], adv[score_key], f)
+           for f in DETECTION_FPRS},
         "defended_accuracy": metrics.defended_accuracy(adv["label"], adv["verdict"], y_adv, True),
         "purification_recall": metrics.purification_recall(adv["label"], adv["verdict"], y_adv),
         "paper_final_accuracy": metrics.paper_final_accuracy(clean, adv, y_clean, y_adv),

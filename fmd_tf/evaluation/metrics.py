@@ -42,6 +42,25 @@ def roc_curve(scores_negative, scores_positive):
     return fpr, tpr
 
 
+def tpr_at_fpr(scores_negative, scores_positive, fpr: float) -> float:
+    """TPR of the detector "score > t" at the lowest threshold t whose FPR on the negatives is
+    at most `fpr`: t is the (k+1)-th largest negative score, k = floor(fpr * n) (-inf when
+    k >= n). Negatives tied at t are not flagged, so a score with many ties reaches a lower FPR
+    (and TPR) than asked, never a higher one.
+
+    Shapes: negatives [n], positives [p]; `fpr` in [0, 1].
+    """
+    if not 0.0 <= fpr <= 1.0:
+        raise ValueError(f"fpr must be in [0, 1], got {fpr}")
+    neg = np.sort(np.asarray(scores_negative, np.float64).ravel())
+    pos = np.asarray(scores_positive, np.float64).ravel()
+    if len(neg) == 0 or len(pos) == 0:
+        raise ValueError("tpr_at_fpr needs at least one negative and one positive score")
+    allowed = int(np.floor(fpr * len(neg) + 1e-9))  # negatives that may score above t
+    threshold = -np.inf if allowed >= len(neg) else neg[len(neg) - 1 - allowed]
+    return float(np.mean(pos > threshold))
+
+
 def defended_accuracy(label, verdict, y, adversarial: bool) -> float:
     """Clean: final label correct. Adversarial: rejected or final label correct."""
     correct = np.asarray(label) == np.asarray(y)

@@ -185,6 +185,22 @@ def _load_val_resistance(model_dir, fmd, defense, num_val, notes):
     return r_val, path
 
 
+def _calibration(model_dir, loaded) -> dict:
+    """The clean VAL false-positive rate each defense was calibrated at (FM-Defense: its model
+    card's; baselines: their own reports), for the report's fairness line."""
+    from fmd_tf.evaluation.baselines import fm_defense_point
+
+    out = {"fm_defense": {"val_false_positive_rate":
+                          fm_defense_point(model_dir)["val_false_positive_rate"]}}
+    for name, b in loaded.items():
+        out[name] = {"fpr_target": b.fpr,
+                     "val_false_positive_rate": b.report.get("val_false_positive_rate"),
+                     "fpr_source": b.report.get("fpr_source")}
+        if hasattr(b, "squeezer_names"):
+            out[name]["squeezers"] = list(b.squeezer_names)
+    return out
+
+
 def _figures(out_dir, fmd, clean, adv_out, paper_out, r_val, eta_curves, grid_rows, roc):
     """Writes the PNG figures into `out_dir`; returns their file names."""
     from fmd_tf.evaluation import figures
@@ -277,6 +293,7 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
               "clean": harness.clean_metrics(clean, y), "attacks": {}, "notes": notes}
     for name, b in clean_base.items():
         report["clean"][name] = harness.clean_metrics(b, y)
+    report["calibration"] = _calibration(model_dir, loaded)
     r_val, r_val_path = _load_val_resistance(model_dir, fmd, defense, len(splits.x_val), notes)
     adv_out, eta_curves, grid_rows, roc = {}, {}, {"clean": (x, clean["purified"])}, {}
     for k, (attack, method, overrides) in enumerate(runs):
@@ -330,19 +347,25 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
-def _table_ii(paper_attacks) -> list[str]:
+def _table_ii(paper_attacks, report) -> list[str]:
     from fmd_tf.evaluation.harness import PAPER_TABLE_II_MNIST
 
     lines = [
         "## Table II: accuracy (%) under attack",
         "",
-        "Defended accuracy: an adversarial input counts if rejected or its final label is right. "
+        "Defended accuracy: an adversarial input counts if rejected or its final label is right; "
+        "a clean one only if its final label is right (row \"clean\": what each defense costs). "
         "Paper columns are the paper's MNIST numbers (it reports no Fashion-MNIST table).",
         "",
         "| attack | no defense | FM-Defense | MagNet | Feature Squeezing | paper MNIST: no "
         "defense / FM-Defense / MagNet |",
         "|---|---|---|---|---|---|",
     ]
+    clean = report["clean"]
+    lines.append("| clean | " + " | ".join(
+        [_pct(clean.get("classifier_accuracy"))]
+        + [_pct((clean if d == "fm_defense" else clean.get(d, {})).get("defended_accuracy"))
+           for d in DEFENSES]) + " | n/a |")
     for name, a in paper_attacks.items():
         paper = PAPER_TABLE_II_MNIST.get(name, {})
         paper_s = " / ".join("n/a" if paper.get(k) is None else f"{paper[k]}"
@@ -350,6 +373,18 @@ def _table_ii(paper_attacks) -> list[str]:
         cols = [_pct(a["undefended_accuracy"])]
         cols += [_pct(a[d]["defended_accuracy"]) if d in a else "n/a" for d in DEFENSES]
         lines.append(f"| {name} | " + " | ".join(cols) + f" | {paper_s} |")
+    calibration = report.get("calibration")
+    if calibration:
+        def rate(v):
+            return "n/a" if v is None else f"{100 * v:.2f} %"
+
+        parts = [f"FM-Defense {rate(calibration['fm_defense']['val_false_positive_rate'])}"]
+        parts += [f"{d} {rate(c.get('val_false_positive_rate'))}"
+                  + (f" (squeezers {', '.join(c['squeezers'])}, chosen on VAL)"
+                     if c.get("squeezers") else "")
+                  for d, c in calibration.items() if d != "fm_defense"]
+        lines += ["", "Share of clean VAL images each defense flags at its calibrated "
+                  "thresholds: " + "; ".join(parts) + "."]
     return lines
 
 
@@ -377,16 +412,26 @@ def _adaptive_table(adaptive) -> list[str]:
 
 
 def _detection_table(report) -> list[str]:
+    from fmd_tf.evaluation.harness import DETECTION_FPRS, tpr_key
+
+    at = [f for f in DETECTION_FPRS if all(tpr_key(f) in a[d] for a in report["attacks"].values()
+                                           for d in DEFENSES if d in a)]
     lines = ["", "## Detection", "",
-             "| attack | defense | TPR | FPR (clean) | AUC | purification recall | "
-             "paper final accuracy |", "|---|---|---|---|---|---|---|"]
+             "TPR / FPR: the defense's own verdicts (flagged = not passed). AUC and TPR at a "
+             "clean FPR: its continuous score (FM-Defense: the resistance score max_i θr(i) - "
+             "r(i), without the reconstruction gate), thresholds set on these clean images.",
+             "", "| attack | defense | TPR | FPR (clean) | AUC | "
+             + "".join(f"TPR at {100 * f:g} % FPR | " for f in at)
+             + "purification recall | paper final accuracy |",
+             "|---|---|---|---|---|" + "---|" * len(at) + "---|---|"]
     for name, a in report["attacks"].items():
         for d in DEFENSES:
             if d in a:
                 m = a[d]
                 lines.append(f"| {name} | {d} | {_pct(m['detection_tpr'])} | "
                              f"{_pct(m['detection_fpr'])} | {m['auc']:.4f} | "
-                             f"{_pct(m['purification_recall'])} | "
+                             + "".join(f"{_pct(m[tpr_key(f)])} | " for f in at)
+                             + f"{_pct(m['purification_recall'])} | "
                              f"{_pct(m['paper_final_accuracy'])} |")
     lines += ["", "Attack success rate (share of clean-correct images misclassified) and "
               "generation time:", ""]
@@ -435,7 +480,7 @@ def render_markdown(report: dict) -> str:
     ]
     paper_attacks = {k: v for k, v in report["attacks"].items() if not k.startswith("adaptive")}
     adaptive = {k: v for k, v in report["attacks"].items() if k.startswith("adaptive")}
-    lines += _table_ii(paper_attacks)
+    lines += _table_ii(paper_attacks, report)
     if adaptive:
         lines += _adaptive_table(adaptive)
     lines += _detection_table(report)
