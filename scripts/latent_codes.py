@@ -1,5 +1,6 @@
 """Which class-shared codes of a trained combo-VAE change the image: per-code KL, full-range
-traversal pixel change, label kept, activity (`fmd_tf.evaluation.latent_codes`).
+traversal pixel change, label kept, activity; and which clean VAL images have a zero-resistance
+code, against those whose reconstruction changes the label (`fmd_tf.evaluation.latent_codes`).
 
     python scripts/latent_codes.py [--model saved_models/fmnist] [--dataset fmnist] [--n 500]
         [--out results/fmnist/latent_codes.json]
@@ -47,6 +48,11 @@ def run(args):
     for i, (kl, change, kept) in enumerate(zip(report["kl_nats"], report["sweep_pixel_change"],
                                               report["sweep_label_kept"], strict=True)):
         print(f"z{i}: KL {kl:.3f} nats, sweep |dpixel| {change:.4f}, label kept {kept:.3f}")
+    zero = report.get("zero_resistance")
+    if zero:
+        print(f"VAL ({zero['images']} images): a zero-resistance code on {zero['zero_code']:.4f}, "
+              f"reconstruction label differs on {zero['recon_label_differs']:.4f}, both on "
+              f"{zero['zero_code_and_recon_label_differs']:.4f}")
     print(f"wrote {args.out}")
 
 

@@ -59,3 +59,16 @@ def test_ignored_code_is_inactive_and_figures_match_closed_forms():
     one = latent_codes.code_activity(combo, clf, x[:1], low, high, steps=5)
     np.testing.assert_allclose(one["sweep_pixel_change"][1], by_hand.mean(), rtol=1e-4)
     assert np.isfinite(report["total_correlation"])
+
+
+def test_zero_resistance_breakdown_by_hand():
+    resistance = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 0.0], [1.0, 1.0]])
+    label, recon_label, y = [1, 2, 3, 4], [5, 2, 6, 7], [1, 0, 3, 4]
+    got = latent_codes.zero_resistance_breakdown(resistance, label, recon_label, y)
+    assert got == {"images": 4, "zero_code": 0.5, "recon_label_differs": 0.75,
+                   "zero_code_and_recon_label_differs": 0.5,
+                   "zero_code_given_recon_differs": 2 / 3, "recon_differs_given_zero_code": 1.0,
+                   "classifier_error": 0.25, "classifier_error_given_zero_code": 0.0}
+    none = latent_codes.zero_resistance_breakdown(np.ones((2, 3)), [0, 1], [0, 1], [0, 1])
+    assert none["zero_code_given_recon_differs"] is None
+    assert none["recon_differs_given_zero_code"] is None

@@ -90,6 +90,10 @@ def test_latent_codes_script_on_quick_model(quick_model, tmp_path):
     assert len(report["sweep_pixel_change"]) == len(report["kl_nats"]) == 10
     assert report["num_active"] == sum(report["active"])
     assert "z9: KL" in proc.stdout
+    zero = report["zero_resistance"]  # on all of the model's VAL images
+    assert zero["images"] == len(np.load(quick_model / "val_resistance.npy"))
+    assert 0.0 <= zero["zero_code_and_recon_label_differs"] <= zero["zero_code"] <= 1.0
+    assert "reconstruction label differs on" in proc.stdout
     card = json.loads((quick_model / "model_card.json").read_text())
     assert card["latent_codes"]["num_codes"] == 10  # train.py writes the same figures
     proc = run_script("scripts/latent_codes.py", "--model", str(tmp_path))

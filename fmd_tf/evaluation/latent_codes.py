@@ -14,6 +14,11 @@ figures say which codes carry a visible feature, without ground-truth factors:
   reconstruction (what a full-range morph of the code does to the label).
 * `active[i]`: sweep_pixel_change >= `ACTIVE_PIXEL_CHANGE`.
 * `total_correlation`: the TC discriminator's estimate (Eq. 6) on sampled codes of the images.
+
+`zero_resistance_breakdown` says where a clean image's zero resistance comes from: a code whose
+every morph changes the classifier's label of the input. When the reconstruction
+decoder(μs(x), zu(x)) itself gets another label, every morph (a decoded image near it) does too,
+so the image has resistance 0 on its codes whatever they encode.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import tensorflow as tf
 
 from fmd_tf import losses
 
-__all__ = ["ACTIVE_PIXEL_CHANGE", "code_activity"]
+__all__ = ["ACTIVE_PIXEL_CHANGE", "code_activity", "zero_resistance_breakdown"]
 
 # Mean |Δpixel| (pixels in [0, 1]) below which a full-range traversal counts as no change: on the
 # Fashion-MNIST model a code the encoder dropped moved pixels by 3e-4, the weakest used ones
@@ -101,16 +106,72 @@ def code_activity(combo, classifier, x, low, high, steps: int = 9, batch_size: i
     }
 
 
+def zero_resistance_breakdown(resistance, label, recon_label, y) -> dict:
+    """Clean images with a zero-resistance code, against those whose reconstruction changes the
+    label.
+
+    Args:
+        resistance: [n, m] resistances (k/N) of clean images.
+        label: [n] classifier label of each image; recon_label: [n] of its reconstruction;
+        y: [n] true labels.
+
+    Returns shares of the n images: `zero_code` (min_i r_i = 0), `recon_label_differs`
+    (recon_label != label), `zero_code_and_recon_label_differs`; `zero_code_given_recon_differs`
+    and `recon_differs_given_zero_code` (conditional shares, None when the condition is empty);
+    `classifier_error` overall and `classifier_error_given_zero_code`.
+    """
+    resistance = np.asarray(resistance)
+    label, recon_label, y = (np.asarray(a) for a in (label, recon_label, y))
+    zero = resistance.min(axis=1) == 0
+    differs = label != recon_label
+    wrong = label != y
+
+    def given(event, condition):
+        return float(event[condition].mean()) if condition.any() else None
+
+    return {
+        "images": int(len(zero)), "zero_code": float(zero.mean()),
+        "recon_label_differs": float(differs.mean()),
+        "zero_code_and_recon_label_differs": float((zero & differs).mean()),
+        "zero_code_given_recon_differs": given(zero, differs),
+        "recon_differs_given_zero_code": given(differs, zero),
+        "classifier_error": float(wrong.mean()),
+        "classifier_error_given_zero_code": given(wrong, zero),
+    }
+
+
+def _labels(fmd, x, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """(classifier label of each image, of its reconstruction decoder(μs(x), zu(x)))."""
+    labels, recon_labels = [], []
+    for i in range(0, len(x), batch_size):
+        xb = tf.constant(x[i : i + batch_size])
+        mean, _, zu = fmd.combo_vae.encode(xb)
+        labels.append(tf.argmax(fmd.classifier(xb), axis=-1).numpy())
+        recon_labels.append(tf.argmax(fmd.classifier(fmd.combo_vae.decode(mean, zu)),
+                                      axis=-1).numpy())
+    return np.concatenate(labels), np.concatenate(recon_labels)
+
+
 def defense_code_activity(model_dir: str, dataset: str = "fmnist", n: int = 500,
                           seed: int = 0) -> dict:
     """`code_activity` of the combo-VAE in `model_dir`/fmd.keras on the first `n` VAL images of
     the paper split of `dataset`, over the defense's calibrated normal ranges (the ranges its
-    morphs stay in)."""
-    from fmd_tf.data import paper_splits
+    morphs stay in); with the model's VAL resistances (val_resistance.npy), also
+    `zero_resistance_breakdown` on all VAL images ("zero_resistance")."""
+    import os
+
+    from fmd_tf.evaluation.report import model_splits
     from fmd_tf.loading import load_defense
 
     fmd = load_defense(model_dir)
-    x = paper_splits(dataset, seed).x_val[:n]
-    report = code_activity(fmd.combo_vae, fmd.classifier, x, fmd.code_low.numpy(),
-                           fmd.code_high.numpy())
-    return {"model": model_dir, "dataset": dataset, "images_from": "VAL", **report}
+    splits = model_splits(model_dir, dataset, seed)
+    report = code_activity(fmd.combo_vae, fmd.classifier, splits.x_val[:n],
+                           fmd.code_low.numpy(), fmd.code_high.numpy())
+    out = {"model": model_dir, "dataset": dataset, "images_from": "VAL", **report}
+    path = os.path.join(model_dir, "val_resistance.npy")
+    if os.path.isfile(path):
+        resistance = np.load(path)
+        if len(resistance) == len(splits.x_val):
+            out["zero_resistance"] = zero_resistance_breakdown(
+                resistance, *_labels(fmd, splits.x_val), splits.y_val)
+    return out
