@@ -36,7 +36,9 @@ from fmd_tf.cli import UsageError, run_cli, usage_errors
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dataset", default="fmnist")
+    p.add_argument("--dataset", default="fmnist",
+                   help="a dataset name or the .npz / image directory the model was trained on "
+                        "(train.py --data)")
     p.add_argument("--model", default=None,
                    help="directory holding classifier.keras (default saved_models/DATASET)")
     p.add_argument("--epochs", type=int, default=None,
@@ -77,7 +79,7 @@ def run(args) -> dict:
 
     with usage_errors():  # no classifier, outputs present without --overwrite, unknown dataset
         baselines.check_outputs(args.model, args.overwrite)
-        baselines.baseline_config(args.dataset, args.quick)
+        baselines.baseline_config(args.dataset, args.quick, args.model)
     return baselines.train_baselines(
         args.model, args.dataset, epochs=args.epochs, fpr=args.fpr, seed=args.seed,
         overwrite=args.overwrite, quick=args.quick, verbose=args.verbose,

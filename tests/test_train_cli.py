@@ -39,7 +39,8 @@ def test_train_digits_fast_builds_a_defense_of_its_shape(tmp_path):
     assert card["calibration"]["recon_fpr"] == chosen["recon_fpr"]
 
 
-def test_train_protects_a_users_classifier_on_npz_data(tmp_path):
+def _users_rgb_model(tmp_path):
+    """(the .npz, FM-Defense trained around a user's RGB classifier on it, at the fast preset)."""
     import keras
 
     data = tmp_path / "squares.npz"
@@ -56,6 +57,11 @@ def test_train_protects_a_users_classifier_on_npz_data(tmp_path):
     proc = _train("--data", str(data), "--classifier", str(tmp_path / "clf.keras"), "--preset",
                   "fast", "--operating-point", "paper", "--out", str(out), "--verbose", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return data, out
+
+
+def test_train_protects_a_users_classifier_on_npz_data(tmp_path):
+    data, out = _users_rgb_model(tmp_path)
     card = json.loads((out / "model_card.json").read_text())
     assert card["dataset"] == "squares" and card["stages_run"] == ["dgmm", "vae", "defense"]
     assert card["operating_point"] == {"rule": "paper", "options": {
@@ -70,6 +76,26 @@ def test_train_protects_a_users_classifier_on_npz_data(tmp_path):
                   str(tmp_path / "clf.keras"), "--preset", "fast", "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and "(16, 16, 3)" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "x" / "combo_vae.keras").exists()
+
+
+@pytest.mark.slow
+def test_baselines_and_evaluation_on_a_users_rgb_model(tmp_path):
+    """RGB end to end past training: MagNet and Feature Squeezing around the user's classifier
+    (named in the card), then attacks and the report with the baselines, on the user's .npz."""
+    data, out = _users_rgb_model(tmp_path)
+    proc = run_script("scripts/train_baselines.py", "--dataset", str(data), "--model", str(out),
+                      "--quick")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    magnet = json.loads((out / "baselines" / "magnet" / "magnet.json").read_text())
+    assert magnet["settings"]["image_shape"] == [16, 16, 3]
+    proc = run_script("scripts/evaluate.py", "--dataset", str(data), "--model", str(out),
+                      "--attacks", "fgsm,pgd", "--n", "20", "--out", str(tmp_path / "eval"),
+                      "--cache", str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    for attack in ("fgsm", "pgd"):
+        assert set(report["attacks"][attack]) >= {"fm_defense", "magnet", "feature_squeezing"}
+    assert report["calibration"]["magnet"]["fpr_source"].startswith("FM-Defense")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -16,6 +16,7 @@ images FM-Defense's operating point was chosen with, by the same max-min rule.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -50,13 +51,29 @@ def load_baselines(model_dir: str, classifier) -> tuple[dict, list[str]]:
     return loaded, notes
 
 
-def baseline_config(dataset: str = "fmnist", quick: bool = False):
+def baseline_config(dataset: str = "fmnist", quick: bool = False, model_dir: str | None = None):
     """The `ExperimentConfig` of `dataset` (its split sizes and ρ), shrunk by `quick`
-    (`fmd_tf.config.quick_config`); ValueError for an unknown dataset."""
-    from fmd_tf.config import get_config, quick_config
+    (`fmd_tf.config.quick_config`), with the split sizes of the model card in `model_dir` when
+    it has them (the VAL and CLE images the FM-Defense there was calibrated and tested on).
 
-    cfg = get_config(dataset)
-    return quick_config(cfg) if quick else cfg
+    `dataset` is a name of `fmd_tf.data.DATASETS` or the path of a .npz file or an image
+    directory (the Fashion-MNIST settings, sizes fitted to the data when it is loaded);
+    ValueError for anything else.
+    """
+    from fmd_tf.config import ExperimentConfig, card_split_config, get_config, quick_config
+    from fmd_tf.data import DATASETS
+
+    try:
+        cfg = get_config(dataset)
+    except ValueError:
+        if dataset not in DATASETS and not os.path.exists(os.path.expanduser(str(dataset))):
+            raise ValueError(f"unknown dataset {dataset!r}: give one of "
+                             f"{', '.join(sorted(DATASETS))} or the path of a .npz file or an "
+                             "image directory") from None
+        cfg = ExperimentConfig(dataset=str(dataset))
+    cfg = quick_config(cfg) if quick else cfg
+    sizes = card_split_config(model_dir) if model_dir else None
+    return dataclasses.replace(cfg, splits=sizes) if sizes else cfg
 
 
 def fm_defense_point(model_dir: str, quick: bool = False) -> dict:
@@ -80,9 +97,15 @@ def fm_defense_point(model_dir: str, quick: bool = False) -> dict:
 
 
 def check_outputs(model_dir: str, overwrite: bool = False) -> tuple[str, str]:
-    """(MODEL/classifier.keras, MODEL/baselines); FileNotFoundError without the classifier,
-    FileExistsError when baseline outputs exist and not `overwrite`."""
+    """(the classifier's path, MODEL/baselines); FileNotFoundError without the classifier,
+    FileExistsError when baseline outputs exist and not `overwrite`. The classifier is
+    MODEL/classifier.keras, or the user's own one named in the model card (`classifier_path`,
+    train.py --classifier)."""
     classifier_path = os.path.join(model_dir, "classifier.keras")
+    card_path = os.path.join(model_dir, "model_card.json")
+    if not os.path.isfile(classifier_path) and os.path.isfile(card_path):
+        with open(card_path) as f:
+            classifier_path = json.load(f).get("classifier_path") or classifier_path
     if not os.path.isfile(classifier_path):
         raise FileNotFoundError(f"{classifier_path} not found; train the classifier first "
                                 "(python scripts/train.py --stages classifier) or pass --model")
@@ -185,14 +208,14 @@ def train_baselines(model_dir: str, dataset: str = "fmnist", *, epochs: int | No
     dataset) before anything is trained.
     """
     classifier_path, out_dir = check_outputs(model_dir, overwrite)
-    cfg = baseline_config(dataset, quick)
+    cfg = baseline_config(dataset, quick, model_dir)
     log = log or (lambda line: None)
 
     import keras
 
     import fmd_tf  # noqa: F401  (registers the Keras classes)
     from fmd_tf.baselines import DEFAULT_EPOCHS
-    from fmd_tf.data import paper_splits
+    from fmd_tf.data import fit_split_config, load_dataset, make_splits
 
     point = fm_defense_point(model_dir, quick)
     if fpr is not None:
@@ -204,7 +227,10 @@ def train_baselines(model_dir: str, dataset: str = "fmnist", *, epochs: int | No
     fpr = round(fpr, 12)  # 1 - 0.999 is 0.0010000000000000009
     epochs = epochs or (1 if quick else DEFAULT_EPOCHS)
     classifier = keras.models.load_model(classifier_path, compile=False)
-    splits = paper_splits(dataset, seed, cfg.splits)
+    train, test = load_dataset(dataset)
+    splits = make_splits(train, test, fit_split_config(cfg.splits, len(train[0]), len(test[0])),
+                         seed)
+    cfg = dataclasses.replace(cfg, image_shape=tuple(splits.x_train.shape[1:]))
     common = {"dataset": dataset, "seed": seed, "quick": quick, "command": command,
               "num_cle": int(len(splits.x_cle)), "fpr_source": fpr_source}
     log(f"{dataset}: TRAIN {len(splits.x_train)}, VAL {len(splits.x_val)}, "
