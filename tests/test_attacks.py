@@ -39,7 +39,7 @@ import pytest
 import tensorflow as tf
 
 import fmd_tf  # noqa: F401  (registers the Keras classes)
-from fmd_tf.attacks import carlini_wagner_l2, deepfool, fgsm, pgd
+from fmd_tf.attacks import carlini_wagner_l2, deepfool, fgsm, hop_skip_jump, pgd, square
 from fmd_tf.data import DataNotAvailableError, load_dataset
 from fmd_tf.models import Classifier
 
@@ -133,6 +133,30 @@ def test_fgsm_pgd_within_budget_and_beat_random_noise(setup):
     acc_fgsm = np.mean(_predict(model, fgsm(model, x, eps=eps, y=y)) == y)
     acc_pgd = np.mean(_predict(model, pgd(model, x, eps=eps, eps_iter=0.01, nb_iter=20, y=y)) == y)
     assert acc_pgd <= acc_fgsm + 1e-9
+
+
+def test_pgd_l2_stays_in_its_ball_and_refuses_other_norms(setup):
+    model, x, y = setup
+    x_adv = pgd(model, x, eps=2.0, eps_iter=0.2, nb_iter=20, y=y, norm="l2")
+    _check_output(x_adv, x)
+    assert np.linalg.norm((x_adv - x).reshape(len(x), -1), axis=1).max() <= 2.0 + 1e-4
+    assert _stats(model, x, x_adv)[0] > 0.5
+    with pytest.raises(ValueError, match="norm"):
+        pgd(model, x, norm="l1")
+
+
+def test_black_box_attacks_fool_the_classifier_from_its_outputs(setup):
+    model, x, _ = setup
+    keras.utils.set_random_seed(0)  # ART draws from NumPy's global generator
+    x_sq = square(model, x[:32], eps=0.1, max_queries=200)
+    _check_output(x_sq, x[:32])
+    assert np.abs(x_sq - x[:32]).max() <= 0.1 + 1e-6
+    noise = np.clip(x[:32] + 0.1 * np.sign(np.random.default_rng(1).uniform(-1, 1, (32, 28, 28,
+                                                                                   1))), 0, 1)
+    assert _stats(model, x[:32], x_sq)[0] >= _stats(model, x[:32], noise)[0] + 0.3
+    x_hsj = hop_skip_jump(model, x[:8], max_iter=3, max_eval=50, init_eval=10)
+    _check_output(x_hsj, x[:8])
+    assert _stats(model, x[:8], x_hsj)[0] >= 0.75  # it starts from a misclassified point
 
 
 # ----------------------------------------------------------------------------- (c) output contract

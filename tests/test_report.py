@@ -135,7 +135,8 @@ def _report():
             "clean": {"classifier_accuracy": 0.9, "defended_accuracy": 0.85,
                       "rejected_rate": 0.05, "purified_rate": None,
                       "magnet": {"defended_accuracy": 0.8}},
-            "calibration": {"fm_defense": {"val_false_positive_rate": 0.05},
+            "calibration": {"fm_defense": {"val_false_positive_rate": 0.05,
+                                           "operating_point_attacks": ["pgd"]},
                             "magnet": {"fpr_target": 0.05, "val_false_positive_rate": 0.05},
                             "feature_squeezing": {"val_false_positive_rate": 0.04,
                                                   "squeezers": ["bit_depth_1"]}},
@@ -151,8 +152,8 @@ def test_render_markdown_of_a_hand_made_report():
     assert "command: `python scripts/evaluate.py --n 12`; 62 s." in md
     assert "| 90.0 | 85.0 | 5.0 | n/a |" in lines  # clean; None is n/a
     # Table II: paper attacks only, paper MNIST numbers, missing defenses n/a.
-    assert "| fgsm | 20.0 | 95.1 | 50.0 | n/a | 21.2 / 99.8 / 74.6 |" in lines
-    assert "| clean | 90.0 | 85.0 | 80.0 | n/a | n/a |" in lines  # each defense's clean cost
+    assert "| fgsm | 20.0 | 95.1 | 50.0 | n/a | 21.2 / 99.8 / 74.6 | held out |" in lines
+    assert "| clean | 90.0 | 85.0 | 80.0 | n/a | n/a | chosen with (VAL) |" in lines
     assert ("thresholds: FM-Defense 5.00 %; magnet 5.00 %; feature_squeezing 4.00 % (squeezers "
             "bit_depth_1, chosen on VAL).") in md
     assert not any(line.startswith("| adaptive_pgd_linf") and "21.2" in line for line in lines)
@@ -383,7 +384,7 @@ def test_fm_defense_point_reads_the_card_or_falls_back(tmp_path):
 
     default = OperatingPointConfig()
     assert baselines.fm_defense_point(str(tmp_path)) == {
-        "val_false_positive_rate": None, "attacks": list(default.attacks),
+        "val_false_positive_rate": None, "chosen_with": None, "attacks": list(default.attacks),
         "n": default.n_attack, "seed": 0}
     assert baselines.fm_defense_point(str(tmp_path), quick=True)["n"] == \
         FAST_OPERATING_POINT.n_attack
@@ -391,9 +392,11 @@ def test_fm_defense_point_reads_the_card_or_falls_back(tmp_path):
         "calibration": {"val_false_positive_rate": 0.0435},
         "operating_point": {"attacks": {"names": ["fgsm"], "n": 32, "seed": 3}}}))
     assert baselines.fm_defense_point(str(tmp_path)) == {
-        "val_false_positive_rate": 0.0435, "attacks": ["fgsm"], "n": 32, "seed": 3}
+        "val_false_positive_rate": 0.0435, "chosen_with": ["fgsm"], "attacks": ["fgsm"],
+        "n": 32, "seed": 3}
     (tmp_path / "model_card.json").write_text(json.dumps({"operating_point": {"rule": "paper"}}))
     assert baselines.fm_defense_point(str(tmp_path))["attacks"] == list(default.attacks)
+    assert baselines.fm_defense_point(str(tmp_path))["chosen_with"] is None
 
 
 def test_bench_times_are_scaled_to_the_reference_peak():

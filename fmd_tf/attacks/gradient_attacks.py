@@ -1,4 +1,4 @@
-"""FGSM, PGD-L∞ and MIM through cleverhans 4 on Keras 3 classifiers that return logits."""
+"""FGSM, PGD (L∞, L2) and MIM through cleverhans 4 on Keras 3 classifiers that return logits."""
 
 from __future__ import annotations
 
@@ -27,12 +27,18 @@ def fgsm(model, x, eps: float = 0.3, y=None, batch_size: int = 256) -> np.ndarra
     )
 
 
+NORMS = {"linf": np.inf, "l2": 2}
+
+
 def pgd(model, x, eps: float = 0.3, eps_iter: float = 0.01, nb_iter: int = 40, y=None,
-        batch_size: int = 256) -> np.ndarray:
-    """Untargeted PGD-L∞ (Madry et al.) with random start, pixels clipped to [0, 1]."""
+        batch_size: int = 256, norm: str = "linf") -> np.ndarray:
+    """Untargeted PGD (Madry et al.) in the L∞ or L2 ball of radius `eps` (`norm` "linf" or
+    "l2"), random start, pixels clipped to [0, 1]."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
     return _batched(
         lambda xb, yb: projected_gradient_descent(
-            model, xb, eps, eps_iter, nb_iter, np.inf, clip_min=0.0, clip_max=1.0, y=yb,
+            model, xb, eps, eps_iter, nb_iter, NORMS[norm], clip_min=0.0, clip_max=1.0, y=yb,
             rand_init=True, sanity_checks=False,
         ),
         x, y, batch_size,

@@ -79,8 +79,10 @@ def baseline_config(dataset: str = "fmnist", quick: bool = False, model_dir: str
 def fm_defense_point(model_dir: str, quick: bool = False) -> dict:
     """What the baselines are matched to, from MODEL/model_card.json: {"val_false_positive_rate":
     the share of clean VAL the FM-Defense calibration flags (None without a calibrated card),
-    "attacks": names, "n": first VAL images attacked, "seed"} (the attacks of its operating-point
-    table; `OperatingPointConfig`'s, or the fast preset's with `quick`, when it has none)."""
+    "chosen_with": the attacks its operating point was chosen with (None when the card has
+    none: "paper" / "config" points), "attacks": names, "n": first VAL images attacked, "seed"}
+    (those of its operating-point table; `OperatingPointConfig`'s, or the fast preset's with
+    `quick`, when it has none)."""
     from fmd_tf.operating_point import FAST_OPERATING_POINT, OperatingPointConfig
 
     path = os.path.join(model_dir, "model_card.json")
@@ -92,6 +94,7 @@ def fm_defense_point(model_dir: str, quick: bool = False) -> dict:
     attacks = (card.get("operating_point") or {}).get("attacks") or {}
     return {"val_false_positive_rate": (card.get("calibration") or {}).get(
                 "val_false_positive_rate"),
+            "chosen_with": list(attacks["names"]) if attacks.get("names") else None,
             "attacks": list(attacks.get("names") or default.attacks),
             "n": int(attacks.get("n") or default.n_attack), "seed": int(attacks.get("seed", 0))}
 

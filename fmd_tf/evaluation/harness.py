@@ -22,10 +22,16 @@ from fmd_tf.files import atomic_path
 ATTACKS = {
     "fgsm": ("fgsm", {"eps": 0.3}),
     "pgd": ("pgd", {"eps": 0.3, "eps_iter": 0.01, "nb_iter": 40}),
+    "pgd_eps0.1": ("pgd", {"eps": 0.1, "eps_iter": 0.01, "nb_iter": 40}),
+    "pgd_l2": ("pgd", {"eps": 2.0, "eps_iter": 0.1, "nb_iter": 40, "norm": "l2"}),
     "mim": ("mim", {"eps": 0.3, "eps_iter": 0.01, "nb_iter": 40}),
     "cw": ("carlini_wagner_l2", {"confidence": 0.0, "max_iterations": 100, "learning_rate": 0.1,
                                  "binary_search_steps": 5}),
     "deepfool": ("deepfool", {"overshoot": 0.02, "max_iterations": 50, "norm": "linf"}),
+    # Black-box attacks on the classifier (fmd_tf.attacks.black_box, ART): score-based with at
+    # most 1,000 queries per image, and decision-based (labels only).
+    "square": ("square", {"eps": 0.2, "max_queries": 1000}),
+    "hopskipjump": ("hop_skip_jump", {"max_iter": 10, "max_eval": 100, "init_eval": 10}),
     # High-confidence C&W-L2 on the classifier alone (Carlini & Wagner's attack on MagNet).
     "cw_hiconf": ("cw_high_confidence_transfer", {"kappa": 20.0, "max_iterations": 100,
                                                   "learning_rate": 0.1,

@@ -187,11 +187,13 @@ def _load_val_resistance(model_dir, fmd, defense, num_val, notes):
 
 def _calibration(model_dir, loaded) -> dict:
     """The clean VAL false-positive rate each defense was calibrated at (FM-Defense: its model
-    card's; baselines: their own reports), for the report's fairness line."""
+    card's, with the attacks its operating point was chosen with; baselines: their own
+    reports), for the report's fairness line and held-out marks."""
     from fmd_tf.evaluation.baselines import fm_defense_point
 
-    out = {"fm_defense": {"val_false_positive_rate":
-                          fm_defense_point(model_dir)["val_false_positive_rate"]}}
+    point = fm_defense_point(model_dir)
+    out = {"fm_defense": {"val_false_positive_rate": point["val_false_positive_rate"],
+                          "operating_point_attacks": point["chosen_with"]}}
     for name, b in loaded.items():
         out[name] = {"fpr_target": b.fpr,
                      "val_false_positive_rate": b.report.get("val_false_positive_rate"),
@@ -355,25 +357,30 @@ def _table_ii(paper_attacks, report) -> list[str]:
         "",
         "Defended accuracy: an adversarial input counts if rejected or its final label is right; "
         "a clean one only if its final label is right (row \"clean\": what each defense costs). "
-        "Paper columns are the paper's MNIST numbers (it reports no Fashion-MNIST table).",
+        "Paper columns are the paper's MNIST numbers (it reports no Fashion-MNIST table). Last "
+        "column: whether FM-Defense's operating point was chosen with that attack (made from VAL "
+        "images) or the attack is held out.",
         "",
         "| attack | no defense | FM-Defense | MagNet | Feature Squeezing | paper MNIST: no "
-        "defense / FM-Defense / MagNet |",
-        "|---|---|---|---|---|---|",
+        "defense / FM-Defense / MagNet | FM-Defense operating point |",
+        "|---|---|---|---|---|---|---|",
     ]
     clean = report["clean"]
+    calibration = report.get("calibration")
+    chosen_with = ((calibration or {}).get("fm_defense") or {}).get("operating_point_attacks")
     lines.append("| clean | " + " | ".join(
         [_pct(clean.get("classifier_accuracy"))]
         + [_pct((clean if d == "fm_defense" else clean.get(d, {})).get("defended_accuracy"))
-           for d in DEFENSES]) + " | n/a |")
+           for d in DEFENSES]) + " | n/a | chosen with (VAL) |")
     for name, a in paper_attacks.items():
         paper = PAPER_TABLE_II_MNIST.get(name, {})
         paper_s = " / ".join("n/a" if paper.get(k) is None else f"{paper[k]}"
                              for k in ("no_defense", "fm_defense", "magnet")) if paper else "n/a"
         cols = [_pct(a["undefended_accuracy"])]
         cols += [_pct(a[d]["defended_accuracy"]) if d in a else "n/a" for d in DEFENSES]
-        lines.append(f"| {name} | " + " | ".join(cols) + f" | {paper_s} |")
-    calibration = report.get("calibration")
+        role = "n/a" if chosen_with is None else (
+            "chosen with (VAL)" if name in chosen_with else "held out")
+        lines.append(f"| {name} | " + " | ".join(cols) + f" | {paper_s} | {role} |")
     if calibration:
         def rate(v):
             return "n/a" if v is None else f"{100 * v:.2f} %"
