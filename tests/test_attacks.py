@@ -39,7 +39,15 @@ import pytest
 import tensorflow as tf
 
 import fmd_tf  # noqa: F401  (registers the Keras classes)
-from fmd_tf.attacks import carlini_wagner_l2, deepfool, fgsm, hop_skip_jump, pgd, square
+from fmd_tf.attacks import (
+    art_classifier,
+    carlini_wagner_l2,
+    deepfool,
+    fgsm,
+    hop_skip_jump,
+    pgd,
+    square,
+)
 from fmd_tf.data import DataNotAvailableError, load_dataset
 from fmd_tf.models import Classifier
 
@@ -89,15 +97,7 @@ def _stats(model, x, x_adv):
 
 
 def _art_classifier(model):
-    from art.estimators.classification import TensorFlowV2Classifier
-
-    return TensorFlowV2Classifier(
-        model=model,
-        nb_classes=NUM_CLASSES,
-        input_shape=(28, 28, 1),
-        loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        clip_values=(0.0, 1.0),
-    )
+    return art_classifier(model, np.zeros((1, 28, 28, 1), np.float32))
 
 
 def _check_output(x_adv, x, x_before=None):

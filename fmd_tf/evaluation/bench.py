@@ -360,19 +360,15 @@ def section_attacks(ctx) -> dict:
     except (ImportError, AttributeError) as e:
         return {"skipped": f"own DeepFool / C&W not importable from fmd_tf.attacks: {e}"}
     try:
-        import keras
         from art.attacks.evasion import CarliniL2Method, DeepFool
-        from art.estimators.classification import TensorFlowV2Classifier
+
+        from fmd_tf.attacks import art_classifier
     except ImportError as e:
         return {"skipped": f"ART not importable (pip install -e '.[dev]'): {e}"}
     clf = fmd.classifier
     x = ctx["x_all"][: cfg.attack_n]
     batch = 128
-    art_clf = TensorFlowV2Classifier(
-        model=clf, nb_classes=int(clf(x[:1]).shape[-1]), input_shape=tuple(x.shape[1:]),
-        loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        clip_values=(0.0, 1.0),
-    )
+    art_clf = art_classifier(clf, x)
     pred = np.argmax(clf.predict(x, verbose=0), axis=1)
 
     def summary(adv, seconds):
