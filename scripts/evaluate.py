@@ -4,6 +4,15 @@
         --attacks fgsm,pgd,cw,deepfool --n 1000 [--seed 0] [--out results/fmnist]
         [--cache results/cache] [--no-baselines]
 
+Held-out attack families (the operating point is chosen with FGSM and PGD on VAL images):
+PGD at other budgets (pgd_eps0.1, pgd_l2), MIM, black-box Square (scores) and HopSkipJump
+(labels only), and transfer from an independently trained classifier:
+
+    python scripts/train.py --dataset fmnist --stages classifier --seed 1 \
+        --out saved_models/fmnist_surrogate
+    python scripts/evaluate.py --attacks transfer_pgd,transfer_mim \
+        --surrogate saved_models/fmnist_surrogate/classifier.keras
+
 Security evaluation (adaptive white-box attacks on the whole defense, one run per budget):
 
     python scripts/evaluate.py --attacks adaptive_pgd,adaptive_resistance,cw_hiconf \
@@ -29,7 +38,7 @@ from fmd_tf.cli import UsageError, run_cli, usage_errors
 
 
 def parse_args(argv):
-    from fmd_tf.evaluation.harness import ATTACKS, BUDGETED
+    from fmd_tf.evaluation.harness import ATTACKS, BUDGETED, TRANSFER
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="fmnist")
@@ -51,6 +60,9 @@ def parse_args(argv):
     p.add_argument("--linf-eps", default="", help="comma-separated L-inf budgets for "
                    + ", ".join(BUDGETED) + " (one run each)")
     p.add_argument("--l2-eps", default="", help="comma-separated L2 budgets, as --linf-eps")
+    p.add_argument("--surrogate", default=None, metavar="CLASSIFIER.keras",
+                   help="an independently trained classifier that " + ", ".join(TRANSFER)
+                        + " are made on (e.g. train.py --stages classifier --seed 1)")
     args = p.parse_args(argv)
     args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     unknown = [a for a in args.attacks if a not in ATTACKS]
@@ -75,6 +87,13 @@ def parse_args(argv):
     if not os.path.isfile(os.path.join(args.model, args.attack_defense)):
         raise UsageError(f"--attack-defense: {os.path.join(args.model, args.attack_defense)} "
                          "not found")
+    if any(a in TRANSFER for a in args.attacks):
+        if args.surrogate is None:
+            raise UsageError(f"{', '.join(TRANSFER)} need --surrogate CLASSIFIER.keras (an "
+                             "independently trained classifier: train.py --stages classifier "
+                             "--seed 1)")
+        if not os.path.isfile(args.surrogate):
+            raise UsageError(f"--surrogate: {args.surrogate} not found")
     args.out = args.out or os.path.join("results", args.dataset)
     return args
 
@@ -90,7 +109,7 @@ def run(args) -> dict:
             args.model, args.dataset, args.attacks, args.n, args.seed, out_dir=args.out,
             cache_dir=args.cache, batch_size=args.batch_size, baselines=not args.no_baselines,
             linf_eps=args.linf_eps, l2_eps=args.l2_eps, defense=args.defense,
-            attack_defense=args.attack_defense, splits=splits,
+            attack_defense=args.attack_defense, splits=splits, surrogate=args.surrogate,
             command="python scripts/evaluate.py " + " ".join(sys.argv[1:]))
     print(render_markdown(report))
     return report

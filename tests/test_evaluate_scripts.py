@@ -13,11 +13,15 @@ from test_case import run_script
 
 def test_evaluate_report_schema(quick_model, tmp_path):
     out = tmp_path / "eval"
+    surrogate = quick_model / "classifier.keras"  # not independent: only the plumbing is tested
     proc = run_script("scripts/evaluate.py", "--model", str(quick_model), "--attacks",
-                      "fgsm,deepfool", "--n", "12", "--out", str(out), "--cache",
-                      str(tmp_path / "cache"), "--no-baselines")
+                      "fgsm,deepfool,transfer_pgd", "--n", "12", "--out", str(out), "--cache",
+                      str(tmp_path / "cache"), "--no-baselines", "--surrogate", str(surrogate))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
+    assert report["surrogate"]["path"] == str(surrogate)
+    assert report["attacks"]["transfer_pgd"]["params"]["eps"] == 0.3
+    assert report["attacks"]["transfer_pgd"]["linf_median"] <= 0.3 + 1e-6
     assert {"dataset", "n", "model", "clean", "attacks"} <= set(report)
     assert report["purify_label"] == "corroborated"  # the config default
     assert set(report["clean"]) >= {"classifier_accuracy", "defended_accuracy",
@@ -80,6 +84,7 @@ def test_evaluate_adaptive_budget_grid(quick_model, tmp_path):
     ("--linf-eps", "abc", "not a list of numbers"),
     ("--l2-eps", "1.5,-1", "must be > 0"),
     ("--attacks", "adaptive_foo", "unknown"),
+    ("--attacks", "transfer_pgd", "need --surrogate"),
 ])
 def test_evaluate_bad_budget_arguments(quick_model, flag, value, message):
     proc = _run("scripts/evaluate.py", "--model", str(quick_model), flag, value)

@@ -32,6 +32,10 @@ ATTACKS = {
     # most 1,000 queries per image, and decision-based (labels only).
     "square": ("square", {"eps": 0.2, "max_queries": 1000}),
     "hopskipjump": ("hop_skip_jump", {"max_iter": 10, "max_eval": 100, "init_eval": 10}),
+    # Transfer: made on an independently trained surrogate classifier (`evaluate(surrogate=)`,
+    # scripts/evaluate.py --surrogate), never on the defended one.
+    "transfer_pgd": ("pgd", {"eps": 0.3, "eps_iter": 0.01, "nb_iter": 40}),
+    "transfer_mim": ("mim", {"eps": 0.3, "eps_iter": 0.01, "nb_iter": 40}),
     # High-confidence C&W-L2 on the classifier alone (Carlini & Wagner's attack on MagNet).
     "cw_hiconf": ("cw_high_confidence_transfer", {"kappa": 20.0, "max_iterations": 100,
                                                   "learning_rate": 0.1,
@@ -48,6 +52,8 @@ ATTACKS = {
 # Attacks that get the whole FMDefense (not only its classifier); their cache key covers all of
 # the defense's weights and config.
 DEFENSE_AWARE = ("adaptive_pgd", "adaptive_resistance")
+# Attacks made on the surrogate classifier; their cache key covers its weights.
+TRANSFER = ("transfer_pgd", "transfer_mim")
 # Attacks with an (eps, norm) budget, expanded over scripts/evaluate.py's --linf-eps/--l2-eps.
 BUDGETED = ("cw_hiconf", "adaptive_pgd", "adaptive_resistance")
 
@@ -98,12 +104,13 @@ def defense_fingerprint(fmd) -> str:
 
 
 def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: int = 0,
-                    params: dict | None = None, defense=None):
+                    params: dict | None = None, defense=None, surrogate=None):
     """(x_adv, info): generated with `fmd_tf.attacks`, or loaded from the .npz cache when the
     attack, parameters, images and fingerprint all match.
 
     Attacks in `DEFENSE_AWARE` run on `defense` (an `FMDefense`, required for them) and are
-    keyed by its fingerprint; the others run on `classifier` and are keyed by its weights.
+    keyed by its fingerprint; those in `TRANSFER` run on `surrogate` (a classifier, required for
+    them) and are keyed by its weights; the others run on `classifier`, keyed by its weights.
     """
     import fmd_tf.attacks as attacks
 
@@ -117,6 +124,12 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
             raise ValueError(f"attack {attack!r} needs the defense (defense=FMDefense)")
         target = defense
         fingerprint = "defense:" + defense_fingerprint(defense)
+    elif attack in TRANSFER:
+        if surrogate is None:
+            raise ValueError(f"attack {attack!r} needs a surrogate classifier (surrogate=, "
+                             "scripts/evaluate.py --surrogate)")
+        target = surrogate
+        fingerprint = "surrogate:" + classifier_fingerprint(surrogate)
     else:
         fingerprint = classifier_fingerprint(classifier)
     data_hash = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]

@@ -237,7 +237,7 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
              cache_dir: str | None = None, batch_size: int = 64, baselines: bool = True,
              linf_eps=(), l2_eps=(), defense: str = "fmd.keras",
              attack_defense: str | None = None, splits=None, command: str | None = None,
-             verbose: int = 1) -> dict:
+             surrogate: str | None = None, verbose: int = 1) -> dict:
     """The evaluation report of the defense `model_dir`/`defense` on the first `n` CLE images.
 
     Args:
@@ -251,6 +251,9 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
         attack_defense: the defense file the defense-aware attacks attack (default `defense`).
         splits: the data's `paper_splits` (default `model_splits(model_dir, dataset, seed)`).
         command: how the run was started, recorded in the report.
+        surrogate: a .keras classifier trained independently of the defended one (e.g. with
+            another seed: `train.py --stages classifier --seed 1`), needed by the attacks of
+            `harness.TRANSFER`, which are made on it and transferred.
         verbose: 0 silent, else a start line and a progress bar.
 
     Raises ValueError (unknown attack, budget <= 0, n < 2 or above the CLE images, malformed
@@ -269,6 +272,12 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
     for name in dict.fromkeys((defense, attack_defense)):
         if not os.path.isfile(os.path.join(model_dir, name)):
             raise FileNotFoundError(f"{os.path.join(model_dir, name)} not found")
+    if any(method in harness.TRANSFER for _, method, _ in runs):
+        if surrogate is None:
+            raise ValueError(f"{', '.join(harness.TRANSFER)} need a surrogate classifier "
+                             "(surrogate= / --surrogate)")
+        if not os.path.isfile(surrogate):
+            raise FileNotFoundError(f"surrogate classifier {surrogate} not found")
     splits = model_splits(model_dir, dataset, seed, n) if splits is None \
         else _enough_cle(splits, n)
     if out_dir:
@@ -276,6 +285,8 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
     fmd = load_defense(model_dir, name=defense)
     target = fmd if attack_defense == defense else load_defense(model_dir, name=attack_defense)
     x, y = splits.x_cle[:n], splits.y_cle[:n]
+    surrogate_model = None if surrogate is None else keras.models.load_model(surrogate,
+                                                                              compile=False)
     loaded, notes = ({}, ["baselines skipped (--no-baselines)"]) if not baselines \
         else load_baselines(model_dir, fmd.classifier)
     bar = keras.utils.Progbar(1 + len(runs), stateful_metrics=["stage"], unit_name="set",
@@ -293,6 +304,9 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
               "command": command if command is not None
               else f"evaluate({model_dir!r}, attacks={list(attacks)!r}, n={n}, seed={seed})",
               "clean": harness.clean_metrics(clean, y), "attacks": {}, "notes": notes}
+    if surrogate_model is not None:
+        report["surrogate"] = {"path": surrogate, "clean_accuracy": float(np.mean(
+            np.argmax(surrogate_model.predict(x, verbose=0), axis=-1) == y))}
     for name, b in clean_base.items():
         report["clean"][name] = harness.clean_metrics(b, y)
     report["calibration"] = _calibration(model_dir, loaded)
@@ -300,7 +314,8 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
     adv_out, eta_curves, grid_rows, roc = {}, {}, {"clean": (x, clean["purified"])}, {}
     for k, (attack, method, overrides) in enumerate(runs):
         x_adv, info = harness.adversarial_set(method, fmd.classifier, x, y, cache_dir, seed,
-                                              params=overrides, defense=target)
+                                              params=overrides, defense=target,
+                                              surrogate=surrogate_model)
         adv = adv_out[attack] = _run_fm(fmd, x_adv, batch_size, verbose)
         entry = _attack_entry(method, info, x, x_adv, y, clean, adv)
         roc[attack] = {"FM-Defense": (clean["score"], adv["score"])}
