@@ -220,18 +220,20 @@ def test_choose_squeezers_picks_the_best_worst_case_on_val():
     rng = np.random.default_rng(0)
     x_val = np.concatenate([rng.uniform(0.0, 0.05, (20, 28, 28, 1)),
                             rng.uniform(0.95, 1.0, (20, 28, 28, 1))]).astype(np.float32)
+    y_val = np.repeat([1, 0], 20)  # dark, then bright
     # Dark images (class 1) the classifier calls bright: 1 bit turns them black, the label
     # flips and they are rejected; a median filter leaves a constant image as it is.
     x_adv, y_adv = np.full((10, 28, 28, 1), 0.35, np.float32), np.ones(10, np.int64)
     candidates = [(None, 2), (None, 3), (1, None), (1, 2)]
-    index, rows = choose_squeezers(classifier, x_val, {"a": (x_adv, y_adv),
-                                                       "b": (x_adv[:4], y_adv[:4])},
+    index, rows = choose_squeezers(classifier, x_val, y_val, {"a": (x_adv, y_adv),
+                                                              "b": (x_adv[:4], y_adv[:4])},
                                    0.0, candidates)
     assert [(r["bit_depth"], r["median_size"]) for r in rows] == candidates
     assert [r["val_a_defended_accuracy"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
     assert [r["val_b_defended_accuracy"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
     assert index == 2  # the first of the two best
     assert all(r["val_false_positive_rate"] == 0.0 for r in rows)
+    assert all(r["val_clean_defended_accuracy"] == 1.0 for r in rows)
     direct = FeatureSqueezing(classifier, bit_depth=1, median_size=None)
     direct.calibrate(x_val, 0.0)
     assert rows[2]["threshold"] == direct.threshold
@@ -242,13 +244,13 @@ def test_choose_squeezers_picks_the_best_worst_case_on_val():
     x_b[:, ::2, ::2] = 1.0
     y_b = np.zeros(10, np.int64)
     candidates = [(1, None), (None, 2), (1, 2)]
-    index, rows = choose_squeezers(classifier, x_val, {"a": (x_adv, y_adv), "b": (x_b, y_b)},
-                                   0.0, candidates)
+    index, rows = choose_squeezers(classifier, x_val, y_val,
+                                   {"a": (x_adv, y_adv), "b": (x_b, y_b)}, 0.0, candidates)
     assert [r["val_a_defended_accuracy"] for r in rows] == [1.0, 0.0, 1.0]
     assert [r["val_b_defended_accuracy"] for r in rows] == [0.0, 1.0, 1.0]
     assert index == 2
     with pytest.raises(ValueError, match="attacked VAL"):
-        choose_squeezers(classifier, x_val, {}, 0.0)
+        choose_squeezers(classifier, x_val, y_val, {}, 0.0)
 
 
 def test_feature_squeezing_save_load_round_trip(tmp_path):

@@ -275,18 +275,21 @@ class FeatureSqueezing:
         return fs
 
 
-def choose_squeezers(classifier, x_val, adversarial: dict, fpr, candidates=SQUEEZER_CANDIDATES,
-                     from_logits: bool = True) -> tuple[int, list[dict]]:
+def choose_squeezers(classifier, x_val, y_val, adversarial: dict, fpr,
+                     candidates=SQUEEZER_CANDIDATES, from_logits: bool = True
+                     ) -> tuple[int, list[dict]]:
     """(index of the chosen candidate, one row per candidate): the squeezers chosen on VAL.
 
     Each (bit depth, median window) of `candidates` is calibrated on the clean VAL images
-    `x_val` at `fpr` and run on every attacked VAL set of `adversarial` {name: (x_adv, y)}; the
-    chosen row has the largest *smallest* defended accuracy (rejected or label right) over the
-    attacks, the first on ties: the max-min rule FM-Defense's operating point is chosen with
-    (`fmd_tf.operating_point`). Rows: bit_depth, median_size, threshold,
-    val_false_positive_rate and val_<name>_defended_accuracy.
+    `x_val` (labels `y_val`) at `fpr` and run on them and on every attacked VAL set of
+    `adversarial` {name: (x_adv, y)}; the chosen row is the one FM-Defense's operating-point
+    rule would take (`fmd_tf.operating_point.max_min_row`): the largest *smallest* defended
+    accuracy over clean VAL and the attacks, the first on ties. Rows: bit_depth, median_size,
+    threshold, val_false_positive_rate, val_clean_defended_accuracy and
+    val_<name>_defended_accuracy.
     """
     from fmd_tf.evaluation.metrics import defended_accuracy
+    from fmd_tf.operating_point import max_min_row
 
     if not candidates or not adversarial:
         raise ValueError("choose_squeezers needs candidates and at least one attacked VAL set")
@@ -295,12 +298,14 @@ def choose_squeezers(classifier, x_val, adversarial: dict, fpr, candidates=SQUEE
         fs = FeatureSqueezing(classifier, bit_depth=bits, median_size=median,
                               from_logits=from_logits)
         report = fs.calibrate(x_val, fpr)
+        clean = fs.defend(x_val)
         row = {"bit_depth": bits, "median_size": median, "threshold": report["threshold"],
-               "val_false_positive_rate": report["val_false_positive_rate"]}
+               "val_false_positive_rate": report["val_false_positive_rate"],
+               "val_clean_defended_accuracy": defended_accuracy(
+                   clean["label"], clean["verdict"], y_val, False)}
         for name, (x_adv, y_adv) in adversarial.items():
             out = fs.defend(x_adv)
             row[f"val_{name}_defended_accuracy"] = defended_accuracy(
                 out["label"], out["verdict"], y_adv, True)
         rows.append(row)
-    worst = [min(row[f"val_{name}_defended_accuracy"] for name in adversarial) for row in rows]
-    return int(np.argmax(worst)), rows  # argmax: the first of the ties
+    return max_min_row(rows, list(adversarial)), rows

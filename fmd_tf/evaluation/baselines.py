@@ -76,6 +76,15 @@ def baseline_config(dataset: str = "fmnist", quick: bool = False, model_dir: str
     return dataclasses.replace(cfg, splits=sizes) if sizes else cfg
 
 
+def _card(model_dir: str) -> dict:
+    """MODEL/model_card.json, or {} when there is none."""
+    path = os.path.join(model_dir, "model_card.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def fm_defense_point(model_dir: str, quick: bool = False) -> dict:
     """What the baselines are matched to, from MODEL/model_card.json: {"val_false_positive_rate":
     the share of clean VAL the FM-Defense calibration flags (None without a calibrated card),
@@ -85,11 +94,7 @@ def fm_defense_point(model_dir: str, quick: bool = False) -> dict:
     `quick`, when it has none)."""
     from fmd_tf.operating_point import FAST_OPERATING_POINT, OperatingPointConfig
 
-    path = os.path.join(model_dir, "model_card.json")
-    card = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            card = json.load(f)
+    card = _card(model_dir)
     default = FAST_OPERATING_POINT if quick else OperatingPointConfig()
     attacks = (card.get("operating_point") or {}).get("attacks") or {}
     return {"val_false_positive_rate": (card.get("calibration") or {}).get(
@@ -105,10 +110,8 @@ def check_outputs(model_dir: str, overwrite: bool = False) -> tuple[str, str]:
     MODEL/classifier.keras, or the user's own one named in the model card (`classifier_path`,
     train.py --classifier)."""
     classifier_path = os.path.join(model_dir, "classifier.keras")
-    card_path = os.path.join(model_dir, "model_card.json")
-    if not os.path.isfile(classifier_path) and os.path.isfile(card_path):
-        with open(card_path) as f:
-            classifier_path = json.load(f).get("classifier_path") or classifier_path
+    if not os.path.isfile(classifier_path):
+        classifier_path = _card(model_dir).get("classifier_path") or classifier_path
     if not os.path.isfile(classifier_path):
         raise FileNotFoundError(f"{classifier_path} not found; train the classifier first "
                                 "(python scripts/train.py --stages classifier) or pass --model")
@@ -152,7 +155,7 @@ def _fit_magnet(classifier, splits, cfg, fpr, epochs, seed, magnet_from, verbose
     return magnet, report
 
 
-def _fit_feature_squeezing(classifier, splits, point, fpr, cache_dir, seed):
+def _fit_feature_squeezing(classifier, splits, point, fpr, cache_dir):
     """Feature Squeezing with the squeezers `choose_squeezers` picks on VAL (the attacks of
     `point`, made from its first VAL images), calibrated at `fpr`; the choice in its report."""
     from fmd_tf.baselines import FeatureSqueezing, choose_squeezers
@@ -163,12 +166,13 @@ def _fit_feature_squeezing(classifier, splits, point, fpr, cache_dir, seed):
     adversarial = {name: (harness.adversarial_set(name, classifier, x_att, y_att, cache_dir,
                                                   point["seed"])[0], y_att)
                    for name in point["attacks"]}
-    index, rows = choose_squeezers(classifier, splits.x_val, adversarial, fpr)
+    index, rows = choose_squeezers(classifier, splits.x_val, splits.y_val, adversarial, fpr)
     squeezing = FeatureSqueezing(classifier, bit_depth=rows[index]["bit_depth"],
                                  median_size=rows[index]["median_size"])
     squeezing.calibrate(splits.x_val, fpr)
     squeezing.report["selection"] = {
-        "rule": "max-min VAL defended accuracy over the attacks (rejected or label right)",
+        "rule": "max-min VAL defended accuracy over clean and the attacks (as FM-Defense's "
+                "operating point)",
         "attacks": point["attacks"], "n": n, "seed": point["seed"], "chosen": index,
         "rows": rows}
     return squeezing
@@ -259,7 +263,7 @@ def train_baselines(model_dir: str, dataset: str = "fmnist", *, epochs: int | No
         f"(training {report['train_seconds']:.1f} s)")
 
     started = time.time()
-    squeezing = _fit_feature_squeezing(classifier, splits, point, fpr, cache_dir, seed)
+    squeezing = _fit_feature_squeezing(classifier, splits, point, fpr, cache_dir)
     fs_seconds = _cle_figures(squeezing, splits, common, started)
     fs_report = squeezing.report
     selection = fs_report["selection"]
