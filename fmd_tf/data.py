@@ -310,9 +310,8 @@ def load_celeba(root=None, num_identities: int = CELEBA_IDENTITIES,
     images, identity_file = _celeba_files(root)
     names, ids = read_celeba_identities(identity_file)
     values, counts = np.unique(ids, return_counts=True)
-    eligible = counts >= 2
     order = np.lexsort((values, -counts))  # most images first, then lower identity number
-    chosen = [v for v in values[order] if eligible[np.searchsorted(values, v)]][:num_identities]
+    chosen = values[order][counts[order] >= 2][:num_identities]
     if len(chosen) < 2:
         raise DataFormatError(f"{identity_file}: fewer than 2 identities with 2 or more images")
     if len(chosen) < num_identities:

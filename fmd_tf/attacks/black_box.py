@@ -1,7 +1,8 @@
 """Black-box attacks on the classifier through ART 1.20: the attacker sees only its outputs.
 
-* `square`: Square Attack (Andriushchenko et al. 2020), score-based, L∞ ball of radius `eps`,
-  at most `max_queries` queries per image (ART's `SquareAttack`, one query per iteration).
+* `square`: Square Attack (Andriushchenko et al. 2020), score-based, L∞ ball of radius `eps`:
+  one initial query, then at most `max_queries` iterations of ART's `SquareAttack`, one query
+  each for every image not yet misclassified.
 * `hop_skip_jump`: HopSkipJump (Chen et al. 2020), decision-based (labels only), L2; it
   shrinks the perturbation of an adversarial starting point, so the result has no fixed budget
   (the report gives its median L2).
