@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from fmd_tf.config import DGMM_LR_SCHEDULES, TRAIN_PRECISIONS, VAE_DATA, ExperimentConfig
-from fmd_tf.defense.precision import bfloat16_is_fast
+from fmd_tf.defense.precision import resolve_auto
 from fmd_tf.models.classifier import Classifier
 from fmd_tf.models.combo_vae import ComboVAE, build_combo_vae
 from fmd_tf.models.dgmm import DGMM
@@ -48,11 +48,7 @@ def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int =
 
 def training_precision(name: str) -> str:
     """The Keras dtype policy that `ClassifierConfig.precision` `name` trains with."""
-    if name not in TRAIN_PRECISIONS:
-        raise ValueError(f"precision must be one of {TRAIN_PRECISIONS}, got {name!r}")
-    if name != "auto":
-        return name
-    return "mixed_bfloat16" if bfloat16_is_fast() else "float32"
+    return resolve_auto(name, TRAIN_PRECISIONS, "mixed_bfloat16", "precision")
 
 
 @contextlib.contextmanager

@@ -358,8 +358,9 @@ class FMDefense(BatchedDefense, keras.Model):
             raise _options.OptionError("adaptive_refine_codes",
                                        f"must be in [0, {m}] (the number of selected codes)",
                                        config.adaptive_refine_codes)
-        if jit_compile and _dynamic_shapes(config):
-            raise ValueError(f"{_dynamic_shapes(config)} has data-dependent shapes: jit_compile "
+        dynamic = _dynamic_shapes(config) if jit_compile else ""
+        if dynamic:
+            raise ValueError(f"{dynamic} has data-dependent shapes: jit_compile "
                              f"must be None or False, or use copy_with(**FMDefense.XLA_OPTIONS)")
 
     @classmethod

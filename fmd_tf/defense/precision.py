@@ -27,19 +27,22 @@ the logarithms of the two largest (`output_margin`), the same logit margin.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import tensorflow as tf
 
 from fmd_tf.config import COMPUTE_DTYPES
 
-__all__ = ["COMPUTE_DTYPES", "bfloat16_is_fast", "resolve_dtype", "mixed_policy",
+__all__ = ["COMPUTE_DTYPES", "bfloat16_is_fast", "resolve_auto", "resolve_dtype", "mixed_policy",
            "output_margin", "morph_labels"]
 
 
+@functools.cache
 def bfloat16_is_fast() -> bool:
     """Whether this machine computes bfloat16 natively: a GPU of compute capability >= 8.0,
     else a CPU with AVX512-BF16 or AMX-BF16 (from /proc/cpuinfo). A fixed rule, not a timing
-    probe, so that the choice does not depend on what else the machine is doing."""
+    probe, so that the choice does not depend on what else the machine is doing; looked up
+    once per process (every trace of a morph chunk asks)."""
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
@@ -52,13 +55,19 @@ def bfloat16_is_fast() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def resolve_dtype(name: str) -> str:
-    """The compute dtype that `morph_dtype` `name` means on this machine ("auto" resolved)."""
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
+def resolve_auto(name: str, choices, reduced: str, what: str) -> str:
+    """`name`, checked against `choices` (ValueError naming `what`), with "auto" resolved on
+    this machine: `reduced` where `bfloat16_is_fast`, else "float32"."""
+    if name not in choices:
+        raise ValueError(f"{what} must be one of {choices}, got {name!r}")
     if name != "auto":
         return name
-    return "bfloat16" if bfloat16_is_fast() else "float32"
+    return reduced if bfloat16_is_fast() else "float32"
+
+
+def resolve_dtype(name: str) -> str:
+    """The compute dtype that `morph_dtype` `name` means on this machine ("auto" resolved)."""
+    return resolve_auto(name, COMPUTE_DTYPES, "bfloat16", "compute dtype")
 
 
 def _layers(model):
