@@ -42,7 +42,8 @@ __all__ = [
 # agree).
 DGMM_LR_SCHEDULES = ("cosine", "constant")  # ComboVAEConfig.dgmm_lr_schedule
 VAE_DATA = ("train", "full")  # ComboVAEConfig.vae_data
-TRAIN_PRECISIONS = ("auto", "float32", "mixed_bfloat16")  # ClassifierConfig.precision
+TRAIN_PRECISIONS = ("auto", "float32", "mixed_bfloat16")  # .precision, .vae_precision
+CLASSIFIER_TRAININGS = ("standard", "pgd_at", "trades")  # ClassifierConfig.training
 THRESHOLD_MODES = ("per_code", "unified")  # DefenseConfig.threshold_mode
 PURIFY_ZU = ("encoded", "class_mean")  # DefenseConfig.purify_zu
 PURIFY_LABELS = ("reconstruction", "corroborated")  # DefenseConfig.purify_label
@@ -104,6 +105,21 @@ class ClassifierConfig:
         "saved classifier computes in float32 either way.",
         choices=TRAIN_PRECISIONS,
     )
+    training: str = option(
+        "standard",
+        "how the classifier is trained: standard (cross-entropy on clean images), pgd_at (PGD "
+        "adversarial training, Madry et al. 2018: cross-entropy on L-inf PGD images) or trades "
+        "(Zhang et al. 2019: cross-entropy on clean images + trades_beta x KL to PGD images); "
+        "the adversarial ones cost about adversarial_steps + 1 times the standard training "
+        "(fmd_tf.models.RobustTrainer)",
+        choices=CLASSIFIER_TRAININGS,
+    )
+    adversarial_eps: float = option(0.1, "L-inf radius of the training attack (pgd_at, "
+                                    "trades)", check=UNIT_LEFT_OPEN)
+    adversarial_steps: int = option(10, "PGD steps of the training attack, each of size "
+                                    "2.5 x adversarial_eps / steps", check=POSITIVE_INT)
+    trades_beta: float = option(6.0, "TRADES weight of the KL term (the paper's 6 for "
+                                "MNIST-like data)", check=NON_NEGATIVE)
 
     def __post_init__(self):
         normalize(self)
@@ -163,6 +179,15 @@ class ComboVAEConfig:
         check=POSITIVE_INT,
     )
     vae_epochs: int = option(30, "epochs of stage 2 (combo-VAE)", check=POSITIVE_INT)
+    vae_precision: str = option(
+        "auto",
+        "compute precision of stage 2 (encoder, decoder and TC discriminator), as "
+        "ClassifierConfig.precision: mixed_bfloat16 computes in bfloat16 with float32 weights "
+        "and float32 losses; auto takes it where the machine computes bfloat16 natively. The "
+        "DGMM (stage 1) trains in float32 and the saved combo-VAE computes in float32 either "
+        "way.",
+        choices=TRAIN_PRECISIONS,
+    )
     vae_data: str = option(
         "train",
         "stage 2 images: train is the paper's TRAIN split (SplitConfig.train_size images, "
@@ -336,11 +361,12 @@ def get_config(name: str) -> ExperimentConfig:
 
 
 def quick_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """A tiny variant (512 training images, 1-2 epochs, few morphs) for tests and CI."""
+    """A tiny variant (512 training images, 2,048 for the classifier, one epoch each, few
+    morphs) for tests and CI."""
     return dataclasses.replace(
         cfg,
         splits=SplitConfig(train_size=512, val_size=128, cle_size=128),
-        classifier=dataclasses.replace(cfg.classifier, epochs=1, train_size=512),
+        classifier=dataclasses.replace(cfg.classifier, epochs=1, train_size=2048),
         combo=dataclasses.replace(
             cfg.combo, dgmm_epochs=1, vae_epochs=1, batch_size=64, dgmm_train_size=512,
             vae_data="train",

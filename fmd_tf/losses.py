@@ -314,3 +314,28 @@ def dgmm_loss(zu, labels, means, log_vars, lambda_lkd=0.1):
     return dgmm_cls_loss(zu, labels, means, log_vars) + lambda_lkd * dgmm_lkd_loss(
         zu, labels, means, log_vars
     )
+
+
+def trades_loss(logits, logits_adv, labels, beta):
+    """TRADES objective per sample (Zhang et al., 2019, Eq. 5 with the KL surrogate).
+
+    L = CE(y, f(x)) + β · KL(p(x) || p(x')), with p = softmax(f(·)) and x' the adversarial
+    image that maximises the KL term inside the ε-ball. β trades natural accuracy (β → 0 is
+    plain cross-entropy) for robustness; the gradient flows through both p(x) and p(x').
+
+    Args:
+        logits: [B, C] classifier logits on the clean images.
+        logits_adv: [B, C] logits on the adversarial images.
+        labels: [B] integer labels in [0, C).
+        beta: non-negative weight of the robustness term.
+
+    Returns:
+        [B] loss per sample (nats).
+    """
+    logits = tf.convert_to_tensor(logits, tf.float32)
+    logits_adv = tf.convert_to_tensor(logits_adv, tf.float32)
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    log_p = tf.nn.log_softmax(logits, axis=-1)
+    log_q = tf.nn.log_softmax(logits_adv, axis=-1)
+    return ce + beta * tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)

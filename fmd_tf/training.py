@@ -7,7 +7,6 @@ figures that go into the model card.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import keras
@@ -15,10 +14,11 @@ import numpy as np
 import tensorflow as tf
 
 from fmd_tf.config import DGMM_LR_SCHEDULES, TRAIN_PRECISIONS, VAE_DATA, ExperimentConfig
-from fmd_tf.defense.precision import resolve_auto
+from fmd_tf.defense.precision import dtype_policy, resolve_auto
 from fmd_tf.models.classifier import Classifier
 from fmd_tf.models.combo_vae import ComboVAE, build_combo_vae
 from fmd_tf.models.dgmm import DGMM
+from fmd_tf.models.robust_trainer import RobustTrainer
 
 STRATEGIES = ("default", "mirrored", "multiworker")
 
@@ -46,20 +46,40 @@ def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int =
     return float(np.mean(np.argmax(logits, axis=-1) == y))
 
 
+def epoch_batches(inputs, targets, batch_size: int):
+    """(An endless tf.data.Dataset of (inputs, targets) batches, steps per epoch) for
+    `Model.fit(dataset, epochs=E, steps_per_epoch=steps)`.
+
+    Each epoch is one fresh permutation of the N images cut into ceil(N / batch_size) batches
+    (the last one partial), like `fit` on numpy arrays with `shuffle=True`; the permutation
+    follows the global seed. `fit` on numpy arrays builds a new input iterator per epoch, and
+    on 2 CPU cores the main thread then waited up to 9 s, idle, at the start of about every
+    other epoch (stages went 25-35 % over their summed step times); one endless iterator
+    waits once.
+
+    inputs: array [N, ...]; targets: array [N, ...], a dict of them, or None.
+    """
+    data = inputs if targets is None else (inputs, targets)
+    n = len(inputs)
+    indices = tf.data.Dataset.range(n).shuffle(n, reshuffle_each_iteration=True) \
+        .batch(batch_size).repeat()
+    dataset = tf.data.Dataset.zip((indices, tf.data.Dataset.from_tensors(data).repeat()))
+    dataset = dataset.map(lambda i, d: tf.nest.map_structure(lambda a: tf.gather(a, i), d),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.experimental_optimization.apply_default_optimizations = False
+    return dataset.with_options(options).prefetch(2), -(-n // batch_size)
+
+
+def _fit(model, inputs, targets, batch_size: int, epochs: int, verbose, callbacks):
+    dataset, steps = epoch_batches(inputs, targets, batch_size)
+    return model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=verbose,
+                     callbacks=callbacks, shuffle=False)  # the dataset shuffles
+
+
 def training_precision(name: str) -> str:
     """The Keras dtype policy that `ClassifierConfig.precision` `name` trains with."""
     return resolve_auto(name, TRAIN_PRECISIONS, "mixed_bfloat16", "precision")
-
-
-@contextlib.contextmanager
-def dtype_policy(name: str):
-    """Keras' global dtype policy set to `name` inside the block (layers built there use it)."""
-    before = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(name)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(before)
 
 
 def new_classifier(cfg: ExperimentConfig, steps: int) -> Classifier:
@@ -70,12 +90,29 @@ def new_classifier(cfg: ExperimentConfig, steps: int) -> Classifier:
                        dense_units=c.dense_units, dropout=c.dropout, name="classifier")
     model.build((None, *cfg.image_shape))
     model.compile(
-        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
-            c.learning_rate, decay_steps=max(int(steps), 1), alpha=0.01)),
+        optimizer=_classifier_optimizer(c, steps),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
     return model
+
+
+def _classifier_optimizer(c, steps: int):
+    return keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+        c.learning_rate, decay_steps=max(int(steps), 1), alpha=0.01))
+
+
+def robust_trainer(cfg: ExperimentConfig, classifier: Classifier, steps: int,
+                   seed: int = 0) -> RobustTrainer:
+    """The compiled `RobustTrainer` of `cfg.classifier.training` ("pgd_at" or "trades") around
+    `classifier`, with the classifier's optimizer schedule over `steps`."""
+    c = cfg.classifier
+    trainer = RobustTrainer(classifier, c.training, eps=c.adversarial_eps,
+                            steps=c.adversarial_steps, beta=c.trades_beta, seed=seed,
+                            name="robust_trainer")
+    trainer.build((None, *cfg.image_shape))
+    trainer.compile(optimizer=_classifier_optimizer(c, steps))
+    return trainer
 
 
 def train_classifier(
@@ -86,28 +123,43 @@ def train_classifier(
     log_dir: str | None = None,
     verbose: int | str = "auto",
 ) -> Classifier:
-    """Train the target classifier (sparse cross-entropy on logits, Adam, cosine-decayed rate)
-    with the dtype policy of `training_precision(cfg.classifier.precision)`; save its
+    """Train the target classifier (Adam, cosine-decayed rate) with the dtype policy of
+    `training_precision(cfg.classifier.precision)`: sparse cross-entropy on logits, or, for
+    `cfg.classifier.training` "pgd_at" / "trades", through `robust_trainer`. Save its
     `inference_copy` (float32)."""
     c = cfg.classifier
     if c.train_size is not None:
         x_train, y_train = x_train[: c.train_size], y_train[: c.train_size]
     policy = training_precision(c.precision)
     if verbose:
-        print(f"classifier: training with the {policy} dtype policy", flush=True)
+        print(f"classifier: {c.training} training with the {policy} dtype policy", flush=True)
+    steps = c.epochs * int(np.ceil(len(x_train) / c.batch_size))
     with dtype_policy(policy), strategy.scope():
-        model = new_classifier(cfg, steps=c.epochs * int(np.ceil(len(x_train) / c.batch_size)))
-    model.fit(
-        x_train, y_train, batch_size=c.batch_size, epochs=c.epochs, verbose=verbose,
-        callbacks=_callbacks(log_dir, "classifier"),
-    )
+        model = new_classifier(cfg, steps=steps)
+        trained = model if c.training == "standard" else robust_trainer(cfg, model, steps)
+    _fit(trained, x_train, y_train, c.batch_size, c.epochs, verbose,
+         _callbacks(log_dir, "classifier"))
     return model
+
+
+def _float32_config(config):
+    """`config` (a nested Keras config) with every mixed dtype policy replaced by float32."""
+    if isinstance(config, list):
+        return [_float32_config(v) for v in config]
+    if not isinstance(config, dict):
+        return config
+    out = {k: _float32_config(v) for k, v in config.items()}
+    policy = out.get("dtype")
+    name = policy.get("config", {}).get("name") if isinstance(policy, dict) else policy
+    if isinstance(name, str) and name.startswith("mixed_"):
+        out["dtype"] = "float32"
+    return out
 
 
 def inference_copy(model: keras.Model) -> keras.Model:
     """An uncompiled float32 copy with the same weights (drops the optimizer state and a
-    mixed-precision training policy before saving)."""
-    config = model.get_config()
+    mixed-precision training policy, also of nested models, before saving)."""
+    config = _float32_config(model.get_config())
     if "dtype" in config:
         config["dtype"] = "float32"
     with dtype_policy("float32"):
@@ -162,10 +214,8 @@ def train_dgmm(
     dgmm.trainable = True
     steps = c.dgmm_epochs * int(np.ceil(len(x_train) / c.batch_size))
     dgmm.compile(optimizer=keras.optimizers.Adam(dgmm_learning_rate(c, steps)))
-    dgmm.fit(
-        x_train, y_train, batch_size=c.batch_size, epochs=c.dgmm_epochs, verbose=verbose,
-        callbacks=_callbacks(log_dir, "dgmm"),
-    )
+    _fit(dgmm, x_train, y_train, c.batch_size, c.dgmm_epochs, verbose,
+         _callbacks(log_dir, "dgmm"))
     return dgmm
 
 
@@ -198,16 +248,17 @@ def train_vae(
     if c.consistency_weight > 0:
         targets["logits"] = classifier.predict(x_train, batch_size=512, verbose=0)
     targets = {k: v.astype(np.float32) for k, v in targets.items()}
-    model.fit(
-        x_train, targets, batch_size=c.batch_size, epochs=c.vae_epochs, verbose=verbose,
-        callbacks=_callbacks(log_dir, "combo_vae"),
-    )
+    _fit(model, x_train, targets, c.batch_size, c.vae_epochs, verbose,
+         _callbacks(log_dir, "combo_vae"))
     return model
 
 
 def new_combo_vae(cfg: ExperimentConfig, strategy: tf.distribute.Strategy, seed: int) -> ComboVAE:
+    """The built combo-VAE of `cfg` in `strategy`'s scope: encoder, decoder and discriminator
+    in the dtype policy of `training_precision(cfg.combo.vae_precision)`, the DGMM in float32."""
     with strategy.scope():
-        return build_combo_vae(cfg.combo, cfg.image_shape, cfg.num_classes, seed=seed)
+        return build_combo_vae(cfg.combo, cfg.image_shape, cfg.num_classes, seed=seed,
+                               policy=training_precision(cfg.combo.vae_precision))
 
 
 def combo_vae_metrics(

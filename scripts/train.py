@@ -53,7 +53,7 @@ MEMBER_STAGES = ("dgmm", "vae", "defense")
 
 
 def parse_args(argv):
-    from fmd_tf.config import ComboVAEConfig, DefenseConfig
+    from fmd_tf.config import ClassifierConfig, ComboVAEConfig, DefenseConfig
     from fmd_tf.data import DATASETS
     from fmd_tf.operating_point import POINT_KEYS, STAGE_POINTS
     from fmd_tf.options import OptionError, add_arguments, apply_arguments
@@ -102,6 +102,9 @@ def parse_args(argv):
     add_arguments(p.add_argument_group(
         "combo-VAE options (fmd_tf.config.ComboVAEConfig; --vae-epochs wins over --epochs)"),
         ComboVAEConfig)
+    add_arguments(p.add_argument_group(
+        "classifier options (fmd_tf.config.ClassifierConfig; --classifier-epochs wins over "
+        "--epochs)"), ClassifierConfig, prefix="classifier_")
     args = p.parse_args(argv)
     if args.quick:
         args.preset = "fast"
@@ -176,7 +179,8 @@ def _config(args, image_shape, num_classes, n_train, n_test):
     try:
         return dataclasses.replace(
             cfg, defense=apply_arguments(defense, _with_search_steps(args, defense)),
-            combo=apply_arguments(cfg.combo, args))
+            combo=apply_arguments(cfg.combo, args),
+            classifier=apply_arguments(cfg.classifier, args, prefix="classifier_"))
     except OptionError as e:
         raise UsageError(str(e)) from None
 

@@ -18,6 +18,7 @@ from test_case import TINY_COMBO_CONFIG, tiny_images
 
 import fmd_tf  # noqa: F401
 from fmd_tf.attacks import (
+    adaptive_apgd,
     adaptive_pgd,
     adaptive_resistance,
     adaptive_success,
@@ -183,7 +184,7 @@ def test_gradients_reach_input_through_encoder_dgmm_and_decoder(setup):
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.5)])
-@pytest.mark.parametrize("attack", [adaptive_pgd, adaptive_resistance])
+@pytest.mark.parametrize("attack", [adaptive_pgd, adaptive_resistance, adaptive_apgd])
 def test_outputs_in_ball_and_input_unchanged(setup, attack, norm, eps):
     fmd, x, y = setup
     xb = np.array(x[:3])
@@ -209,6 +210,21 @@ def test_classifier_only_objective_breaks_the_classifier(setup):
     x_adv = adaptive_pgd(fmd, x, y, eps=0.3, nb_iter=20, resistance_weight=0.0)
     _assert_in_ball(x_adv, x, 0.3, "linf")
     assert np.mean(_predict(fmd.classifier, x_adv) == y) <= 0.1
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+def test_apgd_on_the_defense_breaks_the_classifier_and_checks_its_arguments(setup, loss):
+    fmd, x, y = setup
+    x_adv = adaptive_apgd(fmd, x, y, eps=0.3, nb_iter=50, resistance_weight=0.0, loss=loss,
+                          eot_samples=2)
+    _assert_in_ball(x_adv, x, 0.3, "linf")
+    # DLR is weaker on this toy classifier: APGD-DLR on the classifier alone
+    # (`fmd_tf.attacks.apgd`) also leaves 5 of its 20 images right.
+    assert np.mean(_predict(fmd.classifier, x_adv) == y) <= {"ce": 0.1, "dlr": 0.3}[loss]
+    with pytest.raises(ValueError, match="loss"):
+        adaptive_apgd(fmd, x[:2], y[:2], loss="margin")
+    with pytest.raises(ValueError, match="restarts"):
+        adaptive_apgd(fmd, x[:2], y[:2], restarts=0)
 
 
 def test_detector_term_steers_to_labels_the_morphs_agree_with(strict):
@@ -280,8 +296,10 @@ def test_expand_budgets_names_and_params():
         ("adaptive_cw_hiconf_linf_0.1", "cw_hiconf", {"eps": 0.1, "norm": "linf"}),
         ("adaptive_cw_hiconf_l2_1.5", "cw_hiconf", {"eps": 1.5, "norm": "l2"}),
     ]
-    assert expand_budgets(["adaptive_resistance"]) == [
-        ("adaptive_resistance", "adaptive_resistance", {})]
+    assert expand_budgets(["adaptive_resistance", "apgd_ce"]) == [
+        ("adaptive_resistance", "adaptive_resistance", {}), ("adaptive_apgd_ce", "apgd_ce", {})]
+    assert expand_budgets(["apgd_dlr"], [0.2]) == [
+        ("adaptive_apgd_dlr_linf_0.2", "apgd_dlr", {"eps": 0.2, "norm": "linf"})]
     with pytest.raises(ValueError, match="unknown attack"):
         expand_budgets(["nope"])
 

@@ -324,3 +324,47 @@ def test_cw_default_parameters(setup):
     _, l2_strong, _ = _stats(model, x, carlini_wagner_l2(model, x, **CW_OURS))
     assert success >= 0.8
     assert l2 < 1.5 * l2_strong
+
+
+# ----------------------------------------------------------------------------- APGD
+
+
+def test_apgd_checkpoints_and_dlr_loss_closed_form():
+    from fmd_tf.attacks.apgd import apgd_checkpoints, dlr_loss
+
+    assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert apgd_checkpoints(10) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    logits = np.array([[3.0, 1.0, 0.5, -1.0], [0.0, 2.0, 1.0, 0.0]], np.float32)
+    onehot = np.eye(4, dtype=np.float32)[[0, 0]]
+    # Row 0: right, -(3 - 1) / (3 - 0.5); row 1: wrong, -(0 - 2) / (2 - 0).
+    np.testing.assert_allclose(dlr_loss(logits, onehot), [-2 / 2.5, 1.0], rtol=1e-6)
+    # Invariant to shifting and scaling the logits.
+    np.testing.assert_allclose(dlr_loss(3 * logits + 7, onehot), [-2 / 2.5, 1.0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss, art_loss", [("ce", "cross_entropy"),
+                                            ("dlr", "difference_logits_ratio")])
+def test_apgd_matches_art_on_the_classifier(setup, loss, art_loss):
+    """Our APGD and ART's AutoProjectedGradientDescent (same ε, 50 iterations, one random
+    start) fool the same share of 32 images within a few points, with L∞ <= ε, and at least as
+    many as 50-step PGD."""
+    from art.attacks.evasion import AutoProjectedGradientDescent
+
+    from fmd_tf.attacks import apgd
+
+    model, x, y = setup
+    xb, yb, eps = x[:32], y[:32], 0.03
+    ours = apgd(model, xb, yb, eps=eps, loss=loss, nb_iter=50, seed=0)
+    _check_output(ours, xb)
+    assert np.max(np.abs(ours - xb)) <= eps + 1e-6
+    keras.utils.set_random_seed(0)
+    art = AutoProjectedGradientDescent(
+        _art_classifier(model), norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=50,
+        nb_random_init=1, batch_size=32, loss_type=art_loss, verbose=False,
+    ).generate(np.array(xb), y=np.eye(10, dtype=np.float32)[yb])
+    fooled = {name: float(np.mean(_predict(model, a) != yb)) for name, a in
+              (("ours", ours), ("art", art),
+               ("pgd", pgd(model, xb, eps=eps, eps_iter=eps / 10, nb_iter=50, y=yb)))}
+    assert abs(fooled["ours"] - fooled["art"]) <= 0.1, fooled
+    assert fooled["ours"] >= fooled["pgd"] - 0.05, fooled
+    assert 0.2 < fooled["ours"], fooled  # the budget is neither trivial nor hopeless

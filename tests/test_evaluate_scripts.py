@@ -65,9 +65,14 @@ def test_evaluate_adaptive_budget_grid(quick_model, tmp_path):
     assert linf["method"] == "adaptive_pgd" and linf["params"]["norm"] == "linf"
     assert linf["linf_median"] <= 0.05 + 1e-6 and l2["l2_median"] <= 1.5 + 1e-4
     assert "defended_accuracy" in linf["fm_defense"]
+    worst = report["worst_case"]
+    assert set(worst) == {"all", "linf_0.05", "l2_1.5"}
+    assert worst["linf_0.05"]["attacks"] == ["adaptive_pgd_linf_0.05"]
+    assert worst["all"]["defended_accuracy"] <= min(
+        a["fm_defense"]["defended_accuracy"] for a in report["attacks"].values())
     md = (out / "report.md").read_text()
     assert "## Security evaluation: adaptive attacks" in md
-    assert "| adaptive_pgd | l2 | 1.5 |" in md
+    assert "| adaptive_pgd | l2 | 1.5 |" in md and "## Worst case per image" in md
     # The paper's figures and operating points cover only the paper's attacks.
     assert all("adaptive" not in k for row in report["operating_points"] for k in row)
     # Adaptive attacks alone: no paper figures, still a report.

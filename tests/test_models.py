@@ -623,3 +623,55 @@ def test_classifier_trains_in_mixed_bfloat16_and_is_saved_in_float32(toy_batch):
     assert training.training_precision("auto") in ("float32", "mixed_bfloat16")
     with pytest.raises(ValueError, match="precision"):
         training.training_precision("float16")
+
+
+def test_epoch_batches_are_one_permutation_per_epoch_with_targets_aligned():
+    from fmd_tf import training
+
+    keras.utils.set_random_seed(0)
+    n, batch = 10, 4
+    x = np.arange(n, dtype=np.float32).reshape(n, 1)
+    targets = {"a": np.arange(n) * 10, "b": np.arange(n) * 100.0}
+    dataset, steps = training.epoch_batches(x, targets, batch)
+    assert steps == 3
+    batches = list(dataset.take(2 * steps).as_numpy_iterator())
+    assert [len(b[0]) for b in batches] == [4, 4, 2, 4, 4, 2]
+    epochs = [np.concatenate([b[0][:, 0] for b in batches[k * steps:(k + 1) * steps]])
+              for k in range(2)]
+    for order in epochs:
+        assert sorted(order.astype(int).tolist()) == list(range(n))
+    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled
+    for xb, tb in batches:
+        np.testing.assert_array_equal(tb["a"], xb[:, 0] * 10)
+        np.testing.assert_array_equal(tb["b"], xb[:, 0] * 100.0)
+    only_x, _ = training.epoch_batches(x, None, batch)
+    assert next(iter(only_x)).shape == (4, 1)
+
+
+def test_combo_vae_trains_in_mixed_bfloat16_and_is_saved_in_float32(toy_batch):
+    from fmd_tf import training
+    from fmd_tf.config import get_config, quick_config
+
+    x, _ = toy_batch
+    cfg = quick_config(get_config("fmnist"))
+    cfg = dataclasses.replace(cfg, combo=dataclasses.replace(
+        cfg.combo, vae_precision="mixed_bfloat16", consistency_weight=0.0, batch_size=10))
+    combo = training.new_combo_vae(cfg, training.get_strategy("default"), seed=0)
+    assert combo.decoder.stack[-1].compute_dtype == "bfloat16"
+    assert combo.shared_encoder.compute_dtype == "bfloat16"
+    assert combo.dgmm.compute_dtype == "float32"  # stage 1 trains in float32
+    assert keras.config.dtype_policy().name == "float32"  # restored after construction
+    training.train_vae(cfg, combo, x, verbose=0)
+    logs = {name: float(m.result()) for name, m in combo.trackers.items()}
+    assert all(np.isfinite(v) for v in logs.values()), logs
+    copy = training.inference_copy(combo)
+    layers = [copy, *copy._flatten_layers(include_self=False, recursive=True)]
+    assert {layer.compute_dtype for layer in layers} == {"float32"}
+    assert {w.dtype for w in copy.weights} == {"float32"}
+    out = copy(x)
+    assert out["reconstruction"].dtype == "float32"
+    np.testing.assert_allclose(out["reconstruction"].numpy(),
+                               np.asarray(combo(x)["reconstruction"], np.float32), atol=0.05)
+    assert training._float32_config({"dtype": {"class_name": "DTypePolicy",
+                                               "config": {"name": "mixed_bfloat16"}}}) == \
+        {"dtype": "float32"}

@@ -194,6 +194,25 @@ def test_tpr_at_fpr_by_hand():
         metrics.tpr_at_fpr([], [1.0], 0.1)
 
 
+def test_worst_case_counts_an_image_only_if_every_version_is_defended():
+    from fmd_tf.evaluation.report import worst_case
+
+    y = np.array([0, 1, 2, 3])
+    clean = {"label": np.array([0, 1, 2, 0]), "verdict": np.zeros(4, int)}  # image 3 wrong
+    adv = {"a_linf_0.1": {"label": np.array([5, 1, 2, 3]), "verdict": np.array([2, 0, 0, 0])},
+           "b_linf_0.1": {"label": np.array([0, 5, 2, 3]), "verdict": np.array([0, 0, 0, 0])},
+           "c_l2_1.5": {"label": np.array([0, 1, 5, 3]), "verdict": np.array([0, 0, 0, 0])}}
+    # a: image 0 rejected (defended), all others right; b: image 1 fooled; c: image 2 fooled.
+    assert metrics.worst_case_accuracy(clean, {"a": adv["a_linf_0.1"]}, y) == 0.75
+    assert metrics.worst_case_accuracy(clean, adv, y) == 0.25  # only image 0
+    worst = worst_case(clean, adv, y)
+    assert worst["all"] == {"attacks": list(adv), "defended_accuracy": 0.25}
+    assert worst["linf_0.1"] == {"attacks": ["a_linf_0.1", "b_linf_0.1"],
+                                 "defended_accuracy": 0.5}
+    assert worst["l2_1.5"]["defended_accuracy"] == 0.5
+    assert worst_case(clean, {}, y) == {}
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 6), min_size=1, max_size=30),
        st.lists(st.integers(0, 6), min_size=1, max_size=30), st.floats(0.0, 1.0))

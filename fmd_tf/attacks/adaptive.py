@@ -240,14 +240,17 @@ def _random_start(x, eps, norm, seed):
     return _project(x + noise, x, eps, norm)
 
 
-def _make_loop_fn(fmd, mode, norm, eot_samples, morph_source, use_purified):
-    """tf.function running PGD iterations [start, stop) of one batch for one objective.
+def _objective(fmd, mode, eot_samples, morph_source, use_purified, fooled_loss=None):
+    """The per-example objective [B] maximised by the attacks of this module (module doc):
+    `objective(x_adv, y_onehot, target_onehot, seed, params)`.
 
     Modes: "defense" (adaptive_pgd), "targeted" (classifier only, towards `target`),
-    "agreement" (targeted + the soft resistance of the target label).
+    "agreement" (targeted + the soft resistance of the target label). `fooled_loss(logits,
+    y_onehot)` [B] replaces the classifier margin of "defense" (APGD's CE and DLR losses).
     """
     classifier = fmd.classifier
     members = _members(fmd)
+    fooled_loss = fooled_loss or _margin
 
     def over_members(term, seed):
         """EOT over the ensemble: the mean of a per-member term (one member: the term)."""
@@ -269,7 +272,7 @@ def _make_loop_fn(fmd, mode, norm, eot_samples, morph_source, use_purified):
 
             fooled = tf.minimum(-_margin(logits, target_onehot), p["kappa"])
             return fooled + p["resistance_weight"] * over_members(agreement, seed)
-        fooled = tf.minimum(_margin(logits, y_onehot), p["kappa"])
+        fooled = tf.minimum(fooled_loss(logits, y_onehot), p["kappa"])
         label = _straight_through_label(logits, y_onehot)  # the adversarial label
 
         def detected_or_purified(member, member_seed):
@@ -292,6 +295,14 @@ def _make_loop_fn(fmd, mode, norm, eot_samples, morph_source, use_purified):
             return term
 
         return fooled + over_members(detected_or_purified, seed)
+
+    return objective
+
+
+def _make_loop_fn(fmd, mode, norm, eot_samples, morph_source, use_purified):
+    """tf.function running PGD iterations [start, stop) of one batch for one objective
+    (`_objective`)."""
+    objective = _objective(fmd, mode, eot_samples, morph_source, use_purified)
 
     @tf.function(reduce_retracing=True)
     def run(x, x_adv, y_onehot, target_onehot, start, stop, base_seed, params):

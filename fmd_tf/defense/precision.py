@@ -33,7 +33,8 @@ import tensorflow as tf
 
 from fmd_tf.config import COMPUTE_DTYPES
 
-__all__ = ["COMPUTE_DTYPES", "bfloat16_is_fast", "resolve_auto", "resolve_dtype", "mixed_policy",
+__all__ = ["COMPUTE_DTYPES", "bfloat16_is_fast", "dtype_policy", "resolve_auto", "resolve_dtype",
+           "mixed_policy",
            "output_margin", "morph_labels"]
 
 
@@ -72,6 +73,21 @@ def resolve_dtype(name: str) -> str:
 
 def _layers(model):
     return [model, *model._flatten_layers(include_self=False, recursive=True)]
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str | None):
+    """Keras' global dtype policy set to `name` inside the block (layers built there use it);
+    None leaves it as it is."""
+    import keras
+
+    before = keras.config.dtype_policy()
+    if name is not None:
+        keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
 
 
 @contextlib.contextmanager

@@ -47,15 +47,22 @@ ATTACKS = {
                                       "eot_samples": 1, "purified_weight": 1.0}),
     "adaptive_resistance": ("adaptive_resistance", {"eps": 0.1, "norm": "linf", "nb_iter": 40,
                                                     "eot_samples": 1}),
+    # APGD-CE / APGD-DLR (Croce & Hein 2020) on the whole FM-Defense through the same
+    # surrogate (fmd_tf.attacks.apgd): 100 steps, EOT over 8 morphs per code and step. Each
+    # step costs 8·m decoder+classifier passes per image: GPU-sized at n = 500.
+    "apgd_ce": ("adaptive_apgd", {"eps": 0.1, "norm": "linf", "nb_iter": 100, "loss": "ce",
+                                  "eot_samples": 8}),
+    "apgd_dlr": ("adaptive_apgd", {"eps": 0.1, "norm": "linf", "nb_iter": 100, "loss": "dlr",
+                                   "eot_samples": 8}),
 }
 
 # Attacks that get the whole FMDefense (not only its classifier); their cache key covers all of
 # the defense's weights and config.
-DEFENSE_AWARE = ("adaptive_pgd", "adaptive_resistance")
+DEFENSE_AWARE = ("adaptive_pgd", "adaptive_resistance", "apgd_ce", "apgd_dlr")
 # Attacks made on the surrogate classifier; their cache key covers its weights.
 TRANSFER = ("transfer_pgd", "transfer_mim")
 # Attacks with an (eps, norm) budget, expanded over scripts/evaluate.py's --linf-eps/--l2-eps.
-BUDGETED = ("cw_hiconf", "adaptive_pgd", "adaptive_resistance")
+BUDGETED = ("cw_hiconf", "adaptive_pgd", "adaptive_resistance", "apgd_ce", "apgd_dlr")
 
 # Table II of the paper, MNIST (classification accuracy %, "No defense" / "FM-Defense" /
 # "MagNet"); the paper gives no Feature Squeezing column and no PGD row.
@@ -80,17 +87,17 @@ def expand_budgets(attacks, linf_eps=(), l2_eps=()) -> list[tuple[str, str, dict
     Attacks in `BUDGETED` are run once per budget of the grid (L∞ radii `linf_eps`, L2 radii
     `l2_eps`) when a grid is given, reported as ``adaptive_<attack>_<norm>_<eps>`` (the
     ``adaptive_`` prefix is not doubled); without a grid, and for the other attacks, once with
-    their defaults under their own name.
+    their defaults under their own name (``adaptive_``-prefixed for `DEFENSE_AWARE` ones).
     """
     grid = [("linf", float(e)) for e in linf_eps] + [("l2", float(e)) for e in l2_eps]
     runs = []
     for attack in attacks:
         if attack not in ATTACKS:
             raise ValueError(f"unknown attack {attack!r}; known: {', '.join(ATTACKS)}")
-        if attack not in BUDGETED or not grid:
-            runs.append((attack, attack, {}))
-            continue
         stem = attack if attack.startswith("adaptive") else f"adaptive_{attack}"
+        if attack not in BUDGETED or not grid:
+            runs.append((stem if attack in DEFENSE_AWARE else attack, attack, {}))
+            continue
         for norm, eps in grid:
             runs.append((f"{stem}_{norm}_{eps:g}", attack, {"eps": eps, "norm": norm}))
     return runs

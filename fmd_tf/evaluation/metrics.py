@@ -61,12 +61,29 @@ def tpr_at_fpr(scores_negative, scores_positive, fpr: float) -> float:
     return float(np.mean(pos > threshold))
 
 
-def defended_accuracy(label, verdict, y, adversarial: bool) -> float:
-    """Clean: final label correct. Adversarial: rejected or final label correct."""
+def defended(label, verdict, y, adversarial: bool) -> np.ndarray:
+    """bool [n] per image. Clean: final label correct. Adversarial: rejected or final label
+    correct."""
     correct = np.asarray(label) == np.asarray(y)
     if adversarial:
         correct |= np.asarray(verdict) == VERDICT_REJECTED
-    return float(np.mean(correct))
+    return correct
+
+
+def defended_accuracy(label, verdict, y, adversarial: bool) -> float:
+    """Share of `defended` images."""
+    return float(np.mean(defended(label, verdict, y, adversarial)))
+
+
+def worst_case_accuracy(clean: dict, attacked: dict, y) -> float:
+    """Robust accuracy per image, worst case over attacks: the share of images whose clean
+    input is defended (final label right) and every attacked version too (rejected or label
+    right). `clean`, `attacked[name]`: outputs with "label" and "verdict" [n] on the same n
+    images, in the same order."""
+    ok = defended(clean["label"], clean["verdict"], y, False)
+    for out in attacked.values():
+        ok = ok & defended(out["label"], out["verdict"], y, True)
+    return float(np.mean(ok))
 
 
 def purification_recall(label, verdict, y) -> float | None:

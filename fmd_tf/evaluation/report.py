@@ -336,6 +336,7 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
         grid_rows[attack] = (x_adv, adv["purified"])
         if r_val is not None:
             eta_curves[attack] = eta_curve(fmd, r_val, clean, adv, y)
+    report["worst_case"] = worst_case(clean, adv_out, y)
     report["attacks_eta_curves"] = eta_curves
     paper_out = {a: o for a, o in adv_out.items() if not a.startswith("adaptive")}
     if paper_out and r_val is not None:
@@ -351,6 +352,21 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
     if out_dir:
         write_report(report, out_dir)
     return report
+
+
+def worst_case(clean: dict, adv_out: dict, y) -> dict:
+    """FM-Defense's per-image worst case (`metrics.worst_case_accuracy`) over all attacks of
+    the run ("all") and over the attacks of each budget of the grid ("linf_0.1", ...: the
+    names ending in _<norm>_<eps>)."""
+    from fmd_tf.evaluation.metrics import worst_case_accuracy
+
+    groups = {"all": list(adv_out)} if adv_out else {}
+    for name in adv_out:
+        parts = name.rsplit("_", 2)
+        if len(parts) == 3 and parts[1] in ("linf", "l2"):
+            groups.setdefault(f"{parts[1]}_{parts[2]}", []).append(name)
+    return {key: {"attacks": names, "defended_accuracy": worst_case_accuracy(
+        clean, {n: adv_out[n] for n in names}, y)} for key, names in groups.items()}
 
 
 def write_report(report: dict, out_dir: str) -> None:
@@ -481,6 +497,19 @@ def _operating_point_table(ops, attacks) -> list[str]:
     return lines
 
 
+def _worst_case_lines(worst: dict) -> list[str]:
+    if not worst:
+        return []
+    lines = ["", "## Worst case per image", "",
+             "FM-Defense's defended accuracy when an image counts only if its clean input and "
+             "every attacked version of it are defended (rejected or final label right).", "",
+             "| attacks | defended accuracy |", "|---|---|"]
+    for key, entry in worst.items():
+        lines.append(f"| {key}: {', '.join(entry['attacks'])} | "
+                     f"{_pct(entry['defended_accuracy'])} |")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     """report.md: the clean figures, Table II, the adaptive attacks, detection, the operating
     points and the notes of an `evaluate` report."""
@@ -505,6 +534,7 @@ def render_markdown(report: dict) -> str:
     lines += _table_ii(paper_attacks, report)
     if adaptive:
         lines += _adaptive_table(adaptive)
+    lines += _worst_case_lines(report.get("worst_case") or {})
     lines += _detection_table(report)
     if report.get("operating_points"):
         lines += _operating_point_table(report["operating_points"], list(paper_attacks))

@@ -1,13 +1,16 @@
-"""Models: target classifier, β-TC-VAE encoder, TC discriminator, DGMM, decoder, combo-VAE."""
+"""Models: target classifier (and its adversarial trainer), β-TC-VAE encoder, TC discriminator,
+DGMM, decoder, combo-VAE."""
 
 from fmd_tf.models.classifier import Classifier
 from fmd_tf.models.combo_vae import ComboVAE, build_combo_vae
 from fmd_tf.models.decoder import Decoder
 from fmd_tf.models.dgmm import DGMM
+from fmd_tf.models.robust_trainer import RobustTrainer
 from fmd_tf.models.shared_encoder import SharedEncoder
 from fmd_tf.models.tc_discriminator import TCDiscriminator
 
 __all__ = [
-    "Classifier", "ComboVAE", "DGMM", "Decoder", "SharedEncoder", "TCDiscriminator",
+    "Classifier", "ComboVAE", "DGMM", "Decoder", "RobustTrainer", "SharedEncoder",
+    "TCDiscriminator",
     "build_combo_vae",
 ]

@@ -127,7 +127,7 @@ class ComboVAE(keras.Model):
 
     def decode(self, zs, zu):
         """Images [B, H, W, C] from zs [B, d_s] and zu [B, K]."""
-        return self.decoder(tf.concat([zs, zu], axis=-1))
+        return self.decoder(tf.concat([_float32(zs), _float32(zu)], axis=-1))
 
     def call(self, images, training=False):
         mean, log_var, zu = self.encode(images)
@@ -147,28 +147,31 @@ class ComboVAE(keras.Model):
 
     def _forward(self, x, seed, training, targets=None):
         targets = targets or {}
-        mean, log_var = self.shared_encoder(x, training=training)
+        # The losses take float32: outputs of sub-models that compute in a mixed policy
+        # (`build_combo_vae(policy=)`) are cast back here.
+        mean, log_var = (_float32(t) for t in self.shared_encoder(x, training=training))
         eps = tf.random.stateless_normal(tf.shape(mean), seed=seed)
         zs = mean + tf.exp(0.5 * log_var) * eps
         zu = targets["zu"] if "zu" in targets else self.dgmm(x, training=False)
-        zu = tf.stop_gradient(zu)
-        x_hat = self.decode(zs, zu)
+        zu = tf.stop_gradient(_float32(zu))
+        x_hat = _float32(self.decode(zs, zu))
         l_r = tf.reduce_mean(losses.reconstruction_loss(x, x_hat))
         l_kl = tf.reduce_mean(losses.gaussian_kl(mean, log_var))
-        l_tc = losses.total_correlation_estimate(self.discriminator(zs, training=training))
+        l_tc = losses.total_correlation_estimate(
+            _float32(self.discriminator(zs, training=training)))
         l_c = tf.zeros([])
         if self.consistency_weight > 0.0:
             if self._consistency_fn is None:
                 raise ValueError("consistency_weight > 0 needs set_consistency_classifier()")
             clean_logits = targets["logits"] if "logits" in targets else self._consistency_fn(x)
             l_c = tf.reduce_mean(losses.label_consistency_loss(
-                clean_logits, self._consistency_fn(x_hat)
+                _float32(clean_logits), _float32(self._consistency_fn(x_hat))
             ))
         zs_fixed = tf.stop_gradient(zs)
         permuted = losses.permute_dims(zs_fixed, seed + tf.constant([0, 1], tf.int32))
         l_d = losses.tc_discriminator_loss(
-            self.discriminator(zs_fixed, training=training),
-            self.discriminator(permuted, training=training),
+            _float32(self.discriminator(zs_fixed, training=training)),
+            _float32(self.discriminator(permuted, training=training)),
         )
         return l_r, l_kl, l_tc, l_d, l_c
 
@@ -242,14 +245,22 @@ class ComboVAE(keras.Model):
         return config
 
 
+def _float32(t):
+    return tf.cast(t, tf.float32)
+
+
 def _maybe_deserialize(obj):
     if isinstance(obj, dict):
         return keras.saving.deserialize_keras_object(obj)
     return obj
 
 
-def build_combo_vae(combo_cfg, image_shape, num_classes, seed=0) -> ComboVAE:
-    """A fresh, built combo-VAE from a `ComboVAEConfig`."""
+def build_combo_vae(combo_cfg, image_shape, num_classes, seed=0, policy=None) -> ComboVAE:
+    """A fresh, built combo-VAE from a `ComboVAEConfig`; `policy` (e.g. "mixed_bfloat16") is
+    the dtype policy of the encoder, decoder and discriminator (stage 2), the DGMM keeps the
+    current one (stage 1 trains it in float32)."""
+    from fmd_tf.defense.precision import dtype_policy
+
     dgmm = DGMM(
         num_classes=num_classes,
         latent_dim=combo_cfg.unique_dim,
@@ -258,16 +269,17 @@ def build_combo_vae(combo_cfg, image_shape, num_classes, seed=0) -> ComboVAE:
         lambda_lkd=combo_cfg.lambda_lkd,
         name="dgmm",
     )
+    with dtype_policy(policy):
+        shared_encoder = SharedEncoder(combo_cfg.shared_dim, combo_cfg.encoder_filters,
+                                       combo_cfg.encoder_dense, name="shared_encoder")
+        decoder = Decoder(image_shape, combo_cfg.decoder_dense, combo_cfg.decoder_filters,
+                          name="decoder")
+        discriminator = TCDiscriminator(combo_cfg.discriminator_units, name="tc_discriminator")
     model = ComboVAE(
-        shared_encoder=SharedEncoder(
-            combo_cfg.shared_dim, combo_cfg.encoder_filters, combo_cfg.encoder_dense,
-            name="shared_encoder",
-        ),
+        shared_encoder=shared_encoder,
         dgmm=dgmm,
-        decoder=Decoder(
-            image_shape, combo_cfg.decoder_dense, combo_cfg.decoder_filters, name="decoder"
-        ),
-        discriminator=TCDiscriminator(combo_cfg.discriminator_units, name="tc_discriminator"),
+        decoder=decoder,
+        discriminator=discriminator,
         gamma=combo_cfg.gamma,
         beta=combo_cfg.beta,
         seed=seed,

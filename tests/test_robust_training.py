@@ -1,0 +1,157 @@
+"""Adversarial training of the classifier: `losses.trades_loss`, `RobustTrainer` (PGD-AT and
+TRADES) and the `--classifier-training` option of scripts/train.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_case import FmdTestCase
+
+from fmd_tf import losses
+from fmd_tf.models import Classifier, RobustTrainer
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_trades_loss_closed_form():
+    rng = np.random.default_rng(0)
+    logits, logits_adv = rng.normal(size=(2, 5, 4)).astype(np.float32)
+    labels = np.array([0, 3, 1, 2, 2])
+    p, q = _softmax(logits), _softmax(logits_adv)
+    ce = -np.log(p[np.arange(5), labels])
+    kl = np.sum(p * (np.log(p) - np.log(q)), axis=-1)
+    np.testing.assert_allclose(losses.trades_loss(logits, logits_adv, labels, 0.0), ce,
+                               rtol=1e-5)
+    np.testing.assert_allclose(losses.trades_loss(logits, logits_adv, labels, 6.0),
+                               ce + 6.0 * kl, rtol=1e-5)
+    np.testing.assert_allclose(losses.trades_loss(logits, logits, labels, 6.0), ce, rtol=1e-5)
+
+
+def _digits():
+    """(x [N, 8, 8, 1] in [0, 1], y [N]) of scikit-learn's real 8x8 digits."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images[..., None] / 16.0).astype(np.float32), d.target.astype(np.int64)
+
+
+def _classifier(seed=0):
+    keras.utils.set_random_seed(seed)
+    clf = Classifier(conv_filters=(16, 16), dense_units=(64,), dropout=0.0, name="clf")
+    clf.build((None, 8, 8, 1))
+    return clf
+
+
+def _pgd_accuracy(clf, x, y, eps=0.1, steps=20):
+    """Accuracy of `clf` under an independent L∞ PGD (fmd_tf.attacks.pgd)."""
+    from fmd_tf.attacks import pgd
+
+    keras.utils.set_random_seed(1)
+    x_adv = pgd(clf, x, eps=eps, eps_iter=2.5 * eps / steps, nb_iter=steps, y=y)
+    return float(np.mean(np.argmax(clf.predict(x_adv, verbose=0), -1) == y))
+
+
+@pytest.mark.parametrize("method", ["pgd_at", "trades"])
+def test_perturb_stays_in_the_ball_and_raises_its_objective(method):
+    x, y = _digits()
+    x, y = x[:64], y[:64]
+    clf = _classifier()
+    trainer = RobustTrainer(clf, method, eps=0.1, steps=5)
+    x_adv = trainer.perturb(x, y, tf.constant([3, 4])).numpy()
+    assert x_adv.dtype == np.float32 and x_adv.shape == x.shape
+    assert np.max(np.abs(x_adv - x)) <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    clean, adv = (clf(t).numpy() for t in (x, x_adv))
+    if method == "pgd_at":
+        value = [np.mean(-np.log(_softmax(z)[np.arange(64), y])) for z in (clean, adv)]
+        assert value[1] > value[0] + 0.05, value
+    else:
+        p, q = _softmax(clean), _softmax(adv)
+        kl = np.mean(np.sum(p * (np.log(p) - np.log(q)), -1))
+        noise = np.clip(x + np.random.default_rng(0).uniform(-0.1, 0.1, x.shape), 0, 1)
+        q_noise = _softmax(clf(noise.astype(np.float32)).numpy())
+        kl_noise = np.mean(np.sum(p * (np.log(p) - np.log(q_noise)), -1))
+        assert kl > 3 * kl_noise, (kl, kl_noise)
+    with pytest.raises(ValueError, match="method"):
+        RobustTrainer(clf, "fgsm_at")
+    with pytest.raises(ValueError, match="eps"):
+        RobustTrainer(clf, method, eps=0.0)
+
+
+def _trained_on_digits(method, eps=0.15):
+    """(clean, PGD-ε) test accuracy of a classifier trained by `method` for 30 epochs on the
+    first 1,200 of scikit-learn's real 8x8 digits, tested on the other 597."""
+    from fmd_tf import training
+    from fmd_tf.config import get_config
+    from fmd_tf.pipeline import experiment_config
+
+    x, y = _digits()
+    x_train, y_train, x_test, y_test = x[:1200], y[:1200], x[1200:], y[1200:]
+    base = experiment_config((8, 8, 1), 10, "full", "digits", get_config("fmnist"))
+    cfg = dataclasses.replace(base, classifier=dataclasses.replace(
+        base.classifier, training=method, epochs=30, batch_size=64, adversarial_eps=eps,
+        adversarial_steps=5, precision="float32", conv_filters=(16, 16), dense_units=(64,),
+        dropout=0.0))
+    keras.utils.set_random_seed(0)
+    clf = training.train_classifier(cfg, x_train, y_train, training.get_strategy("default"),
+                                    verbose=0)
+    assert isinstance(clf, Classifier)  # the trainer is not what is returned
+    return training.accuracy(clf, x_test, y_test), _pgd_accuracy(clf, x_test, y_test, eps)
+
+
+@pytest.mark.parametrize("method", ["pgd_at", pytest.param("trades", marks=pytest.mark.slow)])
+def test_adversarial_training_makes_the_classifier_robust(method):
+    """Measured: standard 0.91 clean / 0.23 under PGD ε 0.15; PGD-AT 0.90 / 0.50; TRADES
+    0.91 / 0.58."""
+    standard = _trained_on_digits("standard")
+    clean, robust = _trained_on_digits(method)
+    assert clean > 0.85 and standard[0] > 0.85, (clean, standard)
+    assert robust > standard[1] + 0.15, (robust, standard)
+
+
+def test_robust_trainer_reports_metrics_in_mixed_precision_and_under_a_strategy():
+    from fmd_tf import training
+
+    x, y = _digits()
+    with training.dtype_policy("mixed_bfloat16"):
+        clf = _classifier()
+    for method in ("pgd_at", "trades"):
+        with tf.distribute.get_strategy().scope():
+            trainer = RobustTrainer(clf, method, steps=2)
+            trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
+        before = [w.numpy().copy() for w in clf.trainable_weights]
+        history = training._fit(trainer, x[:128], y[:128], 32, 1, 0, []).history
+        assert set(history) == {"loss", "accuracy", "adv_accuracy"}
+        assert all(np.isfinite(v[-1]) for v in history.values())
+        assert any(not np.array_equal(a, b.numpy()) for a, b in
+                   zip(before, clf.trainable_weights, strict=True))
+        assert trainer.optimizer.iterations.numpy() == 4
+
+
+class RobustTrainerConfigTest(FmdTestCase):
+    def test_config_round_trip(self):
+        trainer = RobustTrainer(_classifier(), "trades", eps=0.2, steps=3, beta=2.0, seed=4)
+        config = trainer.get_config()
+        again = RobustTrainer.from_config(config)
+        self.assertEqual((again.method, again.eps, again.steps, again.beta, again.seed),
+                         ("trades", 0.2, 3, 2.0, 4))
+        self.assertAlmostEqual(again.step_size, 2.5 * 0.2 / 3)
+
+
+def test_train_cli_takes_the_classifier_training_options():
+    from test_case import script_module
+
+    train = script_module("scripts/train.py")
+    args = train.parse_args(["--quick", "--classifier-training", "trades",
+                             "--classifier-trades-beta", "3", "--out", "/nonexistent"])
+    cfg = train._config(args, (28, 28, 1), 10, 60000, 10000)
+    assert (cfg.classifier.training, cfg.classifier.trades_beta) == ("trades", 3.0)
+    assert cfg.classifier.adversarial_eps == 0.1
+    with pytest.raises(SystemExit):
+        train.parse_args(["--classifier-training", "fgsm"])
