@@ -37,7 +37,7 @@ test-all: $(STAMP_DEV)
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check fmd_tf scripts tests
 
-# Trains a new Fashion-MNIST defense (45 min on 2 CPU cores: results/training/model_card.json)
+# Trains a new Fashion-MNIST defense (29 min on 2 CPU cores: results/training/model_card.json)
 # next to the shipped one; `make train OUT=DIR` chooses the directory. The shipped model was built with
 # `python scripts/train.py --dataset fmnist --overwrite`.
 OUT ?= saved_models/fmnist_trained
