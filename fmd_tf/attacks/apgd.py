@@ -77,22 +77,21 @@ def _where(mask, a, b):
     return tf.where(tf.reshape(mask, shape), a, b)
 
 
-def _apgd_batch(value_and_grad, succeeded, x, eps, nb_iter, norm, x_start, rho=0.75,
-                alpha=0.75):
-    """One APGD run on a batch: (best objective's iterate [B, ...], first successful iterate
-    or None per row as a mask). `value_and_grad(x_adv, i)` -> (objective [B], gradient);
-    `succeeded(x_adv)` -> bool [B] or None when success is judged afterwards."""
+def _apgd_batch(value_and_grad, x, eps, nb_iter, norm, x_start, rho=0.75, alpha=0.75):
+    """One APGD run on a batch: per row, the first iterate that succeeded, else the iterate of
+    the best objective [B, ...]. `value_and_grad(x_adv, i)` -> (objective [B], gradient,
+    success bool [B] at `x_adv`, or None when success is judged afterwards)."""
     checkpoints = apgd_checkpoints(nb_iter)
     batch = tf.shape(x)[0]
     eta = tf.fill([batch], 2.0 * eps)
     x_adv = x_start
-    value, grad = value_and_grad(x_adv, 0)
+    value, grad, ok = value_and_grad(x_adv, 0)
     best_x, best_value, best_grad = x_adv, value, grad
     x_prev = x_adv
     rises = tf.zeros([batch], tf.int32)
     last_value = value
     best_at_checkpoint, halved = best_value, tf.ones([batch], tf.bool)
-    found = tf.zeros([batch], tf.bool) if succeeded is not None else None
+    found = None if ok is None else tf.zeros([batch], tf.bool)
     found_x = x_adv
     previous_checkpoint = 0
     for i in range(nb_iter):
@@ -103,7 +102,7 @@ def _apgd_batch(value_and_grad, succeeded, x, eps, nb_iter, norm, x_start, rho=0
         x_new = adaptive._project(x_adv + a * (z - x_adv) + (1.0 - a) * (x_adv - x_prev), x,
                                   eps, norm)
         x_prev, x_adv = x_adv, x_new
-        value, grad = value_and_grad(x_adv, i + 1)
+        value, grad, ok = value_and_grad(x_adv, i + 1)
         rises += tf.cast(value > last_value, tf.int32)
         last_value = value
         better = value > best_value
@@ -111,7 +110,7 @@ def _apgd_batch(value_and_grad, succeeded, x, eps, nb_iter, norm, x_start, rho=0
         best_grad = _where(better, grad, best_grad)
         best_value = tf.where(better, value, best_value)
         if found is not None:
-            ok = succeeded(x_adv) & ~found
+            ok = ok & ~found
             found_x = _where(ok, x_adv, found_x)
             found = found | ok
         if i + 1 in checkpoints:
@@ -126,9 +125,7 @@ def _apgd_batch(value_and_grad, succeeded, x, eps, nb_iter, norm, x_start, rho=0
             halved, best_at_checkpoint = halve, best_value
             rises = tf.zeros_like(rises)
             previous_checkpoint = i + 1
-    if found is None:
-        return best_x, None
-    return _where(found, found_x, best_x), found
+    return best_x if found is None else _where(found, found_x, best_x)
 
 
 def _check(loss, nb_iter, restarts):
@@ -175,9 +172,11 @@ def apgd(classifier, x, y, eps: float = 0.1, norm: str = "linf", loss: str = "ce
     def value_and_grad(x_adv, onehot):
         with tf.GradientTape() as tape:
             tape.watch(x_adv)
-            value = loss_fn(tf.cast(classifier(x_adv, training=False), tf.float32), onehot)
+            logits = tf.cast(classifier(x_adv, training=False), tf.float32)
+            value = loss_fn(logits, onehot)
             total = tf.reduce_sum(value)
-        return value, tape.gradient(total, x_adv)
+        misclassified = tf.argmax(logits, -1) != tf.argmax(onehot, -1)
+        return value, tape.gradient(total, x_adv), misclassified
 
     def wrong(x_adv, yb):
         logits = np.concatenate([np.asarray(classifier(tf.constant(x_adv[i:i + 512]),
@@ -185,14 +184,9 @@ def apgd(classifier, x, y, eps: float = 0.1, norm: str = "linf", loss: str = "ce
                                  for i in range(0, len(x_adv), 512)])
         return np.argmax(logits, -1) != yb
 
-    @tf.function(reduce_retracing=True)
-    def misclassified(x_adv, labels):
-        return tf.argmax(classifier(x_adv, training=False), -1) != labels
-
     def run_once(xb, yb, x0, _):
-        onehot, labels = tf.one_hot(yb, num_classes), tf.constant(yb)
-        return _apgd_batch(lambda xa, _: value_and_grad(xa, onehot),
-                           lambda xa: misclassified(xa, labels), xb, eps, nb_iter, norm, x0)[0]
+        onehot = tf.one_hot(yb, num_classes)
+        return _apgd_batch(lambda xa, _: value_and_grad(xa, onehot), xb, eps, nb_iter, norm, x0)
 
     return _restarts(run_once, x, y, eps, norm, restarts, seed, batch_size, wrong)
 
@@ -230,8 +224,8 @@ def adaptive_apgd(fmd, x, y=None, eps: float = 0.1, norm: str = "linf", loss: st
     def run_once(xb, yb, x0, base):
         onehot = tf.one_hot(yb, num_classes, dtype=tf.float32)
         return _apgd_batch(
-            lambda xa, i: value_and_grad(xa, onehot, tf.stack([base, tf.constant(i)])),
-            None, xb, eps, nb_iter, norm, x0)[0]
+            lambda xa, i: (*value_and_grad(xa, onehot, tf.stack([base, tf.constant(i)])), None),
+            xb, eps, nb_iter, norm, x0)
 
     def success(x_adv, yb):
         return adaptive.adaptive_success(fmd, x_adv, yb)["success"]
