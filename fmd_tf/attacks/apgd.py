@@ -63,14 +63,6 @@ def apgd_checkpoints(nb_iter: int) -> list[int]:
     return points
 
 
-def _unit_step(grad, norm):
-    grad = tf.where(tf.math.is_finite(grad), grad, tf.zeros_like(grad))
-    if norm == "linf":
-        return tf.sign(grad)
-    axes = list(range(1, len(grad.shape)))
-    return grad / (tf.sqrt(tf.reduce_sum(tf.square(grad), axis=axes, keepdims=True)) + 1e-12)
-
-
 def _where(mask, a, b):
     """Rows of `a` where `mask` [B] else of `b`."""
     shape = tf.concat([tf.shape(mask), tf.ones([len(a.shape) - 1], tf.int32)], 0)
@@ -96,8 +88,8 @@ def _apgd_batch(value_and_grad, x, eps, nb_iter, norm, x_start, rho=0.75, alpha=
     previous_checkpoint = 0
     for i in range(nb_iter):
         shape = tf.concat([[batch], tf.ones([len(x.shape) - 1], tf.int32)], 0)
-        step = tf.reshape(eta, shape) * _unit_step(grad, norm)
-        z = adaptive._project(x_adv + step, x, eps, norm)
+        z = adaptive._project(adaptive._ascent_step(x_adv, grad, tf.reshape(eta, shape), norm),
+                              x, eps, norm)
         a = 1.0 if i == 0 else alpha
         x_new = adaptive._project(x_adv + a * (z - x_adv) + (1.0 - a) * (x_adv - x_prev), x,
                                   eps, norm)

@@ -139,11 +139,7 @@ class ComboVAE(keras.Model):
         }
 
     def _step_seed(self):
-        ctx = tf.distribute.get_replica_context()
-        replica = ctx.replica_id_in_sync_group if ctx is not None else 0
-        step = tf.cast(self.optimizer.iterations, tf.int32)
-        base = tf.constant(self.seed, tf.int32) + 7919 * tf.cast(replica, tf.int32)
-        return tf.stack([base, step])
+        return replica_step_seed(self.seed, self.optimizer)
 
     def _forward(self, x, seed, training, targets=None):
         targets = targets or {}
@@ -243,6 +239,15 @@ class ComboVAE(keras.Model):
             consistency_weight=self.consistency_weight,
         )
         return config
+
+
+def replica_step_seed(seed: int, optimizer):
+    """Stateless seed int32 [2] of a training step: (`seed` + 7919·replica id, the optimizer's
+    step), so that each step and each `tf.distribute` replica draws its own noise."""
+    ctx = tf.distribute.get_replica_context()
+    replica = ctx.replica_id_in_sync_group if ctx is not None else 0
+    base = tf.constant(seed, tf.int32) + 7919 * tf.cast(replica, tf.int32)
+    return tf.stack([base, tf.cast(optimizer.iterations, tf.int32)])
 
 
 def _float32(t):

@@ -7,6 +7,7 @@ import keras
 import tensorflow as tf
 
 from fmd_tf import losses
+from fmd_tf.models.combo_vae import replica_step_seed
 
 METHODS = ("pgd_at", "trades")
 
@@ -61,13 +62,6 @@ class RobustTrainer(keras.Model):
     def _logits(self, x, training):
         return tf.cast(self.classifier(x, training=training), tf.float32)
 
-    def _step_seed(self):
-        ctx = tf.distribute.get_replica_context()
-        replica = ctx.replica_id_in_sync_group if ctx is not None else 0
-        step = tf.cast(self.optimizer.iterations, tf.int32)
-        return tf.stack([tf.constant(self.seed, tf.int32) + 7919 * tf.cast(replica, tf.int32),
-                         step])
-
     def perturb(self, x, y, seed):
         """Adversarial images [B, H, W, C] for (x, y) under `method` (gradient-free output)."""
         x = tf.convert_to_tensor(x, tf.float32)
@@ -99,7 +93,7 @@ class RobustTrainer(keras.Model):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         labels = tf.cast(tf.reshape(y, [-1]), tf.int32)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        x_adv = self.perturb(x, labels, self._step_seed())
+        x_adv = self.perturb(x, labels, replica_step_seed(self.seed, self.optimizer))
         variables = self.classifier.trainable_variables
         with tf.GradientTape() as tape:
             logits_adv = self._logits(x_adv, True)
