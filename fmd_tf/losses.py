@@ -80,6 +80,27 @@ def gaussian_kl_per_dim(mean, log_var):
     return 0.5 * (tf.square(mean) + tf.exp(log_var) - log_var - 1.0)
 
 
+def free_bits_kl(mean, log_var, free_bits):
+    """L_KL with a floor of `free_bits` nats per code (Kingma et al. 2016, "free bits"):
+
+        sum_i max(lambda, E_batch[KL_i]),   KL_i = 0.5 * (mean_i^2 + exp(log_var_i) - log_var_i - 1)
+
+    A code whose batch-mean KL is below lambda costs lambda and gets no gradient from the KL
+    term, so the reconstruction can put up to lambda nats into every code instead of letting
+    some collapse onto the prior. With lambda = 0 it equals mean_B(gaussian_kl).
+
+    Args:
+        mean: [B, D] encoder means.
+        log_var: [B, D] encoder log variances.
+        free_bits: lambda >= 0, nats per code.
+
+    Returns:
+        [] scalar.
+    """
+    per_code = tf.reduce_mean(gaussian_kl_per_dim(mean, log_var), axis=0)
+    return tf.reduce_sum(tf.maximum(per_code, tf.cast(free_bits, tf.float32)))
+
+
 def reconstruction_loss(x, x_hat):
     """Squared L2 reconstruction error L_R of Eq. 8 ("l2 loss").
 

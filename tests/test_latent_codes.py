@@ -72,3 +72,34 @@ def test_zero_resistance_breakdown_by_hand():
     none = latent_codes.zero_resistance_breakdown(np.ones((2, 3)), [0, 1], [0, 1], [0, 1])
     assert none["zero_code_given_recon_differs"] is None
     assert none["recon_differs_given_zero_code"] is None
+
+
+def test_morph_pixel_change_against_decoded_morphs():
+    from fmd_tf.defense import FMDefense
+
+    combo, clf = _models()
+    fmd = FMDefense(clf, combo, num_morphs=3, candidates_per_step=2, max_steps=4, chunk_size=16,
+                    morph_dtype="float32")
+    fmd.build((None, 28, 28, 1))
+    fmd.code_low.assign(np.full(4, -2.0, np.float32))
+    fmd.code_high.assign(np.full(4, 2.0, np.float32))
+    fmd.search_table.assign(fmd.search_table.numpy() * 8.0)  # morphs far enough to show
+    x = tiny_images(5, seed=2)
+    report = latent_codes.morph_pixel_change(fmd, x, batch_size=2)
+    assert report["images"] == 5 and report["codes"] == [0, 1, 2, 3]
+    change = np.array(report["morph_pixel_change"])
+    assert change[0] < 1e-6 and np.all(change[1:] > 1e-3)  # code 0 is ignored by the decoder
+    # By hand for every image: decode each morph latent and compare with the reconstruction.
+    mean, _, zu = combo.encode(x)
+    recon = combo.decode(mean, zu).numpy()
+    latents = fmd.morph_latents(mean, zu).numpy()  # [5, 4, 3, d_s + K]
+    d_s = mean.shape[-1]
+    flat = latents.reshape(-1, latents.shape[-1])
+    decoded = combo.decode(flat[:, :d_s], flat[:, d_s:]).numpy().reshape(5, 4, 3, 28, 28, 1)
+    expected = np.abs(decoded - recon[:, None, None]).mean(axis=(2, 3, 4, 5)).mean(axis=0)
+    np.testing.assert_allclose(change, expected, rtol=1e-4, atol=1e-6)
+    labels = np.argmax(clf(decoded.reshape(-1, 28, 28, 1)).numpy(), -1).reshape(5, 4, 3)
+    recon_label = np.argmax(clf(recon).numpy(), -1)
+    np.testing.assert_allclose(report["morph_label_kept"],
+                               (labels == recon_label[:, None, None]).mean(axis=(0, 2)),
+                               atol=1e-6)

@@ -77,6 +77,27 @@ def test_gaussian_kl_closed_form():
                                          [0.5 * (1 - math.log(2.0)), 2.0, 0.0]], atol=1e-7)
 
 
+def test_free_bits_kl_closed_form_and_gradient():
+    # Same batch as test_gaussian_kl_closed_form: batch-mean KL per code is
+    # (0.5 + 0 + 0.5 (1 - log 2)) / 3, (0.5 + 0 + 2) / 3 = 0.8333, 0.5 / 3 = 0.1667.
+    mean = tf.Variable([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    log_var = tf.Variable([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [math.log(2.0), 0.0, 0.0]])
+    per_code = [(1.0 - 0.5 * math.log(2.0)) / 3, 2.5 / 3, 0.5 / 3]
+    # λ = 0: the plain batch-mean L_KL.
+    np.testing.assert_allclose(_np(losses.free_bits_kl(mean, log_var, 0.0)),
+                               np.mean(_np(losses.gaussian_kl(mean, log_var))), rtol=1e-6)
+    # λ = 0.3: codes 0 and 2 are below the floor and cost 0.3 each.
+    with tf.GradientTape() as tape:
+        out = losses.free_bits_kl(mean, log_var, 0.3)
+    np.testing.assert_allclose(_np(out), 0.3 + per_code[1] + 0.3, rtol=1e-6)
+    # Only code 1 gets a gradient: d/d mean_b1 of mean_B 0.5 mean^2 = mean_b1 / B.
+    grad = tape.gradient(out, mean).numpy()
+    np.testing.assert_allclose(grad[:, [0, 2]], 0.0)
+    np.testing.assert_allclose(grad[:, 1], [1 / 3, 0.0, 2 / 3], rtol=1e-6)
+    # A floor above every code: D * λ.
+    np.testing.assert_allclose(_np(losses.free_bits_kl(mean, log_var, 5.0)), 15.0)
+
+
 def test_label_consistency_loss_closed_form():
     # Row 0: p = q -> 0.
     # Row 1: p = (0.75, 0.25), q = (0.5, 0.5) -> 0.75 log 1.5 + 0.25 log 0.5.

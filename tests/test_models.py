@@ -48,8 +48,9 @@ def _small_dgmm(num_classes=10, latent_dim=3, lambda_lkd=0.1, name="dgmm"):
     return model
 
 
-def _small_combo(seed=0):
-    return build_combo_vae(TINY_COMBO_CONFIG, IMAGE_SHAPE, 10, seed=seed)
+def _small_combo(seed=0, **options):
+    return build_combo_vae(dataclasses.replace(TINY_COMBO_CONFIG, **options), IMAGE_SHAPE, 10,
+                           seed=seed)
 
 
 def _compile_combo(model):
@@ -166,7 +167,7 @@ class DGMMTest(FmdTestCase):
 
 class ComboVAETest(FmdTestCase):
     def test_serialization_and_saving(self):
-        model = _small_combo(seed=5)
+        model = _small_combo(seed=5, free_bits=0.5)
         out = model(tiny_images())
         self.assertEqual(sorted(out), ["log_var", "mean", "reconstruction", "zu"])
         self.assertEqual(tuple(out["mean"].shape), (4, TINY_COMBO_CONFIG.shared_dim))
@@ -174,7 +175,8 @@ class ComboVAETest(FmdTestCase):
         self.assertEqual(tuple(out["reconstruction"].shape), (4, *IMAGE_SHAPE))
 
         revived = self.run_serialization_test(model)
-        self.assertEqual((revived.gamma, revived.beta, revived.seed), (40.0, 1.0, 5))
+        self.assertEqual((revived.gamma, revived.beta, revived.seed, revived.free_bits),
+                         (40.0, 1.0, 5, 0.5))
         self.assertIsInstance(revived.dgmm, DGMM)
 
         with warnings.catch_warnings(record=True) as caught:

@@ -531,8 +531,9 @@ class FMDefense(BatchedDefense, keras.Model):
         r = adaptive.full_resistance(outcomes)
         return r, tf.fill(tf.shape(r), tf.constant(self.num_morphs, tf.int32))
 
-    def _full_outcomes(self, mean, zu, label):
-        """[B, m, N] bool: morph j of code i keeps `label` (all N natural morphs)."""
+    def morph_latents(self, mean, zu):
+        """Decoder inputs of all N natural morphs of every selected code: concat(zs, zu)
+        [B, m, N, d_s + K] for μs(x) `mean` [B, d_s] and zu(x) `zu` [B, K] (§III-C)."""
         selected = tf.constant(self.selected_codes, tf.int32)
         low = tf.gather(self.code_low, selected)
         high = tf.gather(self.code_high, selected)
@@ -542,8 +543,14 @@ class FMDefense(BatchedDefense, keras.Model):
         zs = morphs.morph_latents(mean, selected, values)  # [B, m, N, d_s]
         batch, m, n = tf.shape(mean)[0], self.num_codes, self.num_morphs
         zu_all = tf.broadcast_to(zu[:, None, None, :], [batch, m, n, tf.shape(zu)[-1]])
-        latents = tf.reshape(tf.concat([zs, zu_all], axis=-1), [batch * m * n, -1])
-        labels = tf.reshape(self._morph_labels(latents), [batch, m, n])
+        return tf.concat([zs, zu_all], axis=-1)
+
+    def _full_outcomes(self, mean, zu, label):
+        """[B, m, N] bool: morph j of code i keeps `label` (all N natural morphs)."""
+        latents = self.morph_latents(mean, zu)
+        batch, m, n = tf.shape(mean)[0], self.num_codes, self.num_morphs
+        labels = tf.reshape(self._morph_labels(tf.reshape(latents, [batch * m * n, -1])),
+                            [batch, m, n])
         return tf.equal(labels, label[:, None, None])
 
     def _defend(self, images, with_stats=False, with_outcomes=False):

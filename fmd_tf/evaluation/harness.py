@@ -54,15 +54,32 @@ ATTACKS = {
                                   "eot_samples": 8}),
     "apgd_dlr": ("adaptive_apgd", {"eps": 0.1, "norm": "linf", "nb_iter": 100, "loss": "dlr",
                                    "eot_samples": 8}),
+    # Black-box attacks on the defended endpoint through its public outputs only
+    # (fmd_tf.attacks.api_attacks; the threat model of a TF Serving client): Square (scores:
+    # classify logits and resistance) and HopSkipJump (decisions: rejected = not adversarial),
+    # 1,000 or 5,000 queries per image, each a defended forward pass: GPU-sized at n = 500.
+    "api_square": ("api_square", {"eps": 0.1, "norm": "linf", "max_queries": 1000}),
+    "api_square_5k": ("api_square", {"eps": 0.1, "norm": "linf", "max_queries": 5000}),
+    "api_hopskipjump": ("api_hop_skip_jump", {"eps": 1.5, "norm": "l2", "max_queries": 1000}),
+    "api_hopskipjump_5k": ("api_hop_skip_jump", {"eps": 1.5, "norm": "l2",
+                                                 "max_queries": 5000}),
 }
 
 # Attacks that get the whole FMDefense (not only its classifier); their cache key covers all of
 # the defense's weights and config.
-DEFENSE_AWARE = ("adaptive_pgd", "adaptive_resistance", "apgd_ce", "apgd_dlr")
+DEFENSE_AWARE = ("adaptive_pgd", "adaptive_resistance", "apgd_ce", "apgd_dlr", "api_square",
+                 "api_square_5k", "api_hopskipjump", "api_hopskipjump_5k")
+# Query-based attacks on the defense's public outputs: they take `seed=` and return
+# (x_adv, per-image record), which `adversarial_set` puts in info["record"] (fresh runs only).
+QUERY_BASED = ("api_square", "api_square_5k", "api_hopskipjump", "api_hopskipjump_5k")
 # Attacks made on the surrogate classifier; their cache key covers its weights.
 TRANSFER = ("transfer_pgd", "transfer_mim")
 # Attacks with an (eps, norm) budget, expanded over scripts/evaluate.py's --linf-eps/--l2-eps.
-BUDGETED = ("cw_hiconf", "adaptive_pgd", "adaptive_resistance", "apgd_ce", "apgd_dlr")
+BUDGETED = ("cw_hiconf", "adaptive_pgd", "adaptive_resistance", "apgd_ce", "apgd_dlr",
+            "api_square", "api_square_5k", "api_hopskipjump", "api_hopskipjump_5k")
+# Budgeted attacks defined for one norm only: the grid's radii of the other norm skip them.
+ONE_NORM = {"api_square": "linf", "api_square_5k": "linf", "api_hopskipjump": "l2",
+            "api_hopskipjump_5k": "l2"}
 
 # Table II of the paper, MNIST (classification accuracy %, "No defense" / "FM-Defense" /
 # "MagNet"); the paper gives no Feature Squeezing column and no PGD row.
@@ -85,9 +102,10 @@ def expand_budgets(attacks, linf_eps=(), l2_eps=()) -> list[tuple[str, str, dict
     """[(report name, attack, parameter overrides)] of a list of attack names.
 
     Attacks in `BUDGETED` are run once per budget of the grid (L∞ radii `linf_eps`, L2 radii
-    `l2_eps`) when a grid is given, reported as ``adaptive_<attack>_<norm>_<eps>`` (the
-    ``adaptive_`` prefix is not doubled); without a grid, and for the other attacks, once with
-    their defaults under their own name (``adaptive_``-prefixed for `DEFENSE_AWARE` ones).
+    `l2_eps`; those of `ONE_NORM` only at the radii of their norm) when a grid is given,
+    reported as ``adaptive_<attack>_<norm>_<eps>`` (the ``adaptive_`` prefix is not doubled);
+    without a grid (or none of their norm), and for the other attacks, once with their
+    defaults under their own name (``adaptive_``-prefixed for `DEFENSE_AWARE` ones).
     """
     grid = [("linf", float(e)) for e in linf_eps] + [("l2", float(e)) for e in l2_eps]
     runs = []
@@ -95,10 +113,11 @@ def expand_budgets(attacks, linf_eps=(), l2_eps=()) -> list[tuple[str, str, dict
         if attack not in ATTACKS:
             raise ValueError(f"unknown attack {attack!r}; known: {', '.join(ATTACKS)}")
         stem = attack if attack.startswith("adaptive") else f"adaptive_{attack}"
-        if attack not in BUDGETED or not grid:
+        budgets = [(norm, eps) for norm, eps in grid if ONE_NORM.get(attack, norm) == norm]
+        if attack not in BUDGETED or not budgets:
             runs.append((stem if attack in DEFENSE_AWARE else attack, attack, {}))
             continue
-        for norm, eps in grid:
+        for norm, eps in budgets:
             runs.append((f"{stem}_{norm}_{eps:g}", attack, {"eps": eps, "norm": norm}))
     return runs
 
@@ -116,8 +135,10 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
     attack, parameters, images and fingerprint all match.
 
     Attacks in `DEFENSE_AWARE` run on `defense` (an `FMDefense`, required for them) and are
-    keyed by its fingerprint; those in `TRANSFER` run on `surrogate` (a classifier, required for
-    them) and are keyed by its weights; the others run on `classifier`, keyed by its weights.
+    keyed by its fingerprint (those of `QUERY_BASED` see its public outputs only, get `seed`,
+    and add their per-image record, queries and success, to `info["record"]`); those in
+    `TRANSFER` run on `surrogate` (a classifier, required for them) and are keyed by its
+    weights; the others run on `classifier`, keyed by its weights.
     """
     import fmd_tf.attacks as attacks
 
@@ -156,15 +177,20 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
     keras.utils.set_random_seed(seed)
     start = time.time()
     fn = getattr(attacks, fn_name)
+    extra = {"seed": seed} if attack in QUERY_BASED else {}
     if "y" in inspect.signature(fn).parameters:  # DeepFool attacks the predicted label instead
-        x_adv = fn(target, x, y=y, **params)
+        x_adv = fn(target, x, y=y, **params, **extra)
     else:
-        x_adv = fn(target, x, **params)
+        x_adv = fn(target, x, **params, **extra)
+    record = None
+    if attack in QUERY_BASED:
+        x_adv, record = x_adv
     seconds = time.time() - start
     if path:
         with atomic_path(path) as tmp:
             np.savez_compressed(tmp, x_adv=x_adv, key=key, seconds=seconds)
-    return x_adv, {"params": params, "seconds": seconds, "cached": False}
+    info = {"params": params, "seconds": seconds, "cached": False}
+    return x_adv, info if record is None else {**info, "record": record}
 
 
 def _read_cache_entry(path, key):

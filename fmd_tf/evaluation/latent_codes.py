@@ -28,7 +28,8 @@ import tensorflow as tf
 
 from fmd_tf import losses
 
-__all__ = ["ACTIVE_PIXEL_CHANGE", "code_activity", "zero_resistance_breakdown"]
+__all__ = ["ACTIVE_PIXEL_CHANGE", "code_activity", "morph_pixel_change", "morph_strength_sweep",
+           "zero_resistance_breakdown"]
 
 # Mean |Δpixel| (pixels in [0, 1]) below which a full-range traversal counts as no change: on the
 # Fashion-MNIST model a code the encoder dropped moved pixels by 3e-4, the weakest used ones
@@ -106,6 +107,78 @@ def code_activity(combo, classifier, x, low, high, steps: int = 9, batch_size: i
     }
 
 
+def morph_pixel_change(fmd, x, batch_size: int = 16) -> dict:
+    """How far the detector's morphs move the image, per selected code, on images x.
+
+    For each image and selected code i, its N natural morphs (`FMDefense.morph_latents`) are
+    decoded and compared with the reconstruction decoder(μs(x), zu(x)):
+
+    * `morph_pixel_change[i]`: mean |Δpixel| over images, morphs and pixels;
+    * `morph_label_kept[i]`: share of the morphs whose classifier label is the
+      reconstruction's (1 - this is what a code's morphs can take off a clean resistance
+      besides a reconstruction that changes the label).
+
+    Returns per-code lists, `codes` (the selected code indices) and `images`.
+    """
+    x = np.asarray(x, np.float32)
+
+    @tf.function(autograph=False, reduce_retracing=True)
+    def batch_figures(xb):
+        mean, _, zu = fmd.combo_vae.encode(xb)
+        reconstruction = fmd.combo_vae.decode(mean, zu)
+        label = tf.argmax(fmd.classifier(reconstruction), axis=-1)
+        latents = fmd.morph_latents(mean, zu)  # [B, m, N, d_s + K]
+        shape = tf.shape(latents)
+        d_s = mean.shape[-1]
+        flat = tf.reshape(latents, [-1, shape[-1]])
+        decoded = fmd.combo_vae.decode(flat[:, :d_s], flat[:, d_s:])
+        labels = tf.reshape(tf.argmax(fmd.classifier(decoded), axis=-1), shape[:3])
+        decoded = tf.reshape(decoded, tf.concat([shape[:3], tf.shape(xb)[1:]], 0))
+        change = tf.reduce_mean(tf.abs(decoded - reconstruction[:, None, None]),
+                                axis=[2, 3, 4, 5])  # [B, m]
+        kept = tf.reduce_mean(tf.cast(tf.equal(labels, label[:, None, None]), tf.float32),
+                              axis=-1)
+        return change, kept
+
+    parts = [batch_figures(tf.constant(x[i : i + batch_size]))
+             for i in range(0, len(x), batch_size)]
+    change, kept = (np.concatenate([p[k].numpy() for p in parts]) for k in range(2))
+    return {"images": int(len(x)), "codes": [int(c) for c in fmd.selected_codes],
+            "morph_pixel_change": change.mean(axis=0).tolist(),
+            "morph_label_kept": kept.mean(axis=0).tolist()}
+
+
+def morph_strength_sweep(fmd, x, adversarial: dict, scales, pixel_images: int = 64) -> list:
+    """Does a stronger morph separate clean from attacked inputs? One row per scale k of
+    `scales`: the defense's search table (the morph offsets, §III-C) multiplied by k, all N
+    morphs of every selected code, on clean images x and each attacked set of `adversarial`
+    {name: x_adv} (the same images attacked).
+
+    Row: `scale`; `morph_pixel_change`, `morph_label_kept` per code (`morph_pixel_change` on the
+    first `pixel_images` of x); `clean_zero_share` (min_i r_i = 0) and `clean_mean_resistance`;
+    per attack `auc_min_<a>` / `auc_mean_<a>` (ROC AUC of -min_i r_i / -mean_i r_i, attacked
+    positive) and `<a>_zero_share`. `fmd` is not changed (a full-budget copy is scaled).
+    """
+    from fmd_tf.evaluation.metrics import roc_auc
+
+    full = fmd.copy_with(adaptive_budget=False)
+    table = fmd.search_table.numpy()
+    rows = []
+    for k in scales:
+        full.search_table.assign(table * float(k))
+        r = {"clean": full.resistance(x)}
+        r.update({name: full.resistance(x_adv) for name, x_adv in adversarial.items()})
+        row = {"scale": float(k), **morph_pixel_change(full, x[:pixel_images]),
+               "clean_zero_share": float((r["clean"].min(axis=1) == 0).mean()),
+               "clean_mean_resistance": float(r["clean"].mean())}
+        for name in adversarial:
+            row[f"auc_min_{name}"] = roc_auc(-r["clean"].min(axis=1), -r[name].min(axis=1))
+            row[f"auc_mean_{name}"] = roc_auc(-r["clean"].mean(axis=1), -r[name].mean(axis=1))
+            row[f"{name}_zero_share"] = float((r[name].min(axis=1) == 0).mean())
+        rows.append(row)
+    return rows
+
+
 def zero_resistance_breakdown(resistance, label, recon_label, y) -> dict:
     """Clean images with a zero-resistance code, against those whose reconstruction changes the
     label.
@@ -153,11 +226,15 @@ def _labels(fmd, x, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
 
 
 def defense_code_activity(model_dir: str, dataset: str = "fmnist", n: int = 500,
-                          seed: int = 0) -> dict:
+                          seed: int = 0, morph_scales=(), morph_n: int = 200,
+                          morph_attacks=("fgsm", "pgd"), cache_dir: str | None = None) -> dict:
     """`code_activity` of the combo-VAE in `model_dir`/fmd.keras on the first `n` VAL images of
     the paper split of `dataset`, over the defense's calibrated normal ranges (the ranges its
     morphs stay in); with the model's VAL resistances (val_resistance.npy), also
-    `zero_resistance_breakdown` on all VAL images ("zero_resistance")."""
+    `zero_resistance_breakdown` on all VAL images ("zero_resistance"). With `morph_scales`,
+    also `morph_strength_sweep` ("morph_strength") on the first `morph_n` VAL images and their
+    `morph_attacks` versions made against the classifier (`harness.adversarial_set`, cached in
+    `cache_dir`)."""
     import os
 
     from fmd_tf.evaluation.report import model_splits
@@ -174,4 +251,13 @@ def defense_code_activity(model_dir: str, dataset: str = "fmnist", n: int = 500,
         if len(resistance) == len(splits.x_val):
             out["zero_resistance"] = zero_resistance_breakdown(
                 resistance, *_labels(fmd, splits.x_val), splits.y_val)
+    if morph_scales:
+        from fmd_tf.evaluation import harness
+
+        x, y = splits.x_val[:morph_n], splits.y_val[:morph_n]
+        adversarial = {a: harness.adversarial_set(a, fmd.classifier, x, y, cache_dir, seed)[0]
+                       for a in morph_attacks}
+        out["morph_strength"] = {"images": int(len(x)), "images_from": "VAL",
+                                 "attacks": {a: harness.ATTACKS[a][1] for a in morph_attacks},
+                                 "rows": morph_strength_sweep(fmd, x, adversarial, morph_scales)}
     return out

@@ -33,6 +33,8 @@ class ComboVAE(keras.Model):
         discriminator: `TCDiscriminator`.
         gamma: γ, weight of L_TC.
         beta: weight of L_KL.
+        free_bits: floor in nats of each code's batch-mean KL in L_KL (`losses.free_bits_kl`;
+            0 is Eq. 8's L_KL).
         seed: seed of the reparameterisation noise and of `permute_dims`.
         recon_weight: weight w of L_R (1 in Eq. 8); w = 1/(2σ²) is a Gaussian decoder with
             pixel variance σ², trading KL pressure against reconstruction fidelity.
@@ -61,6 +63,7 @@ class ComboVAE(keras.Model):
         seed=0,
         recon_weight=1.0,
         consistency_weight=0.0,
+        free_bits=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -73,6 +76,7 @@ class ComboVAE(keras.Model):
         self.seed = int(seed)
         self.recon_weight = float(recon_weight)
         self.consistency_weight = float(consistency_weight)
+        self.free_bits = float(free_bits)
         self.discriminator_optimizer = None
         # A plain callable, not an attribute Keras tracks: the classifier is not part of the
         # saved combo-VAE.
@@ -153,6 +157,9 @@ class ComboVAE(keras.Model):
         x_hat = _float32(self.decode(zs, zu))
         l_r = tf.reduce_mean(losses.reconstruction_loss(x, x_hat))
         l_kl = tf.reduce_mean(losses.gaussian_kl(mean, log_var))
+        # What the encoder is trained on; the tracked kl_loss stays the plain KL.
+        kl_penalty = (losses.free_bits_kl(mean, log_var, self.free_bits)
+                      if self.free_bits > 0.0 else l_kl)
         l_tc = losses.total_correlation_estimate(
             _float32(self.discriminator(zs, training=training)))
         l_c = tf.zeros([])
@@ -169,7 +176,7 @@ class ComboVAE(keras.Model):
             _float32(self.discriminator(zs_fixed, training=training)),
             _float32(self.discriminator(permuted, training=training)),
         )
-        return l_r, l_kl, l_tc, l_d, l_c
+        return (l_r, l_kl, l_tc, l_d, l_c), kl_penalty
 
     def _update_trackers(self, l_r, l_kl, l_tc, l_d, l_c):
         values = {
@@ -199,9 +206,11 @@ class ComboVAE(keras.Model):
         dec_vars = self.decoder.trainable_variables
         disc_vars = self.discriminator.trainable_variables
         with tf.GradientTape(persistent=True) as tape:
-            terms = self._forward(x, self._step_seed(), training=True, targets=targets)
+            terms, kl_penalty = self._forward(x, self._step_seed(), training=True,
+                                              targets=targets)
             l_r, l_kl, l_tc, l_d, l_c = terms
-            vae_loss = (self.recon_weight * l_r + self.beta * l_kl + self.gamma * l_tc) / replicas
+            vae_loss = (self.recon_weight * l_r + self.beta * kl_penalty
+                        + self.gamma * l_tc) / replicas
             dec_loss = vae_loss + self.consistency_weight * l_c / replicas
             disc_loss = l_d / replicas
         enc_grads = tape.gradient(vae_loss, enc_vars)
@@ -215,7 +224,8 @@ class ComboVAE(keras.Model):
     def test_step(self, data):
         x, targets = self._unpack(data)
         seed = tf.constant([self.seed, 0], tf.int32)
-        return self._update_trackers(*self._forward(x, seed, training=False, targets=targets))
+        terms, _ = self._forward(x, seed, training=False, targets=targets)
+        return self._update_trackers(*terms)
 
     @property
     def metrics(self):
@@ -237,6 +247,7 @@ class ComboVAE(keras.Model):
             seed=self.seed,
             recon_weight=self.recon_weight,
             consistency_weight=self.consistency_weight,
+            free_bits=self.free_bits,
         )
         return config
 
@@ -290,6 +301,7 @@ def build_combo_vae(combo_cfg, image_shape, num_classes, seed=0, policy=None) ->
         seed=seed,
         recon_weight=combo_cfg.recon_weight,
         consistency_weight=combo_cfg.consistency_weight,
+        free_bits=combo_cfg.free_bits,
         name="combo_vae",
     )
     model.build((None, *image_shape))
