@@ -3,7 +3,11 @@ traversal pixel change, label kept, activity; and which clean VAL images have a 
 code, against those whose reconstruction changes the label (`fmd_tf.evaluation.latent_codes`).
 
     python scripts/latent_codes.py [--model saved_models/fmnist] [--dataset fmnist] [--n 500]
-        [--out results/fmnist/latent_codes.json]
+        [--out results/fmnist/latent_codes.json] [--morph-scales 1,4,16 [--morph-n 200]]
+
+--morph-scales also runs the detector with its morph offsets scaled by each factor on the first
+--morph-n VAL images and their FGSM / PGD (eps 0.3) versions: morph pixel change, clean
+zero-resistance share and the resistance score's ROC AUC per scale (`morph_strength_sweep`).
 """
 
 from __future__ import annotations
@@ -22,11 +26,22 @@ def parse_args(argv):
     p.add_argument("--dataset", default="fmnist")
     p.add_argument("--n", type=int, default=500, help="VAL images")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split")
+    p.add_argument("--morph-scales", default="", help="comma-separated factors of the morph "
+                   "offsets to compare (e.g. 1,4,16); none by default")
+    p.add_argument("--morph-n", type=int, default=200, help="VAL images of --morph-scales")
+    p.add_argument("--cache", default="results/cache", help="adversarial-set cache")
     p.add_argument("--out", default=None, help="JSON report (default: results/<model name>/"
                    "latent_codes.json)")
     args = p.parse_args(argv)
-    if args.n < 1:
-        raise UsageError(f"--n must be >= 1, got {args.n}")
+    if args.n < 1 or args.morph_n < 1:
+        raise UsageError(f"--n and --morph-n must be >= 1, got {args.n}, {args.morph_n}")
+    try:
+        args.morph_scales = tuple(float(v) for v in args.morph_scales.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--morph-scales takes numbers like 1,4,16, got "
+                         f"{args.morph_scales!r}") from None
+    if any(k <= 0 for k in args.morph_scales):
+        raise UsageError(f"--morph-scales must be > 0, got {args.morph_scales}")
     if not os.path.isfile(os.path.join(args.model, "fmd.keras")):
         raise UsageError(f"{os.path.join(args.model, 'fmd.keras')} not found; train one with "
                          "`python scripts/train.py --dataset fmnist` or pass --model")
@@ -41,7 +56,9 @@ def run(args):
     from fmd_tf.loading import ModelFileError
 
     with usage_errors(ModelFileError):  # a damaged or changed model file
-        report = defense_code_activity(args.model, args.dataset, args.n, args.seed)
+        report = defense_code_activity(args.model, args.dataset, args.n, args.seed,
+                                       args.morph_scales, args.morph_n,
+                                       cache_dir=args.cache)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_json(args.out, report, sort_keys=True)
     print(json.dumps({k: report[k] for k in ("num_active", "num_codes", "total_correlation")}))
@@ -53,6 +70,11 @@ def run(args):
         print(f"VAL ({zero['images']} images): a zero-resistance code on {zero['zero_code']:.4f}, "
               f"reconstruction label differs on {zero['recon_label_differs']:.4f}, both on "
               f"{zero['zero_code_and_recon_label_differs']:.4f}")
+    for row in (report.get("morph_strength") or {}).get("rows", []):
+        aucs = ", ".join(f"{k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("auc_"))
+        print(f"morph scale {row['scale']:g}: mean |dpixel| per code "
+              f"{min(row['morph_pixel_change']):.4f}-{max(row['morph_pixel_change']):.4f}, "
+              f"clean zero share {row['clean_zero_share']:.4f}, AUC {aucs}")
     print(f"wrote {args.out}")
 
 
