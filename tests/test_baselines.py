@@ -410,8 +410,9 @@ def test_script_quick_end_to_end(tmp_path):
         pytest.skip(f"Fashion-MNIST is not available: {proc.stderr[-300:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "MagNet: VAL FPR" in proc.stdout and "Feature Squeezing" in proc.stdout
+    assert "Defense-GAN: VAL FPR" in proc.stdout
     out_dir = model_dir / "baselines"
-    assert sorted(os.listdir(out_dir)) == ["feature_squeezing.json", "magnet"]
+    assert sorted(os.listdir(out_dir)) == ["defense_gan", "feature_squeezing.json", "magnet"]
     assert sorted(os.listdir(model_dir)) == [  # no temp dir left
         "baselines", "classifier.keras", "model_card.json"]
     with open(out_dir / "magnet" / "magnet.json") as f:

@@ -152,14 +152,14 @@ def test_render_markdown_of_a_hand_made_report():
     assert "command: `python scripts/evaluate.py --n 12`; 62 s." in md
     assert "| 90.0 | 85.0 | 5.0 | n/a |" in lines  # clean; None is n/a
     # Table II: paper attacks only, paper MNIST numbers, missing defenses n/a.
-    assert "| fgsm | 20.0 | 95.1 | 50.0 | n/a | 21.2 / 99.8 / 74.6 | held out |" in lines
-    assert "| clean | 90.0 | 85.0 | 80.0 | n/a | n/a | chosen with (VAL) |" in lines
+    assert "| fgsm | 20.0 | 95.1 | 50.0 | n/a | n/a | 21.2 / 99.8 / 74.6 | held out |" in lines
+    assert "| clean | 90.0 | 85.0 | 80.0 | n/a | n/a | n/a | chosen with (VAL) |" in lines
     assert ("thresholds: FM-Defense 5.00 %; magnet 5.00 %; feature_squeezing 4.00 % (squeezers "
             "bit_depth_1, chosen on VAL).") in md
     assert not any(line.startswith("| adaptive_pgd_linf") and "21.2" in line for line in lines)
     assert "## Security evaluation: adaptive attacks" in lines
-    assert ("| adaptive_pgd | linf | 0.05 | 10.0 | 60.0 | 1/2/3 | 40.0 / 30.0 | n/a / n/a |"
-            in lines)
+    assert ("| adaptive_pgd | linf | 0.05 | 10.0 | 60.0 | 1/2/3 | 40.0 / 30.0 | n/a / n/a "
+            "| n/a / n/a |" in lines)
     assert "| fgsm | magnet | 50.0 | 1.0 | 0.9346 | 25.0 | 62.5 | n/a | 90.0 |" in lines
     assert "| TPR at 1 % FPR | TPR at 5 % FPR |" in md
     assert '- fgsm {"eps": 0.3}: success 80.0 %, 12 s (cached)' in lines
@@ -395,7 +395,8 @@ def test_baseline_outputs_checks_and_missing_baselines(tmp_path):
     with pytest.raises(ValueError):
         baselines.baseline_config("no-such-dataset")
     loaded, notes = baselines.load_baselines(str(tmp_path / "elsewhere"), classifier=None)
-    assert loaded == {} and len(notes) == 2 and "MagNet not found" in notes[0]
+    assert loaded == {} and len(notes) == 3 and "MagNet not found" in notes[0]
+    assert "Defense-GAN not found" in notes[2]
 
 
 def test_fm_defense_point_reads_the_card_or_falls_back(tmp_path):

@@ -40,6 +40,8 @@ import inspect
 
 import numpy as np
 
+from fmd_tf.defense.fm_defense import VERDICT_REJECTED
+
 __all__ = [
     "QueryOracle",
     "api_hop_skip_jump",
@@ -52,7 +54,6 @@ __all__ = [
     "true_class_support",
 ]
 
-VERDICT_REJECTED = 2
 # Outputs of `serving_default` an attacker reads (`purified` is public too, but unused and large).
 PUBLIC_KEYS = ("label", "verdict", "classifier_label", "resistance", "distance", "recon_error")
 

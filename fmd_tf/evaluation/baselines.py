@@ -2,11 +2,13 @@
 
     MODEL/baselines/magnet/             detector_I.keras, detector_II.keras, magnet.json
     MODEL/baselines/feature_squeezing.json
+    MODEL/baselines/defense_gan/        generator.keras, defense_gan.json
 
-`train_baselines` trains MagNet's autoencoders on the paper's TRAIN split (or reuses trained
-ones), calibrates MagNet and Feature Squeezing on VAL at a clean false-positive rate and writes
-them there (never half-written; existing ones only with overwrite=True); `load_baselines` gives
-them to `fmd_tf.evaluation.report.evaluate`. `scripts/train_baselines.py` is the command line.
+`train_baselines` trains MagNet's autoencoders (or reuses trained ones) and Defense-GAN's WGAN
+on the paper's TRAIN split, calibrates MagNet, Feature Squeezing and Defense-GAN on VAL at a
+clean false-positive rate and writes them there (never half-written; existing ones only with
+overwrite=True); `load_baselines` gives them to `fmd_tf.evaluation.report.evaluate`.
+`scripts/train_baselines.py` is the command line.
 
 A fair comparison (`fm_defense_point`): by default every baseline is calibrated at the clean VAL
 false-positive rate of the FM-Defense in MODEL (the share of VAL images its calibration flags),
@@ -23,19 +25,21 @@ import shutil
 import tempfile
 import time
 
-__all__ = ["OUTPUTS", "baseline_config", "check_outputs", "fm_defense_point", "load_baselines",
-           "train_baselines"]
+__all__ = ["OUTPUTS", "QUICK_DEFENSE_GAN", "baseline_config", "check_outputs", "fm_defense_point",
+           "load_baselines", "train_baselines"]
 
-OUTPUTS = ("magnet", "feature_squeezing.json")  # under MODEL/baselines
+OUTPUTS = ("magnet", "feature_squeezing.json", "defense_gan")  # under MODEL/baselines
+# Defense-GAN settings of a `quick` run (tests, CI): seconds instead of hours.
+QUICK_DEFENSE_GAN = {"gan_epochs": 1, "rec_iters": 10, "rec_restarts": 2}
 
 
 def load_baselines(model_dir: str, classifier) -> tuple[dict, list[str]]:
-    """({"magnet": MagNet, "feature_squeezing": FeatureSqueezing} around `classifier`, those
-    found in `model_dir`/baselines; notes naming the missing ones)."""
+    """({"magnet": MagNet, "feature_squeezing": FeatureSqueezing, "defense_gan": DefenseGAN}
+    around `classifier`, those found in `model_dir`/baselines; notes naming the missing ones)."""
     base = os.path.join(model_dir, "baselines")
     loaded, notes = {}, []
     try:
-        from fmd_tf.baselines import FeatureSqueezing, MagNet
+        from fmd_tf.baselines import DefenseGAN, FeatureSqueezing, MagNet
     except ImportError as e:  # pragma: no cover
         return loaded, [f"baselines unavailable: {e}"]
     magnet_dir = os.path.join(base, "magnet")
@@ -48,6 +52,11 @@ def load_baselines(model_dir: str, classifier) -> tuple[dict, list[str]]:
         loaded["feature_squeezing"] = FeatureSqueezing.load(fs_path, classifier)
     else:
         notes.append(f"Feature Squeezing not found at {fs_path} (run scripts/train_baselines.py)")
+    gan_dir = os.path.join(base, "defense_gan")
+    if os.path.isdir(gan_dir):
+        loaded["defense_gan"] = DefenseGAN.load(gan_dir, classifier)
+    else:
+        notes.append(f"Defense-GAN not found in {gan_dir} (run scripts/train_baselines.py)")
     return loaded, notes
 
 
@@ -178,6 +187,17 @@ def _fit_feature_squeezing(classifier, splits, point, fpr, cache_dir):
     return squeezing
 
 
+def _fit_defense_gan(classifier, splits, cfg, fpr, settings, seed, verbose):
+    """(DefenseGAN with `settings` {"gan_epochs", "rec_iters", "rec_restarts"}, its WGAN trained
+    on TRAIN and its threshold calibrated on VAL at `fpr`, its report)."""
+    from fmd_tf.baselines import DefenseGAN
+
+    dgan = DefenseGAN(classifier, image_shape=cfg.image_shape, epochs=settings["gan_epochs"],
+                      rec_iters=settings["rec_iters"], rec_restarts=settings["rec_restarts"],
+                      seed=seed)
+    return dgan, dgan.fit(splits.x_train, splits.x_val, fpr, verbose=verbose)
+
+
 def _cle_figures(defense, splits, common, started) -> float:
     """Adds the CLE false-positive rate and accuracy (and `common`) to `defense.report`;
     returns the seconds since `started`."""
@@ -192,15 +212,20 @@ def _cle_figures(defense, splits, common, started) -> float:
 def train_baselines(model_dir: str, dataset: str = "fmnist", *, epochs: int | None = None,
                     fpr: float | None = None, seed: int = 0, overwrite: bool = False,
                     quick: bool = False, verbose: int = 0, magnet_from: str | None = None,
-                    command: str | None = None, cache_dir: str | None = None,
-                    log=print) -> dict:
-    """Train and calibrate MagNet and Feature Squeezing around MODEL/classifier.keras; write
-    them to MODEL/baselines (see the module doc). Returns {"magnet": report,
-    "feature_squeezing": report}.
+                    gan_epochs: int | None = None, rec_iters: int | None = None,
+                    rec_restarts: int | None = None, command: str | None = None,
+                    cache_dir: str | None = None, log=print) -> dict:
+    """Train and calibrate MagNet, Feature Squeezing and Defense-GAN around
+    MODEL/classifier.keras; write them to MODEL/baselines (see the module doc). Returns
+    {"magnet": report, "feature_squeezing": report, "defense_gan": report}.
 
     Args:
         epochs: MagNet autoencoder epochs (default `fmd_tf.baselines.DEFAULT_EPOCHS`, 1 with
             `quick`); not with `magnet_from`.
+        gan_epochs, rec_iters, rec_restarts: Defense-GAN's WGAN training epochs and its latent
+            search's steps L and random restarts R (defaults `DEFAULT_GAN_EPOCHS`,
+            `DEFAULT_REC_ITERS`, `DEFAULT_REC_RESTARTS` of `fmd_tf.baselines.defense_gan`;
+            `QUICK_DEFENSE_GAN` with `quick`).
         fpr: target clean false-positive rate on VAL (default: the FM-Defense's in `model_dir`,
             `fm_defense_point`; 1 - ρ of the dataset's config when its card has none).
         quick: the tiny split of `fmd_tf.config.quick_config`.
@@ -222,6 +247,11 @@ def train_baselines(model_dir: str, dataset: str = "fmnist", *, epochs: int | No
 
     import fmd_tf  # noqa: F401  (registers the Keras classes)
     from fmd_tf.baselines import DEFAULT_EPOCHS
+    from fmd_tf.baselines.defense_gan import (
+        DEFAULT_GAN_EPOCHS,
+        DEFAULT_REC_ITERS,
+        DEFAULT_REC_RESTARTS,
+    )
     from fmd_tf.data import fit_split_config, load_dataset, make_splits
 
     point = fm_defense_point(model_dir, quick)
@@ -233,6 +263,15 @@ def train_baselines(model_dir: str, dataset: str = "fmnist", *, epochs: int | No
         fpr, fpr_source = 1.0 - cfg.defense.rho, "1 - rho (no calibrated FM-Defense card)"
     fpr = round(fpr, 12)  # 1 - 0.999 is 0.0010000000000000009
     epochs = epochs or (1 if quick else DEFAULT_EPOCHS)
+    gan_defaults = QUICK_DEFENSE_GAN if quick else {
+        "gan_epochs": DEFAULT_GAN_EPOCHS, "rec_iters": DEFAULT_REC_ITERS,
+        "rec_restarts": DEFAULT_REC_RESTARTS}
+    given = {"gan_epochs": gan_epochs, "rec_iters": rec_iters, "rec_restarts": rec_restarts}
+    gan_settings = {k: gan_defaults[k] if v is None else int(v) for k, v in given.items()}
+    if min(gan_settings["gan_epochs"], gan_settings["rec_restarts"]) < 1 or \
+            gan_settings["rec_iters"] < 0:
+        raise ValueError(f"Defense-GAN needs gan_epochs >= 1, rec_iters >= 0 and "
+                         f"rec_restarts >= 1, got {gan_settings}")
     classifier = keras.models.load_model(classifier_path, compile=False)
     train, test = load_dataset(dataset)
     splits = make_splits(train, test, fit_split_config(cfg.splits, len(train[0]), len(test[0])),
@@ -274,14 +313,30 @@ def train_baselines(model_dir: str, dataset: str = "fmnist", *, epochs: int | No
         f"CLE FPR {fs_report['cle_false_positive_rate']:.4f}, CLE accuracy "
         f"{fs_report['cle_accuracy']:.4f}; {fs_seconds:.1f} s")
 
+    started = time.time()
+    dgan, gan_report = _fit_defense_gan(classifier, splits, cfg, fpr, gan_settings, seed,
+                                        verbose)
+    gan_seconds = _cle_figures(dgan, splits, common, started)
+    history = gan_report["history"]
+    log(f"Defense-GAN: {dgan.epochs} epochs ({history['generator_steps']} generator steps), "
+        f"final Wasserstein estimate {history['wasserstein'][-1]:.4g}; latent search L "
+        f"{dgan.rec_iters}, R {dgan.rec_restarts}; threshold (squared L2) "
+        f"{gan_report['threshold']:.6g}")
+    log(f"Defense-GAN: VAL FPR {gan_report['val_false_positive_rate']:.4f}, CLE FPR "
+        f"{dgan.report['cle_false_positive_rate']:.4f}, CLE accuracy "
+        f"{dgan.report['cle_accuracy']:.4f}; {gan_seconds:.1f} s "
+        f"(training {gan_report['train_seconds']:.1f} s)")
+
     os.makedirs(model_dir, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=".baselines-", dir=model_dir)
     try:
         magnet.save(os.path.join(tmp_dir, "magnet"))
         squeezing.save(os.path.join(tmp_dir, "feature_squeezing.json"))
+        dgan.save(os.path.join(tmp_dir, "defense_gan"))
         _install(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    log(f"wrote {out_dir}: magnet/, feature_squeezing.json "
-        f"({magnet_seconds + fs_seconds:.1f} s)")
-    return {"magnet": magnet.report, "feature_squeezing": squeezing.report}
+    log(f"wrote {out_dir}: magnet/, feature_squeezing.json, defense_gan/ "
+        f"({magnet_seconds + fs_seconds + gan_seconds:.1f} s)")
+    return {"magnet": magnet.report, "feature_squeezing": squeezing.report,
+            "defense_gan": dgan.report}

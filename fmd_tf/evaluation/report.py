@@ -35,7 +35,8 @@ ETAS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)  # Fig. 5
 # (threshold mode, ρ, reconstruction-gate budget) of the report's operating-point table.
 OPERATING_POINT_GRID = tuple(itertools.product(
     ("per_code", "unified"), (0.999, 0.99, 0.95, 0.9, 0.8), (0.0, 0.01, 0.05)))
-DEFENSES = ("fm_defense", "magnet", "feature_squeezing")  # report keys, in table order
+# report keys, in table order
+DEFENSES = ("fm_defense", "magnet", "feature_squeezing", "defense_gan")
 REPORT_FILES = ("report.json", "report.md")
 
 
@@ -392,9 +393,9 @@ def _table_ii(paper_attacks, report) -> list[str]:
         "column: whether FM-Defense's operating point was chosen with that attack (made from VAL "
         "images) or the attack is held out.",
         "",
-        "| attack | no defense | FM-Defense | MagNet | Feature Squeezing | paper MNIST: no "
-        "defense / FM-Defense / MagNet | FM-Defense operating point |",
-        "|---|---|---|---|---|---|---|",
+        "| attack | no defense | FM-Defense | MagNet | Feature Squeezing | Defense-GAN | paper "
+        "MNIST: no defense / FM-Defense / MagNet | FM-Defense operating point |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     clean = report["clean"]
     calibration = report.get("calibration")
@@ -434,8 +435,9 @@ def _adaptive_table(adaptive) -> list[str]:
              "adaptive_pgd, PGD adapted to that baseline at the same budget "
              "(fmd_tf.attacks.adaptive_detector_pgd).", "",
              "| attack | norm | ε | no defense | FM-Defense | verdicts (pass/purify/reject) "
-             "| MagNet (transfer / adaptive) | Feature Squeezing (transfer / adaptive) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| MagNet (transfer / adaptive) | Feature Squeezing (transfer / adaptive) "
+             "| Defense-GAN (transfer / adaptive) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for a in adaptive.values():
         fm = a["fm_defense"]
         cols = [" / ".join(_pct(a[k]["defended_accuracy"]) if k in a else "n/a"
