@@ -19,6 +19,7 @@ __all__ = [
     "COMPUTE_DTYPES",
     "DGMM_LR_SCHEDULES",
     "DRAW_ORDERS",
+    "LATENTS",
     "PURIFY_LABELS",
     "PURIFY_ZU",
     "RECON_METRICS",
@@ -50,6 +51,7 @@ PURIFY_LABELS = ("reconstruction", "corroborated")  # DefenseConfig.purify_label
 RECON_METRICS = ("mae", "mse", "pixel_share")  # DefenseConfig.recon_metric
 DRAW_ORDERS = ("shuffled", "search")  # DefenseConfig.adaptive_order
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "auto")  # DefenseConfig.morph_dtype
+LATENTS = ("vector", "feature_map")  # ComboVAEConfig.latent
 
 # Valid ranges, as `option(check=...)` takes them.
 POSITIVE_INT = (lambda v: v >= 1, "must be >= 1")
@@ -129,7 +131,30 @@ class ClassifierConfig:
 class ComboVAEConfig:
     """β-TC-VAE encoder Es + DGMM + decoder (paper §III-B, §III-D, Table I)."""
 
-    shared_dim: int = option(10, "d_s, the number of class-shared codes zs", check=POSITIVE_INT)
+    shared_dim: int = option(10, "the number of class-shared codes: d_s, the size of zs, for "
+                             "a vector latent; C, the channels of the map, for a feature map",
+                             check=POSITIVE_INT)
+    latent: str = option(
+        "vector",
+        "layout of zs: vector (d_s codes, one per dimension; Table I's MNIST/Fashion-MNIST "
+        "encoder and decoder) or feature_map (C = shared_dim channels of "
+        "feature_map_size x feature_map_size maps, one code per channel, residual encoder and "
+        "decoder blocks; the paper's CelebA model). A feature-map code's value is its channel's "
+        "spatial mean and a morph shifts the whole channel; free_bits floors each channel's "
+        "KL. pipeline.experiment_config(latent=...) and train.py --latent also set gamma 0 "
+        "(the CelebA model is a basic combo-VAE, no TC term) unless --gamma is given.",
+        choices=LATENTS,
+    )
+    feature_map_size: int = option(
+        4, "h = w, the side of each channel's map of a feature-map latent; the images halve to "
+           "it (ceil) through stride-2 blocks, e.g. 4 for 28x28 (3 blocks) and 32x32 (3), 8 for "
+           "64x64 (3)", check=POSITIVE_INT)
+    feature_map_encoder_filters: tuple[int, ...] = option(
+        (32, 64), "widths of the feature-map encoder's residual stride-2 blocks (the last "
+                  "repeated for the remaining blocks)", check=POSITIVE_INTS)
+    feature_map_decoder_filters: tuple[int, ...] = option(
+        (64, 32), "widths of the feature-map decoder's residual upsampling blocks, first block "
+                  "first (the last repeated)", check=POSITIVE_INTS)
     unique_dim: int = option(10, "K, the number of class-unique codes zu", check=POSITIVE_INT)
     gamma: float = option(40.0, "weight of the total-correlation term (Eq. 8)",
                           check=NON_NEGATIVE)

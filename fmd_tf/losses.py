@@ -101,6 +101,33 @@ def free_bits_kl(mean, log_var, free_bits):
     return tf.reduce_sum(tf.maximum(per_code, tf.cast(free_bits, tf.float32)))
 
 
+def code_kl(mean, log_var, num_codes: int):
+    """KL of each code, [B, num_codes]: the sum of `gaussian_kl_per_dim` over a code's
+    dimensions, for latents [B, P·num_codes] flattened channel-last (dimension p·C + c belongs to
+    code c; a feature map of P = h·w positions per channel). With P = 1 (a vector latent, one
+    dimension per code) it is `gaussian_kl_per_dim`."""
+    per_dim = gaussian_kl_per_dim(mean, log_var)
+    if mean.shape[-1] == num_codes:
+        return per_dim
+    return tf.reduce_sum(tf.reshape(per_dim, [tf.shape(per_dim)[0], -1, num_codes]), axis=1)
+
+
+def code_free_bits_kl(mean, log_var, free_bits, num_codes: int):
+    """`free_bits_kl` with the floor per code instead of per dimension:
+
+        sum_c max(lambda, E_batch[KL_c]),   KL_c = sum_{p} KL_{p·C + c}
+
+    for latents [B, P·C] flattened channel-last (C = num_codes channels of a feature map with P
+    positions each; a channel is one latent factor, so it gets lambda nats in all, not lambda
+    per position). With P = 1 it equals `free_bits_kl`.
+
+    Returns:
+        [] scalar.
+    """
+    per_code = tf.reduce_mean(code_kl(mean, log_var, num_codes), axis=0)
+    return tf.reduce_sum(tf.maximum(per_code, tf.cast(free_bits, tf.float32)))
+
+
 def reconstruction_loss(x, x_hat):
     """Squared L2 reconstruction error L_R of Eq. 8 ("l2 loss").
 

@@ -26,7 +26,7 @@ from fmd_tf.operating_point import (
 )
 
 __all__ = ["MIN_VAL_IMAGES", "PRESETS", "calibrate_defense", "experiment_config",
-           "fit_defense", "operating_point_config", "train_combo_vae"]
+           "fit_defense", "operating_point_config", "train_combo_vae", "with_latent"]
 
 PRESETS = ("full", "fast")
 MIN_VAL_IMAGES = 50  # fewer clean VAL images cannot place the thresholds' quantiles
@@ -59,12 +59,35 @@ def architecture(image_shape) -> dict:
             "classifier_filters": classifier}
 
 
+def feature_map_size(image_shape) -> int:
+    """h = w of a feature-map latent for images (H, W, C): the side after three halvings
+    (4 for 28x28 and 32x32, 8 for 64x64), at least 2."""
+    side = min(int(image_shape[0]), int(image_shape[1]))
+    for _ in range(3):
+        if -(-side // 2) < 2:
+            break
+        side = -(-side // 2)
+    return side
+
+
+def with_latent(cfg: ExperimentConfig, latent: str) -> ExperimentConfig:
+    """`cfg` with the class-shared latent `latent` ("vector" or "feature_map"). A feature map
+    takes the paper's CelebA settings: a basic combo-VAE (gamma 0, no TC term) and maps of
+    `feature_map_size(cfg.image_shape)` per side; "vector" changes only the field."""
+    if latent == "feature_map":
+        return dataclasses.replace(cfg, combo=dataclasses.replace(
+            cfg.combo, latent=latent, gamma=0.0,
+            feature_map_size=feature_map_size(cfg.image_shape)))
+    return dataclasses.replace(cfg, combo=dataclasses.replace(cfg.combo, latent=latent))
+
+
 def experiment_config(image_shape, num_classes: int, preset: str = "full",
-                      dataset: str = "custom", base: ExperimentConfig | None = None
-                      ) -> ExperimentConfig:
+                      dataset: str = "custom", base: ExperimentConfig | None = None,
+                      latent: str | None = None) -> ExperimentConfig:
     """The config for images of `image_shape` (H, W, C) and `num_classes` classes: `base`
     (default: the paper's Fashion-MNIST settings) with the architecture of `architecture`,
-    shrunk by `preset` "fast" (`fmd_tf.config.quick_config`)."""
+    shrunk by `preset` "fast" (`fmd_tf.config.quick_config`); `latent` ("vector" or
+    "feature_map", `with_latent`; None keeps the base's) selects the class-shared latent."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     cfg = base or get_config("fmnist")
@@ -78,6 +101,8 @@ def experiment_config(image_shape, num_classes: int, preset: str = "full",
                                       decoder_filters=arch["decoder_filters"]))
     cfg = dataclasses.replace(cfg, dataset=dataset, image_shape=image_shape,
                               num_classes=int(num_classes))
+    if latent is not None:
+        cfg = with_latent(cfg, latent)
     return quick_config(cfg) if preset == "fast" else cfg
 
 

@@ -40,13 +40,18 @@ def latent_traversals(combo_vae, images, low, high, path, steps: int = 9) -> Non
     """
     out = combo_vae(images)
     mean, zu = out["mean"].numpy(), out["zu"].numpy()
-    n, d_s = mean.shape
-    z = np.repeat(mean[:, None, None, :], d_s, axis=1).repeat(steps, axis=2)  # [n, d_s, S, d_s]
+    n, dim = mean.shape
+    d_s = combo_vae.num_codes  # rows: one per code (a dimension, or a feature-map channel)
     sweep = np.linspace(low, high, steps, dtype=np.float32)  # [S, d_s]
-    for i in range(d_s):
-        z[:, i, :, i] = sweep[:, i]
+    if d_s == dim:
+        z = np.repeat(mean[:, None, None, :], d_s, axis=1).repeat(steps, axis=2)  # [n, d_s, S, d_s]
+        for i in range(d_s):
+            z[:, i, :, i] = sweep[:, i]
+    else:
+        values = np.broadcast_to(sweep.T[None], (n, d_s, steps))
+        z = combo_vae.with_code_values(mean, np.arange(d_s), values).numpy()  # [n, d_s, S, D]
     u = np.broadcast_to(zu[:, None, None, :], (n, d_s, steps, zu.shape[1]))
-    decoded = combo_vae.decode(z.reshape(-1, d_s), u.reshape(-1, zu.shape[1])).numpy()
+    decoded = combo_vae.decode(z.reshape(-1, dim), u.reshape(-1, zu.shape[1])).numpy()
     decoded = decoded.reshape(n, d_s, steps, *images.shape[1:])
     originals = np.broadcast_to(np.asarray(images)[:, None, None], (n, d_s, 1, *images.shape[1:]))
     tiles = np.concatenate([originals, decoded], axis=2)  # [n, d_s, S + 1, H, W, C]

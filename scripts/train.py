@@ -165,7 +165,12 @@ def _config(args, image_shape, num_classes, n_train, n_test):
         base = get_config(args.dataset)
     except ValueError:  # digits, --data: the Fashion-MNIST settings, sized for the data
         base = None
-    cfg = experiment_config(image_shape, num_classes, args.preset, args.dataset, base)
+    from fmd_tf.config import ComboVAEConfig
+    from fmd_tf.options import given_arguments
+
+    # --latent feature_map brings its own defaults (gamma 0, map side); flags given override them
+    latent = given_arguments(args, ComboVAEConfig).get("latent")
+    cfg = experiment_config(image_shape, num_classes, args.preset, args.dataset, base, latent)
     cfg = dataclasses.replace(cfg, splits=fit_split_config(cfg.splits, n_train, n_test))
     if args.epochs is not None:
         cfg = dataclasses.replace(
@@ -324,12 +329,12 @@ def _run(args) -> dict:
               f"{card['recon_mse']:.4f}, label agreement {card['recon_label_agreement']:.4f}")
         card["latent_dims"] = {"shared": combo.shared_dim, "unique": combo.unique_dim}
     if "vae" in args.stages:
-        means = combo.shared_encoder(splits.x_train[:2000])[0].numpy()
+        means = combo.code_values(combo.shared_encoder(splits.x_train[:2000])[0]).numpy()
         low, high = np.percentile(means, 1, axis=0), np.percentile(means, 99, axis=0)
         plots.latent_traversals(combo, splits.x_cle[:3], low, high,
                                 stage.path("latent_traversals.png"))
         card["latent_codes"] = code_activity(combo, classifier, splits.x_val[:500], low, high)
-        print(f"latent codes: {card['latent_codes']['num_active']} of {combo.shared_dim} "
+        print(f"latent codes: {card['latent_codes']['num_active']} of {combo.num_codes} "
               f"class-shared codes change the image (full-range sweep)")
 
     if "defense" in args.stages:

@@ -108,7 +108,8 @@ def _morph_values(fmd, mean, seed, eot_samples, morph_source):
     else:
         table = _fresh_offsets(fmd, seed)
     values = morphs.natural_morph_codes(
-        tf.gather(mean, selected, axis=1), low, high, table, fmd.num_morphs
+        tf.gather(fmd.combo_vae.code_values(mean), selected, axis=1), low, high, table,
+        fmd.num_morphs
     )  # [B, m, N]; the candidate selection carries no gradient (BPDA), the values do
     if eot_samples is None:
         return values
@@ -124,7 +125,7 @@ def _encode_and_soft_resistance(fmd, x, label_weights, seed, eot_samples, morph_
     mean, _, zu = fmd.combo_vae.encode(x)
     values = _morph_values(fmd, mean, seed, eot_samples, morph_source)
     selected = tf.constant(fmd.selected_codes, tf.int32)
-    zs = morphs.morph_latents(mean, selected, values)  # [B, m, E, d_s]
+    zs = fmd.combo_vae.with_code_values(mean, selected, values)  # [B, m, E, D]
     batch, m, e = tf.shape(zs)[0], tf.shape(zs)[1], tf.shape(zs)[2]
     zu_all = tf.broadcast_to(zu[:, None, None, :], [batch, m, e, tf.shape(zu)[-1]])
     flat = batch * m * e

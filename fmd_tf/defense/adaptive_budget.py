@@ -267,7 +267,7 @@ def chunked_labels(label_fn, latents, chunk_size: int):
 
 def adaptive_resistance(mean, zu, label, selected, morph_values, theta_r, label_fn,
                         round_size: int, alpha: float, chunk_size: int,
-                        refine_codes: int = 0, order=None):
+                        refine_codes: int = 0, order=None, current=None, code_masks=None):
     """Resistance [B, m] with the adaptive morph budget, and the morphs each pair used.
 
     Pair p = b·m + i is (image b, selected code i). Its morph j has the latent of the full-budget
@@ -288,6 +288,10 @@ def adaptive_resistance(mean, zu, label, selected, morph_values, theta_r, label_
             k/n - θr(i) to all N morphs (module docstring); 0 = off.
         order: [N] int permutation, the draw order of the morph slots (`draw_order`);
             None = search order.
+        current, code_masks: for latents with several dimensions per code (a feature map,
+            `ComboVAE.code_values` / `code_masks`): current [B, m] the selected codes' values
+            and code_masks [m, D] their dimensions; a morph is mean + (v - current)·mask.
+            None: one dimension per code (`morphs.morph_latents`).
 
     Returns:
         (resistance [B, m] float32 = k / n, morphs_used [B, m] int32 = n).
@@ -302,14 +306,21 @@ def adaptive_resistance(mean, zu, label, selected, morph_values, theta_r, label_
         morph_values = tf.gather(morph_values, tf.constant(order, tf.int32), axis=-1)
     values = tf.reshape(morph_values, [batch * m, num_morphs])  # [P, N] in draw order
     theta = tf.tile(tf.cast(theta_r, tf.float32), [batch])
-    one_hot = tf.one_hot(selected, d_s, dtype=mean.dtype)  # [m, d_s]
+    if code_masks is None:
+        one_hot = tf.one_hot(selected, d_s, dtype=mean.dtype)  # [m, d_s]
+    else:
+        one_hot = tf.cast(code_masks, mean.dtype)  # [m, D]
+        pair_current = tf.reshape(current, [batch * m])  # [P]
     pair_one_hot = tf.tile(one_hot, [batch, 1])  # [P, d_s]
 
     def count_fn(index, start, size):
         image = tf.gather(pair_image, index)
         code_means = tf.gather(mean, image)  # [A, d_s]
-        current = tf.gather(code_means, tf.gather(pair_code, index), batch_dims=1)  # [A]
-        delta = tf.gather(values, index)[:, start : start + size] - current[:, None]  # [A, s]
+        if code_masks is None:
+            now = tf.gather(code_means, tf.gather(pair_code, index), batch_dims=1)  # [A]
+        else:
+            now = tf.gather(pair_current, index)
+        delta = tf.gather(values, index)[:, start : start + size] - now[:, None]  # [A, s]
         zs = code_means[:, None, :] + delta[..., None] * tf.gather(pair_one_hot, index)[:, None]
         zu_all = tf.broadcast_to(tf.gather(zu, image)[:, None, :],
                                  [tf.shape(index)[0], size, tf.shape(zu)[-1]])

@@ -335,8 +335,8 @@ class FMDefense(BatchedDefense, keras.Model):
         config = dataclasses.replace(config, **options)
         if config.selected_codes is None:
             config = dataclasses.replace(
-                config, selected_codes=tuple(range(self.combo_vae.shared_dim)))
-        self._check_arguments(config, self.combo_vae.shared_dim, jit_compile)
+                config, selected_codes=tuple(range(self.combo_vae.num_codes)))
+        self._check_arguments(config, self.combo_vae.num_codes, jit_compile)
         self._config = config
         self._image_shape = None
         self._graph_fn = None
@@ -347,12 +347,13 @@ class FMDefense(BatchedDefense, keras.Model):
         return self._config
 
     @staticmethod
-    def _check_arguments(config, d_s, jit_compile):
+    def _check_arguments(config, num_codes, jit_compile):
         """The DefenseConfig's own checks, then those that need the model."""
         _options.validate(config)
-        if max(config.selected_codes) >= d_s:
-            raise _options.OptionError("selected_codes", f"must be in [0, {d_s}) (d_s = {d_s})",
-                                       config.selected_codes)
+        if max(config.selected_codes) >= num_codes:
+            raise _options.OptionError(
+                "selected_codes", f"must be in [0, {num_codes}) (the combo-VAE's class-shared "
+                f"codes: d_s = {num_codes})", config.selected_codes)
         m = len(config.selected_codes)
         if config.adaptive_refine_codes > m:
             raise _options.OptionError("adaptive_refine_codes",
@@ -424,7 +425,7 @@ class FMDefense(BatchedDefense, keras.Model):
         for model in (self.classifier, self.combo_vae):
             if not model.built:
                 model.build((None, *self._image_shape))
-        d_s, m = self.combo_vae.shared_dim, self.num_codes
+        d_s, m = self.combo_vae.num_codes, self.num_codes
         table = morphs.search_offsets(
             m, self.max_steps, self.candidates_per_step, self.radius_step, self.seed
         )
@@ -498,16 +499,20 @@ class FMDefense(BatchedDefense, keras.Model):
     def _adaptive_resistance(self, mean, zu, label):
         """(r [B, m], morphs drawn [B, m]) with the adaptive budget (same first-N morphs)."""
         selected = tf.constant(self.selected_codes, tf.int32)
+        current = tf.gather(self.combo_vae.code_values(mean), selected, axis=1)  # [B, m]
         values = morphs.natural_morph_codes(
-            tf.gather(mean, selected, axis=1), tf.gather(self.code_low, selected),
+            current, tf.gather(self.code_low, selected),
             tf.gather(self.code_high, selected), self.search_table, self.num_morphs,
         )
+        vector = self.combo_vae.num_codes == self.combo_vae.shared_dim
         return adaptive.adaptive_resistance(
             mean, zu, label, selected, values, self.theta_r,
             self._labels_of,
             self.adaptive_round, self.adaptive_alpha, self.chunk_size,
             refine_codes=self.adaptive_refine_codes,
             order=adaptive.draw_order(self.adaptive_order, self.num_morphs, self.seed),
+            **({} if vector else {"current": current,
+                                  "code_masks": self.combo_vae.code_masks(selected)}),
         )
 
     def adaptive_resistance_on_outcomes(self, outcomes):
@@ -533,14 +538,17 @@ class FMDefense(BatchedDefense, keras.Model):
 
     def morph_latents(self, mean, zu):
         """Decoder inputs of all N natural morphs of every selected code: concat(zs, zu)
-        [B, m, N, d_s + K] for μs(x) `mean` [B, d_s] and zu(x) `zu` [B, K] (§III-C)."""
+        [B, m, N, D + K] for μs(x) `mean` [B, D] and zu(x) `zu` [B, K] (§III-C); the codes'
+        values and morphs come from the combo-VAE (`code_values`, `with_code_values`: one
+        dimension per code for a vector latent, a whole channel for a feature map)."""
         selected = tf.constant(self.selected_codes, tf.int32)
         low = tf.gather(self.code_low, selected)
         high = tf.gather(self.code_high, selected)
         values = morphs.natural_morph_codes(
-            tf.gather(mean, selected, axis=1), low, high, self.search_table, self.num_morphs
+            tf.gather(self.combo_vae.code_values(mean), selected, axis=1), low, high,
+            self.search_table, self.num_morphs
         )
-        zs = morphs.morph_latents(mean, selected, values)  # [B, m, N, d_s]
+        zs = self.combo_vae.with_code_values(mean, selected, values)  # [B, m, N, D]
         batch, m, n = tf.shape(mean)[0], self.num_codes, self.num_morphs
         zu_all = tf.broadcast_to(zu[:, None, None, :], [batch, m, n, tf.shape(zu)[-1]])
         return tf.concat([zs, zu_all], axis=-1)
@@ -626,11 +634,11 @@ class FMDefense(BatchedDefense, keras.Model):
         position = self.selected_codes.index(code)
         mean, _, zu = self.combo_vae.encode(x)
         values = morphs.natural_morph_codes(
-            mean[:, code : code + 1], self.code_low[code : code + 1],
-            self.code_high[code : code + 1], self.search_table[position : position + 1],
-            self.num_morphs,
+            self.combo_vae.code_values(mean)[:, code : code + 1],
+            self.code_low[code : code + 1], self.code_high[code : code + 1],
+            self.search_table[position : position + 1], self.num_morphs,
         )[:, 0, :count]  # [n, count]
-        zs = morphs.morph_latents(mean, tf.constant([code]), values[:, None, :])[:, 0]
+        zs = self.combo_vae.with_code_values(mean, tf.constant([code]), values[:, None, :])[:, 0]
         n = tf.shape(zs)[0]
         flat_zs = tf.reshape(zs, [n * count, -1])
         flat_zu = tf.reshape(tf.repeat(zu[:, None, :], count, axis=1), [n * count, -1])
@@ -663,9 +671,9 @@ class FMDefense(BatchedDefense, keras.Model):
         `val_resistance` [n, m] and, when computed here, `val_morph_outcomes` [n, m, N] bool.
         """
         x_val = self._as_batch(x_val)
-        means = np.concatenate([
-            self.combo_vae.shared_encoder(x_val[i : i + 512])[0].numpy()
-            for i in range(0, len(x_val), 512)
+        means = np.concatenate([  # [n, codes]: each code's value (normal ranges are over them)
+            self.combo_vae.code_values(self.combo_vae.shared_encoder(x_val[i : i + 512])[0])
+            .numpy() for i in range(0, len(x_val), 512)
         ])
         low, high = morphs.normal_ranges(means, self.range_percentiles)
         self.code_low.assign(low)

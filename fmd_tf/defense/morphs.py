@@ -95,3 +95,56 @@ def morph_latents(code_means, selected, morph_values):
     current = tf.gather(code_means, selected, axis=1)  # [B, m]
     delta = morph_values - current[:, :, None]  # [B, m, N]
     return code_means[:, None, None, :] + delta[..., None] * one_hot[None, :, None, :]
+
+
+def feature_map_code_values(latents, num_channels: int):
+    """Code values of flattened feature-map latents: the spatial mean of each channel.
+
+    A feature-map latent holds C channels of h×w maps, flattened channel-last (dimension
+    d = p·C + c is position p of channel c); "each channel is considered as one latent factor"
+    (paper §IV-A, CelebA), so code c's value is v_c = mean_p z[p, c].
+
+    Args:
+        latents: [B, h·w·C].
+        num_channels: C.
+
+    Returns:
+        [B, C].
+    """
+    batch = tf.shape(latents)[0]
+    return tf.reduce_mean(tf.reshape(latents, [batch, -1, num_channels]), axis=1)
+
+
+def feature_map_morph_latents(latents, selected, morph_values, num_channels: int):
+    """Morphs of feature-map latents: channel selected[i] shifted as a whole so that its spatial
+    mean becomes each morph value, the other channels unchanged:
+
+        z' = z + (v - v_c(z)) · 1_{channel c}   (1_{channel c} [h·w·C]: 1 on channel c's h·w dims)
+
+    The channel moves as a whole, not per position: its spatial pattern (where the factor
+    acts) is kept and only its strength changes, one code stays one latent factor as in the
+    paper, and the search keeps its one-value-per-code form (normal ranges, offsets, θr per
+    code); morphing positions separately would make h·w codes of each channel and h·w times
+    the morphs.
+
+    Args:
+        latents: [B, h·w·C] flattened channel-last (`feature_map_code_values`).
+        selected: [m] int channel indices.
+        morph_values: [B, m, N] new spatial means.
+        num_channels: C.
+
+    Returns:
+        [B, m, N, h·w·C].
+    """
+    positions = tf.shape(latents)[-1] // num_channels
+    one_hot = tf.one_hot(selected, num_channels, dtype=latents.dtype)  # [m, C]
+    mask = tf.tile(one_hot, [1, positions])  # [m, h·w·C], channel-last like the latents
+    current = tf.gather(feature_map_code_values(latents, num_channels), selected, axis=1)
+    delta = morph_values - current[:, :, None]  # [B, m, N]
+    return latents[:, None, None, :] + delta[..., None] * mask[None, :, None, :]
+
+
+def feature_map_code_masks(selected, num_channels: int, latent_dim: int):
+    """[m, h·w·C] 0/1 masks of the dimensions of channels `selected` (flattened channel-last)."""
+    one_hot = tf.one_hot(selected, num_channels)
+    return tf.tile(one_hot, [1, latent_dim // num_channels])

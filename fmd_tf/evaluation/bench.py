@@ -216,6 +216,9 @@ def naive_defend(fmd, x, per_code: bool = False) -> dict:
     from fmd_tf.defense.fm_defense import VERDICT_PASSED, VERDICT_PURIFIED, VERDICT_REJECTED
 
     clf, vae = fmd.classifier, fmd.combo_vae
+    if vae.num_codes != vae.shared_dim:
+        raise ValueError("naive_defend writes out a vector latent (one dimension per code); "
+                         "this combo-VAE has a feature-map latent: use fmd.defend")
     low, high = fmd.code_low.numpy(), fmd.code_high.numpy()
     table = fmd.search_table.numpy()
     theta_r, theta_d = fmd.theta_r.numpy(), float(fmd.theta_d.numpy())

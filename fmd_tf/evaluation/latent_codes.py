@@ -5,6 +5,7 @@ ignores gives morphs identical to the input, so its resistance is 1 whatever the
 figures say which codes carry a visible feature, without ground-truth factors:
 
 * `kl_nats[i]`: mean over images of KL(q(z_i | x) || N(0, 1)) = 0.5 (μ² + σ² − log σ² − 1),
+  summed over the code's dimensions (a feature-map code: its channel's h·w positions),
   the code's share of L_KL (Eq. 8); about 0 for a code the encoder does not use.
 * `sweep_pixel_change[i]`: the paper's Fig. 1 traversal, measured. For each image, code i is set
   to `steps` values evenly spaced over its normal range [low_i, high_i] (the other codes at
@@ -37,11 +38,17 @@ __all__ = ["ACTIVE_PIXEL_CHANGE", "code_activity", "morph_pixel_change", "morph_
 ACTIVE_PIXEL_CHANGE = 0.01
 
 
-def _sweep_latents(mean, values):
-    """[B, d_s, S, d_s] latents: μs(x) with code i set to values[i, s], for every i and s.
+def _sweep_latents(mean, values, combo=None):
+    """[B, c, S, D] latents: μs(x) with code i set to values[i, s], for every code i and s.
 
-    mean: [B, d_s]; values: [d_s, S] sweep values per code.
+    mean: [B, D]; values: [c, S] sweep values per code. Without `combo`, or for a vector
+    latent, a code is a dimension (c = D); for a feature map (c = `combo.num_codes` channels)
+    the channel moves as a whole (`ComboVAE.with_code_values`).
     """
+    if combo is not None and combo.num_codes != combo.shared_dim:
+        sweep = tf.broadcast_to(values[None], tf.concat([tf.shape(mean)[:1],
+                                                         tf.shape(values)], 0))
+        return combo.with_code_values(mean, tf.range(combo.num_codes), sweep)
     eye = tf.eye(mean.shape[-1], dtype=mean.dtype)  # [code, d_s]
     shift = values[None, :, :] - mean[:, :, None]  # [B, d_s, S]: sweep value - own value
     return mean[:, None, None, :] + shift[..., None] * eye[None, :, None, :]
@@ -55,8 +62,8 @@ def code_activity(combo, classifier, x, low, high, steps: int = 9, batch_size: i
         combo: a `ComboVAE` (encode / decode / discriminator).
         classifier: Keras classifier, images -> logits (for `sweep_label_kept`).
         x: float32 images in [0, 1].
-        low, high: [d_s] normal range of each class-shared code (e.g. the 1st and 99th
-            percentiles of μs on training images).
+        low, high: [codes] normal range of each class-shared code's value (e.g. the 1st and
+            99th percentiles of `combo.code_values(μs)` on training images).
         steps: sweep values per code (9 as in the figure `latent_traversals.png`).
 
     Returns:
@@ -71,19 +78,19 @@ def code_activity(combo, classifier, x, low, high, steps: int = 9, batch_size: i
     @tf.function(autograph=False, reduce_retracing=True)
     def batch_figures(xb, noise_seed):
         mean, log_var, zu = combo.encode(xb)
-        b, d_s = tf.shape(mean)[0], mean.shape[-1]
-        kl = losses.gaussian_kl_per_dim(mean, log_var)  # [B, d_s]
+        b, d_s, codes = tf.shape(mean)[0], mean.shape[-1], combo.num_codes
+        kl = losses.code_kl(mean, log_var, codes)  # [B, codes]: a code's dimensions summed
         reconstruction = combo.decode(mean, zu)
         label = tf.argmax(classifier(reconstruction), axis=-1)
-        latents = tf.reshape(_sweep_latents(mean, values), [-1, d_s])
-        zu_all = tf.reshape(tf.broadcast_to(zu[:, None, None, :], [b, d_s, steps, zu.shape[-1]]),
+        latents = tf.reshape(_sweep_latents(mean, values, combo), [-1, d_s])
+        zu_all = tf.reshape(tf.broadcast_to(zu[:, None, None, :], [b, codes, steps, zu.shape[-1]]),
                             [-1, zu.shape[-1]])
         decoded = combo.decode(latents, zu_all)
-        decoded = tf.reshape(decoded, tf.concat([[b, d_s, steps], tf.shape(xb)[1:]], 0))
+        decoded = tf.reshape(decoded, tf.concat([[b, codes, steps], tf.shape(xb)[1:]], 0))
         change = tf.reduce_mean(tf.abs(decoded - reconstruction[:, None, None]), axis=[3, 4, 5])
         sweep_label = tf.reshape(
             tf.argmax(classifier(tf.reshape(decoded, tf.concat([[-1], tf.shape(xb)[1:]], 0))),
-                      axis=-1), [b, d_s, steps])
+                      axis=-1), [b, codes, steps])
         kept = tf.reduce_mean(tf.cast(tf.equal(sweep_label, label[:, None, None]), tf.float32),
                               axis=-1)
         zs = mean + tf.exp(0.5 * log_var) * tf.random.stateless_normal(tf.shape(mean),

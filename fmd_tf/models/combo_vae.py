@@ -8,6 +8,8 @@ import tensorflow as tf
 from fmd_tf import losses
 from fmd_tf.models.decoder import Decoder
 from fmd_tf.models.dgmm import DGMM
+from fmd_tf.models.feature_map_decoder import FeatureMapDecoder
+from fmd_tf.models.feature_map_encoder import FeatureMapEncoder
 from fmd_tf.models.shared_encoder import SharedEncoder
 from fmd_tf.models.tc_discriminator import TCDiscriminator
 
@@ -27,14 +29,16 @@ class ComboVAE(keras.Model):
     correctly.
 
     Args:
-        shared_encoder: `SharedEncoder` (Es).
+        shared_encoder: `SharedEncoder` (Es; d_s codes, one per dimension) or
+            `FeatureMapEncoder` (C channels of h×w maps, one code per channel, flattened).
         dgmm: trained `DGMM`; `compile` freezes it for stage 2.
-        decoder: `Decoder` on concat(zs, zu).
+        decoder: `Decoder` (or `FeatureMapDecoder`) on concat(zs, zu).
         discriminator: `TCDiscriminator`.
         gamma: γ, weight of L_TC.
         beta: weight of L_KL.
         free_bits: floor in nats of each code's batch-mean KL in L_KL (`losses.free_bits_kl`;
-            0 is Eq. 8's L_KL).
+            for a feature map the floor is per channel, `losses.code_free_bits_kl`; 0 is
+            Eq. 8's L_KL).
         seed: seed of the reparameterisation noise and of `permute_dims`.
         recon_weight: weight w of L_R (1 in Eq. 8); w = 1/(2σ²) is a Gaussian decoder with
             pixel variance σ², trading KL pressure against reconstruction fidelity.
@@ -93,6 +97,26 @@ class ComboVAE(keras.Model):
     @property
     def unique_dim(self) -> int:
         return self.dgmm.latent_dim
+
+    @property
+    def num_codes(self) -> int:
+        """The number of class-shared codes the detector can morph: d_s for a vector latent
+        (`SharedEncoder`), C for a feature map (`FeatureMapEncoder`, one code per channel).
+        `shared_dim` is the size of zs in both cases."""
+        return self.shared_encoder.num_codes
+
+    def code_values(self, mean):
+        """[B, num_codes] the value of each code of μs(x) `mean` [B, shared_dim]."""
+        return self.shared_encoder.code_values(mean)
+
+    def with_code_values(self, mean, selected, values):
+        """[B, m, N, shared_dim]: `mean` with code selected[i] moved to value values[b, i, j]
+        and the other codes unchanged (a natural morph's zs, §III-C)."""
+        return self.shared_encoder.with_code_values(mean, selected, values)
+
+    def code_masks(self, selected):
+        """[m, shared_dim] 0/1 masks of the dimensions that codes `selected` occupy."""
+        return self.shared_encoder.code_masks(selected)
 
     def build(self, input_shape):
         shapes = {
@@ -158,8 +182,12 @@ class ComboVAE(keras.Model):
         l_r = tf.reduce_mean(losses.reconstruction_loss(x, x_hat))
         l_kl = tf.reduce_mean(losses.gaussian_kl(mean, log_var))
         # What the encoder is trained on; the tracked kl_loss stays the plain KL.
-        kl_penalty = (losses.free_bits_kl(mean, log_var, self.free_bits)
-                      if self.free_bits > 0.0 else l_kl)
+        if self.free_bits <= 0.0:
+            kl_penalty = l_kl
+        elif self.num_codes == self.shared_dim:
+            kl_penalty = losses.free_bits_kl(mean, log_var, self.free_bits)
+        else:  # a feature map: the floor per channel, not per dimension
+            kl_penalty = losses.code_free_bits_kl(mean, log_var, self.free_bits, self.num_codes)
         l_tc = losses.total_correlation_estimate(
             _float32(self.discriminator(zs, training=training)))
         l_c = tf.zeros([])
@@ -285,11 +313,22 @@ def build_combo_vae(combo_cfg, image_shape, num_classes, seed=0, policy=None) ->
         lambda_lkd=combo_cfg.lambda_lkd,
         name="dgmm",
     )
+    latent = getattr(combo_cfg, "latent", "vector")
     with dtype_policy(policy):
-        shared_encoder = SharedEncoder(combo_cfg.shared_dim, combo_cfg.encoder_filters,
-                                       combo_cfg.encoder_dense, name="shared_encoder")
-        decoder = Decoder(image_shape, combo_cfg.decoder_dense, combo_cfg.decoder_filters,
-                          name="decoder")
+        if latent == "feature_map":
+            shared_encoder = FeatureMapEncoder(
+                combo_cfg.shared_dim, combo_cfg.feature_map_size,
+                combo_cfg.feature_map_encoder_filters, name="shared_encoder")
+            decoder = FeatureMapDecoder(
+                image_shape, combo_cfg.shared_dim, combo_cfg.feature_map_size,
+                combo_cfg.feature_map_decoder_filters, name="decoder")
+        elif latent == "vector":
+            shared_encoder = SharedEncoder(combo_cfg.shared_dim, combo_cfg.encoder_filters,
+                                           combo_cfg.encoder_dense, name="shared_encoder")
+            decoder = Decoder(image_shape, combo_cfg.decoder_dense, combo_cfg.decoder_filters,
+                              name="decoder")
+        else:
+            raise ValueError(f"latent must be 'vector' or 'feature_map', got {latent!r}")
         discriminator = TCDiscriminator(combo_cfg.discriminator_units, name="tc_discriminator")
     model = ComboVAE(
         shared_encoder=shared_encoder,

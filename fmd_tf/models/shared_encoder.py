@@ -33,6 +33,28 @@ class SharedEncoder(keras.Model):
         self.hidden = layers.Dense(self.dense_units, activation="relu", name="hidden")
         self.head = layers.Dense(2 * self.latent_dim, name="mean_log_var")
 
+    @property
+    def num_codes(self) -> int:
+        """d_s: a vector latent has one code per dimension."""
+        return self.latent_dim
+
+    def code_values(self, mean):
+        """[B, d_s] the codes' values: `mean` itself (one code per dimension)."""
+        return mean
+
+    def with_code_values(self, mean, selected, values):
+        """[B, m, N, d_s]: `mean` [B, d_s] with code selected[i] set to values[b, i, j]
+        (`morphs.morph_latents`)."""
+        from fmd_tf.defense import morphs
+
+        return morphs.morph_latents(mean, selected, values)
+
+    def code_masks(self, selected):
+        """[m, d_s] one-hot rows of codes `selected`."""
+        import tensorflow as tf
+
+        return tf.one_hot(selected, self.latent_dim)
+
     def build(self, input_shape):
         shape = tuple(input_shape)
         for layer in [*self.trunk, self.flatten, self.hidden, self.head]:
