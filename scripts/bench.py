@@ -57,6 +57,10 @@ training           full training from scratch: wall time and accuracies of the m
                    steps with the frozen DGMM's and classifier's outputs computed in the loss vs
                    precomputed, one morph-budget trial run on the model vs replayed on the full
                    budget's morph outcomes (checked identical).
+feature_map_celeba_size  the paper's CelebA model at CelebA's size (64x64x3, 1,000 identities,
+                   `--latent feature_map`), untrained weights (timing only): ms per classifier
+                   and combo-VAE step, and the full-budget defense's images/s on
+                   --feature-map-n images.
 peak_rss_mib       resource.getrusage peak resident memory of this process.
 
 Machines of this kind differ up to 3x in speed: the float32 matmul peak of this machine is

@@ -479,7 +479,7 @@ def test_auto_morph_dtype_follows_the_machine(monkeypatch):
 BENCH_KEYS = {
     "device", "settings", "speedup_vs_naive", "roofline_share", "attack_speedup_vs_art",
     "serving_latency", "default_inference", "bfloat16_vs_float32", "demo_wall", "test_suite",
-    "training",
+    "training", "feature_map_celeba_size",
     "peak_rss_mib",
 }
 
@@ -554,6 +554,10 @@ def test_bench_quick_end_to_end(quick_model, tmp_path):
         report["settings"]["num_codes"]
     assert 0.0 <= default["verdict_agreement"] <= 1.0 and default["profile_top_ops"]["default"]
     assert default["images"] == {"clean": 16, "fgsm": 16}
+    fm = report["feature_map_celeba_size"]  # the CelebA-size feature-map model
+    assert fm["image_shape"] == [64, 64, 3] and fm["latent"] == "feature_map"
+    assert fm["classifier_step_ms"] > 0 and all(v > 0 for v in fm["vae_step_ms"].values())
+    assert fm["defense"]["images"] == 2 and fm["defense"]["images_per_s"] > 0
     for section, parts in (("demo_wall", ("default", "full_budget")), ("test_suite", (None,))):
         peaks = report[section]["matmul_peak_flops"]  # measured right before and after it
         assert peaks["before"] > 0 and peaks["after"] > 0

@@ -36,13 +36,14 @@ __all__ = [
 ]
 
 SECTIONS = ("speed", "roofline", "attacks", "serving", "serving_load", "default", "bf16", "demo",
-            "tests", "training")
+            "tests", "training", "feature_map")
 # section -> its key in the report
 SECTION_KEYS = {"speed": "speedup_vs_naive", "roofline": "roofline_share",
                 "attacks": "attack_speedup_vs_art", "serving": "serving_latency",
                 "serving_load": "serving_load", "default": "default_inference",
                 "bf16": "bfloat16_vs_float32",
-                "demo": "demo_wall", "tests": "test_suite", "training": "training"}
+                "demo": "demo_wall", "tests": "test_suite", "training": "training",
+                "feature_map": "feature_map_celeba_size"}
 # Settings an earlier report must share for its sections to be carried over.
 CARRY_OVER_KEYS = ("model", "n", "attack_n", "quick", "fmd_sha256")
 # Times are also given at this float32 matmul peak (the reference machine of the targets):
@@ -91,6 +92,8 @@ class BenchConfig:
                "must be a non-empty subset of deepfool,cw"))
     training_steps: int = option(40, "training section: timed steps per stage variant",
                                  check=POSITIVE_INT)
+    feature_map_n: int = option(8, "feature_map section: images the CelebA-size feature-map "
+                                "defense is timed on (and calibrated on)", check=POSITIVE_INT)
     training_card: str = option(
         "results/training/model_card.json", "training section: the model card of a from-scratch "
         "`scripts/train.py --dataset fmnist` run (its wall time and accuracies are reported)")
@@ -119,7 +122,7 @@ def quick_sizes(settings: dict) -> dict:
             "demo_n": min(settings["demo_n"], 8), "matmul_size": 1024,
             "latency_reps": (5, 2), "load_requests": min(settings["load_requests"], 40),
             "cw_iterations": 10, "cw_search_steps": 2,
-            "df_iterations": 20, "training_steps": 3}
+            "df_iterations": 20, "training_steps": 3, "feature_map_n": 2}
 
 
 def _timed(fn, *a, **kw):
@@ -732,6 +735,65 @@ def section_bf16(ctx) -> dict:
     return result
 
 
+def section_feature_map(ctx) -> dict:
+    """The paper's CelebA model at CelebA's size, timed on untrained weights (the FLOPs, not the
+    figures, matter here): 64x64x3 images, `data.CELEBA_IDENTITIES` classes, the feature-map
+    combo-VAE and classifier that `experiment_config(..., latent="feature_map")` builds for them.
+    Milliseconds per classifier step and per combo-VAE stage-2 step (precomputed DGMM codes and
+    classifier logits, as `training.train_vae` trains it) at their batch sizes, float32 and the
+    training precision chosen here; then the full-budget defense (all m·N morphs, float32
+    morphs) in images/s on `cfg.feature_map_n` random images after calibrating its ranges on as
+    many others."""
+    import dataclasses
+
+    import keras
+
+    from fmd_tf import training
+    from fmd_tf.data import CELEBA_IDENTITIES, CELEBA_IMAGE_SIZE
+    from fmd_tf.defense import FMDefense
+    from fmd_tf.pipeline import experiment_config
+
+    cfg = ctx["cfg"]
+    shape = (CELEBA_IMAGE_SIZE, CELEBA_IMAGE_SIZE, 3)
+    exp = experiment_config(shape, CELEBA_IDENTITIES, latent="feature_map")
+    steps, batch, n = cfg.training_steps, exp.combo.batch_size, cfg.feature_map_n
+    rng = np.random.default_rng(0)
+    x = rng.random(((steps + 2) * batch, *shape), dtype=np.float32)
+    y = rng.integers(0, CELEBA_IDENTITIES, len(x))
+    result = {"image_shape": list(shape), "classes": CELEBA_IDENTITIES,
+              "latent": exp.combo.latent, "channels": exp.combo.shared_dim,
+              "map_size": exp.combo.feature_map_size, "steps": steps, "batch_size": batch}
+    with training.dtype_policy(training.training_precision(exp.classifier.precision)):
+        clf = training.new_classifier(exp, steps=steps + 2)
+    result["classifier_step_ms"] = _step_ms(lambda k, cb: clf.fit(
+        x[: k * batch], y[: k * batch], batch_size=batch, verbose=0, callbacks=cb), steps)
+    vae_ms = {}
+    for policy in ("float32", training.training_precision(exp.combo.vae_precision)):
+        c = dataclasses.replace(exp, combo=dataclasses.replace(exp.combo, vae_precision=policy))
+        combo = training.new_combo_vae(c, training.get_strategy("default"), 0)
+        combo.set_consistency_classifier(clf)
+        combo.compile(optimizer=keras.optimizers.Adam(1e-3))
+        targets = {"zu": combo.dgmm.predict(x, batch_size=256, verbose=0),
+                   "logits": clf.predict(x, batch_size=256, verbose=0)}
+        vae_ms[policy] = _step_ms(lambda k, cb, m=combo, t=targets: m.fit(
+            x[: k * batch], {name: v[: k * batch] for name, v in t.items()},
+            batch_size=batch, verbose=0, callbacks=cb), steps)
+    result["vae_step_ms"] = vae_ms
+    combo = training.inference_copy(combo)
+    clf = training.inference_copy(clf)
+    fmd = FMDefense.from_config_dataclass(
+        clf, combo, dataclasses.replace(exp.defense, morph_dtype="float32",
+                                        adaptive_budget=False), name="fmd")
+    fmd.build((None, *shape))
+    fmd.calibrate(x[n : 2 * n])
+    fmd.defend(x[:1])  # trace
+    _, seconds = _timed(fmd.defend, x[:n], batch_size=n)
+    result["defense"] = {"images": n, "morphs_per_image": fmd.num_codes * fmd.num_morphs,
+                         "images_per_s": n / seconds, **_seconds(seconds)}
+    return result
+
+
+# ----------------------------------------------------------------------------- report
 # ----------------------------------------------------------------------------- report
 
 
@@ -843,6 +905,16 @@ def _table_rows(report: dict) -> list[tuple]:
             rows.append(("bfloat16_checked_throughput_ratio", checked["throughput_ratio"],
                          f"{checked['morph_outcomes_differing']} of "
                          f"{checked['morph_outcomes']} morph outcomes differ from float32"))
+    fm = report.get("feature_map_celeba_size", {})
+    if fm:
+        side = "x".join(map(str, fm["image_shape"]))
+        rows.append(("feature_map_defense_images_per_s", fm["defense"]["images_per_s"],
+                     f"{side}, {fm['classes']} classes, {fm['channels']} channels of "
+                     f"{fm['map_size']}x{fm['map_size']}, all "
+                     f"{fm['defense']['morphs_per_image']} morphs"))
+        vae = ", ".join(f"{k} {v:.0f} ms" for k, v in fm["vae_step_ms"].items())
+        rows.append(("feature_map_classifier_step_ms", fm["classifier_step_ms"],
+                     f"batch {fm['batch_size']}; combo-VAE step {vae}"))
     rows.append(("peak_rss_mib", report["peak_rss_mib"], report["device"]["name"]))
     return rows
 
@@ -1063,7 +1135,8 @@ def section_training(ctx) -> dict:
 STEPS = {"speed": section_speed, "roofline": section_roofline, "attacks": section_attacks,
          "serving": section_serving, "serving_load": section_serving_load,
          "default": section_default, "bf16": section_bf16,
-         "demo": section_demo, "tests": section_tests, "training": section_training}
+         "demo": section_demo, "tests": section_tests, "training": section_training,
+         "feature_map": section_feature_map}
 
 
 def prepare(cfg: BenchConfig) -> dict:
