@@ -80,27 +80,6 @@ def gaussian_kl_per_dim(mean, log_var):
     return 0.5 * (tf.square(mean) + tf.exp(log_var) - log_var - 1.0)
 
 
-def free_bits_kl(mean, log_var, free_bits):
-    """L_KL with a floor of `free_bits` nats per code (Kingma et al. 2016, "free bits"):
-
-        sum_i max(lambda, E_batch[KL_i]),   KL_i = 0.5 * (mean_i^2 + exp(log_var_i) - log_var_i - 1)
-
-    A code whose batch-mean KL is below lambda costs lambda and gets no gradient from the KL
-    term, so the reconstruction can put up to lambda nats into every code instead of letting
-    some collapse onto the prior. With lambda = 0 it equals mean_B(gaussian_kl).
-
-    Args:
-        mean: [B, D] encoder means.
-        log_var: [B, D] encoder log variances.
-        free_bits: lambda >= 0, nats per code.
-
-    Returns:
-        [] scalar.
-    """
-    per_code = tf.reduce_mean(gaussian_kl_per_dim(mean, log_var), axis=0)
-    return tf.reduce_sum(tf.maximum(per_code, tf.cast(free_bits, tf.float32)))
-
-
 def code_kl(mean, log_var, num_codes: int):
     """KL of each code, [B, num_codes]: the sum of `gaussian_kl_per_dim` over a code's
     dimensions, for latents [B, P·num_codes] flattened channel-last (dimension p·C + c belongs to
@@ -112,18 +91,29 @@ def code_kl(mean, log_var, num_codes: int):
     return tf.reduce_sum(tf.reshape(per_dim, [tf.shape(per_dim)[0], -1, num_codes]), axis=1)
 
 
-def code_free_bits_kl(mean, log_var, free_bits, num_codes: int):
-    """`free_bits_kl` with the floor per code instead of per dimension:
+def free_bits_kl(mean, log_var, free_bits, num_codes: int | None = None):
+    """L_KL with a floor of `free_bits` nats per code (Kingma et al. 2016, "free bits"):
 
-        sum_c max(lambda, E_batch[KL_c]),   KL_c = sum_{p} KL_{p·C + c}
+        sum_c max(lambda, E_batch[KL_c]),   KL_c = sum_{p} KL_{p·C + c},
+        KL_d = 0.5 * (mean_d^2 + exp(log_var_d) - log_var_d - 1)
 
-    for latents [B, P·C] flattened channel-last (C = num_codes channels of a feature map with P
-    positions each; a channel is one latent factor, so it gets lambda nats in all, not lambda
-    per position). With P = 1 it equals `free_bits_kl`.
+    A code whose batch-mean KL is below lambda costs lambda and gets no gradient from the KL
+    term, so the reconstruction can put up to lambda nats into every code instead of letting
+    some collapse onto the prior. With lambda = 0 it equals mean_B(gaussian_kl).
+
+    Args:
+        mean: [B, D] encoder means.
+        log_var: [B, D] encoder log variances.
+        free_bits: lambda >= 0, nats per code.
+        num_codes: C; None (or D) is one code per dimension (a vector latent). For a feature
+            map of C channels with P positions each, flattened channel-last (D = P·C), a
+            channel is one latent factor and gets lambda nats in all, not lambda per position
+            (`code_kl`).
 
     Returns:
         [] scalar.
     """
+    num_codes = mean.shape[-1] if num_codes is None else num_codes
     per_code = tf.reduce_mean(code_kl(mean, log_var, num_codes), axis=0)
     return tf.reduce_sum(tf.maximum(per_code, tf.cast(free_bits, tf.float32)))
 

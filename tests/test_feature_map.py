@@ -146,7 +146,7 @@ def test_vector_codes_are_todays_morph_latents_exactly():
 # --------------------------------------------------------------------------- losses
 
 
-def test_code_free_bits_kl_closed_form_and_gradient():
+def test_free_bits_kl_per_channel_closed_form_and_gradient():
     # Two channels over two positions, flattened channel-last: dims (p0c0, p0c1, p1c0, p1c1).
     # Per-dim KL 0.5 mean^2 (log_var 0): image 0 has mean 1 on both positions of channel 0,
     # image 1 mean 2 on p0 of channel 1. Batch-mean KL: channel 0 (0.5 + 0.5) / 2 = 0.5,
@@ -155,18 +155,17 @@ def test_code_free_bits_kl_closed_form_and_gradient():
     log_var = tf.zeros([2, 4])
     np.testing.assert_allclose(losses.code_kl(mean, log_var, 2).numpy(),
                                [[1.0, 0.0], [0.0, 2.0]], rtol=1e-6)
-    np.testing.assert_allclose(losses.code_free_bits_kl(mean, log_var, 0.0, 2).numpy(), 1.5)
+    np.testing.assert_allclose(losses.free_bits_kl(mean, log_var, 0.0, 2).numpy(), 1.5)
     with tf.GradientTape() as tape:
-        out = losses.code_free_bits_kl(mean, log_var, 0.7, 2)
+        out = losses.free_bits_kl(mean, log_var, 0.7, 2)
     np.testing.assert_allclose(out.numpy(), 0.7 + 1.0, rtol=1e-6)
     grad = tape.gradient(out, mean).numpy()
     np.testing.assert_allclose(grad[:, [0, 2]], 0.0)  # channel 0 is under the floor
     np.testing.assert_allclose(grad[:, [1, 3]], [[0.0, 0.0], [1.0, 0.0]], rtol=1e-6)
     # The per-dimension floor would charge 4 dims; the per-code one charges 2 codes.
-    np.testing.assert_allclose(losses.code_free_bits_kl(mean, log_var, 5.0, 2).numpy(), 10.0)
-    # One dimension per code: free_bits_kl.
-    np.testing.assert_allclose(losses.code_free_bits_kl(mean, log_var, 0.3, 4).numpy(),
-                               losses.free_bits_kl(mean, log_var, 0.3).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(losses.free_bits_kl(mean, log_var, 5.0, 2).numpy(), 10.0)
+    # One code per dimension (the default): batch-mean KLs 0.25, 1, 0.25, 0 -> 0.3 + 1 + 0.3 + 0.3.
+    np.testing.assert_allclose(losses.free_bits_kl(mean, log_var, 0.3).numpy(), 1.9, rtol=1e-6)
     assert math.isclose(float(losses.code_kl(mean, log_var, 4).numpy().sum()), 3.0)
 
 

@@ -37,8 +37,7 @@ class ComboVAE(keras.Model):
         gamma: γ, weight of L_TC.
         beta: weight of L_KL.
         free_bits: floor in nats of each code's batch-mean KL in L_KL (`losses.free_bits_kl`;
-            for a feature map the floor is per channel, `losses.code_free_bits_kl`; 0 is
-            Eq. 8's L_KL).
+            for a feature map the floor is per channel; 0 is Eq. 8's L_KL).
         seed: seed of the reparameterisation noise and of `permute_dims`.
         recon_weight: weight w of L_R (1 in Eq. 8); w = 1/(2σ²) is a Gaussian decoder with
             pixel variance σ², trading KL pressure against reconstruction fidelity.
@@ -182,12 +181,8 @@ class ComboVAE(keras.Model):
         l_r = tf.reduce_mean(losses.reconstruction_loss(x, x_hat))
         l_kl = tf.reduce_mean(losses.gaussian_kl(mean, log_var))
         # What the encoder is trained on; the tracked kl_loss stays the plain KL.
-        if self.free_bits <= 0.0:
-            kl_penalty = l_kl
-        elif self.num_codes == self.shared_dim:
-            kl_penalty = losses.free_bits_kl(mean, log_var, self.free_bits)
-        else:  # a feature map: the floor per channel, not per dimension
-            kl_penalty = losses.code_free_bits_kl(mean, log_var, self.free_bits, self.num_codes)
+        kl_penalty = l_kl if self.free_bits <= 0.0 else \
+            losses.free_bits_kl(mean, log_var, self.free_bits, self.num_codes)
         l_tc = losses.total_correlation_estimate(
             _float32(self.discriminator(zs, training=training)))
         l_c = tf.zeros([])
