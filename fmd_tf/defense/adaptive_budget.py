@@ -301,25 +301,20 @@ def adaptive_resistance(mean, zu, label, selected, morph_values, theta_r, label_
     num_morphs = int(morph_values.shape[-1])
     d_s = tf.shape(mean)[1]
     pair_image = tf.repeat(tf.range(batch), m)  # [P]
-    pair_code = tf.tile(selected, [batch])  # [P] index into d_s
     if order is not None:
         morph_values = tf.gather(morph_values, tf.constant(order, tf.int32), axis=-1)
     values = tf.reshape(morph_values, [batch * m, num_morphs])  # [P, N] in draw order
     theta = tf.tile(tf.cast(theta_r, tf.float32), [batch])
-    if code_masks is None:
-        one_hot = tf.one_hot(selected, d_s, dtype=mean.dtype)  # [m, d_s]
-    else:
-        one_hot = tf.cast(code_masks, mean.dtype)  # [m, D]
-        pair_current = tf.reshape(current, [batch * m])  # [P]
-    pair_one_hot = tf.tile(one_hot, [batch, 1])  # [P, d_s]
+    if code_masks is None:  # one dimension per code
+        current = tf.gather(mean, selected, axis=1)  # [B, m]
+        code_masks = tf.one_hot(selected, d_s, dtype=mean.dtype)  # [m, d_s]
+    pair_current = tf.reshape(current, [batch * m])  # [P]
+    pair_one_hot = tf.tile(tf.cast(code_masks, mean.dtype), [batch, 1])  # [P, d_s]
 
     def count_fn(index, start, size):
         image = tf.gather(pair_image, index)
         code_means = tf.gather(mean, image)  # [A, d_s]
-        if code_masks is None:
-            now = tf.gather(code_means, tf.gather(pair_code, index), batch_dims=1)  # [A]
-        else:
-            now = tf.gather(pair_current, index)
+        now = tf.gather(pair_current, index)  # [A]
         delta = tf.gather(values, index)[:, start : start + size] - now[:, None]  # [A, s]
         zs = code_means[:, None, :] + delta[..., None] * tf.gather(pair_one_hot, index)[:, None]
         zu_all = tf.broadcast_to(tf.gather(zu, image)[:, None, :],

@@ -504,15 +504,13 @@ class FMDefense(BatchedDefense, keras.Model):
             current, tf.gather(self.code_low, selected),
             tf.gather(self.code_high, selected), self.search_table, self.num_morphs,
         )
-        vector = self.combo_vae.num_codes == self.combo_vae.shared_dim
         return adaptive.adaptive_resistance(
             mean, zu, label, selected, values, self.theta_r,
             self._labels_of,
             self.adaptive_round, self.adaptive_alpha, self.chunk_size,
             refine_codes=self.adaptive_refine_codes,
             order=adaptive.draw_order(self.adaptive_order, self.num_morphs, self.seed),
-            **({} if vector else {"current": current,
-                                  "code_masks": self.combo_vae.code_masks(selected)}),
+            current=current, code_masks=self.combo_vae.code_masks(selected),
         )
 
     def adaptive_resistance_on_outcomes(self, outcomes):
