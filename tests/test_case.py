@@ -149,6 +149,24 @@ def toy_batch(per_class: int = 2, num_classes: int = 10, seed: int = 0):
     return x, y
 
 
+def toy_classifier(epochs: int, per_class: int = 4):
+    """(classifier, x, y): a small `Classifier` (conv 4-4, dense 16, no dropout) fitted for
+    `epochs` on `toy_batch(per_class)` after seeding Keras with 0; the tiny defenses of the
+    export and feature-map tests protect it."""
+    import keras
+
+    from fmd_tf.models import Classifier
+
+    keras.utils.set_random_seed(0)
+    x, y = (np.asarray(a) for a in toy_batch(per_class=per_class))
+    classifier = Classifier(num_classes=10, conv_filters=(4, 4), dense_units=(16,), dropout=0.0,
+                            name="classifier")
+    classifier.compile(optimizer=keras.optimizers.Adam(1e-2),
+                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    classifier.fit(x, y, epochs=epochs, batch_size=40, verbose=0)
+    return classifier, x, y
+
+
 def _to_numpy(value):
     if isinstance(value, (tf.Tensor, tf.Variable)):
         return value.numpy()

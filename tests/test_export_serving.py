@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-from test_case import TINY_COMBO_CONFIG, script_module, tiny_images, toy_batch
+from test_case import TINY_COMBO_CONFIG, script_module, tiny_images, toy_classifier
 
 import fmd_tf  # noqa: F401  (registers the Keras classes)
 from fmd_tf.defense import FMDefense, NotCalibratedError
@@ -49,13 +49,7 @@ INT_KEYS = {"label", "classifier_label", "verdict"}
 
 
 def _tiny_defense():
-    keras.utils.set_random_seed(0)
-    x, y = (np.asarray(a) for a in toy_batch(per_class=4))
-    classifier = Classifier(num_classes=10, conv_filters=(4, 4), dense_units=(16,), dropout=0.0,
-                            name="classifier")
-    classifier.compile(optimizer=keras.optimizers.Adam(1e-2),
-                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    classifier.fit(x, y, epochs=15, batch_size=40, verbose=0)
+    classifier, x, y = toy_classifier(epochs=15)
     combo = build_combo_vae(TINY_COMBO_CONFIG, (28, 28, 1), 10, seed=0)
     # Larger random weights: decoded morphs vary, so resistances are not all 0 or 1.
     for model in (combo.decoder, combo.shared_encoder):

@@ -11,14 +11,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_case import TINY_COMBO_CONFIG, FmdTestCase, tiny_images, toy_batch
+from test_case import TINY_COMBO_CONFIG, FmdTestCase, tiny_images, toy_batch, toy_classifier
 
 import fmd_tf
 from fmd_tf import losses, pipeline
 from fmd_tf.config import ComboVAEConfig, get_config
 from fmd_tf.defense import FMDefense, morphs
 from fmd_tf.models import (
-    Classifier,
     FeatureMapDecoder,
     FeatureMapEncoder,
     SharedEncoder,
@@ -223,13 +222,7 @@ def test_train_script_flags_derived_from_the_options():
 
 @pytest.fixture(scope="module")
 def tiny_defense():
-    keras.utils.set_random_seed(0)
-    x, y = (np.asarray(a) for a in toy_batch(per_class=4))
-    classifier = Classifier(num_classes=10, conv_filters=(4, 4), dense_units=(16,), dropout=0.0,
-                            name="classifier")
-    classifier.compile(optimizer=keras.optimizers.Adam(1e-2),
-                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    classifier.fit(x, y, epochs=10, batch_size=40, verbose=0)
+    classifier, x, y = toy_classifier(epochs=10)
     combo = build_combo_vae(TINY_FEATURE_MAP, (28, 28, 1), 10, seed=0)
     for model in (combo.decoder, combo.shared_encoder):  # varied morphs
         for w in model.weights:
