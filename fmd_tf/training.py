@@ -253,6 +253,27 @@ def train_vae(
     return model
 
 
+# The parts of ExperimentConfig that each training stage uses (the rest apply to every run).
+STAGE_HYPERPARAMETERS = {"classifier": ("classifier",), "combo": ("dgmm", "vae"),
+                         "defense": ("defense",)}
+
+
+def card_hyperparameters(current: dict, previous: dict | None, stages) -> dict:
+    """A model card's `hyperparameters` after a run of `stages`.
+
+    current: this run's config as a dict (`config.to_dict`); previous: the card's entry before
+    the run (None for a new model). A part of `STAGE_HYPERPARAMETERS` that no stage of this run
+    trained keeps the earlier entry as it was written then (a model trained before an option
+    existed is not described with that option's present default); everything else is
+    `current`'s.
+    """
+    merged = dict(current)
+    for part, part_stages in STAGE_HYPERPARAMETERS.items():
+        if previous and part in previous and not set(part_stages) & set(stages):
+            merged[part] = previous[part]
+    return merged
+
+
 def new_combo_vae(cfg: ExperimentConfig, strategy: tf.distribute.Strategy, seed: int) -> ComboVAE:
     """The built combo-VAE of `cfg` in `strategy`'s scope: encoder, decoder and discriminator
     in the dtype policy of `training_precision(cfg.combo.vae_precision)`, the DGMM in float32."""

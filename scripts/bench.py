@@ -31,13 +31,14 @@ serving_latency    p50 / p99 of the exported SavedModel's `serving_default` sign
                    (`fmd_tf.export.export_serving` to a temp dir), batch 1 and batch 64, after a
                    warm-up call, in this process (`tf.saved_model.load`) and over gRPC through
                    the local PredictionService server (`fmd_tf.serving.local_server`), for the
-                   full budget ("before") and the default path ("after"), with their ratios.
+                   full budget (all morphs in float32, "before") and the default path
+                   ("after"), with their ratios.
 default_inference  the model's default inference path as shipped (fmd.keras: the morph budget its
-                   training chose on VAL, e.g. the adaptive budget) against the full budget (all
-                   m·N morphs) on --default-n CLE images and their FGSM versions (eps 0.3):
-                   throughput ratio, verdict agreement, ROC AUC of the resistance score
-                   max_i(θr_i - r_i) of both and its change, morphs per image, and the top op
-                   types by self time of one batch under tf.profiler.
+                   training chose on VAL, e.g. the adaptive budget, and its morph dtype) against
+                   the full budget (all m·N morphs in float32) on --default-n CLE images and
+                   their FGSM versions (eps 0.3): throughput ratio, verdict agreement, ROC AUC
+                   of the resistance score max_i(θr_i - r_i) of both and its change, morphs
+                   per image, and the top op types by self time of one batch under tf.profiler.
 bfloat16_vs_float32  the morph pass in bfloat16 vs float32, unchecked (`morph_check_margin=0`)
                    and checked (close calls classified again in float32; `checked`):
                    throughput ratios (timed back to back), morph outcomes that differ from

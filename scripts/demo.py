@@ -7,7 +7,7 @@ Loads the shipped `fmd.keras`, takes the first --n CLE images of the paper split
 classifier with FGSM (L∞ eps; the attacker does not know the defense, as in the paper), runs the
 defense on both sets (with a progress bar), prints verdict counts and accuracies, and writes a
 PNG with input / morphs of one code / purified image. `--budget full` draws all N morphs of
-every code instead of the model's own morph budget (to compare).
+every code in float32 (the paper's path) instead of the model's own morph budget (to compare).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--figure", default="results/demo.png")
     p.add_argument("--budget", default=BUDGETS[0], choices=BUDGETS,
-                   help="the model's morph budget (default) or all morphs (full)")
+                   help="the model's morph budget (default) or all morphs in float32 (full)")
     p.add_argument("--verbose", type=int, default=1, choices=(0, 1), help="progress bars")
     args = p.parse_args(argv)
     if args.n < 1:

@@ -400,7 +400,8 @@ def _run(args) -> dict:
         stage_seconds=seconds,
         training_seconds=sum(seconds.values()),
         last_run_seconds=time.time() - started,
-        hyperparameters=to_dict(cfg),
+        hyperparameters=training.card_hyperparameters(to_dict(cfg), card.get("hyperparameters"),
+                                                      args.stages),
         splits={"train": len(splits.x_train), "val": len(splits.x_val), "cle": len(splits.x_cle),
                 "source": "TRAIN from the official training set; VAL, CLE from the test set"},
     )

@@ -235,8 +235,15 @@ def test_budget_row_replays_the_candidate_budget(full_and_adaptive):
     assert row["morphs_per_image"] == out_ada["morphs_used"].sum(axis=1).mean()
     assert row["verdict_agreement"] == np.mean(out_ada["verdict"] == out_full["verdict"])
     assert row["full_morphs_per_image"] == 4 * 40 and set(row["auc_change"]) == {"fgsm"}
-    same = op.budget_row(full, {"adaptive_budget": False}, sets)
+    assert "auc_change_interval" not in row and row["auc_change_bound"] == row[
+        "max_abs_auc_change"]
+    bounded = op.budget_row(full, {"adaptive_budget": True, "adaptive_round": 10}, sets, 0.9)
+    low, high = bounded["auc_change_interval"]["fgsm"]
+    assert low <= high and bounded["auc_change_level"] == 0.9
+    assert bounded["auc_change_bound"] == max(abs(low), abs(high), row["max_abs_auc_change"])
+    same = op.budget_row(full, {"adaptive_budget": False}, sets, 0.9)
     assert same["verdict_agreement"] == 1.0 and same["max_abs_auc_change"] == 0.0
+    assert same["auc_change_interval"]["fgsm"] == [0.0, 0.0] and same["auc_change_bound"] == 0.0
     assert same["morphs_per_image"] == 4 * 40
     with pytest.raises(ValueError, match="member"):
         _ensemble_like(full).defend_with_stats(x, outcomes=True)
@@ -515,8 +522,13 @@ def test_bench_keeps_earlier_sections_only_of_the_same_model_file(tmp_path):
     assert bench._earlier_sections(same, ["roofline_share"]) == {"roofline_share": {"value": 0.6}}
     fmd_file.write_bytes(b"model r3")  # retrained in place: same path, other bytes
     retrained = args(str(out), "m", 256, 100, False, bench._file_sha256(fmd_file))
-    with pytest.raises(bench.UsageError, match="fmd_sha256 differs"):
+    with pytest.raises(bench.UsageError, match="fmd_sha256 differs.*sections that run it "
+                                               r"\(roofline\)"):
         bench._earlier_sections(retrained, ["roofline_share"])
+    # Sections that do not run fmd.keras (the test suite) are kept for the new file.
+    out.write_text(json.dumps({"settings": settings, "test_suite": {"seconds": 300.0}}))
+    assert bench._earlier_sections(retrained, ["test_suite", "roofline_share"]) == {
+        "test_suite": {"seconds": 300.0}}
     # A bench written before the fingerprint existed is not carried over either.
     del settings["fmd_sha256"]
     out.write_text(json.dumps({"settings": settings, "roofline_share": {"value": 0.6}}))

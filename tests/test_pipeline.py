@@ -42,12 +42,14 @@ def coloured_squares(n, seed=0, size=32):
     return x, y.astype(np.int64)
 
 
-def _fresh_process(code, *args):
+def _fresh_process(code, *args, lines=1):
+    """The JSON of the last `lines` lines `python -c code args` prints (one: the object)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = [json.loads(line) for line in proc.stdout.strip().splitlines()[-lines:]]
+    return out[0] if lines == 1 else out
 
 
 SERVE = (
@@ -111,13 +113,15 @@ def test_fit_defense_on_rgb_images_from_a_dataset(tmp_path):
     out = fmd.defend(x)
     assert out["purified"].shape == (6, 32, 32, 3)
     np.save(tmp_path / "x.npy", x)
-    code = ("import sys, json, keras, numpy as np, fmd_tf\n"
-            "m = keras.models.load_model(sys.argv[1]); out = m.defend(np.load(sys.argv[2]))\n"
-            "print(json.dumps({'verdict': out['verdict'].tolist(), 'rho': m.rho}))\n")
-    loaded = _fresh_process(code, str(tmp_path / "rgb" / "fmd.keras"), str(tmp_path / "x.npy"))
-    assert loaded["verdict"] == out["verdict"].tolist() and loaded["rho"] == 0.999
     fmd_tf.export_saved_model(fmd, str(tmp_path / "serving" / "3"))
-    served = _fresh_process(SERVE, str(tmp_path / "serving" / "3"), str(tmp_path / "x.npy"))
+    # One new process: the .keras file through Keras, then the SavedModel (SERVE's argv).
+    code = ("import sys, json, keras, numpy as np, fmd_tf\n"
+            "m = keras.models.load_model(sys.argv.pop(1)); out = m.defend(np.load(sys.argv[2]))\n"
+            "print(json.dumps({'verdict': out['verdict'].tolist(), 'rho': m.rho}))\n" + SERVE)
+    lines = _fresh_process(code, str(tmp_path / "rgb" / "fmd.keras"),
+                           str(tmp_path / "serving" / "3"), str(tmp_path / "x.npy"), lines=2)
+    loaded, served = lines
+    assert loaded["verdict"] == out["verdict"].tolist() and loaded["rho"] == 0.999
     assert served["verdict"] == out["verdict"].tolist()
     assert served["label"] == out["label"].tolist()
     with pytest.raises(ValueError, match="version directory"):
@@ -176,10 +180,11 @@ def test_operating_point_rule_is_the_best_worst_case_within_the_clean_budget():
 def test_budget_rule_takes_the_first_candidate_that_keeps_the_verdicts(monkeypatch):
     figures = {0: (0.990, 0.001), 1: (0.999, 0.006), 2: (0.996, 0.004), 3: (1.0, 0.0)}
 
-    def fake_row(fmd, options, sets):
+    def fake_row(fmd, options, sets, auc_level):
+        assert auc_level == 0.95  # the config's default
         agreement, change = figures[options["k"]]
         return {"options": dict(options), "verdict_agreement": agreement,
-                "max_abs_auc_change": change}
+                "auc_change_bound": change}
 
     class Model:
         def copy_with(self, **options):
@@ -208,6 +213,8 @@ def test_operating_point_config_checks():
         op.OperatingPointConfig(min_budget_agreement=1.5)
     with pytest.raises(ValueError, match="max_budget_auc_change"):
         op.OperatingPointConfig(max_budget_auc_change=-0.1)
+    with pytest.raises(ValueError, match="budget_auc_level"):
+        op.OperatingPointConfig(budget_auc_level=1.0)
 
 
 @pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1), (30, 26, 3), (64, 64, 3)])

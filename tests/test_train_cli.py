@@ -171,3 +171,20 @@ def test_train_celeba_from_the_official_layout(tmp_path, monkeypatch):
     assert card["hyperparameters"]["image_shape"] == [64, 64, 3]
     for name in ("classifier.keras", "fmd.keras", "serving/1/saved_model.pb"):
         assert (out / name).is_file(), name
+
+
+def test_card_keeps_the_hyperparameters_of_stages_not_rerun():
+    from fmd_tf.training import card_hyperparameters
+
+    old = {"classifier": {"epochs": 12}, "combo": {"beta": 6.0}, "defense": {"rho": 0.95},
+           "splits": {"val_size": 2000}}
+    new = {"classifier": {"epochs": 3, "precision": "auto"},
+           "combo": {"beta": 2.0, "free_bits": 0.5}, "defense": {"rho": 0.9}, "splits": {}}
+    # --stages defense: the classifier and the combo-VAE are the earlier run's, as described then.
+    assert card_hyperparameters(new, old, ["defense"]) == {**new, "classifier": old["classifier"],
+                                                           "combo": old["combo"]}
+    # --stages vae retrains the combo-VAE (DGMM kept) and so describes it as configured now.
+    assert card_hyperparameters(new, old, ["vae", "defense"]) == {
+        **new, "classifier": old["classifier"]}
+    assert card_hyperparameters(new, None, ["defense"]) == new  # a new model: all of it new
+    assert card_hyperparameters(new, old, ["classifier", "dgmm", "vae", "defense"]) == new

@@ -78,7 +78,8 @@ from fmd_tf.baselines.magnet import (
     check_images,
     union_false_positive_rate,
 )
-from fmd_tf.defense.fm_defense import VERDICT_PASSED, VERDICT_REJECTED, NotCalibratedError
+from fmd_tf.baselines.threshold_detector import ThresholdDetector
+from fmd_tf.defense.fm_defense import VERDICT_PASSED, VERDICT_REJECTED
 from fmd_tf.files import atomic_path, write_json
 from fmd_tf.models.combo_vae import replica_step_seed
 
@@ -427,7 +428,7 @@ class WGANGP(keras.Model):
 
 
 # --------------------------------------------------------------------------------- defense
-class DefenseGAN:
+class DefenseGAN(ThresholdDetector):
     """Defense-GAN purifier + reconstruction-distance detector around a classifier (numpy API).
 
     Args:
@@ -454,6 +455,8 @@ class DefenseGAN:
         dgan.fit(x_train, x_val, fpr=0.001)  # or dgan.calibrate(x_val, fpr) if trained
         out = dgan.defend(x)                 # label (-1 when rejected), verdict (0 or 2)
     """
+
+    _calibrate_call = "fit(x_train, x_val, fpr) or calibrate(x_val, fpr)"
 
     def __init__(
         self,
@@ -516,16 +519,6 @@ class DefenseGAN:
                             name="defense_gan_generator")
         gen.build((None, self.latent_dim))
         return gen
-
-    @property
-    def is_calibrated(self) -> bool:
-        return self.threshold is not None
-
-    def _require_calibrated(self):
-        if not self.is_calibrated:
-            raise NotCalibratedError(
-                "DefenseGAN is not calibrated: call fit(x_train, x_val, fpr) or "
-                "calibrate(x_val, fpr) first (or load a calibrated one)")
 
     def _require_classifier(self, what):
         if self.classifier is None:

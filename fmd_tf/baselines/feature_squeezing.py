@@ -41,7 +41,8 @@ from fmd_tf.baselines.magnet import (
     check_images,
     union_false_positive_rate,
 )
-from fmd_tf.defense.fm_defense import VERDICT_PASSED, VERDICT_REJECTED, NotCalibratedError
+from fmd_tf.baselines.threshold_detector import ThresholdDetector
+from fmd_tf.defense.fm_defense import VERDICT_PASSED, VERDICT_REJECTED
 from fmd_tf.files import write_json
 
 __all__ = ["SQUEEZER_CANDIDATES", "FeatureSqueezing", "choose_squeezers", "median_filter",
@@ -88,7 +89,7 @@ def median_filter(images, size: int = 2):
     return ordered[:, :, :, (size * size) // 2, :]
 
 
-class FeatureSqueezing:
+class FeatureSqueezing(ThresholdDetector):
     """Feature Squeezing detector around a classifier (plain Python object, numpy API).
 
     Args:
@@ -142,17 +143,6 @@ class FeatureSqueezing:
                 images, self.median_size
             )
         return out
-
-    @property
-    def is_calibrated(self) -> bool:
-        return self.threshold is not None
-
-    def _require_calibrated(self):
-        if not self.is_calibrated:
-            raise NotCalibratedError(
-                "FeatureSqueezing is not calibrated: call calibrate(x_val, fpr) first (or load "
-                "a calibrated threshold)"
-            )
 
     # ----------------------------------------------------------------------------- scoring
     def _probabilities(self, images):

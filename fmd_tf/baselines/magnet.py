@@ -46,10 +46,10 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from fmd_tf.baselines.threshold_detector import ThresholdDetector
 from fmd_tf.defense.fm_defense import (
     VERDICT_PASSED,
     VERDICT_REJECTED,
-    NotCalibratedError,
     check_image_values,
 )
 from fmd_tf.files import atomic_path, write_json
@@ -258,7 +258,7 @@ class MagNetAutoencoder(keras.Model):
 
 
 # --------------------------------------------------------------------------------- defense
-class MagNet:
+class MagNet(ThresholdDetector):
     """MagNet detector + reformer around a classifier (plain Python object, numpy API).
 
     Args:
@@ -280,6 +280,9 @@ class MagNet:
         magnet.fit(x_train, x_val, fpr=0.001)  # or magnet.calibrate(x_val, fpr) if trained
         out = magnet.defend(x)                 # label (-1 when rejected), verdict (0 or 2)
     """
+
+    _threshold_attr = "thresholds"
+    _calibrate_call = "fit(x_train, x_val, fpr) or calibrate(x_val, fpr)"
 
     def __init__(
         self,
@@ -343,17 +346,6 @@ class MagNet:
     def reformer(self) -> MagNetAutoencoder:
         """Detector I's autoencoder."""
         return self.autoencoders["I"]
-
-    @property
-    def is_calibrated(self) -> bool:
-        return self.thresholds is not None
-
-    def _require_calibrated(self):
-        if not self.is_calibrated:
-            raise NotCalibratedError(
-                "MagNet is not calibrated: call fit(x_train, x_val, fpr) or calibrate(x_val, fpr) "
-                "first (or load a calibrated one)"
-            )
 
     # ----------------------------------------------------------------------------- training
     def _noisy_dataset(self, x, seed):

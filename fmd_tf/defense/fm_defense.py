@@ -457,8 +457,10 @@ class FMDefense(BatchedDefense, keras.Model):
     def is_calibrated(self) -> bool:
         return self.built and float(self.calibrated.numpy()) > 0.5
 
-    # Options of a copy whose graph has fixed shapes (XLA): all N morphs, float32 morphs.
-    XLA_OPTIONS = {"adaptive_budget": False, "morph_dtype": "float32"}
+    # The paper's inference path, the reference of the default one: all m·N morphs, in float32.
+    FULL_BUDGET = {"adaptive_budget": False, "morph_dtype": "float32"}
+    # Options of a copy whose graph has fixed shapes (XLA): the full budget's.
+    XLA_OPTIONS = FULL_BUDGET
 
     def _xla_compatible(self) -> bool:
         return not _dynamic_shapes(self._config)

@@ -46,6 +46,9 @@ SECTION_KEYS = {"speed": "speedup_vs_naive", "roofline": "roofline_share",
                 "feature_map": "feature_map_celeba_size"}
 # Settings an earlier report must share for its sections to be carried over.
 CARRY_OVER_KEYS = ("model", "n", "attack_n", "quick", "fmd_sha256")
+# Report keys of the sections that do not run the model's fmd.keras (the test suite, a training
+# card, untrained CelebA-size models): carried over when only fmd.keras changed.
+MODEL_FREE_KEYS = ("test_suite", "training", "feature_map_celeba_size")
 # Times are also given at this float32 matmul peak (the reference machine of the targets):
 # time x (this machine's peak / REFERENCE_PEAK).
 REFERENCE_PEAK_FLOPS = 220e9
@@ -447,7 +450,7 @@ def _latency(call, images, reps: int) -> dict:
 
 def section_serving(ctx) -> dict:
     """The exported SavedModel's `serving_default`, batch 1 and 64, of the full budget
-    ("before") and of the model's default path ("after"), in this process
+    (`FMDefense.FULL_BUDGET`, "before") and of the model's default path ("after"), in this process
     (`tf.saved_model.load`) and through the local PredictionService server over gRPC."""
     import tensorflow as tf
 
@@ -480,8 +483,9 @@ def section_serving(ctx) -> dict:
               "throughput_ratio": after[key]["images_per_s"] / before[key]["images_per_s"]}
         for key in after}
     result["default_options"] = ctx["report"]["settings"]["default_budget"]
-    result["note"] = ("full_budget: the same fmd.keras with adaptive_budget off; default: as "
-                      "shipped. gRPC: fmd_tf.serving.local_server (PredictionService from the "
+    result["note"] = ("full_budget: the same fmd.keras with all morphs in float32 "
+                      "(FMDefense.FULL_BUDGET); default: as shipped. gRPC: "
+                      "fmd_tf.serving.local_server (PredictionService from the "
                       "tensorflow-serving-api stubs, in this process) on 127.0.0.1")
     return result
 
@@ -573,8 +577,9 @@ def profile_top_ops(fn, top: int = 8) -> list[dict]:
 
 def section_default(ctx) -> dict:
     """The model's default inference path (as shipped) against the full budget (all m·N
-    morphs) on `default_n` CLE images and their FGSM versions: throughput ratio, verdict
-    agreement, ROC AUC of the resistance score, morphs per image, and the profile's top ops."""
+    morphs in float32, `FMDefense.FULL_BUDGET`) on `default_n` CLE images and their FGSM
+    versions: throughput ratio, verdict agreement, ROC AUC of the resistance score, morphs per
+    image, and the profile's top ops."""
     from fmd_tf.evaluation.harness import fm_scores
     from fmd_tf.evaluation.metrics import roc_auc
 
@@ -936,8 +941,8 @@ def format_table(report: dict) -> str:
 def earlier_sections(path: str, settings: dict, keys) -> dict:
     """The report keys `keys` of an existing bench report at `path`, kept as they were, so that
     a partial rerun never drops results ({} without `keys` or file). ValueError when the file
-    is not JSON or was measured with other `CARRY_OVER_KEYS` `settings` (another model file,
-    sizes)."""
+    is not JSON or was measured with other `CARRY_OVER_KEYS` `settings` (sizes, or another
+    model file while a key outside `MODEL_FREE_KEYS` would be carried over)."""
     import json
 
     if not keys or not os.path.exists(path):
@@ -953,9 +958,13 @@ def earlier_sections(path: str, settings: dict, keys) -> dict:
         raise ValueError(f"{path} holds a bench of other settings ({old.get('model')}, "
                          f"n={old.get('n')}); rerun all sections or choose another --out")
     if old.get("fmd_sha256") != settings.get("fmd_sha256"):
-        raise ValueError(f"{path} was measured on another {settings.get('model')}/fmd.keras "
-                         "(its fmd_sha256 differs: retrained or replaced); rerun all sections "
-                         "or choose another --out")
+        stale = [k for k in keys if k in earlier and k not in MODEL_FREE_KEYS]
+        if stale:
+            sections = [s for s, key in SECTION_KEYS.items() if key in stale]
+            raise ValueError(f"{path} was measured on another {settings.get('model')}/fmd.keras "
+                             "(its fmd_sha256 differs: retrained or replaced); rerun the "
+                             f"sections that run it ({','.join(sections)}) or choose another "
+                             "--out")
     return {k: earlier[k] for k in keys if k in earlier}
 
 
@@ -1157,8 +1166,9 @@ def prepare(cfg: BenchConfig) -> dict:
     default = keras.models.load_model(fmd_path)
     if not default.is_calibrated:
         raise ValueError(f"{cfg.model}/fmd.keras is not calibrated")
-    # The inner-loop sections (speed, roofline, bf16) measure all m·N morphs.
-    fmd = default.copy_with(adaptive_budget=False) if default.adaptive_budget else default
+    # The inner-loop sections (speed, roofline, bf16) measure all m·N morphs in float32, the
+    # reference that the default path is compared with.
+    fmd = default.copy_with(**default.FULL_BUDGET)
     splits = paper_splits(cfg.dataset, cfg.seed)
     count = max(cfg.n, cfg.attack_n, cfg.default_n)
     if count > len(splits.x_cle):

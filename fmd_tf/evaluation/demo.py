@@ -28,8 +28,9 @@ def run_demo(model_dir: str, dataset: str = "fmnist", n: int = 200, eps: float =
     accuracies without and with the defense, mean resistance. With `figure`, also a PNG of
     one image of each set, its morphs along one code and its purified version.
 
-    `budget`: "default" runs the model as saved (its morph budget); "full" draws all N morphs
-    of every code. `verbose` shows a progress bar per set."""
+    `budget`: "default" runs the model as saved (its morph budget and morph dtype); "full" draws
+    all N morphs of every code in float32 (`FMDefense.FULL_BUDGET`, the paper's path).
+    `verbose` shows a progress bar per set."""
     from fmd_tf.attacks import fgsm
     from fmd_tf.data import paper_splits
     from fmd_tf.evaluation.metrics import defended_accuracy
@@ -38,8 +39,8 @@ def run_demo(model_dir: str, dataset: str = "fmnist", n: int = 200, eps: float =
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     fmd = load_defense(model_dir)
-    if budget == "full" and fmd.adaptive_budget:
-        fmd = fmd.copy_with(adaptive_budget=False)
+    if budget == "full":
+        fmd = fmd.copy_with(**fmd.FULL_BUDGET)
     splits = paper_splits(dataset, seed)
     x, y = splits.x_cle[:n], splits.y_cle[:n]
     x_adv = fgsm(fmd.classifier, x, eps=eps, y=y)

@@ -16,20 +16,37 @@ def roc_auc(scores_negative: np.ndarray, scores_positive: np.ndarray) -> float:
     pos = np.asarray(scores_positive, np.float64).ravel()
     if len(neg) == 0 or len(pos) == 0:
         raise ValueError("roc_auc needs at least one negative and one positive score")
-    allv = np.concatenate([neg, pos])
-    order = np.argsort(allv, kind="mergesort")
-    ranks = np.empty(len(allv))
-    sorted_v = allv[order]
-    # average ranks over ties
-    i = 0
-    while i < len(sorted_v):
-        j = i
-        while j + 1 < len(sorted_v) and sorted_v[j + 1] == sorted_v[i]:
-            j += 1
-        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1.0
-        i = j + 1
-    rank_sum = ranks[len(neg) :].sum()
+    _, inverse, counts = np.unique(np.concatenate([neg, pos]), return_inverse=True,
+                                   return_counts=True)
+    # 1-based rank of each distinct value, averaged over its ties
+    mean_rank = np.cumsum(counts) - 0.5 * (counts - 1)
+    rank_sum = mean_rank[inverse[len(neg):]].sum()
     return float((rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def paired_auc_change_interval(neg_a, pos_a, neg_b, pos_b, level: float = 0.95,
+                               resamples: int = 200, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of roc_auc(neg_b, pos_b) - roc_auc(neg_a, pos_a).
+
+    a and b are two scores of the same images (row i of neg_a and neg_b is one negative
+    image, likewise for pos), so each resample draws the negatives and the positives with
+    replacement once and scores both a and b on that draw (a paired bootstrap). Returns the
+    (1 - level) / 2 and (1 + level) / 2 quantiles of the `resamples` differences.
+    """
+    neg_a, neg_b, pos_a, pos_b = (np.asarray(v, np.float64).ravel()
+                                  for v in (neg_a, neg_b, pos_a, pos_b))
+    if neg_a.shape != neg_b.shape or pos_a.shape != pos_b.shape:
+        raise ValueError("a and b must score the same images (equal lengths)")
+    if not 0.0 < level < 1.0 or resamples < 1:
+        raise ValueError(f"need 0 < level < 1 and resamples >= 1, got {level}, {resamples}")
+    rng = np.random.default_rng(seed)
+    changes = []
+    for _ in range(resamples):
+        i = rng.integers(0, len(neg_a), len(neg_a))
+        j = rng.integers(0, len(pos_a), len(pos_a))
+        changes.append(roc_auc(neg_b[i], pos_b[j]) - roc_auc(neg_a[i], pos_a[j]))
+    low, high = np.quantile(changes, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
 
 
 def roc_curve(scores_negative, scores_positive):
