@@ -118,9 +118,9 @@ def test_fit_defense_on_rgb_images_from_a_dataset(tmp_path):
     code = ("import sys, json, keras, numpy as np, fmd_tf\n"
             "m = keras.models.load_model(sys.argv.pop(1)); out = m.defend(np.load(sys.argv[2]))\n"
             "print(json.dumps({'verdict': out['verdict'].tolist(), 'rho': m.rho}))\n" + SERVE)
-    lines = _fresh_process(code, str(tmp_path / "rgb" / "fmd.keras"),
-                           str(tmp_path / "serving" / "3"), str(tmp_path / "x.npy"), lines=2)
-    loaded, served = lines
+    loaded, served = _fresh_process(code, str(tmp_path / "rgb" / "fmd.keras"),
+                                    str(tmp_path / "serving" / "3"), str(tmp_path / "x.npy"),
+                                    lines=2)
     assert loaded["verdict"] == out["verdict"].tolist() and loaded["rho"] == 0.999
     assert served["verdict"] == out["verdict"].tolist()
     assert served["label"] == out["label"].tolist()

@@ -239,8 +239,8 @@ def test_paired_auc_change_interval():
     neg, pos = rng.normal(size=300), rng.normal(1.0, size=300)
     # b = a: every resample gives a change of exactly 0.
     assert metrics.paired_auc_change_interval(neg, pos, neg, pos) == (0.0, 0.0)
-    # b = a plus noise on the positives: the interval holds the observed change, is narrower
-    # than an unpaired comparison would be, and is reproducible for a seed.
+    # b = a plus noise on the positives: the interval holds the observed change, is narrow
+    # and is reproducible for a seed.
     noisy = pos + rng.normal(0.0, 0.5, size=300)
     change = metrics.roc_auc(neg, noisy) - metrics.roc_auc(neg, pos)
     low, high = metrics.paired_auc_change_interval(neg, pos, neg, noisy, level=0.95)

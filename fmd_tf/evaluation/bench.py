@@ -787,8 +787,7 @@ def section_feature_map(ctx) -> dict:
     combo = training.inference_copy(combo)
     clf = training.inference_copy(clf)
     fmd = FMDefense.from_config_dataclass(
-        clf, combo, dataclasses.replace(exp.defense, morph_dtype="float32",
-                                        adaptive_budget=False), name="fmd")
+        clf, combo, dataclasses.replace(exp.defense, **FMDefense.FULL_BUDGET), name="fmd")
     fmd.build((None, *shape))
     fmd.calibrate(x[n : 2 * n])
     fmd.defend(x[:1])  # trace
