@@ -316,7 +316,8 @@ class DefenseConfig:
                                    check=(lambda v: 0.0 < v < 0.5, "must be in (0, 0.5)"))
     adaptive_refine_codes: int = option(
         0, "with the adaptive budget, each image's this many codes with the lowest r(i) - θr(i) "
-        "estimates then draw all N morphs (0 = off; at most the number of selected codes)",
+        "estimates then draw on until all N morphs, or until the rest cannot change the "
+        "image's score (0 = off; at most the number of selected codes)",
         check=NON_NEGATIVE,
     )
     adaptive_order: str = option(

@@ -284,14 +284,85 @@ def test_refine_finishes_each_images_deciding_codes(full_and_adaptive, k):
     deciding = np.argsort(out_ada["resistance"] - theta, axis=1, kind="stable")[:, :k]
     chosen = np.zeros((12, 4), bool)
     chosen[np.arange(12)[:, None], deciding] = True
-    np.testing.assert_array_equal(out["morphs_used"][chosen], 40)
-    np.testing.assert_array_equal(out["resistance"][chosen], out_full["resistance"][chosen])
+    finished = chosen & (out["morphs_used"] == 40)
+    np.testing.assert_array_equal(out["resistance"][finished], out_full["resistance"][finished])
     np.testing.assert_array_equal(out["resistance"][~chosen], out_ada["resistance"][~chosen])
     np.testing.assert_array_equal(out["morphs_used"][~chosen], out_ada["morphs_used"][~chosen])
+    # The score is that of finishing every chosen pair: the code that sets it has drawn all N.
+    finish_all = np.where(chosen, out_full["resistance"], out_ada["resistance"])
+    np.testing.assert_array_equal(_score(out["resistance"], theta), _score(finish_all, theta))
+    setting = np.argmax(theta - out["resistance"], axis=1)
+    assert finished[np.arange(12), setting].all()
     extra = out["morphs_used"].sum() - out_ada["morphs_used"].sum()
     assert 0 <= extra <= 12 * k * (40 - 10)
     with pytest.raises(ValueError, match="adaptive_refine_codes"):
         adaptive.copy_with(adaptive_refine_codes=5)
+
+
+def _score(resistance, theta):
+    return np.max(np.asarray(theta, np.float32) - np.asarray(resistance, np.float32), axis=-1)
+
+
+def _finish_to_n(outcomes, theta_r, round_size, alpha, refine):
+    """The refinement without the dominance stop: the chosen pairs draw all N morphs."""
+    batch, m, num_morphs = outcomes.shape
+    streams = outcomes.reshape(batch * m, num_morphs)
+    theta = np.tile(np.asarray(theta_r, np.float32), batch)
+    r, drawn = ab.sequential_test_on_streams(streams, theta, round_size, alpha)
+    margin = (r.numpy() - theta).reshape(batch, m)
+    lowest = np.argsort(margin, axis=1, kind="stable")[:, :refine]
+    chosen = np.zeros((batch, m), bool)
+    chosen[np.arange(batch)[:, None], lowest] = True
+    r = np.where(chosen.ravel(), streams.mean(axis=1, dtype=np.float32), r.numpy())
+    used = np.where(chosen.ravel(), num_morphs, drawn.numpy())
+    return r.reshape(batch, m), used.reshape(batch, m)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dominance_stop_keeps_the_score_of_finishing_all_refined_pairs(seed):
+    """Random streams: clean-like images (every code near r = 1), attacked-like ones (one or
+    more codes near 0) and mixed; thresholds inside and outside [0, 1]."""
+    rng = np.random.default_rng(seed)
+    batch, m, num_morphs = 64, 5, 40
+    p = rng.choice([0.0, 0.03, 0.2, 0.5, 0.9, 0.97, 1.0], size=(batch, m))
+    outcomes = rng.random((batch, m, num_morphs)) < p[..., None]
+    theta_r = rng.choice([-0.0125, 0.0375, 0.4875], size=m).astype(np.float32)
+    for refine in (1, 2, 3):
+        r, used = ab.adaptive_resistance_on_outcomes(outcomes, theta_r, 5, 0.01, refine)
+        r, used = r.numpy(), used.numpy()
+        r_all, used_all = _finish_to_n(outcomes, theta_r, 5, 0.01, refine)
+        np.testing.assert_array_equal(_score(r, theta_r), _score(r_all, theta_r))
+        np.testing.assert_array_equal(r > theta_r, r_all > theta_r)  # same sides
+        assert np.all(used <= used_all) and np.all(used % 5 == 0)
+        stopped = used < used_all
+        assert stopped.any()  # the stop saves morphs on these streams
+        # A stopped pair reports k/n of its first n morphs in draw order.
+        prefix = np.array([outcomes[b, i, : used[b, i]].mean()
+                           for b, i in zip(*np.nonzero(stopped), strict=True)])
+        np.testing.assert_allclose(r[stopped], prefix, rtol=0, atol=1e-6)
+
+
+def test_dominated_pairs_cannot_set_the_score():
+    # One image of 4 pairs, N = 10, θ = -0.05: pair 0 finished with r = 0 (θ - r = -0.05, the
+    # most any pair can reach); pair 1, refining with 3 of 5 kept so far, is dominated; so is
+    # pair 2 with 0 of 5 (it can at best tie); pair 3 is not refining.
+    k = tf.constant([0, 3, 0, 5])
+    n = tf.constant([10, 5, 5, 5])
+    theta = tf.constant([-0.05, -0.05, -0.05, -0.05])
+    refining = tf.constant([True, True, True, False])
+    np.testing.assert_array_equal(ab.dominated(k, n, theta, refining, 10, 4).numpy(),
+                                  [False, True, True, False])
+    # Pair 0 half drawn (3 of 5 kept): no pair's end is known well enough yet.
+    k = tf.constant([3, 3, 0, 5])
+    n_half = tf.constant([5, 5, 5, 5])
+    np.testing.assert_array_equal(ab.dominated(k, n_half, theta, refining, 10, 4).numpy(),
+                                  [False, False, False, False])
+    # θ = 0.45 for pairs 0 and 1: pair 1 (3 of 5) cannot reach pair 0's 0.45 but its side of θ
+    # is still open (3 <= 4.5 < 3 + 5), so it keeps drawing.
+    theta = tf.constant([0.45, 0.45, -0.05, -0.05])
+    k = tf.constant([0, 3, 0, 5])
+    np.testing.assert_array_equal(ab.dominated(k, n, theta, refining, 10, 4).numpy(),
+                                  [False, False, True, False])
 
 
 def test_adaptive_constant_classifier_stops_after_first_round():

@@ -54,11 +54,18 @@ needs about log(α') / log(θ) successes in a row. (c) Early stops below θ give
 Dis(r, θr) (purify vs reject) is noisier too.
 
 **Refining the deciding codes (`refine_codes` = K, optional).** Early stops keep the verdict but
-make the continuous detection score max_i(θr(i) - r(i)) coarse (r = k / n from a few morphs),
+make the continuous detection score s = max_i(θr(i) - r(i)) coarse (r = k / n from a few morphs),
 which costs ROC AUC. With K > 0 the K pairs of each image with the lowest estimates of
-r(i) - θr(i), the candidates for the code that sets the score and the verdict, then draw the
-rest of their N morphs (`finish_pairs`), so their resistances are the full-budget ones; the
-other codes keep their early stops. Cost: at most K·(N - R) more morphs per image.
+r(i) - θr(i), the candidates for the code that sets the score and the verdict, then draw more of
+their N morphs (`finish_pairs`); the other codes keep their early stops. A refined pair stops
+before N only when the rest of its morphs cannot change the image's score or its side of θr
+(*dominance stop*, exact): with k of n drawn its full-budget θ - r lies in
+[θ - (k + N - n)/N, θ - k/N], so once θ - k/N is at most the largest lower end over the image's
+pairs (a finished or unrefined pair counts with its reported θ - k/n) and curtailment fixes its
+side, it cannot be the maximum. The score s, and the resistance of the pair that sets it, are
+then exactly those of finishing all K pairs to N, which draws more: when one code of an attacked
+image has r = 0, a second refined code stops as soon as that is known. Cost: at most K·(N - R)
+more morphs per image.
 
 All functions are plain TensorFlow and run inside `tf.function`. The round loop is a
 `tf.while_loop` that gathers the still-active pairs (`tf.where`), evaluates only their next
@@ -82,6 +89,7 @@ __all__ = [
     "sequential_counts",
     "sequential_test_on_streams",
     "finish_pairs",
+    "dominated",
     "adaptive_resistance",
     "adaptive_resistance_on_outcomes",
     "full_resistance",
@@ -184,36 +192,73 @@ def sequential_counts(count_fn, theta, num_morphs: int, round_size: int, alpha: 
     return successes, drawn, rounds
 
 
-def finish_pairs(count_fn, successes, drawn, selected, num_morphs: int, round_size: int):
-    """Draws the remaining morphs of the `selected` pairs, so that they end with all N.
+def finish_pairs(count_fn, successes, drawn, selected, num_morphs: int, round_size: int,
+                 theta=None, pairs_per_image: int | None = None):
+    """Draws the remaining morphs of the `selected` pairs, so that they end with all N, or,
+    with `theta`, until they cannot change their image's score (the dominance stop of the
+    module docstring).
 
     Args:
         count_fn: as in `sequential_counts`.
         successes, drawn: [P] int32, the counts at the sequential test's stop (drawn is a
             multiple of `round_size` or N).
         selected: [P] bool, the pairs to finish.
+        theta: [P] float32 thresholds θr, or None: every selected pair draws all N.
+        pairs_per_image: m, with `theta`: pairs b·m .. b·m + m - 1 are image b's.
 
     Returns:
-        (successes [P] int32, drawn [P] int32): selected pairs have drawn N; the others are
-        unchanged. Round t evaluates morphs t·R .. t·R + R - 1 of the selected pairs that have
-        drawn t·R so far, so no morph is evaluated twice.
+        (successes [P] int32, drawn [P] int32): selected pairs have drawn N, or (with `theta`)
+        are dominated; the others are unchanged. Round t evaluates morphs t·R .. t·R + R - 1
+        of the pairs still to draw that have drawn t·R so far, so no morph is evaluated twice.
     """
     num_rounds = math.ceil(num_morphs / round_size)
+
+    def to_draw(successes, drawn):
+        missing = selected & (drawn < num_morphs)
+        if theta is None:
+            return missing
+        return missing & ~dominated(successes, drawn, theta, selected, num_morphs,
+                                    pairs_per_image)
 
     def body(t, successes, drawn):
         start = t * round_size
         size = tf.minimum(round_size, num_morphs - start)
-        index = tf.cast(tf.where(selected & (drawn <= start))[:, 0], tf.int32)
+        index = tf.cast(tf.where(to_draw(successes, drawn) & (drawn <= start))[:, 0], tf.int32)
         hits = tf.cast(count_fn(index, start, size), tf.int32)
         successes = tf.tensor_scatter_nd_add(successes, index[:, None], hits)
         drawn = tf.tensor_scatter_nd_add(drawn, index[:, None], tf.fill(tf.shape(index), size))
         return t + 1, successes, drawn
 
     _, successes, drawn = tf.while_loop(
-        lambda t, s, d: (t < num_rounds) & tf.reduce_any(selected & (d < num_morphs)),
+        lambda t, s, d: (t < num_rounds) & tf.reduce_any(to_draw(s, d)),
         body, (tf.constant(0), successes, drawn),
     )
     return successes, drawn
+
+
+def dominated(successes, drawn, theta, refining, num_morphs: int, pairs_per_image: int):
+    """[P] bool: the pair's remaining morphs can change neither its image's score
+    max_i(θ_i - r_i) nor its side of θ (module docstring, dominance stop).
+
+    Args:
+        successes, drawn: [P] int32 counts k, n (n >= 1).
+        theta: [P] float32 θ of each pair.
+        refining: [P] bool, pairs that may still draw; the others count with their reported
+            θ - k/n.
+        pairs_per_image: m; pairs b·m .. b·m + m - 1 are image b's.
+    """
+    k = tf.cast(successes, tf.float64)
+    n = tf.cast(drawn, tf.float64)
+    theta = tf.cast(theta, tf.float64)
+    budget = tf.constant(float(num_morphs), tf.float64)
+    reported = theta - k / tf.maximum(n, 1.0)
+    open_ = refining & (drawn < num_morphs)
+    highest = theta - k / budget  # the largest θ - r the pair can still end with
+    lowest = tf.where(open_, theta - (k + budget - n) / budget, reported)
+    floor = tf.reduce_max(tf.reshape(lowest, [-1, pairs_per_image]), axis=1)
+    floor = tf.repeat(floor, pairs_per_image)
+    side_fixed = (k > theta * budget) | (k + (budget - n) <= theta * budget)
+    return open_ & (highest <= floor) & side_fixed
 
 
 def sequential_test_on_streams(outcomes, theta, round_size: int, alpha: float):
@@ -284,8 +329,9 @@ def adaptive_resistance(mean, zu, label, selected, morph_values, theta_r, label_
         label_fn: latents [M, d_s + K] -> classifier labels [M] int64 of the decoded morphs.
         round_size, alpha: the sequential test (`sequential_counts`).
         chunk_size: at most this many latents per `label_fn` call.
-        refine_codes: finish the `refine_codes` pairs of each image with the lowest
-            k/n - θr(i) to all N morphs (module docstring); 0 = off.
+        refine_codes: refine the `refine_codes` pairs of each image with the lowest
+            k/n - θr(i): they draw on until all N or the dominance stop (module docstring);
+            0 = off.
         order: [N] int permutation, the draw order of the morph slots (`draw_order`);
             None = search order.
         current, code_masks: for latents with several dimensions per code (a feature map,
@@ -331,8 +377,8 @@ def adaptive_resistance(mean, zu, label, selected, morph_values, theta_r, label_
 
 def _test_and_refine(count_fn, theta, batch, m: int, num_morphs: int, round_size: int,
                      alpha: float, refine_codes: int):
-    """`sequential_counts` on the P = B·m pairs, then `finish_pairs` on each image's
-    `refine_codes` lowest k/n - θ -> (resistance [B, m] float32, drawn [B, m] int32)."""
+    """`sequential_counts` on the P = B·m pairs, then `finish_pairs` (dominance stop) on each
+    image's `refine_codes` lowest k/n - θ -> (resistance [B, m] float32, drawn [B, m] int32)."""
     successes, drawn, _ = sequential_counts(count_fn, theta, num_morphs, round_size, alpha)
     if refine_codes:
         estimate = tf.cast(successes, tf.float32) / tf.cast(tf.maximum(drawn, 1), tf.float32)
@@ -341,7 +387,7 @@ def _test_and_refine(count_fn, theta, batch, m: int, num_morphs: int, round_size
         worst = tf.reshape(tf.range(batch)[:, None] * m + lowest, [-1])
         chosen = tf.scatter_nd(worst[:, None], tf.ones_like(worst, tf.bool), [batch * m])
         successes, drawn = finish_pairs(count_fn, successes, drawn, chosen, num_morphs,
-                                        round_size)
+                                        round_size, theta=theta, pairs_per_image=m)
     resistance = tf.cast(successes, tf.float32) / tf.cast(tf.maximum(drawn, 1), tf.float32)
     return tf.reshape(resistance, [batch, m]), tf.reshape(drawn, [batch, m])
 
