@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: data demo test test-all lint train evaluate clean-venv
+.PHONY: data demo test test-all test-model lint train evaluate clean-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: $(STAMP_DEV)
 
 test-all: $(STAMP_DEV)
 	$(PY) -m pytest -q -m ""
+
+# Rebuilds the quick model that the tests load (tests/quick_model.py), after a change of what
+# scripts/train.py writes; a stale copy is not used (the tests train one, a minute slower).
+test-model: data $(STAMP_DEV)
+	$(PY) tests/quick_model.py
 
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check fmd_tf scripts tests

@@ -72,6 +72,11 @@ def epoch_batches(inputs, targets, batch_size: int):
 
 
 def _fit(model, inputs, targets, batch_size: int, epochs: int, verbose, callbacks):
+    if model.optimizer is not None and not model.optimizer.built:
+        # Built before the first step (as Keras does only under an explicit strategy): a step
+        # that creates the optimizer's variables is traced twice by tf.function.
+        with model.distribute_strategy.scope():
+            model.optimizer.build(model.trainable_variables)
     dataset, steps = epoch_batches(inputs, targets, batch_size)
     return model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=verbose,
                      callbacks=callbacks, shuffle=False)  # the dataset shuffles

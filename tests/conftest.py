@@ -8,17 +8,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import fcntl  # noqa: E402
 import shlex  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import quick_model as quick_model_module  # noqa: E402  (tests/ is on sys.path)
 import test_case  # noqa: E402  (tests/ is on sys.path: it has no __init__.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # A helper module, not a test module (its name matches pytest's default `test_*.py`).
-collect_ignore = ["test_case.py"]
+collect_ignore = ["test_case.py", "quick_model.py"]
 
 
 @pytest.fixture(scope="session")
@@ -36,20 +36,17 @@ def toy_batch():
 # The files that take longest, longest first (measured with --durations): pytest-xdist hands out
 # whole files (--dist loadfile) in collection order, so they start first and the short files
 # fill in at the end instead of one long file running alone.
-LONGEST_FIRST = ("test_ensemble_stage.py", "test_ensemble.py", "test_evaluate_scripts.py",
-                 "test_pipeline.py", "test_train_cli.py", "test_attacks.py", "test_scripts.py",
-                 "test_export_serving.py", "test_serving_load.py", "test_reproducibility.py",
-                 "test_defense.py", "test_loading.py", "test_input_properties.py",
-                 "test_models.py")
+LONGEST_FIRST = ("test_ensemble_stage.py", "test_models.py", "test_pipeline.py",
+                 "test_adaptive_attacks.py", "test_attacks.py", "test_defense.py",
+                 "test_export_serving.py", "test_evaluate_scripts.py", "test_train_cli.py",
+                 "test_baselines.py", "test_feature_map.py", "test_ensemble.py",
+                 "test_adaptive_budget.py", "test_scripts.py", "test_defense_gan.py",
+                 "test_reproducibility.py", "test_serving_load.py", "test_api_attacks.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
-
-
-QUICK_MODEL_COMMAND = [sys.executable, "scripts/train.py", "--quick", "--operating-point",
-                       "config", "--verbose", "0"]
 
 
 def _shared_base(tmp_path_factory) -> Path:
@@ -59,7 +56,7 @@ def _shared_base(tmp_path_factory) -> Path:
 
 
 def _start_quick_model(base: Path) -> None:
-    """Start `QUICK_MODEL_COMMAND` into base/quick_model/fmnist in the background, once per
+    """Start `quick_model.command` into base/quick_model/fmnist in the background, once per
     session whichever process asks first; its exit status lands in base/quick_model.rc."""
     with open(base / "quick_model.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -69,7 +66,7 @@ def _start_quick_model(base: Path) -> None:
         out, rc, log = (base / "quick_model" / "fmnist", base / "quick_model.rc",
                         base / "quick_model.log")
         q = shlex.quote
-        command = shlex.join([*QUICK_MODEL_COMMAND, "--out", str(out)])
+        command = shlex.join(quick_model_module.command(out))
         subprocess.Popen(["sh", "-c", f"{command} > {q(str(log))} 2>&1; echo $? > "
                                       f"{q(f'{rc}.tmp')} && mv {q(f'{rc}.tmp')} {q(str(rc))}"],
                          cwd=ROOT, start_new_session=True,
@@ -79,10 +76,19 @@ def _start_quick_model(base: Path) -> None:
 def pytest_collection_finish(session):
     """Start the quick model as soon as the collected tests show that one needs it, so that
     it trains while the workers run other tests instead of when the first test asks."""
-    if os.environ.get("FMD_QUICK_MODEL") or not any(
+    if _given_quick_model() or not any(
             "quick_model" in getattr(item, "fixturenames", ()) for item in session.items):
         return
     _start_quick_model(_shared_base(session.config._tmp_path_factory))
+
+
+def _given_quick_model() -> Path | None:
+    """$FMD_QUICK_MODEL when it holds a model, else the checked-in copy when it is current."""
+    given = os.environ.get("FMD_QUICK_MODEL")
+    if given and (Path(given) / "fmd.keras").is_file():
+        return Path(given)
+    return quick_model_module.SHIPPED if quick_model_module.is_current(
+        quick_model_module.SHIPPED) else None
 
 
 @pytest.fixture(scope="session")
@@ -91,13 +97,12 @@ def quick_model(tmp_path_factory) -> Path:
     background (`pytest_collection_finish`; every pytest-xdist worker waits for the same one).
     Read-only: copy it before changing it.
 
-    Trained with the config's own operating point (ρ 0.95, no gate), so that script figures are
-    checked against known settings; the automatic choice is tested in test_train_cli and
-    test_pipeline. $FMD_QUICK_MODEL, when it names a directory holding one, is used instead.
+    The checked-in copy (tests/quick_model.py, `make test-model`) is used instead while it is
+    current, and $FMD_QUICK_MODEL before it when it names a directory holding one.
     """
-    given = os.environ.get("FMD_QUICK_MODEL")
-    if given and (Path(given) / "fmd.keras").is_file():
-        return Path(given)
+    given = _given_quick_model()
+    if given:
+        return given
     base = _shared_base(tmp_path_factory)
     _start_quick_model(base)
     rc = base / "quick_model.rc"

@@ -93,6 +93,17 @@ def test_one_member_batch_and_batch_of_one(ensemble):
     assert tuple(one["purified"].shape) == (1, 28, 28, 1)
 
 
+def test_the_graph_holds_each_members_defense_once(ensemble, monkeypatch):
+    """One call of the ensemble runs each member's defense once, not once per output key."""
+    calls = []
+    for k, m in enumerate(ensemble.members):
+        monkeypatch.setattr(m, "_defend_valid", lambda part, *a, k=k, own=m._defend_valid:
+                            calls.append(k) or own(part, *a))
+    spec = tf.TensorSpec([None, 28, 28, 1], tf.float32)
+    tf.function(ensemble._defend, autograph=False).get_concrete_function(spec)
+    assert sorted(calls) == [0, 1]
+
+
 class EnsembleSavingTest(FmdTestCase):
     def test_keras_round_trip_identical_and_one_classifier(self):
         clf = _classifier()

@@ -310,6 +310,16 @@ def test_gm_log_prob_matches_numpy(gm_params):
     np.testing.assert_allclose(_np(out), _np_gm_log_prob(zu, means, log_vars), rtol=1e-5, atol=1e-5)
 
 
+def test_gm_log_prob_equals_tfp_multivariate_normal_diag(gm_params):
+    import tensorflow_probability as tfp
+
+    zu, _, means, log_vars = gm_params
+    ref = tfp.distributions.MultivariateNormalDiag(means, tf.exp(0.5 * log_vars)).log_prob(
+        zu[:, None, :])
+    np.testing.assert_allclose(_np(losses.gm_log_prob(zu, means, log_vars)), _np(ref),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_gm_log_prob_closed_form():
     # zu = (1, 0) under N((1, 0), I) -> -log 2pi; under N((0, 0), diag(e^2, 1))
     # -> -log 2pi - 0.5 (2 + 1/e^2) (the log_var term contributes 2 in dim 0).

@@ -263,6 +263,20 @@ def test_dgmm_fit_logs_metrics_and_lowers_loss(toy_batch):
     assert after < before, (before, after)
 
 
+def test_training_stages_trace_their_step_once(toy_batch, monkeypatch):
+    """`training._fit` builds the optimizer first: a step that creates variables is traced twice."""
+    from fmd_tf.training import _fit
+
+    x, y = toy_batch
+    model = _small_dgmm()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    traces = []
+    step = model.train_step
+    monkeypatch.setattr(model, "train_step", lambda data: traces.append(1) or step(data))
+    _fit(model, x, y, batch_size=8, epochs=2, verbose=0, callbacks=[])  # a partial last batch
+    assert len(traces) == 1 and int(model.optimizer.iterations.numpy()) == 6
+
+
 def test_dgmm_train_on_batch(toy_batch):
     x, y = toy_batch
     model = _small_dgmm()

@@ -33,6 +33,23 @@ def test_train_quick_writes_models_and_card(quick_model):
     assert card["calibration"]["val_false_positive_rate"] <= 1 - 0.95 + 1e-9
 
 
+def test_checked_in_quick_model_is_current_and_a_changed_config_is_not(tmp_path):
+    import shutil
+
+    import quick_model
+
+    assert quick_model.is_current(quick_model.SHIPPED), \
+        "tests/data/quick_model is stale or missing: run `make test-model`"
+    copy = tmp_path / "fmnist"
+    shutil.copytree(quick_model.SHIPPED, copy, ignore=shutil.ignore_patterns("*.keras", "serving"))
+    (copy / "fmd.keras").touch()
+    assert quick_model.is_current(copy)
+    card = json.loads((copy / "model_card.json").read_text())
+    card["hyperparameters"]["combo"]["vae_epochs"] += 1
+    (copy / "model_card.json").write_text(json.dumps(card))
+    assert not quick_model.is_current(copy)
+
+
 def test_train_refuses_to_overwrite(quick_model):
     before = {p.name: p.stat().st_mtime_ns for p in quick_model.iterdir()}
     proc = _run("scripts/train.py", "--quick", "--out", str(quick_model), "--stages",

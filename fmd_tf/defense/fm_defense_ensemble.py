@@ -63,11 +63,12 @@ def _partitioned(fn, images, member, num_members, empty):
     def nothing():
         return {key: tf.zeros([0, *shape], dtype) for key, (dtype, shape) in empty.items()}
 
-    outs = [
-        tf.cond(tf.shape(part)[0] > 0,
-                lambda k=k, part=part: {key: fn(k, part)[key] for key in empty}, nothing)
-        for k, part in enumerate(parts)
-    ]
+    def run(k, part):
+        out = fn(k, part)  # traced once per member: the graph holds one copy of its defense
+        return {key: out[key] for key in empty}
+
+    outs = [tf.cond(tf.shape(part)[0] > 0, lambda k=k, part=part: run(k, part), nothing)
+            for k, part in enumerate(parts)]
     return {key: tf.dynamic_stitch(indices, [o[key] for o in outs]) for key in empty}
 
 

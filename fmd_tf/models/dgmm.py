@@ -16,7 +16,8 @@ class DGMM(keras.Model):
     """Conv trunk x -> zu [B, K] with a learned Gaussian-mixture prior p(zu|c) = N(μ_c, diag Σ_c).
 
     The prior is rebuilt on every call from the `class_means` / `class_log_vars` weights with
-    `tensorflow_probability.distributions` (see `fmd_tf.losses.gm_log_prob`); p(c) = 1/C.
+    `tensorflow_probability.distributions` (`fmd_tf.losses.gm_mixture_log_prob`; the component
+    densities `gm_log_prob` equal `tfd.MultivariateNormalDiag.log_prob`); p(c) = 1/C.
     `class_logits(zu)` is log q(c|zu) up to a constant, so `argmax` predicts the label of an
     unlabeled input, and `class_mean(zu)` picks μ of the most likely class.
 
