@@ -4,7 +4,6 @@ fixture `quick_model`, trained once by conftest.py), and of the scripts' error h
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -76,13 +75,14 @@ def test_train_bad_arguments():
         assert "Traceback" not in proc.stderr
 
 
-def test_train_missing_data_exits_2(tmp_path):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", FMD_DATA_DIR=str(tmp_path / "empty"),
-               HOME=str(tmp_path), FMD_NO_DOWNLOAD="1")
-    code = ("import sys, runpy; import fmd_tf.data as d; d.DEBIAN_FMNIST_DIR = "
-            "d.Path('/nonexistent'); sys.argv = ['train.py', '--quick', '--out', "
-            f"{str(tmp_path / 'out')!r}]; runpy.run_path('scripts/train.py', run_name='__main__')")
-    proc = _run("-c", code, env=env)
+def test_train_missing_data_exits_2(tmp_path, monkeypatch):
+    import fmd_tf.data
+
+    for name, value in (("FMD_DATA_DIR", tmp_path / "empty"), ("HOME", tmp_path),
+                        ("FMD_NO_DOWNLOAD", "1")):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(fmd_tf.data, "DEBIAN_FMNIST_DIR", fmd_tf.data.Path("/nonexistent"))
+    proc = run_script("scripts/train.py", "--quick", "--out", tmp_path / "out")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "apt-get install dataset-fashion-mnist" in proc.stderr
     assert "FMD_DATA_DIR" in proc.stderr and "Traceback" not in proc.stderr
