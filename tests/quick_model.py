@@ -49,8 +49,8 @@ def is_current(model_dir: Path) -> bool:
 
 
 def main() -> int:
-    shutil.rmtree(SHIPPED.parent, ignore_errors=True)
-    proc = subprocess.run(command(SHIPPED.relative_to(ROOT)), cwd=ROOT)
+    # train.py --overwrite swaps its outputs in only once the run has finished.
+    proc = subprocess.run([*command(SHIPPED.relative_to(ROOT)), "--overwrite"], cwd=ROOT)
     if proc.returncode:
         return proc.returncode
     shutil.rmtree(SHIPPED / "logs", ignore_errors=True)  # TensorBoard logs: not needed
