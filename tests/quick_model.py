@@ -35,14 +35,18 @@ def _comparable(hyperparameters: dict) -> dict:
 
 
 def is_current(model_dir: Path) -> bool:
-    """Whether `model_dir` holds a quick model trained with `ARGS` and today's quick config."""
-    from fmd_tf.config import get_config, quick_config, to_dict
+    """Whether `model_dir` holds a quick model trained with `ARGS` and today's quick config
+    (what train.py derives for `--dataset fmnist --preset fast`: `pipeline.experiment_config`)."""
+    from fmd_tf.config import get_config, to_dict
+    from fmd_tf.pipeline import experiment_config
 
     try:
         card = json.loads((model_dir / "model_card.json").read_text())
     except (OSError, ValueError):
         return False
-    expected = _comparable(to_dict(quick_config(get_config("fmnist"))))
+    base = get_config("fmnist")
+    expected = _comparable(to_dict(experiment_config(base.image_shape, base.num_classes, "fast",
+                                                     "fmnist", base)))
     return ((model_dir / "fmd.keras").is_file()
             and card.get("command", "").startswith(" ".join(["python scripts/train.py", *ARGS]))
             and _comparable(card.get("hyperparameters", {})) == expected)
