@@ -81,10 +81,15 @@ def validate_images(images, image_shape):
     In order, each stage only once the previous one passed, so that the first problem is the
     one reported: rank and image size, empty batch, NaN / Inf, range. (A graph fed a batch of
     another rank - a SavedModel signature does not check the rank of what it is given - failed
-    inside the size comparison with "Incompatible shapes: [3] vs. [2]", or in a reduction.)"""
+    inside the size comparison with "Incompatible shapes: [3] vs. [2]", or in a reduction.)
+
+    The checks read the batch through a `PlaceholderWithDefault` of unknown shape: otherwise
+    the signature's static shape [None, *image_shape] lets the rank test be folded away at
+    trace time, and a batch of another rank failed in the folded ops ("must be a scalar")."""
     images = tf.cast(images, tf.float32)
     rank = len(image_shape) + 1
-    shape = tf.shape(images)
+    unshaped = tf.raw_ops.PlaceholderWithDefault(input=images, shape=tf.TensorShape(None))
+    shape = tf.shape(unshaped)
     # H, W, C whatever the rank (padded with -1), so that the comparison itself cannot fail.
     dims = tf.concat([shape, tf.fill([rank], -1)], 0)[1:rank]
     fits = tf.logical_and(tf.equal(tf.size(shape), rank),
@@ -94,14 +99,14 @@ def validate_images(images, image_shape):
             tf.cast(fits, tf.int32), 1,
             message=f"images must be [batch, {', '.join(map(str, image_shape))}]")],
         lambda: [tf.debugging.assert_positive(shape[0], message="images: empty batch")],
-        lambda: [tf.debugging.assert_all_finite(images, message="images contain NaN or Inf")],
+        lambda: [tf.debugging.assert_all_finite(unshaped, message="images contain NaN or Inf")],
         lambda: [
             tf.debugging.assert_greater_equal(
-                tf.reduce_min(images), 0.0, message="images must be in [0, 1]: found a value < 0"
-            ),
+                tf.reduce_min(unshaped), 0.0,
+                message="images must be in [0, 1]: found a value < 0"),
             tf.debugging.assert_less_equal(
-                tf.reduce_max(images), 1.0, message="images must be in [0, 1]: found a value > 1"
-            ),
+                tf.reduce_max(unshaped), 1.0,
+                message="images must be in [0, 1]: found a value > 1"),
         ],
     ]
     checks = []
