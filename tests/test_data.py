@@ -109,6 +109,14 @@ def cached_fmnist(fmnist, monkeypatch):
 # --------------------------------------------------------------------------- real Fashion-MNIST
 
 
+def test_unit_float_is_x_over_255_in_float32():
+    x = np.arange(256, dtype=np.uint8).reshape(4, 8, 8)
+    out = data.unit_float(x)
+    assert out.dtype == np.float32 and out.shape == x.shape
+    np.testing.assert_array_equal(out, x.astype(np.float32) / np.float32(255.0))
+    assert out[0, 0, 0] == 0.0 and out[-1, -1, -1] == 1.0
+
+
 def test_load_fmnist_shapes_dtypes_ranges(fmnist):
     (x_train, y_train), (x_test, y_test) = fmnist
     assert x_train.shape == (60_000, 28, 28, 1) and x_test.shape == (10_000, 28, 28, 1)
