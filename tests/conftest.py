@@ -8,7 +8,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # transparent huge pages for NumPy's large arrays. Where the kernel compacts memory for them on
 # demand (THP defrag "madvise", as on this project's 2-core machines), a fresh 190 MB array
 # (the Fashion-MNIST training set, which most script tests load) often stalled 0.5-4 s in the
-# kernel. One suite run each way: 99 s -> 53 s of system time, 452 s -> 415 s of wall time.
+# kernel. One suite run each way: 99 s -> 53 s of system time.
 os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 
 import fcntl  # noqa: E402
