@@ -195,11 +195,13 @@ def point_options(row: dict, fmd) -> dict:
     return options
 
 
-def apply_point(fmd, options: dict, x_val, val_resistance):
+def apply_point(fmd, options: dict, x_val, val_resistance, verify_rows: int = 32):
     """(A copy of `fmd` with `options`, recalibrated on the stored VAL resistances; the
-    calibration report). Only the thresholds move: ranges and morphs stay the same."""
+    calibration report). Only the thresholds move: ranges and morphs stay the same.
+    `verify_rows`: as `FMDefense.calibrate`'s (0 where `fmd` itself has just computed or
+    checked `val_resistance`)."""
     point = fmd.copy_with(**options)
-    report = point.calibrate(x_val, val_resistance=val_resistance)
+    report = point.calibrate(x_val, val_resistance=val_resistance, verify_rows=verify_rows)
     return point, report
 
 
@@ -213,7 +215,8 @@ def select_operating_point(fmd, x_val, y_val, val_resistance, operating_point: s
     chosen row, the rule, the whole table and the budget rows. "paper": `PAPER_POINT` with
     the full budget, as in the paper. `val_outcomes` [n, m, N] bool: the calibration's morph
     outcomes of `x_val` (`val_morph_outcomes`); without them the budget step recomputes those
-    of the clean images it uses.
+    of the clean images it uses. `val_resistance` must be `fmd`'s own (its calibration's, as
+    `FMDefense.calibrate` returns or has checked them): it is not recomputed here.
     """
     if operating_point not in OPERATING_POINTS:
         raise ValueError(f"operating_point must be one of {OPERATING_POINTS}, "
@@ -221,7 +224,7 @@ def select_operating_point(fmd, x_val, y_val, val_resistance, operating_point: s
     if fmd.adaptive_budget:  # the table compares thresholds on full-budget resistances
         fmd = fmd.copy_with(adaptive_budget=False)
     if operating_point == "paper":
-        point, report = apply_point(fmd, PAPER_POINT, x_val, val_resistance)
+        point, report = apply_point(fmd, PAPER_POINT, x_val, val_resistance, verify_rows=0)
         return point, report, {"rule": "paper", "options": dict(PAPER_POINT)}
     cfg = cfg or OperatingPointConfig()
     table = operating_point_table(fmd, x_val, y_val, val_resistance, cfg, cache_dir, seed,
@@ -229,7 +232,7 @@ def select_operating_point(fmd, x_val, y_val, val_resistance, operating_point: s
     index = choose_row(table["rows"], cfg.attacks, table["classifier_val_accuracy"],
                        cfg.clean_cost)
     options = point_options(table["rows"][index], fmd)
-    point, report = apply_point(fmd, options, x_val, val_resistance)
+    point, report = apply_point(fmd, options, x_val, val_resistance, verify_rows=0)
     adversarial = table.pop("adversarial")
     n = cfg.n_attack
     if val_outcomes is None:

@@ -586,3 +586,29 @@ def test_long_numpy_calls_show_progress(capsys):
     assert "6/6" in capsys.readouterr().out
     np.testing.assert_array_equal(quiet["verdict"], loud["verdict"])
     np.testing.assert_array_equal(fmd.resistance(x, batch_size=4), report["val_resistance"])
+
+
+def test_stored_val_resistance_is_checked_unless_told_not_to(calibrated, monkeypatch):
+    """`calibrate(val_resistance=)` recomputes its first `verify_rows` rows and refuses
+    resistances of another model; the operating-point step, which gets the resistances the
+    same model has just computed, does not recompute them."""
+    from fmd_tf import operating_point
+
+    fmd, report = calibrated
+    x, r_val = tiny_images(24, seed=3), report["val_resistance"]
+    with pytest.raises(ValueError, match="does not match this model's resistances"):
+        fmd.copy_with(rho=0.8).calibrate(x, val_resistance=1.0 - r_val, verify_rows=4)
+    again = fmd.copy_with(rho=0.8).calibrate(x, val_resistance=r_val, verify_rows=4)
+    np.testing.assert_array_equal(again["val_resistance"], r_val)
+
+    def no_morphs(*args, **kwargs):
+        raise AssertionError("resistances recomputed")
+
+    monkeypatch.setattr(FMDefense, "resistance", no_morphs)
+    point, chosen, entry = operating_point.select_operating_point(fmd, x, None, r_val, "paper")
+    assert entry["rule"] == "paper" and point.rho == operating_point.PAPER_POINT["rho"]
+    expected = calibration.resistance_thresholds(r_val, point.rho, point.threshold_mode,
+                                                 point.num_morphs)
+    np.testing.assert_allclose(point.theta_r.numpy(), expected)
+    with pytest.raises(AssertionError, match="recomputed"):
+        fmd.copy_with(rho=0.8).calibrate(x, val_resistance=r_val)  # the default checks

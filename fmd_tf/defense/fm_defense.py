@@ -695,7 +695,7 @@ class FMDefense(BatchedDefense, keras.Model):
                 raise ValueError(f"val_resistance must be [{len(x_val)}, {self.num_codes}], "
                                  f"got {r_val.shape}")
             k = min(int(verify_rows), len(x_val))
-            if not np.array_equal(self.resistance(x_val[:k], batch_size), r_val[:k]):
+            if k > 0 and not np.array_equal(self.resistance(x_val[:k], batch_size), r_val[:k]):
                 raise ValueError("val_resistance does not match this model's resistances on the "
                                  f"first {k} VAL images: recompute it (omit val_resistance)")
         theta_r = calibration.resistance_thresholds(
