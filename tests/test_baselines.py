@@ -253,6 +253,32 @@ def test_choose_squeezers_picks_the_best_worst_case_on_val():
         choose_squeezers(classifier, x_val, y_val, {}, 0.0)
 
 
+def test_choose_squeezers_rows_equal_each_candidate_run_on_its_own():
+    """Every squeezer runs once per image set and each candidate reads its own: the rows equal
+    those of calibrating and running one `FeatureSqueezing` per candidate."""
+    from fmd_tf.baselines.feature_squeezing import SQUEEZER_CANDIDATES
+    from fmd_tf.evaluation.metrics import defended_accuracy
+
+    classifier = tiny_classifier()
+    x_val, x_adv = tiny_images(60, seed=5), tiny_images(24, seed=6)
+    y_val = np.argmax(classifier(x_val).numpy(), axis=-1)
+    y_adv = (np.argmax(classifier(x_adv).numpy(), axis=-1) + 1) % 10
+    index, rows = choose_squeezers(classifier, x_val, y_val, {"a": (x_adv, y_adv)}, 0.1)
+    assert len(rows) == len(SQUEEZER_CANDIDATES)
+    for (bits, median), row in zip(SQUEEZER_CANDIDATES, rows, strict=True):
+        fs = FeatureSqueezing(classifier, bit_depth=bits, median_size=median)
+        report = fs.calibrate(x_val, 0.1)
+        clean, adv = fs.defend(x_val), fs.defend(x_adv)
+        assert row == {
+            "bit_depth": bits, "median_size": median, "threshold": report["threshold"],
+            "val_false_positive_rate": report["val_false_positive_rate"],
+            "val_clean_defended_accuracy": defended_accuracy(clean["label"], clean["verdict"],
+                                                             y_val, False),
+            "val_a_defended_accuracy": defended_accuracy(adv["label"], adv["verdict"], y_adv,
+                                                         True)}, (bits, median)
+    assert len({r["val_a_defended_accuracy"] for r in rows}) > 1  # the candidates differ
+
+
 def test_feature_squeezing_save_load_round_trip(tmp_path):
     classifier = tiny_classifier(seed=1)
     fs = FeatureSqueezing(classifier)

@@ -178,27 +178,34 @@ class FeatureSqueezing(ThresholdDetector):
         return logits, score / max(self.threshold, 1e-12)
 
     def _run(self, x, batch_size):
+        """(classifier labels int64 [n], {name: L1 softmax distance float32 [n]} for every
+        squeezer of `squeeze`)."""
         x = check_images(x)
         if self._score_fn is None:
             self._score_fn = tf.function(self._batch, reduce_retracing=True)
-        labels, parts = [], {name: [] for name in self.squeezer_names}
+        labels, parts = [], {}
         for i in range(0, len(x), batch_size):
             label, distances = self._score_fn(tf.constant(x[i : i + batch_size]))
             labels.append(label.numpy())
-            for name in parts:
-                parts[name].append(distances[name].numpy())
-        per_squeezer = {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
-        score = np.max(np.stack(list(per_squeezer.values())), axis=0)
-        return np.concatenate(labels).astype(np.int64), score, per_squeezer
+            for name, distance in distances.items():
+                parts.setdefault(name, []).append(distance.numpy())
+        return (np.concatenate(labels).astype(np.int64),
+                {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()})
+
+    def _score(self, per_squeezer: dict) -> np.ndarray:
+        """Max over this detector's squeezers of their distances in `per_squeezer`."""
+        return np.max(np.stack([per_squeezer[name] for name in self.squeezer_names]), axis=0)
 
     def score(self, x, batch_size: int = 500) -> np.ndarray:
         """Max over squeezers of the L1 softmax distance, float32 [n] in [0, 2]."""
-        return self._run(x, batch_size)[1]
+        return self._score(self._run(x, batch_size)[1])
 
     def calibrate(self, x_val, fpr) -> dict:
         """Set the threshold on clean `x_val` so that the VAL FPR is <= `fpr` (tight)."""
         fpr = check_fpr(fpr)
-        val_scores = self.score(x_val)
+        return self._calibrate_scores(self.score(x_val), fpr)
+
+    def _calibrate_scores(self, val_scores, fpr: float) -> dict:
         threshold = calibrate_thresholds({"score": val_scores}, fpr)["score"]
         self.threshold = threshold
         self.fpr = fpr
@@ -224,7 +231,11 @@ class FeatureSqueezing(ThresholdDetector):
         2 rejected), `score` float32 [n], `classifier_label` int64 [n], and one
         ``score_<squeezer>`` float32 [n] per squeezer."""
         self._require_calibrated()
-        labels, score, per_squeezer = self._run(x, batch_size)
+        return self._outputs(*self._run(x, batch_size))
+
+    def _outputs(self, labels, per_squeezer: dict) -> dict:
+        """`defend`'s outputs from `_run`'s (of this detector or of one with more squeezers)."""
+        score = self._score(per_squeezer)
         flagged = score > self.threshold
         out = {
             "label": np.where(flagged, -1, labels).astype(np.int64),
@@ -232,7 +243,7 @@ class FeatureSqueezing(ThresholdDetector):
             "score": score,
             "classifier_label": labels,
         }
-        out.update({f"score_{k}": v for k, v in per_squeezer.items()})
+        out.update({f"score_{k}": per_squeezer[k] for k in self.squeezer_names})
         return out
 
     # ----------------------------------------------------------------------------- saving
@@ -283,19 +294,41 @@ def choose_squeezers(classifier, x_val, y_val, adversarial: dict, fpr,
 
     if not candidates or not adversarial:
         raise ValueError("choose_squeezers needs candidates and at least one attacked VAL set")
+    fpr = check_fpr(fpr)
+    # Every squeezer of the candidates runs once per image set: a squeezer's distance does not
+    # depend on the others, so each candidate's scores are the max over its own.
+    every = _EverySqueezer(classifier, candidates, from_logits)
+    clean_run = every._run(x_val, 500)
+    adversarial_runs = {name: (every._run(x_adv, 500), y_adv)
+                        for name, (x_adv, y_adv) in adversarial.items()}
     rows = []
     for bits, median in candidates:
         fs = FeatureSqueezing(classifier, bit_depth=bits, median_size=median,
                               from_logits=from_logits)
-        report = fs.calibrate(x_val, fpr)
-        clean = fs.defend(x_val)
+        report = fs._calibrate_scores(fs._score(clean_run[1]), fpr)
+        clean = fs._outputs(*clean_run)
         row = {"bit_depth": bits, "median_size": median, "threshold": report["threshold"],
                "val_false_positive_rate": report["val_false_positive_rate"],
                "val_clean_defended_accuracy": defended_accuracy(
                    clean["label"], clean["verdict"], y_val, False)}
-        for name, (x_adv, y_adv) in adversarial.items():
-            out = fs.defend(x_adv)
+        for name, (run, y_adv) in adversarial_runs.items():
+            out = fs._outputs(*run)
             row[f"val_{name}_defended_accuracy"] = defended_accuracy(
                 out["label"], out["verdict"], y_adv, True)
         rows.append(row)
     return max_min_row(rows, list(adversarial)), rows
+
+
+class _EverySqueezer(FeatureSqueezing):
+    """The squeezers of several (bit depth, median window) candidates in one detector: its
+    `_run` gives every squeezer's distances, which each candidate's `_outputs` reads."""
+
+    def __init__(self, classifier, candidates, from_logits: bool):
+        super().__init__(classifier, from_logits=from_logits)
+        self._bits = sorted({b for b, _ in candidates if b is not None})
+        self._medians = sorted({m for _, m in candidates if m is not None})
+
+    def squeeze(self, images) -> dict:
+        out = {f"bit_depth_{b}": reduce_bit_depth(images, b) for b in self._bits}
+        out.update({f"median_{m}x{m}": median_filter(images, m) for m in self._medians})
+        return out
