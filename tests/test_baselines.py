@@ -256,7 +256,7 @@ def test_choose_squeezers_picks_the_best_worst_case_on_val():
 def test_choose_squeezers_rows_equal_each_candidate_run_on_its_own():
     """Every squeezer runs once per image set and each candidate reads its own: the rows equal
     those of calibrating and running one `FeatureSqueezing` per candidate."""
-    from fmd_tf.baselines.feature_squeezing import SQUEEZER_CANDIDATES
+    from fmd_tf.baselines.feature_squeezing import SQUEEZER_CANDIDATES, _EverySqueezer
     from fmd_tf.evaluation.metrics import defended_accuracy
 
     classifier = tiny_classifier()
@@ -277,6 +277,9 @@ def test_choose_squeezers_rows_equal_each_candidate_run_on_its_own():
             "val_a_defended_accuracy": defended_accuracy(adv["label"], adv["verdict"], y_adv,
                                                          True)}, (bits, median)
     assert len({r["val_a_defended_accuracy"] for r in rows}) > 1  # the candidates differ
+    every = _EverySqueezer(classifier, SQUEEZER_CANDIDATES, from_logits=True)
+    assert len(every.squeezer_names) == 7  # bit depths 1-5, medians 2x2 and 3x3
+    assert set(every._run(x_val[:4], 500)[1]) == set(every.squeezer_names)
 
 
 def test_feature_squeezing_save_load_round_trip(tmp_path):

@@ -328,6 +328,11 @@ class _EverySqueezer(FeatureSqueezing):
         self._bits = sorted({b for b, _ in candidates if b is not None})
         self._medians = sorted({m for _, m in candidates if m is not None})
 
+    @property
+    def squeezer_names(self) -> tuple[str, ...]:
+        return (tuple(f"bit_depth_{b}" for b in self._bits)
+                + tuple(f"median_{m}x{m}" for m in self._medians))
+
     def squeeze(self, images) -> dict:
         out = {f"bit_depth_{b}": reduce_bit_depth(images, b) for b in self._bits}
         out.update({f"median_{m}x{m}": median_filter(images, m) for m in self._medians})
