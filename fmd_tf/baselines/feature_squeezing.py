@@ -50,6 +50,9 @@ __all__ = ["SQUEEZER_CANDIDATES", "FeatureSqueezing", "choose_squeezers", "media
 
 # (bit depth, median window) settings `choose_squeezers` picks from: each squeezer alone and
 # every pair (None: that squeezer left out).
+# Images per graph call of `score` / `detect` / `defend` and of `choose_squeezers`.
+BATCH_SIZE = 500
+
 SQUEEZER_CANDIDATES = tuple((bits, median) for bits in (None, 1, 2, 3, 4, 5)
                             for median in (None, 2, 3) if (bits, median) != (None, None))
 
@@ -196,7 +199,7 @@ class FeatureSqueezing(ThresholdDetector):
         """Max over this detector's squeezers of their distances in `per_squeezer`."""
         return np.max(np.stack([per_squeezer[name] for name in self.squeezer_names]), axis=0)
 
-    def score(self, x, batch_size: int = 500) -> np.ndarray:
+    def score(self, x, batch_size: int = BATCH_SIZE) -> np.ndarray:
         """Max over squeezers of the L1 softmax distance, float32 [n] in [0, 2]."""
         return self._score(self._run(x, batch_size)[1])
 
@@ -220,13 +223,13 @@ class FeatureSqueezing(ThresholdDetector):
         return {**self.report, "val_scores": val_scores}
 
     # ----------------------------------------------------------------------------- decisions
-    def detect(self, x, batch_size: int = 500):
+    def detect(self, x, batch_size: int = BATCH_SIZE):
         """ART-style detection: (scores float32 [n], is_adversarial bool [n])."""
         self._require_calibrated()
         scores = self.score(x, batch_size)
         return scores, scores > self.threshold
 
-    def defend(self, x, batch_size: int = 500) -> dict:
+    def defend(self, x, batch_size: int = BATCH_SIZE) -> dict:
         """`label` int64 [n] (classifier label; -1 when rejected), `verdict` int32 [n] (0 passed,
         2 rejected), `score` float32 [n], `classifier_label` int64 [n], and one
         ``score_<squeezer>`` float32 [n] per squeezer."""
@@ -298,8 +301,8 @@ def choose_squeezers(classifier, x_val, y_val, adversarial: dict, fpr,
     # Every squeezer of the candidates runs once per image set: a squeezer's distance does not
     # depend on the others, so each candidate's scores are the max over its own.
     every = _EverySqueezer(classifier, candidates, from_logits)
-    clean_run = every._run(x_val, 500)
-    adversarial_runs = {name: (every._run(x_adv, 500), y_adv)
+    clean_run = every._run(x_val, BATCH_SIZE)
+    adversarial_runs = {name: (every._run(x_adv, BATCH_SIZE), y_adv)
                         for name, (x_adv, y_adv) in adversarial.items()}
     rows = []
     for bits, median in candidates:
