@@ -195,13 +195,14 @@ def point_options(row: dict, fmd) -> dict:
     return options
 
 
-def apply_point(fmd, options: dict, x_val, val_resistance, verify_rows: int = 32):
+def apply_point(fmd, options: dict, x_val, val_resistance, verify_rows: int | None = None):
     """(A copy of `fmd` with `options`, recalibrated on the stored VAL resistances; the
     calibration report). Only the thresholds move: ranges and morphs stay the same.
-    `verify_rows`: as `FMDefense.calibrate`'s (0 where `fmd` itself has just computed or
-    checked `val_resistance`)."""
+    `verify_rows`: as `FMDefense.calibrate`'s (None: its default; 0 where `fmd` itself has
+    just computed or checked `val_resistance`)."""
     point = fmd.copy_with(**options)
-    report = point.calibrate(x_val, val_resistance=val_resistance, verify_rows=verify_rows)
+    checks = {} if verify_rows is None else {"verify_rows": verify_rows}
+    report = point.calibrate(x_val, val_resistance=val_resistance, **checks)
     return point, report
 
 
