@@ -23,6 +23,12 @@ Signatures (every one takes a single input `images`, float32 [None, H, W, C] in 
                       input's own label where the DGMM's class agrees); no morph search, cheap
 ====================  ===========================================================================
 
+What an endpoint reveals (`exposure`): "full" exports the four signatures above. "decision"
+exports `serving_default` with `label` and `verdict` only: a public endpoint. Score-based
+black-box attacks (`fmd_tf.attacks.api_square`) read the `classify` logits and the resistances;
+against a decision endpoint only decision-based ones (`api_rays`, `api_hop_skip_jump`) remain.
+Serve the full export to trusted callers (monitoring, the purified images) on another port.
+
 Every signature first runs `fmd_tf.defense.fm_defense.validate_images` inside the graph, so a
 bad request fails with INVALID_ARGUMENT and a message naming the problem (shape, empty batch,
 NaN/Inf, value < 0, value > 1) instead of a wrong answer. The image size in the graph check
@@ -67,6 +73,7 @@ from fmd_tf.defense.fm_defense import OUTPUT_KEYS, validate_images
 from fmd_tf.files import replace_directory
 
 __all__ = [
+    "EXPOSURES",
     "SIGNATURES",
     "INPUT_NAME",
     "export_saved_model",
@@ -86,6 +93,18 @@ SIGNATURES = {
     "purify": ("purified", "label"),
 }
 
+# exposure -> {signature name: output keys}: what an exported endpoint reveals.
+EXPOSURES = {
+    "full": SIGNATURES,
+    "decision": {"serving_default": ("label", "verdict")},
+}
+
+
+def _signatures(exposure: str) -> dict:
+    if exposure not in EXPOSURES:
+        raise ValueError(f"exposure must be one of {', '.join(EXPOSURES)}, got {exposure!r}")
+    return EXPOSURES[exposure]
+
 
 class VersionExistsError(FileExistsError):
     """The version directory exists and `overwrite` was not given."""
@@ -103,8 +122,9 @@ def _check_ready(fmd):
         )
 
 
-def serving_functions(fmd, jit_compile: bool = False) -> dict:
-    """{signature name: `tf.function` with input_signature} for the four signatures.
+def serving_functions(fmd, jit_compile: bool = False, exposure: str = "full") -> dict:
+    """{signature name: `tf.function` with input_signature} for the signatures of `exposure`
+    (`EXPOSURES`: the four signatures, or `serving_default` with label and verdict only).
 
     Each function takes `images` (keyword) float32 [None, *image_shape] and returns a dict of
     tensors. `jit_compile=True` XLA-compiles the morph-search signatures (`serving_default`,
@@ -115,6 +135,7 @@ def serving_functions(fmd, jit_compile: bool = False) -> dict:
         raise ValueError("XLA (jit_compile / --xla) needs fixed shapes: export "
                          "fmd.copy_with(**FMDefense.XLA_OPTIONS) (all m x N morphs per image in "
                          "float32: the same verdicts where the budget was chosen on VAL)")
+    signatures = _signatures(exposure)
     image_shape = tuple(int(s) for s in fmd._image_shape)
     spec = tf.TensorSpec([None, *image_shape], tf.float32, name=INPUT_NAME)
 
@@ -129,32 +150,35 @@ def serving_functions(fmd, jit_compile: bool = False) -> dict:
     def checked(images):
         return validate_images(images, image_shape)
 
-    def serving_default(images):
-        out = defend_core(checked(images))
-        return {key: out[key] for key in SIGNATURES["serving_default"]}
+    def defend(images):
+        return defend_core(checked(images))
 
     def classify(images):
         logits = fmd.classifier(checked(images))
         return {"logits": logits, "label": tf.argmax(logits, axis=-1)}
 
-    def detect(images):
-        out = defend_core(checked(images))
-        return {key: out[key] for key in SIGNATURES["detect"]}
-
     def purify(images):
         # The purifier branch of `FMDefense._defend` (same ops, no morph search).
         return fmd._purify_valid(checked(images))
 
-    bodies = {"serving_default": serving_default, "classify": classify, "detect": detect,
+    bodies = {"serving_default": defend, "classify": classify, "detect": defend,
               "purify": purify}
+
+    def outputs(body, keys):
+        def signature(images):
+            out = body(images)
+            return {key: out[key] for key in keys}
+        return signature
+
     return {
-        name: tf.function(body, input_signature=[spec], autograph=False, reduce_retracing=True)
-        for name, body in bodies.items()
+        name: tf.function(outputs(bodies[name], keys), input_signature=[spec], autograph=False,
+                          reduce_retracing=True)
+        for name, keys in signatures.items()
     }
 
 
-def _write_saved_model(fmd, path: str, jit_compile: bool) -> None:
-    functions = serving_functions(fmd, jit_compile=jit_compile)
+def _write_saved_model(fmd, path: str, jit_compile: bool, exposure: str) -> None:
+    functions = serving_functions(fmd, jit_compile=jit_compile, exposure=exposure)
     concrete = {name: fn.get_concrete_function() for name, fn in functions.items()}
     root = tf.Module(name="fmd_serving")
     # Track exactly the variables the graphs capture (keras variables wrap tf.Variables).
@@ -171,7 +195,7 @@ def _write_saved_model(fmd, path: str, jit_compile: bool) -> None:
 
 
 def export_serving(fmd, out_dir, version: int = 1, overwrite: bool = False,
-                   jit_compile: bool = False) -> str:
+                   jit_compile: bool = False, exposure: str = "full") -> str:
     """Write `fmd` as a TF Serving SavedModel in `out_dir/<version>/`; returns that path.
 
     Args:
@@ -182,6 +206,8 @@ def export_serving(fmd, out_dir, version: int = 1, overwrite: bool = False,
         overwrite: replace an existing `out_dir/<version>` (atomically swapped; the old one is
             removed only after the new one is complete).
         jit_compile: XLA-compile the morph search (for GPU servers only; see module docstring).
+        exposure: what the endpoint reveals, a key of `EXPOSURES` ("full", or "decision":
+            `serving_default` with label and verdict only, for a public endpoint).
 
     Raises:
         VersionExistsError: the version exists and `overwrite` is False (nothing is touched).
@@ -190,6 +216,7 @@ def export_serving(fmd, out_dir, version: int = 1, overwrite: bool = False,
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"version must be a positive integer, got {version!r}")
     _check_ready(fmd)
+    _signatures(exposure)
     out_dir = os.fspath(out_dir)
     final = os.path.join(out_dir, str(version))
     if os.path.exists(final) and not overwrite:
@@ -202,7 +229,7 @@ def export_serving(fmd, out_dir, version: int = 1, overwrite: bool = False,
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=out_dir)
     try:
         staged = os.path.join(tmp, "model")
-        _write_saved_model(fmd, staged, jit_compile)
+        _write_saved_model(fmd, staged, jit_compile, exposure)
         # overwrite: swapped in, the old version restored on failure
         replace_directory(staged, final, os.path.join(tmp, "old"))
     finally:
@@ -210,7 +237,8 @@ def export_serving(fmd, out_dir, version: int = 1, overwrite: bool = False,
     return final
 
 
-def export_saved_model(fmd, path, overwrite: bool = False, jit_compile: bool = False) -> str:
+def export_saved_model(fmd, path, overwrite: bool = False, jit_compile: bool = False,
+                       exposure: str = "full") -> str:
     """Write `fmd` as a TF Serving SavedModel at `path`, a version directory such as
     "serving/1" (its name a positive integer: TF Serving's layout); see `export_serving`."""
     path = os.path.normpath(os.fspath(path))
@@ -219,7 +247,7 @@ def export_saved_model(fmd, path, overwrite: bool = False, jit_compile: bool = F
         raise ValueError(f"path must end in a positive integer version directory (TF Serving's "
                          f"base_path/<version>), e.g. 'serving/1', got {path!r}")
     return export_serving(fmd, base or ".", version=int(name), overwrite=overwrite,
-                          jit_compile=jit_compile)
+                          jit_compile=jit_compile, exposure=exposure)
 
 
 def export_after_training(fmd, out_dir) -> str:

@@ -2,12 +2,15 @@
 
     python scripts/export.py [--model saved_models/fmnist/fmd.keras]
         [--out saved_models/fmnist/serving] [--version N] [--overwrite] [--xla]
+        [--exposure full|decision]
 
 Writes --out/<version>/ (TF Serving layout; `serving/docker-compose.yml` mounts --out at
 /models/fmd) with the signatures serving_default (full defense), classify, detect and purify,
-each taking `images` float32 [None, 28, 28, 1] in [0, 1], and prints them. An existing version
-is never replaced without --overwrite. --xla compiles the morph search with XLA: only for a GPU
-server (it was ~3x slower on CPU). See `fmd_tf/export.py` for details.
+each taking `images` float32 [None, 28, 28, 1] in [0, 1], and prints them; with `--exposure
+decision` only serving_default with `label` and `verdict` (a public endpoint: score-based
+attacks need the other outputs). An existing version is never replaced without --overwrite.
+--xla compiles the morph search with XLA: only for a GPU server (it was ~3x slower on CPU).
+See `fmd_tf/export.py` for details.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ def parse_args(argv):
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/VERSION")
     p.add_argument("--xla", action="store_true",
                    help="XLA-compile the morph search (GPU servers only)")
+    p.add_argument("--exposure", default="full",
+                   help="what the endpoint reveals (fmd_tf.export.EXPOSURES): full (the four "
+                        "signatures) or decision (serving_default with label and verdict only: "
+                        "a public endpoint, no scores for score-based attacks)")
     args = p.parse_args(argv)
     if args.version < 1:
         raise UsageError(f"--version must be a positive integer, got {args.version}")
@@ -65,7 +72,7 @@ def run(args) -> str:
               "reduced-precision morphs have data-dependent shapes)")
     try:
         path = export_serving(fmd, args.out, version=args.version, overwrite=args.overwrite,
-                              jit_compile=args.xla)
+                              jit_compile=args.xla, exposure=args.exposure)
     except (NotCalibratedError, FileExistsError, ValueError) as e:
         raise UsageError(str(e)) from None
     except OSError as e:  # e.g. --out not writable

@@ -26,20 +26,22 @@ from test_case import TINY_COMBO_CONFIG
 from test_case import toy_batch as make_toy_batch
 
 import fmd_tf  # noqa: F401  (registers the Keras classes)
-from fmd_tf.attacks import QueryOracle, api_hop_skip_jump, api_square, square
+from fmd_tf.attacks import QueryOracle, api_hop_skip_jump, api_rays, api_square, square
 from fmd_tf.attacks.api_attacks import (
     PUBLIC_KEYS,
     as_oracle,
     is_success,
     logit_margin,
     p_schedule,
+    rays_blocks,
     true_class_support,
 )
 from fmd_tf.data import DataNotAvailableError, load_dataset
 from fmd_tf.evaluation import harness
 from fmd_tf.models import Classifier, build_combo_vae
 
-API_NAMES = ("api_square", "api_square_5k", "api_hopskipjump", "api_hopskipjump_5k")
+API_NAMES = ("api_square", "api_square_5k", "api_hopskipjump", "api_hopskipjump_5k",
+             "api_rays", "api_rays_5k")
 
 # ART warns at import that PyTorch is missing (irrelevant here).
 pytestmark = pytest.mark.filterwarnings("ignore:PyTorch not found:UserWarning")
@@ -207,6 +209,68 @@ def test_hop_skip_jump_never_exceeds_the_budget(budget):
     assert end.rows == rec["queries"][0] <= budget
 
 
+@pytest.mark.parametrize("budget", [1, 2, 9, 80])
+def test_rays_never_exceeds_the_budget_and_reads_decisions_only(budget):
+    x = _far_apart_images(5)
+    for reject in (None, 1e-6):
+        end = FakeEndpoint(x, reject_beyond=reject)
+        labels_only = QueryOracle(end.defend)  # no `classify`: RayS needs none
+        x_adv, rec = api_rays(labels_only, x, end.labels, eps=0.05, max_queries=budget)
+        # Its linear search reaches past the images' spacing: count per image by the oracle,
+        # in all by the endpoint, and per image by the endpoint for one image alone.
+        np.testing.assert_array_equal(labels_only.queries, rec["queries"])
+        assert rec["queries"].max() <= budget and end.rows == rec["queries"].sum()
+        one = FakeEndpoint(x[:1], reject_beyond=reject)
+        _, rec_one = api_rays(QueryOracle(one.defend), x[:1], one.labels, eps=0.05,
+                              max_queries=budget)
+        assert one.rows == rec_one["queries"][0] <= budget
+        _check_images(x_adv, x)
+        assert np.all(_linf(x_adv, x) <= 0.05 + 1e-6)
+        if reject is not None:  # every perturbed row is rejected: nothing succeeds
+            assert not rec["success"].any() and np.all(np.isinf(rec["radius"]))
+            np.testing.assert_array_equal(rec["queries"], budget)
+            np.testing.assert_array_equal(x_adv, x)
+
+
+def test_rays_blocks_cover_the_image_at_every_level():
+    for size in (16, 784, 3 * 64 * 64):
+        for level in range(0, int(np.log2(size)) + 1):
+            cover = np.zeros(size, int)
+            for k in range(2**level):
+                cover[rays_blocks(level, k, size)] += 1
+            np.testing.assert_array_equal(cover, 1)
+
+
+def test_rays_finds_the_closed_form_radius_of_a_linear_rule():
+    """Label 1 iff w·x > c on 4x4 images near 0.5 (no clipping): along a sign direction d the
+    adversarial radius is g(d) = (w·x - c) / (-w·d), least at d = -sign(w), where it is
+    r* = (w·x - c) / ||w||_1. RayS's finest level flips single pixels, so it reaches -sign(w)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=16)
+    x = (0.5 + rng.uniform(-0.05, 0.05, size=(3, 4, 4, 1))).astype(np.float32)
+    margin = np.array([0.6, 1.0, 1.4])
+    c = x.reshape(3, -1) @ w - margin  # every image in class 1, at its own margin
+    r_star = margin / np.abs(w).sum()
+    assert np.all(r_star < 0.3)
+
+    def defend(q):
+        flat = np.asarray(q, np.float64).reshape(len(q), -1)
+        owner = np.argmin(np.abs(flat[:, None] - x.reshape(3, -1)[None]).max(2), axis=1)
+        label = (flat @ w > c[owner]).astype(np.int64)
+        return {"label": label, "verdict": np.zeros(len(q), np.int32)}
+
+    y = np.ones(3, np.int64)
+    _, rec = api_rays(QueryOracle(defend), x, y, eps=1e-4, max_queries=600, tol=1e-4)
+    assert not rec["success"].any()
+    np.testing.assert_allclose(rec["radius"], r_star, rtol=0, atol=3e-4)
+    eps = float(r_star.max()) + 0.01
+    x_adv, rec = api_rays(QueryOracle(defend), x, y, eps=eps, max_queries=600)
+    assert rec["success"].all()
+    assert np.all(_linf(x_adv, x) <= eps + 1e-6)
+    np.testing.assert_array_equal(defend(x_adv)["label"], 0)
+    assert rec["queries"].max() < 600
+
+
 def test_oracle_counts_per_owner_and_checks_inputs():
     x = _far_apart_images(3)
     end = FakeEndpoint(x)
@@ -227,6 +291,8 @@ def test_oracle_counts_per_owner_and_checks_inputs():
         api_square(oracle, x, end.labels, norm="l2")
     with pytest.raises(ValueError, match="norm"):
         api_hop_skip_jump(oracle, x, end.labels, norm="linf")
+    with pytest.raises(ValueError, match="norm"):
+        api_rays(oracle, x, end.labels, norm="l2")
     with pytest.raises(ValueError, match="one label per image"):
         api_square(oracle, x, end.labels[:2])
     with pytest.raises(TypeError, match="from_client"):
@@ -330,6 +396,26 @@ def test_square_beats_noise_and_matches_art(fmnist):
     assert abs(ours - art) <= 0.15, (ours, art)
 
 
+def test_rays_beats_noise_on_the_undefended_classifier(fmnist, capsys):
+    model, x, y = fmnist
+    eps, budget = 0.05, 200
+    x_adv, rec = api_rays(QueryOracle.from_classifier(model), x, y, eps=eps, max_queries=budget,
+                          verbose=1)
+    shown = capsys.readouterr().out  # the progress bar: rounds of the budget, share fooled
+    assert f"{budget - 1}/{budget - 1}" in shown
+    assert f"fooled: {rec['success'].mean():.4f}" in shown
+    _check_images(x_adv, x)
+    assert np.all(_linf(x_adv, x) <= eps + 1e-6) and rec["queries"].max() <= budget
+    fooled = _predict(model, x_adv) != y
+    np.testing.assert_array_equal(fooled, rec["success"])
+    rng = np.random.default_rng(1)
+    noise_fooled = np.zeros(len(x), bool)
+    for _ in range(budget):
+        noisy = np.clip(x + eps * rng.choice([-1.0, 1.0], size=x.shape), 0, 1)
+        noise_fooled |= _predict(model, noisy.astype(np.float32)) != y
+    assert fooled.mean() >= noise_fooled.mean() + 0.15, (fooled.mean(), noise_fooled.mean())
+
+
 def test_hop_skip_jump_on_the_undefended_classifier(fmnist):
     model, x, y = fmnist
     x, y = x[:8], y[:8]
@@ -395,12 +481,14 @@ def test_square_detector_term_steers_to_what_the_defense_passes():
 def test_harness_names_run_through_adversarial_set(strict_defense, tmp_path):
     fmd, x, y, _ = strict_defense
     x, y = x[:3], y[:3]
-    budgets = {"api_square": 6, "api_square_5k": 4, "api_hopskipjump": 12,
-               "api_hopskipjump_5k": 10}
+    budgets = {"api_square": 6, "api_square_5k": 4, "api_rays": 7, "api_rays_5k": 5,
+               "api_hopskipjump": 12, "api_hopskipjump_5k": 10}
+    assert set(budgets) == set(API_NAMES) == \
+        set(harness.QUERY_BASED) & set(harness.DEFENSE_AWARE)
     for name in API_NAMES:
         assert name in harness.DEFENSE_AWARE and name in harness.BUDGETED
-        fn_name, defaults = harness.ATTACKS[name]
-        assert fn_name in ("api_square", "api_hop_skip_jump")
+        fn_name, defaults = harness.ATTACKS[name][:2]
+        assert fn_name in ("api_square", "api_rays", "api_hop_skip_jump")
         assert defaults["max_queries"] == (5000 if name.endswith("_5k") else 1000)
     with pytest.raises(ValueError, match="needs the defense"):
         harness.adversarial_set("api_square", fmd.classifier, x, y, None)
@@ -416,12 +504,21 @@ def test_harness_names_run_through_adversarial_set(strict_defense, tmp_path):
         # The report re-runs the defense on x_adv: it must agree with the attack's record.
         np.testing.assert_array_equal(is_success(fmd.defend(x_adv), y), rec["success"])
         eps = info["params"]["eps"]
-        size = _linf(x_adv, x) if "square" in name else _l2(x_adv, x)
+        size = _linf(x_adv, x) if harness.ONE_NORM[name] == "linf" else _l2(x_adv, x)
         assert np.all(size <= eps + 1e-5), (name, size)
         again, info = harness.adversarial_set(name, fmd.classifier, x, y, str(tmp_path),
                                               params=params, defense=fmd)
         assert info["cached"]
         np.testing.assert_array_equal(again, x_adv)
+        for key, value in rec.items():  # the record is cached with the images
+            np.testing.assert_array_equal(info["record"][key], value, err_msg=key)
+    # RayS on the undefended classifier's labels: the reference for api_rays.
+    assert "rays" in harness.QUERY_BASED and "rays" not in harness.DEFENSE_AWARE
+    x_adv, info = harness.adversarial_set("rays", fmd.classifier, x, y, str(tmp_path),
+                                          params={"max_queries": 9})
+    fooled = np.argmax(fmd.classifier(x_adv).numpy(), axis=1) != y
+    np.testing.assert_array_equal(fooled, info["record"]["success"])
+    assert info["record"]["queries"].max() <= 9
     # Budget grids: Square only at the L∞ radii, HopSkipJump only at the L2 ones.
     assert harness.expand_budgets(["api_square", "api_hopskipjump"], [0.05], [1.5, 3.0]) == [
         ("adaptive_api_square_linf_0.05", "api_square", {"eps": 0.05, "norm": "linf"}),

@@ -328,6 +328,41 @@ def test_export_script_exports_and_prints_signatures(keras_file, tmp_path, capsy
     assert "not an FMDefense" in capsys.readouterr().err
 
 
+def test_decision_exposure_serves_label_and_verdict_only(defense, keras_file, tmp_path):
+    """`--exposure decision`: one signature, the full export's label and verdict, nothing an
+    attacker could score (no logits, resistances or errors); the oracle of a decision-based
+    attack reads it over gRPC, and a score-based attack is refused."""
+    from fmd_tf.attacks import QueryOracle, api_rays, api_square
+
+    fmd, images, reference = defense
+    script = script_module("scripts/export.py")
+    assert script.main(["--model", str(keras_file), "--out", str(tmp_path), "--version", "1",
+                        "--exposure", "decision"]) == 0
+    sigs = describe_signatures(tmp_path / "1")
+    assert set(sigs) == {"serving_default"}
+    assert set(sigs["serving_default"]["outputs"]) == {"label", "verdict"}
+    assert script.main(["--model", str(keras_file), "--out", str(tmp_path), "--version", "2",
+                        "--exposure", "scores"]) == 2
+    with pytest.raises(ValueError, match="exposure must be one of full, decision"):
+        export_serving(fmd, tmp_path, version=3, exposure="scores")
+    assert not (tmp_path / "3").exists()
+    with ServingServer(tmp_path / "1", model_name="fmd", version=1) as srv:
+        grpc_client = client.GrpcClient(srv.target, timeout=30)
+        out = grpc_client.predict("fmd", images)
+        assert set(out) == {"label", "verdict"}
+        _assert_outputs_equal(reference, out, keys=["label", "verdict"])
+        with pytest.raises(client.ServingError):
+            grpc_client.predict("fmd", images[:1], signature="classify")
+        oracle = QueryOracle.from_client(grpc_client, exposure="decision")
+        assert not oracle.has_logits
+        y = reference["classifier_label"][:3]
+        _, rec = api_rays(oracle, images[:3], y, eps=0.1, max_queries=4)
+        assert rec["queries"].max() <= 4
+        with pytest.raises(ValueError, match="logits"):
+            api_square(oracle, images[:3], y, max_queries=4)
+        grpc_client.close()
+
+
 # --------------------------------------------------------------------------- gRPC client
 
 

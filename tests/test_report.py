@@ -213,6 +213,23 @@ def test_worst_case_counts_an_image_only_if_every_version_is_defended():
     assert worst_case(clean, {}, y) == {}
 
 
+def test_attack_entry_summarises_a_query_attacks_record():
+    y = np.array([0, 1, 2, 3])
+    x = np.zeros((4, 2, 2, 1), np.float32)
+    out = {"label": y.copy(), "classifier_label": y.copy(), "verdict": np.zeros(4, int),
+           "score": np.array([0.1, 0.2, 0.3, 0.4]), "purified": x}
+    adv = {**out, "label": np.array([0, 5, -1, 3]), "verdict": np.array([0, 0, 2, 0])}
+    info = {"params": {"eps": 0.1, "max_queries": 1000}, "seconds": 1.0, "cached": True,
+            "record": {"queries": np.array([1, 1000, 40, 7]),
+                       "success": np.array([False, True, False, False])}}
+    entry = report._attack_entry("api_rays", info, x, x + 0.1, y, out, adv)
+    assert entry["queries"] == {"budget": 1000, "mean": 262.0, "median": 23.5, "max": 1000}
+    assert entry["query_success_rate"] == 0.25
+    assert entry["fm_defense"]["defended_accuracy"] == 0.75  # rejected counts as defended
+    del info["record"]
+    assert "queries" not in report._attack_entry("fgsm", info, x, x + 0.1, y, out, adv)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 6), min_size=1, max_size=30),
        st.lists(st.integers(0, 6), min_size=1, max_size=30), st.floats(0.0, 1.0))

@@ -13,7 +13,7 @@ from fmd_tf.attacks.adaptive import (
 )
 from fmd_tf.attacks.adaptive_detector_pgd import adaptive_detector_pgd
 from fmd_tf.attacks.apgd import adaptive_apgd, apgd
-from fmd_tf.attacks.api_attacks import QueryOracle, api_hop_skip_jump, api_square
+from fmd_tf.attacks.api_attacks import QueryOracle, api_hop_skip_jump, api_rays, api_square
 from fmd_tf.attacks.black_box import art_classifier, hop_skip_jump, square
 from fmd_tf.attacks.carlini_wagner import carlini_wagner_l2
 from fmd_tf.attacks.deepfool import deepfool
@@ -21,7 +21,8 @@ from fmd_tf.attacks.gradient_attacks import fgsm, mim, pgd
 
 __all__ = [
     "QueryOracle", "adaptive_apgd", "adaptive_detector_pgd", "adaptive_pgd",
-    "adaptive_resistance", "adaptive_success", "apgd", "api_hop_skip_jump", "api_square",
+    "adaptive_resistance", "adaptive_success", "apgd", "api_hop_skip_jump", "api_rays",
+    "api_square",
     "art_classifier", "carlini_wagner_l2", "cw_high_confidence_transfer", "deepfool", "fgsm",
     "hop_skip_jump", "mim", "pgd", "soft_resistance", "square",
 ]

@@ -45,11 +45,13 @@ from fmd_tf.defense.fm_defense import VERDICT_REJECTED
 __all__ = [
     "QueryOracle",
     "api_hop_skip_jump",
+    "api_rays",
     "api_square",
     "as_oracle",
     "is_success",
     "logit_margin",
     "p_schedule",
+    "rays_blocks",
     "square_loss",
     "true_class_support",
 ]
@@ -153,21 +155,30 @@ class QueryOracle:
         return cls(defend, lambda x: _logits(model, x, batch_size))
 
     @classmethod
-    def from_client(cls, client, model: str = "fmd", version=None) -> QueryOracle:
+    def from_client(cls, client, model: str = "fmd", version=None,
+                    exposure: str = "full") -> QueryOracle:
         """The served model, through a `fmd_tf.serving.client.GrpcClient` or `RestClient`:
-        `serving_default` for the defended outputs (gRPC asks for the `PUBLIC_KEYS` only, not the
-        purified images), `classify` for the logits."""
+        `serving_default` for the defended outputs (gRPC asks for the `PUBLIC_KEYS` it serves
+        only, not the purified images), `classify` for the logits. `exposure`: how the model
+        was exported (`fmd_tf.export.EXPOSURES`); a "decision" endpoint answers label and
+        verdict only and has no `classify` (decision-based attacks only)."""
+        from fmd_tf.export import EXPOSURES
+
+        if exposure not in EXPOSURES:
+            raise ValueError(f"exposure must be one of {', '.join(EXPOSURES)}, got {exposure!r}")
+        served = EXPOSURES[exposure]
+        keys = [k for k in PUBLIC_KEYS if k in served["serving_default"]]
         takes_filter = "output_filter" in inspect.signature(client.predict).parameters
 
         def defend(x):
-            extra = {"output_filter": list(PUBLIC_KEYS)} if takes_filter else {}
+            extra = {"output_filter": keys} if takes_filter else {}
             out = client.predict(model, x, signature="serving_default", version=version, **extra)
-            return {k: out[k] for k in PUBLIC_KEYS if k in out}
+            return {k: out[k] for k in keys if k in out}
 
         def classify(x):
             return client.predict(model, x, signature="classify", version=version)["logits"]
 
-        return cls(defend, classify)
+        return cls(defend, classify if "classify" in served else None)
 
 
 def _logits(model, x, batch_size: int) -> np.ndarray:
@@ -297,6 +308,36 @@ def _check_batch(x, y):
     return x, y
 
 
+class _Progress:
+    """A Keras progress bar over an attack's query rounds (or images), with the share of
+    images fooled so far; silent when `verbose` is 0."""
+
+    def __init__(self, total: int, verbose: int, unit: str = "round"):
+        self.bar = None
+        if verbose:
+            import keras
+
+            self.bar = keras.utils.Progbar(max(int(total), 1), verbose=verbose, unit_name=unit,
+                                           stateful_metrics=["active", "fooled"])
+
+    def update(self, done: int, success, finalize: bool = False):
+        if self.bar is not None:
+            success = np.asarray(success)
+            values = [("active", int((~success).sum())), ("fooled", float(success.mean()))]
+            self.bar.update(self.bar.target if finalize else int(done), values=values,
+                            finalize=finalize)
+
+
+def _check_linf_budget(attack: str, norm, eps, max_queries) -> None:
+    if norm not in ("linf", "inf", np.inf):
+        raise ValueError(f"{attack} is an L∞ attack (norm='linf'), got norm={norm!r}; for L2 "
+                         "use api_hop_skip_jump")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if int(max_queries) < 1:
+        raise ValueError(f"max_queries must be >= 1 (the clean query), got {max_queries}")
+
+
 def _record(queries, success, out_best, **extra) -> dict:
     return {"queries": queries.astype(np.int64), "success": success.astype(bool),
             "verdict": np.asarray(out_best["verdict"]).astype(np.int32),
@@ -305,7 +346,7 @@ def _record(queries, success, out_best, **extra) -> dict:
 
 def api_square(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: int = 0,
                p_init: float = 0.8, detector_weight: float = 1.0, norm: str = "linf",
-               batch_size: int = 64):
+               batch_size: int = 64, verbose: int = 0):
     """Untargeted L∞ Square Attack on the defended endpoint; (x_adv, record).
 
     Per image (all images batched, one query per image and iteration):
@@ -327,19 +368,15 @@ def api_square(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: in
             challenge, ART's default); detector_weight: λ of `square_loss`.
         norm: "linf" only (the harness passes the budget's norm).
         batch_size: of the in-process defense (`as_oracle`).
+        verbose: 1 shows a progress bar over the query rounds (images still attacked, share
+            fooled).
 
     Returns:
         x_adv float32 [n, H, W, C] within the ball and [0, 1]; record {"queries" int64 [n],
         "success" bool [n] (the oracle's verdict on x_adv), "verdict", "label" [n] (its
         defended outputs), "linf" float32 [n]}.
     """
-    if norm not in ("linf", "inf", np.inf):
-        raise ValueError(f"api_square is an L∞ attack (norm='linf'), got norm={norm!r}; for "
-                         "L2 use api_hop_skip_jump")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if int(max_queries) < 1:
-        raise ValueError(f"max_queries must be >= 1 (the clean query), got {max_queries}")
+    _check_linf_budget("api_square", norm, eps, max_queries)
     x, y = _check_batch(x, y)
     o = as_oracle(oracle, batch_size)
     if not o.has_logits:
@@ -362,8 +399,10 @@ def api_square(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: in
     loss = square_loss(out, y, scale, detector_weight)
     n_iters = max_queries - 1  # queries after the clean one: stripes + n_iters - 1 squares
     h, w = x.shape[1:3]
+    progress = _Progress(n_iters, verbose)
     for i in range(n_iters):
         act = np.flatnonzero(~success)
+        progress.update(i, success)
         if len(act) == 0:
             break
         if i == 0:
@@ -380,10 +419,145 @@ def api_square(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: in
         x_best[k], loss[k] = cand[keep], new_loss[keep]
         best["label"][k], best["verdict"][k] = out["label"][keep], out["verdict"][keep]
         success[act[won]] = True
+    progress.update(n_iters, success, finalize=True)
     x_adv = np.clip(x_best, np.maximum(x - np.float32(eps), 0.0),
                     np.minimum(x + np.float32(eps), 1.0)).astype(np.float32)
     linf = np.abs(x_adv - x).reshape(n, -1).max(axis=1)
     return x_adv, _record(o.used(ids) - base, success, best, linf=linf)
+
+
+# ----------------------------------------------------------------------------- RayS
+
+# Per-image states of `api_rays`: linear search along a direction while no adversarial radius
+# is known, a probe at the best radius once one is, a binary search after a hit.
+_LINEAR, _PROBE, _BISECT = 0, 1, 2
+
+
+def rays_blocks(level: int, index: int, size: int) -> slice:
+    """The flat-pixel slice that RayS flips: block `index` of the 2**level near-equal contiguous
+    blocks of a flattened image of `size` values (Chen & Gu 2020, Alg. 1)."""
+    bounds = np.linspace(0, size, 2**level + 1).round().astype(int)
+    return slice(int(bounds[index]), int(bounds[index + 1]))
+
+
+def api_rays(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: int = 0,
+             norm: str = "linf", linear_steps: int = 10, tol: float = 1e-3,
+             batch_size: int = 64, verbose: int = 0):
+    """Untargeted hard-label L∞ RayS on the defended endpoint; (x_adv, record).
+
+    RayS (Chen & Gu, "RayS: A Ray Searching Method for Hard-label Adversarial Attack", KDD
+    2020) reads decisions only (`is_success`: accepted, label != y; a rejected image is *not*
+    adversarial). It searches sign directions d ∈ {-1, 1}^D and, for each, the smallest radius
+    r with x(r) = clip(x + r·d, 0, 1) adversarial:
+
+        r* = min_d g(d),  g(d) = min {r : x(r) adversarial}
+
+    Per image (all images batched, one query per image and iteration):
+
+    1. query x (1 query); an image the defense already gets wrong is returned as is;
+    2. d = (1, ..., 1); candidate d' = d with block k of level s flipped (`rays_blocks`; k runs
+       over the 2**s blocks, then s + 1; past one value per block, back to s = 0);
+    3. while no adversarial radius is known: x(r) at r = j / `linear_steps`, j = 1 ..
+       `linear_steps` (a hit starts the binary search in ((j-1)/steps, j/steps]); once r_best
+       is known: one query at r_best along d' (the paper's check: d' can only help if x(r_best)
+       is adversarial along it), a hit starts the binary search in [0, r_best];
+    4. binary search to `tol`, then d = d', r_best = the adversarial end; the image succeeds and
+       stops as soon as an adversarial x(r) with r <= eps has been queried.
+
+    Args:
+        oracle: a `QueryOracle` (labels / verdicts suffice) or what `as_oracle` takes.
+        x: float32 [n, H, W, C] in [0, 1]; y: true labels int [n].
+        eps: L∞ radius of success; max_queries: budget per image (>= 1, the clean query).
+        seed: unused by the search itself (RayS is deterministic given the answers); kept
+            for the harness's query-attack interface.
+        norm: "linf" only. linear_steps, tol: as above. batch_size: of the in-process defense.
+        verbose: 1 shows a progress bar over the query rounds.
+
+    Returns:
+        x_adv float32 [n, H, W, C] within the ball and [0, 1] (x where the attack failed);
+        record {"queries" int64 [n], "success" bool [n], "verdict", "label" [n] (defended
+        outputs of x_adv), "radius" float32 [n] (smallest adversarial L∞ radius found along the
+        search, inf if none)}.
+    """
+    del seed
+    _check_linf_budget("api_rays", norm, eps, max_queries)
+    if int(linear_steps) < 1 or not tol > 0:
+        raise ValueError(f"linear_steps must be >= 1 and tol > 0, got {linear_steps}, {tol}")
+    x, y = _check_batch(x, y)
+    o = as_oracle(oracle, batch_size)
+    n, max_queries, steps = len(x), int(max_queries), int(linear_steps)
+    ids = np.arange(n)
+    radius = np.full(n, np.inf, np.float32)
+    if n == 0:
+        return x.copy(), _record(np.zeros(0), np.zeros(0, bool),
+                                 {"verdict": np.zeros(0), "label": np.zeros(0)}, radius=radius)
+    base = o.used(ids)
+    out = o.query(x, ids)
+    success = is_success(out, y)
+    radius[success] = 0.0
+    best = {"label": out["label"].astype(np.int64), "verdict": out["verdict"].astype(np.int32)}
+    x_adv = x.copy()
+    flat = x.reshape(n, -1)
+    size = flat.shape[1]
+    d = np.ones_like(flat)  # accepted direction
+    cand = d.copy()  # direction being tried
+    level, block = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    state = np.full(n, _LINEAR)
+    step_j = np.ones(n, np.int64)  # linear search: next radius j / steps
+    lo, hi = np.zeros(n), np.zeros(n)
+
+    def next_direction(i):
+        """Image i moves on to the next block flip of its accepted direction."""
+        if 2 ** level[i] > size:
+            level[i], block[i] = 0, 0
+        cand[i] = d[i]
+        cand[i, rays_blocks(int(level[i]), int(block[i]), size)] *= -1.0
+        block[i] += 1
+        if block[i] == 2 ** level[i]:
+            level[i], block[i] = level[i] + 1, 0
+        state[i] = _PROBE if np.isfinite(radius[i]) else _LINEAR
+        step_j[i] = 1
+
+    progress = _Progress(max_queries - 1, verbose)
+    for round_ in range(max_queries - 1):
+        act = np.flatnonzero(~success)
+        progress.update(round_, success)
+        if len(act) == 0:
+            break
+        r = np.where(state[act] == _LINEAR, step_j[act] / steps,
+                     np.where(state[act] == _PROBE, radius[act], (lo[act] + hi[act]) / 2))
+        rows = np.clip(flat[act] + r[:, None].astype(np.float32) * cand[act], 0.0, 1.0)
+        out = o.query(rows.reshape(len(act), *x.shape[1:]), act)
+        adv = is_success(out, y[act])
+        for k, i in enumerate(act):
+            if adv[k] and r[k] <= eps:  # an adversarial within the ball: done
+                success[i], radius[i] = True, r[k]
+                x_adv[i] = rows[k].reshape(x.shape[1:])
+                best["label"][i], best["verdict"][i] = out["label"][k], out["verdict"][k]
+                continue
+            if state[i] == _LINEAR:
+                if adv[k]:
+                    state[i], lo[i], hi[i] = _BISECT, (step_j[i] - 1) / steps, r[k]
+                elif step_j[i] >= steps:
+                    next_direction(i)
+                else:
+                    step_j[i] += 1
+            elif state[i] == _PROBE:
+                if adv[k]:
+                    state[i], lo[i], hi[i] = _BISECT, 0.0, r[k]
+                else:
+                    next_direction(i)
+            else:
+                if adv[k]:
+                    hi[i] = r[k]
+                else:
+                    lo[i] = r[k]
+            if state[i] == _BISECT and hi[i] - lo[i] <= tol:
+                d[i], radius[i] = cand[i], hi[i]
+                next_direction(i)
+    progress.update(max_queries - 1, success, finalize=True)
+    linf = np.abs(x_adv - x).reshape(n, -1).max(axis=1)
+    return x_adv, _record(o.used(ids) - base, success, best, radius=radius, linf=linf)
 
 
 # ----------------------------------------------------------------------------- HopSkipJump
@@ -465,7 +639,7 @@ def _noise_start(decide, rng, shape, tries: int, chunk: int = 10):
 
 def api_hop_skip_jump(oracle, x, y, max_queries: int = 1000, seed: int = 0, eps=None,
                       norm: str = "l2", init_eval: int = 100, max_eval: int = 10000,
-                      init_size: int = 100, batch_size: int = 64):
+                      init_size: int = 100, batch_size: int = 64, verbose: int = 0):
     """Untargeted L2 HopSkipJump from the defended decision only; (x_adv, record).
 
     The attacker's decision for image (x, y) is adversarial(x') = `is_success`: accepted
@@ -495,6 +669,7 @@ def api_hop_skip_jump(oracle, x, y, max_queries: int = 1000, seed: int = 0, eps=
         init_eval, max_eval, init_size: HopSkipJump's (and ART's) gradient-estimate sizes and
             noise-start tries.
         batch_size: images per oracle call (ART's batch size) and of the in-process defense.
+        verbose: 1 shows a progress bar over the attacked images.
 
     Returns:
         x_adv float32 [n, H, W, C] in [0, 1]; record {"queries" int64 [n], "success" bool [n],
@@ -527,8 +702,11 @@ def api_hop_skip_jump(oracle, x, y, max_queries: int = 1000, seed: int = 0, eps=
                       max_iter=int(max_queries), batch_size=int(batch_size))
     state = np.random.get_state()
     np.random.seed(seed % 2**32)  # ART draws its directions from NumPy's global generator
+    todo = np.flatnonzero(~success)
+    progress = _Progress(len(todo), verbose, unit="image")
     try:
-        for i in np.flatnonzero(~success):
+        for done, i in enumerate(todo):
+            progress.update(done, success)
             decide = _DecisionFunction(o, x[i], y[i], i, base[i] + int(max_queries), eps)
             _hsj_one(decide, x, clean, i, rng, init_size, art_params)
             if decide.best is not None:
@@ -539,6 +717,7 @@ def api_hop_skip_jump(oracle, x, y, max_queries: int = 1000, seed: int = 0, eps=
                 best["verdict"][i] = decide.best_out["verdict"]
     finally:
         np.random.set_state(state)
+    progress.update(len(todo), success, finalize=True)
     return x_adv, _record(o.used(ids) - base, success, best, l2=l2)
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import time
 import zipfile
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,68 +19,121 @@ from fmd_tf.files import atomic_path
 # where it is used, so that the attack tables below load without TensorFlow (fast usage errors
 # in the scripts).
 
-# name -> (attack function name in fmd_tf.attacks, default parameters)
+class Attack(NamedTuple):
+    """One attack of the harness: `function` (a name in `fmd_tf.attacks`) with default
+    `params`, run on `target`:
+
+    * "classifier": the defended classifier alone (oblivious to the defense);
+    * "surrogate": an independently trained classifier (`evaluate(surrogate=)`), transferred;
+    * "defense": the whole FMDefense, white-box (adaptive);
+    * "endpoint": the defense's public outputs only (the attacker of a served model).
+
+    A `function` named ``api_*`` (`fmd_tf.attacks.api_attacks`) is query-based: it takes
+    `seed=` and `verbose=` and returns (x_adv, per-image record); on "classifier" it queries
+    the undefended classifier's labels (a reference: how the attack fares without the defense).
+
+    `budgeted`: run once per (norm, eps) of scripts/evaluate.py's --linf-eps / --l2-eps grid;
+    `norm`: the one norm it is defined for ("linf" / "l2"), None when it takes either.
+    """
+
+    function: str
+    params: dict
+    target: str = "classifier"
+    budgeted: bool = False
+    norm: str | None = None
+
+
+TARGETS = ("classifier", "surrogate", "defense", "endpoint")
+
+# The attack table. Everything else about an attack (the groups below, the CLI's lists) is
+# derived from its entry here.
 ATTACKS = {
-    "fgsm": ("fgsm", {"eps": 0.3}),
-    "pgd": ("pgd", {"eps": 0.3, "eps_iter": 0.01, "nb_iter": 40}),
-    "pgd_eps0.1": ("pgd", {"eps": 0.1, "eps_iter": 0.01, "nb_iter": 40}),
-    "pgd_l2": ("pgd", {"eps": 2.0, "eps_iter": 0.1, "nb_iter": 40, "norm": "l2"}),
-    "mim": ("mim", {"eps": 0.3, "eps_iter": 0.01, "nb_iter": 40}),
-    "cw": ("carlini_wagner_l2", {"confidence": 0.0, "max_iterations": 100, "learning_rate": 0.1,
-                                 "binary_search_steps": 5}),
-    "deepfool": ("deepfool", {"overshoot": 0.02, "max_iterations": 50, "norm": "linf"}),
+    "fgsm": Attack("fgsm", {"eps": 0.3}),
+    "pgd": Attack("pgd", {"eps": 0.3, "eps_iter": 0.01, "nb_iter": 40}),
+    "pgd_eps0.1": Attack("pgd", {"eps": 0.1, "eps_iter": 0.01, "nb_iter": 40}),
+    "pgd_l2": Attack("pgd", {"eps": 2.0, "eps_iter": 0.1, "nb_iter": 40, "norm": "l2"}),
+    "mim": Attack("mim", {"eps": 0.3, "eps_iter": 0.01, "nb_iter": 40}),
+    "cw": Attack("carlini_wagner_l2", {"confidence": 0.0, "max_iterations": 100,
+                                       "learning_rate": 0.1, "binary_search_steps": 5}),
+    "deepfool": Attack("deepfool", {"overshoot": 0.02, "max_iterations": 50, "norm": "linf"}),
     # Black-box attacks on the classifier (fmd_tf.attacks.black_box, ART): score-based with at
     # most 1,000 queries per image, and decision-based (labels only).
-    "square": ("square", {"eps": 0.2, "max_queries": 1000}),
-    "hopskipjump": ("hop_skip_jump", {"max_iter": 10, "max_eval": 100, "init_eval": 10}),
-    # Transfer: made on an independently trained surrogate classifier (`evaluate(surrogate=)`,
-    # scripts/evaluate.py --surrogate), never on the defended one.
-    "transfer_pgd": ("pgd", {"eps": 0.3, "eps_iter": 0.01, "nb_iter": 40}),
-    "transfer_mim": ("mim", {"eps": 0.3, "eps_iter": 0.01, "nb_iter": 40}),
+    "square": Attack("square", {"eps": 0.2, "max_queries": 1000}),
+    "hopskipjump": Attack("hop_skip_jump", {"max_iter": 10, "max_eval": 100, "init_eval": 10}),
+    # Transfer: made on an independently trained surrogate classifier (scripts/evaluate.py
+    # --surrogate), never on the defended one.
+    "transfer_pgd": Attack("pgd", {"eps": 0.3, "eps_iter": 0.01, "nb_iter": 40},
+                           target="surrogate"),
+    "transfer_mim": Attack("mim", {"eps": 0.3, "eps_iter": 0.01, "nb_iter": 40},
+                           target="surrogate"),
     # High-confidence C&W-L2 on the classifier alone (Carlini & Wagner's attack on MagNet).
-    "cw_hiconf": ("cw_high_confidence_transfer", {"kappa": 20.0, "max_iterations": 100,
-                                                  "learning_rate": 0.1,
-                                                  "binary_search_steps": 5}),
+    "cw_hiconf": Attack("cw_high_confidence_transfer", {"kappa": 20.0, "max_iterations": 100,
+                                                        "learning_rate": 0.1,
+                                                        "binary_search_steps": 5},
+                        budgeted=True),
     # Adaptive white-box attacks on the whole FM-Defense (fmd_tf.attacks.adaptive). One fresh
     # morph per code and step (EOT across the 40 steps) keeps a 500-image run affordable on a
     # CPU (each step costs m decoder+classifier passes per image, forward and backward).
-    "adaptive_pgd": ("adaptive_pgd", {"eps": 0.1, "norm": "linf", "nb_iter": 40,
-                                      "eot_samples": 1, "purified_weight": 1.0}),
-    "adaptive_resistance": ("adaptive_resistance", {"eps": 0.1, "norm": "linf", "nb_iter": 40,
-                                                    "eot_samples": 1}),
+    "adaptive_pgd": Attack("adaptive_pgd", {"eps": 0.1, "norm": "linf", "nb_iter": 40,
+                                            "eot_samples": 1, "purified_weight": 1.0},
+                           target="defense", budgeted=True),
+    "adaptive_resistance": Attack("adaptive_resistance", {"eps": 0.1, "norm": "linf",
+                                                          "nb_iter": 40, "eot_samples": 1},
+                                  target="defense", budgeted=True),
     # APGD-CE / APGD-DLR (Croce & Hein 2020) on the whole FM-Defense through the same
     # surrogate (fmd_tf.attacks.apgd): 100 steps, EOT over 8 morphs per code and step. Each
     # step costs 8·m decoder+classifier passes per image: GPU-sized at n = 500.
-    "apgd_ce": ("adaptive_apgd", {"eps": 0.1, "norm": "linf", "nb_iter": 100, "loss": "ce",
-                                  "eot_samples": 8}),
-    "apgd_dlr": ("adaptive_apgd", {"eps": 0.1, "norm": "linf", "nb_iter": 100, "loss": "dlr",
-                                   "eot_samples": 8}),
-    # Black-box attacks on the defended endpoint through its public outputs only
-    # (fmd_tf.attacks.api_attacks; the threat model of a TF Serving client): Square (scores:
-    # classify logits and resistance) and HopSkipJump (decisions: rejected = not adversarial),
-    # 1,000 or 5,000 queries per image, each a defended forward pass: GPU-sized at n = 500.
-    "api_square": ("api_square", {"eps": 0.1, "norm": "linf", "max_queries": 1000}),
-    "api_square_5k": ("api_square", {"eps": 0.1, "norm": "linf", "max_queries": 5000}),
-    "api_hopskipjump": ("api_hop_skip_jump", {"eps": 1.5, "norm": "l2", "max_queries": 1000}),
-    "api_hopskipjump_5k": ("api_hop_skip_jump", {"eps": 1.5, "norm": "l2",
-                                                 "max_queries": 5000}),
+    "apgd_ce": Attack("adaptive_apgd", {"eps": 0.1, "norm": "linf", "nb_iter": 100,
+                                        "loss": "ce", "eot_samples": 8},
+                      target="defense", budgeted=True),
+    "apgd_dlr": Attack("adaptive_apgd", {"eps": 0.1, "norm": "linf", "nb_iter": 100,
+                                         "loss": "dlr", "eot_samples": 8},
+                       target="defense", budgeted=True),
+    # Black-box attacks on the defended endpoint through its public outputs
+    # (fmd_tf.attacks.api_attacks; the threat model of a TF Serving client), 1,000 or 5,000
+    # queries per image, each a defended forward pass: GPU-sized at n = 500. Square reads
+    # scores (the `classify` logits and the resistances); RayS (L∞) and HopSkipJump (L2) read
+    # decisions only (label and verdict; rejected = not adversarial). `rays` is RayS on the
+    # undefended classifier's labels: the reference for `api_rays`.
+    "rays": Attack("api_rays", {"eps": 0.1, "norm": "linf", "max_queries": 1000},
+                   budgeted=True, norm="linf"),
+    "api_square": Attack("api_square", {"eps": 0.1, "norm": "linf", "max_queries": 1000},
+                         target="endpoint", budgeted=True, norm="linf"),
+    "api_square_5k": Attack("api_square", {"eps": 0.1, "norm": "linf", "max_queries": 5000},
+                            target="endpoint", budgeted=True, norm="linf"),
+    "api_rays": Attack("api_rays", {"eps": 0.1, "norm": "linf", "max_queries": 1000},
+                       target="endpoint", budgeted=True, norm="linf"),
+    "api_rays_5k": Attack("api_rays", {"eps": 0.1, "norm": "linf", "max_queries": 5000},
+                          target="endpoint", budgeted=True, norm="linf"),
+    "api_hopskipjump": Attack("api_hop_skip_jump", {"eps": 1.5, "norm": "l2",
+                                                    "max_queries": 1000},
+                              target="endpoint", budgeted=True, norm="l2"),
+    "api_hopskipjump_5k": Attack("api_hop_skip_jump", {"eps": 1.5, "norm": "l2",
+                                                       "max_queries": 5000},
+                                 target="endpoint", budgeted=True, norm="l2"),
 }
+for _name, _attack in ATTACKS.items():
+    if _attack.target not in TARGETS or _attack.norm not in (None, "linf", "l2"):
+        raise ValueError(f"attack {_name!r}: target must be one of {TARGETS} and norm one of "
+                         f"linf, l2, None; got {_attack.target!r}, {_attack.norm!r}")
+
+
+def _named(test) -> tuple[str, ...]:
+    return tuple(name for name, attack in ATTACKS.items() if test(attack))
+
 
 # Attacks that get the whole FMDefense (not only its classifier); their cache key covers all of
 # the defense's weights and config.
-DEFENSE_AWARE = ("adaptive_pgd", "adaptive_resistance", "apgd_ce", "apgd_dlr", "api_square",
-                 "api_square_5k", "api_hopskipjump", "api_hopskipjump_5k")
-# Query-based attacks on the defense's public outputs: they take `seed=` and return
-# (x_adv, per-image record), which `adversarial_set` puts in info["record"] (fresh runs only).
-QUERY_BASED = ("api_square", "api_square_5k", "api_hopskipjump", "api_hopskipjump_5k")
+DEFENSE_AWARE = _named(lambda a: a.target in ("defense", "endpoint"))
+# Query-based attacks (`fmd_tf.attacks.api_attacks`): they take seed= and verbose= and return
+# (x_adv, per-image record).
+QUERY_BASED = _named(lambda a: a.function.startswith("api_"))
 # Attacks made on the surrogate classifier; their cache key covers its weights.
-TRANSFER = ("transfer_pgd", "transfer_mim")
+TRANSFER = _named(lambda a: a.target == "surrogate")
 # Attacks with an (eps, norm) budget, expanded over scripts/evaluate.py's --linf-eps/--l2-eps.
-BUDGETED = ("cw_hiconf", "adaptive_pgd", "adaptive_resistance", "apgd_ce", "apgd_dlr",
-            "api_square", "api_square_5k", "api_hopskipjump", "api_hopskipjump_5k")
+BUDGETED = _named(lambda a: a.budgeted)
 # Budgeted attacks defined for one norm only: the grid's radii of the other norm skip them.
-ONE_NORM = {"api_square": "linf", "api_square_5k": "linf", "api_hopskipjump": "l2",
-            "api_hopskipjump_5k": "l2"}
+ONE_NORM = {name: attack.norm for name, attack in ATTACKS.items() if attack.norm}
 
 # Table II of the paper, MNIST (classification accuracy %, "No defense" / "FM-Defense" /
 # "MagNet"); the paper gives no Feature Squeezing column and no PGD row.
@@ -130,21 +184,22 @@ def defense_fingerprint(fmd) -> str:
 
 
 def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: int = 0,
-                    params: dict | None = None, defense=None, surrogate=None):
+                    params: dict | None = None, defense=None, surrogate=None, verbose: int = 0):
     """(x_adv, info): generated with `fmd_tf.attacks`, or loaded from the .npz cache when the
     attack, parameters, images and fingerprint all match.
 
     Attacks in `DEFENSE_AWARE` run on `defense` (an `FMDefense`, required for them) and are
-    keyed by its fingerprint (those of `QUERY_BASED` see its public outputs only, get `seed`,
-    and add their per-image record, queries and success, to `info["record"]`); those in
-    `TRANSFER` run on `surrogate` (a classifier, required for them) and are keyed by its
-    weights; the others run on `classifier`, keyed by its weights.
+    keyed by its fingerprint; those in `TRANSFER` run on `surrogate` (a classifier, required
+    for them) and are keyed by its weights; the others run on `classifier`, keyed by its
+    weights. Those in `QUERY_BASED` get `seed` and `verbose` (1: a progress bar over their
+    query rounds) and add their per-image record (queries, success, ...) to `info["record"]`,
+    cached with the images.
     """
     import fmd_tf.attacks as attacks
 
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; known: {', '.join(ATTACKS)}")
-    fn_name, defaults = ATTACKS[attack]
+    fn_name, defaults = ATTACKS[attack][:2]
     params = {**defaults, **(params or {})}
     target = classifier
     if attack in DEFENSE_AWARE:
@@ -170,14 +225,15 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
         path = os.path.join(cache_dir, f"{attack}_{len(x)}_{digest}.npz")
         cached = _read_cache_entry(path, key)
         if cached is not None:
-            x_adv, seconds = cached
-            return x_adv, {"params": params, "seconds": seconds, "cached": True}
+            x_adv, seconds, record = cached
+            info = {"params": params, "seconds": seconds, "cached": True}
+            return x_adv, info if record is None else {**info, "record": record}
     import keras
 
     keras.utils.set_random_seed(seed)
     start = time.time()
     fn = getattr(attacks, fn_name)
-    extra = {"seed": seed} if attack in QUERY_BASED else {}
+    extra = {"seed": seed, "verbose": verbose} if attack in QUERY_BASED else {}
     if "y" in inspect.signature(fn).parameters:  # DeepFool attacks the predicted label instead
         x_adv = fn(target, x, y=y, **params, **extra)
     else:
@@ -187,23 +243,28 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
         x_adv, record = x_adv
     seconds = time.time() - start
     if path:
+        stored = {f"{_RECORD}{k}": np.asarray(v) for k, v in (record or {}).items()}
         with atomic_path(path) as tmp:
-            np.savez_compressed(tmp, x_adv=x_adv, key=key, seconds=seconds)
+            np.savez_compressed(tmp, x_adv=x_adv, key=key, seconds=seconds, **stored)
     info = {"params": params, "seconds": seconds, "cached": False}
     return x_adv, info if record is None else {**info, "record": record}
 
 
+_RECORD = "record_"  # prefix of a query-based attack's record arrays in a cache entry
+
+
 def _read_cache_entry(path, key):
-    """(x_adv, seconds) stored at `path` for `key`; None when there is no entry, it belongs to
-    another key, or it cannot be read (truncated or damaged: the attack is run again and the
-    entry rewritten)."""
+    """(x_adv, seconds, record or None) stored at `path` for `key`; None when there is no
+    entry, it belongs to another key, or it cannot be read (truncated or damaged: the attack is
+    run again and the entry rewritten)."""
     if not os.path.exists(path):
         return None
     try:
         with np.load(path) as f:
             if str(f["key"]) != key:
                 return None
-            return f["x_adv"], float(f["seconds"])
+            record = {k[len(_RECORD):]: f[k] for k in f.files if k.startswith(_RECORD)}
+            return f["x_adv"], float(f["seconds"]), record or None
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
         return None
 

@@ -157,7 +157,7 @@ def _attack_entry(method, info, x, x_adv, y, clean, adv) -> dict:
 
     correct = clean["classifier_label"] == y
     diff = (x_adv - x).reshape(len(x), -1)
-    return {
+    entry = {
         "method": method,
         "params": info["params"],
         "attack_seconds": info["seconds"],
@@ -168,6 +168,13 @@ def _attack_entry(method, info, x, x_adv, y, clean, adv) -> dict:
         "l2_median": float(np.median(np.linalg.norm(diff, axis=1))),
         "fm_defense": harness.defense_metrics(clean, adv, y, y),
     }
+    if "record" in info:  # a query-based attack: what it spent, and what it saw succeed
+        queries = np.asarray(info["record"]["queries"])
+        entry["queries"] = {"budget": info["params"].get("max_queries"),
+                            "mean": float(queries.mean()), "median": float(np.median(queries)),
+                            "max": int(queries.max())}
+        entry["query_success_rate"] = float(np.mean(info["record"]["success"]))
+    return entry
 
 
 def _load_val_resistance(model_dir, fmd, defense, num_val, notes):
@@ -316,7 +323,7 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
     for k, (attack, method, overrides) in enumerate(runs):
         x_adv, info = harness.adversarial_set(method, fmd.classifier, x, y, cache_dir, seed,
                                               params=overrides, defense=target,
-                                              surrogate=surrogate_model)
+                                              surrogate=surrogate_model, verbose=verbose)
         adv = adv_out[attack] = _run_fm(fmd, x_adv, batch_size, verbose)
         entry = _attack_entry(method, info, x, x_adv, y, clean, adv)
         roc[attack] = {"FM-Defense": (clean["score"], adv["score"])}
