@@ -48,6 +48,7 @@ CLASSIFIER_TRAININGS = ("standard", "pgd_at", "trades")  # ClassifierConfig.trai
 THRESHOLD_MODES = ("per_code", "unified")  # DefenseConfig.threshold_mode
 PURIFY_ZU = ("encoded", "class_mean")  # DefenseConfig.purify_zu
 PURIFY_LABELS = ("reconstruction", "corroborated")  # DefenseConfig.purify_label
+SUSPICIOUS = ("purify", "reject")  # DefenseConfig.suspicious
 RECON_METRICS = ("mae", "mse", "pixel_share")  # DefenseConfig.recon_metric
 DRAW_ORDERS = ("shuffled", "search")  # DefenseConfig.adaptive_order
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "auto")  # DefenseConfig.morph_dtype
@@ -288,6 +289,13 @@ class DefenseConfig:
                                  "thresholds at eta_reference_rho", check=NON_NEGATIVE)
     eta_reference_rho: float = option(0.9, "ρ of the reference thresholds of θd with few "
                                       "suspicious VAL images", check=UNIT_LEFT_OPEN)
+    suspicious: str = option(
+        "purify",
+        "what a suspicious input gets: purify (the paper: the purified image's label when its "
+        "distance Dis <= θd, else rejected) or reject (always rejected: for a public endpoint, "
+        "where an attacker can steer inputs into the purifier and pick its label)",
+        choices=SUSPICIOUS, member_shared=True,
+    )
     purify_zu: str = option("encoded", "zu of the purified image: the encoded zu(x), or the "
                             "mean of the most likely DGMM class", choices=PURIFY_ZU)
     purify_label: str = option(

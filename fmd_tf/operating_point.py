@@ -271,7 +271,8 @@ def budget_row(fmd, options: dict, sets: dict, auc_level: float = 0.0) -> dict:
     from fmd_tf.evaluation.metrics import paired_auc_change_interval, roc_auc
 
     variant = fmd.copy_with(**options)
-    theta_r, theta_d, theta_e = (v.numpy() for v in (fmd.theta_r, fmd.theta_d, fmd.theta_e))
+    theta_r, theta_d, theta_e = (np.asarray(v) for v in (fmd.theta_r, fmd.purify_threshold(),
+                                                          fmd.theta_e))
     full, fast, morphs, agree = {}, {}, [], []
     for name, (outcomes, recon_error) in sets.items():
         resistance = full_resistance(outcomes).numpy()

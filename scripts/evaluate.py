@@ -36,9 +36,21 @@ import sys
 
 from fmd_tf.cli import UsageError, run_cli, usage_errors
 
+# DefenseConfig options a trained defense can be evaluated with (`FMDefense.copy_with`): they
+# change what it answers, not its calibration.
+DEPLOYMENT_OPTIONS = ("suspicious",)
+
+
+def _other_options():
+    from fmd_tf.config import DefenseConfig
+    from fmd_tf.options import cli_fields
+
+    return DefenseConfig, [f for f in cli_fields(DefenseConfig) if f not in DEPLOYMENT_OPTIONS]
+
 
 def parse_args(argv):
     from fmd_tf.evaluation.harness import ATTACKS, BUDGETED, TRANSFER
+    from fmd_tf.options import add_arguments, given_arguments
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="fmnist")
@@ -63,7 +75,11 @@ def parse_args(argv):
     p.add_argument("--surrogate", default=None, metavar="CLASSIFIER.keras",
                    help="an independently trained classifier that " + ", ".join(TRANSFER)
                         + " are made on (e.g. train.py --stages classifier --seed 1)")
+    config, skip = _other_options()
+    add_arguments(p.add_argument_group("deployment options of the evaluated defense (applied "
+                                       "with FMDefense.copy_with)"), config, skip=skip)
     args = p.parse_args(argv)
+    args.defense_options = given_arguments(args, config, skip=skip)
     args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     unknown = [a for a in args.attacks if a not in ATTACKS]
     if unknown or not args.attacks:
@@ -104,12 +120,14 @@ def run(args) -> dict:
 
     with usage_errors(ValueError):  # a malformed model card, too few CLE images
         splits = model_splits(args.model, args.dataset, args.seed, args.n)
-    with usage_errors(ModelFileError):  # a damaged or changed model file
+    with usage_errors(ModelFileError, TypeError):  # a damaged or changed model file; options
+        # an ensemble cannot take
         report = evaluate(
             args.model, args.dataset, args.attacks, args.n, args.seed, out_dir=args.out,
             cache_dir=args.cache, batch_size=args.batch_size, baselines=not args.no_baselines,
             linf_eps=args.linf_eps, l2_eps=args.l2_eps, defense=args.defense,
             attack_defense=args.attack_defense, splits=splits, surrogate=args.surrogate,
+            defense_options=args.defense_options,
             command="python scripts/evaluate.py " + " ".join(sys.argv[1:]))
     print(render_markdown(report))
     return report

@@ -382,6 +382,23 @@ class FMDefenseTest(FmdTestCase):
         np.testing.assert_array_equal(kept.numpy(), dgmm_label)
         np.testing.assert_array_equal(other.numpy(), paper_label.numpy())
 
+    def test_suspicious_reject_rejects_what_purify_purifies(self):
+        purify = _tiny_defense(rho=0.5)
+        purify.calibrate(tiny_images(20, seed=1))
+        purify.theta_d.assign(10.0)  # purify every suspicious input
+        reject = purify.copy_with(suspicious="reject")
+        self.assertEqual((purify.suspicious, reject.suspicious), ("purify", "reject"))
+        x = tiny_images(40, seed=7)
+        a, b = purify.defend(x), reject.defend(x)
+        self.assertTrue(np.any(a["verdict"] == 1) and np.any(a["verdict"] == 0))
+        np.testing.assert_array_equal(b["verdict"], np.where(a["verdict"] == 1, 2, a["verdict"]))
+        np.testing.assert_array_equal(b["label"], np.where(a["verdict"] == 0, a["label"], -1))
+        np.testing.assert_array_equal(b["resistance"], a["resistance"])
+        loaded = self.run_keras_saving_test(reject, x[:3], atol=0, rtol=0)
+        self.assertEqual(loaded.suspicious, "reject")
+        with self.assertRaisesRegex(ValueError, "suspicious"):
+            purify.copy_with(suspicious="ignore")
+
     def test_options_come_from_one_defense_config(self):
         fmd = _tiny_defense(recon_metric="pixel_share", recon_pixel_tol=0.05)
         cfg = fmd.config
@@ -416,10 +433,11 @@ class FMDefenseTest(FmdTestCase):
     def test_files_saved_before_newer_options_load_with_defaults(self):
         fmd = _tiny_defense(rho=0.95, recon_fpr=0.01)
         # The keys of the first shipped fmd.keras (before the gate's metric, the pixel
-        # tolerance, the purified label rule and the adaptive draw order and refinement).
+        # tolerance, the purified label rule, the adaptive draw order and refinement, and the
+        # treatment of suspicious inputs).
         config = {k: v for k, v in fmd.get_config().items()
                   if k not in ("recon_metric", "recon_pixel_tol", "purify_label",
-                               "adaptive_order", "adaptive_refine_codes")}
+                               "adaptive_order", "adaptive_refine_codes", "suspicious")}
         old = FMDefense.from_config({**config, "jit_compile": False})
         self.assertEqual(old.config, dataclasses.replace(fmd.config, recon_metric="mse",
                                                          purify_label="reconstruction"))
@@ -443,6 +461,7 @@ class FMDefenseTest(FmdTestCase):
             (dict(eta=-0.1), "eta"),
             (dict(purify_zu="x"), "purify_zu"),
             (dict(purify_label="dgmm"), "purify_label"),
+            (dict(suspicious="drop"), "suspicious"),
             (dict(radius_step=0.0), "radius_step"),
             (dict(range_percentiles=(99, 1)), "range_percentiles"),
             (dict(chunk_size=0), "chunk_size"),
@@ -463,7 +482,7 @@ SAVED_KEYS = {
     "eta", "min_suspicious", "eta_reference_rho", "purify_zu", "purify_label", "chunk_size",
     "seed", "adaptive_budget", "adaptive_round", "adaptive_alpha", "adaptive_refine_codes",
     "adaptive_order", "morph_dtype", "morph_check_margin", "recon_fpr", "recon_metric",
-    "recon_pixel_tol",
+    "recon_pixel_tol", "suspicious",
     "fmd_tf_format", "fmd_tf_version",  # which fmd_tf wrote the file (fmd_tf.loading)
 }
 

@@ -75,14 +75,19 @@ def test_evaluate_adaptive_budget_grid(quick_model, tmp_path):
     assert "| adaptive_pgd | l2 | 1.5 |" in md and "## Worst case per image" in md
     # The paper's figures and operating points cover only the paper's attacks.
     assert all("adaptive" not in k for row in report["operating_points"] for k in row)
-    # Adaptive attacks alone: no paper figures, still a report.
+    # Adaptive attacks alone: no paper figures, still a report. Evaluated with a deployment
+    # option: suspicious inputs rejected, never purified.
     proc = run_script("scripts/evaluate.py", "--model", str(quick_model), "--attacks", "cw_hiconf",
                       "--linf-eps", "0.05", "--n", "4", "--out", str(out / "only"),
-                      "--cache", str(tmp_path / "cache"), "--no-baselines")
+                      "--cache", str(tmp_path / "cache"), "--no-baselines",
+                      "--suspicious", "reject")
     assert proc.returncode == 0, proc.stderr[-3000:]
     only = json.loads((out / "only" / "report.json").read_text())
     assert list(only["attacks"]) == ["adaptive_cw_hiconf_linf_0.05"]
     assert only["figures"] == ["fig1_resistance.png"] and "operating_points" not in only
+    assert only["defense_options"] == {"suspicious": "reject"} and "defense_options" not in report
+    assert only["clean"]["purified_rate"] == 0.0
+    assert only["attacks"]["adaptive_cw_hiconf_linf_0.05"]["fm_defense"]["verdict_counts"][1] == 0
 
 
 @pytest.mark.parametrize("flag,value,message", [
@@ -90,6 +95,7 @@ def test_evaluate_adaptive_budget_grid(quick_model, tmp_path):
     ("--l2-eps", "1.5,-1", "must be > 0"),
     ("--attacks", "adaptive_foo", "unknown"),
     ("--attacks", "transfer_pgd", "need --surrogate"),
+    ("--suspicious", "drop", "invalid choice"),
 ])
 def test_evaluate_bad_budget_arguments(quick_model, flag, value, message):
     proc = _run("scripts/evaluate.py", "--model", str(quick_model), flag, value)

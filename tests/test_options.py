@@ -31,7 +31,7 @@ CONFIGS = (C.DefenseConfig, C.ComboVAEConfig, C.ClassifierConfig, C.SplitConfig)
 # What scripts/train.py listed by hand as MEMBER_SETTINGS before the options were declared once.
 MEMBER_SETTINGS = ("num_morphs", "radius_step", "threshold_mode", "rho", "eta", "recon_fpr",
                    "recon_metric", "recon_pixel_tol", "selected_codes", "range_percentiles",
-                   "purify_label")
+                   "purify_label", "suspicious")
 
 
 def _parser():

@@ -458,6 +458,11 @@ class FMDefense(BatchedDefense, keras.Model):
         if config:
             self.build(config["input_shape"])
 
+    def purify_threshold(self):
+        """The θd that `decide` gets: the calibrated one, or -inf with `suspicious` "reject"
+        (no distance is <= -inf: every suspicious input is rejected)."""
+        return self.theta_d if self.suspicious == "purify" else tf.constant(-np.inf, tf.float32)
+
     @property
     def is_calibrated(self) -> bool:
         return self.built and float(self.calibrated.numpy()) > 0.5
@@ -584,8 +589,8 @@ class FMDefense(BatchedDefense, keras.Model):
         purified, purified_label = self._purify_codes(mean, zu, label, reconstruction)
         recon_error = reconstruction_error(images, reconstruction, self.recon_metric,
                                            self.recon_pixel_tol)
-        verdict, distance = decide(resistance, self.theta_r, self.theta_d, recon_error,
-                                   self.theta_e)
+        verdict, distance = decide(resistance, self.theta_r, self.purify_threshold(),
+                                   recon_error, self.theta_e)
         return {
             "label": final_label(verdict, label, purified_label),
             "verdict": verdict,

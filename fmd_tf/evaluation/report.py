@@ -151,6 +151,16 @@ def _check_runs(attacks, linf_eps, l2_eps, n):
     return expand_budgets(attacks, linf_eps, l2_eps)
 
 
+def _with_options(fmd, options):
+    """`fmd` with the DefenseConfig `options` (none: itself); TypeError for an ensemble."""
+    if not options:
+        return fmd
+    if not hasattr(fmd, "copy_with"):
+        raise TypeError(f"{', '.join(options)}: an ensemble is evaluated with its members' own "
+                        "options (train it with them)")
+    return fmd.copy_with(**options)
+
+
 def _attack_entry(method, info, x, x_adv, y, clean, adv) -> dict:
     """The report entry of one adversarial set (FM-Defense only; baselines are added)."""
     from fmd_tf.evaluation import harness
@@ -245,7 +255,8 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
              cache_dir: str | None = None, batch_size: int = 64, baselines: bool = True,
              linf_eps=(), l2_eps=(), defense: str = "fmd.keras",
              attack_defense: str | None = None, splits=None, command: str | None = None,
-             surrogate: str | None = None, verbose: int = 1) -> dict:
+             surrogate: str | None = None, verbose: int = 1,
+             defense_options: dict | None = None) -> dict:
     """The evaluation report of the defense `model_dir`/`defense` on the first `n` CLE images.
 
     Args:
@@ -263,6 +274,8 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
             another seed: `train.py --stages classifier --seed 1`), needed by the attacks of
             `harness.TRANSFER`, which are made on it and transferred.
         verbose: 0 silent, else a start line and a progress bar.
+        defense_options: DefenseConfig options the loaded defenses are evaluated with
+            (`FMDefense.copy_with`, e.g. {"suspicious": "reject"}); recorded in the report.
 
     Raises ValueError (unknown attack, budget <= 0, n < 2 or above the CLE images, malformed
     model card) and FileNotFoundError (a defense file missing) before any attack runs.
@@ -290,8 +303,9 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
         else _enough_cle(splits, n)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-    fmd = load_defense(model_dir, name=defense)
-    target = fmd if attack_defense == defense else load_defense(model_dir, name=attack_defense)
+    fmd = _with_options(load_defense(model_dir, name=defense), defense_options)
+    target = fmd if attack_defense == defense else _with_options(
+        load_defense(model_dir, name=attack_defense), defense_options)
     x, y = splits.x_cle[:n], splits.y_cle[:n]
     surrogate_model = None if surrogate is None else keras.models.load_model(surrogate,
                                                                               compile=False)
@@ -312,6 +326,8 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
               "command": command if command is not None
               else f"evaluate({model_dir!r}, attacks={list(attacks)!r}, n={n}, seed={seed})",
               "clean": harness.clean_metrics(clean, y), "attacks": {}, "notes": notes}
+    if defense_options:
+        report["defense_options"] = dict(defense_options)
     if surrogate_model is not None:
         report["surrogate"] = {"path": surrogate, "clean_accuracy": float(np.mean(
             np.argmax(surrogate_model.predict(x, verbose=0), axis=-1) == y))}
