@@ -266,7 +266,7 @@ def test_cw_high_confidence_margins(setup):
         x_adv, cw_high_confidence_transfer(fmd.classifier, x[:6], y[:6], **params))
     clipped = cw_high_confidence_transfer(fmd, x[:6], y[:6], eps=0.5, **params)
     _assert_in_ball(clipped, x[:6], 0.5, "l2")
-    assert ATTACKS["cw_hiconf"][0] == "cw_high_confidence_transfer"
+    assert ATTACKS["cw_hiconf"].function == "cw_high_confidence_transfer"
 
 
 def test_argument_checks(setup):

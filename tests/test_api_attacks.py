@@ -487,9 +487,10 @@ def test_harness_names_run_through_adversarial_set(strict_defense, tmp_path):
         set(harness.QUERY_BASED) & set(harness.DEFENSE_AWARE)
     for name in API_NAMES:
         assert name in harness.DEFENSE_AWARE and name in harness.BUDGETED
-        fn_name, defaults = harness.ATTACKS[name][:2]
-        assert fn_name in ("api_square", "api_rays", "api_hop_skip_jump")
-        assert defaults["max_queries"] == (5000 if name.endswith("_5k") else 1000)
+        spec = harness.ATTACKS[name]
+        assert spec.target == "endpoint"
+        assert spec.function in ("api_square", "api_rays", "api_hop_skip_jump")
+        assert spec.params["max_queries"] == (5000 if name.endswith("_5k") else 1000)
     with pytest.raises(ValueError, match="needs the defense"):
         harness.adversarial_set("api_square", fmd.classifier, x, y, None)
     for name, budget in budgets.items():

@@ -199,8 +199,8 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
 
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; known: {', '.join(ATTACKS)}")
-    fn_name, defaults = ATTACKS[attack][:2]
-    params = {**defaults, **(params or {})}
+    spec = ATTACKS[attack]
+    params = {**spec.params, **(params or {})}
     target = classifier
     if attack in DEFENSE_AWARE:
         if defense is None:
@@ -232,7 +232,7 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
 
     keras.utils.set_random_seed(seed)
     start = time.time()
-    fn = getattr(attacks, fn_name)
+    fn = getattr(attacks, spec.function)
     extra = {"seed": seed, "verbose": verbose} if attack in QUERY_BASED else {}
     if "y" in inspect.signature(fn).parameters:  # DeepFool attacks the predicted label instead
         x_adv = fn(target, x, y=y, **params, **extra)

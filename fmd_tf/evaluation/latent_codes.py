@@ -265,6 +265,6 @@ def defense_code_activity(model_dir: str, dataset: str = "fmnist", n: int = 500,
         adversarial = {a: harness.adversarial_set(a, fmd.classifier, x, y, cache_dir, seed)[0]
                        for a in morph_attacks}
         out["morph_strength"] = {"images": int(len(x)), "images_from": "VAL",
-                                 "attacks": {a: harness.ATTACKS[a][1] for a in morph_attacks},
+                                 "attacks": {a: harness.ATTACKS[a].params for a in morph_attacks},
                                  "rows": morph_strength_sweep(fmd, x, adversarial, morph_scales)}
     return out
