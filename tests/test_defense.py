@@ -396,6 +396,21 @@ class FMDefenseTest(FmdTestCase):
         np.testing.assert_array_equal(b["resistance"], a["resistance"])
         loaded = self.run_keras_saving_test(reject, x[:3], atol=0, rtol=0)
         self.assertEqual(loaded.suspicious, "reject")
+        # The operating-point tables decide the same way (θd = -inf: nothing is purified).
+        from fmd_tf.evaluation import harness
+
+        r, e = a["resistance"], a["recon_error"]
+        own = (purify.threshold_mode, purify.rho, 0.0)
+        theta_r, theta_d, theta_e = harness.operating_point_thresholds(purify, r, e, *own)
+        self.assertTrue(np.isfinite(theta_d))
+        reject_thresholds = harness.operating_point_thresholds(reject, r, e, *own)
+        np.testing.assert_array_equal(reject_thresholds[0], theta_r)
+        self.assertEqual(reject_thresholds[1], -np.inf)
+        out = {**a, "purified_label": a["label"]}
+        kept = harness.reverdict(out, theta_r, 10.0, theta_e)["verdict"]  # θd as set above
+        self.assertTrue(np.any(kept == 1))
+        np.testing.assert_array_equal(harness.reverdict(out, *reject_thresholds)["verdict"],
+                                      np.where(kept == 1, 2, kept))
         with self.assertRaisesRegex(ValueError, "suspicious"):
             purify.copy_with(suspicious="ignore")
 

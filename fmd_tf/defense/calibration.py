@@ -87,6 +87,13 @@ def distance(resistance: np.ndarray, theta_r: np.ndarray) -> np.ndarray:
     return np.sum(np.maximum(np.asarray(theta_r)[None, :] - np.asarray(resistance), 0.0), axis=1)
 
 
+def purify_threshold(theta_d, suspicious: str):
+    """θd as the verdicts use it (§III-A: a suspicious input is purified iff Dis <= θd): θd
+    itself when suspicious inputs are purified (`suspicious` "purify"), -inf when every one is
+    rejected ("reject": no distance is <= -inf)."""
+    return theta_d if suspicious == "purify" else -np.inf
+
+
 def distance_threshold(
     resistance: np.ndarray,
     theta_r: np.ndarray,

@@ -459,9 +459,9 @@ class FMDefense(BatchedDefense, keras.Model):
             self.build(config["input_shape"])
 
     def purify_threshold(self):
-        """The θd that `decide` gets: the calibrated one, or -inf with `suspicious` "reject"
-        (no distance is <= -inf: every suspicious input is rejected)."""
-        return self.theta_d if self.suspicious == "purify" else tf.constant(-np.inf, tf.float32)
+        """The θd that `decide` gets (`calibration.purify_threshold`): the calibrated one, or
+        -inf with `suspicious` "reject"."""
+        return calibration.purify_threshold(self.theta_d, self.suspicious)
 
     @property
     def is_calibrated(self) -> bool:

@@ -374,13 +374,15 @@ def reverdict(out: dict, theta_r, theta_d, theta_e=np.inf) -> dict:
 
 def operating_point_thresholds(fmd, r_val, e_val, mode: str, rho: float, recon_fpr: float):
     """(θr [m], θd, θe) that `fmd.calibrate` would set at (`mode`, `rho`, `recon_fpr`) on the
-    VAL resistances `r_val` [n, m] and reconstruction errors `e_val` [n] (no morphs)."""
+    VAL resistances `r_val` [n, m] and reconstruction errors `e_val` [n] (no morphs); θd as the
+    verdicts use it (-inf when `fmd.suspicious` is "reject": `calibration.purify_threshold`)."""
     from fmd_tf.defense import calibration
 
     theta_r = calibration.resistance_thresholds(r_val, rho, mode, fmd.num_morphs)
     theta_d, _ = calibration.distance_threshold(
         r_val, theta_r, fmd.eta, mode, fmd.num_morphs, fmd.min_suspicious, fmd.eta_reference_rho)
-    return theta_r, theta_d, calibration.recon_threshold(e_val, recon_fpr)
+    return (theta_r, calibration.purify_threshold(theta_d, fmd.suspicious),
+            calibration.recon_threshold(e_val, recon_fpr))
 
 
 def val_operating_points(fmd, val_out: dict, y_val, grid, attack_outputs=None) -> list[dict]:
@@ -400,7 +402,8 @@ def val_operating_points(fmd, val_out: dict, y_val, grid, attack_outputs=None) -
         v = reverdict(val_out, theta_r, theta_d, theta_e)
         row = {
             "threshold_mode": mode, "rho": rho, "recon_fpr": recon_fpr,
-            "theta_r_max": float(np.max(theta_r)), "theta_d": float(theta_d),
+            "theta_r_max": float(np.max(theta_r)),
+            "theta_d": float(theta_d) if np.isfinite(theta_d) else None,  # None: no purifying
             "detector_fires": bool(np.max(theta_r) >= 0.0),
             "val_clean_defended_accuracy": metrics.defended_accuracy(
                 v["label"], v["verdict"], y_val, False),
