@@ -74,6 +74,7 @@ from fmd_tf.files import replace_directory
 
 __all__ = [
     "EXPOSURES",
+    "exposed_signatures",
     "SIGNATURES",
     "INPUT_NAME",
     "export_saved_model",
@@ -100,7 +101,9 @@ EXPOSURES = {
 }
 
 
-def _signatures(exposure: str) -> dict:
+def exposed_signatures(exposure: str) -> dict:
+    """{signature name: output keys} an endpoint exported with `exposure` serves
+    (`EXPOSURES`); ValueError naming the choices for another exposure."""
     if exposure not in EXPOSURES:
         raise ValueError(f"exposure must be one of {', '.join(EXPOSURES)}, got {exposure!r}")
     return EXPOSURES[exposure]
@@ -135,7 +138,7 @@ def serving_functions(fmd, jit_compile: bool = False, exposure: str = "full") ->
         raise ValueError("XLA (jit_compile / --xla) needs fixed shapes: export "
                          "fmd.copy_with(**FMDefense.XLA_OPTIONS) (all m x N morphs per image in "
                          "float32: the same verdicts where the budget was chosen on VAL)")
-    signatures = _signatures(exposure)
+    signatures = exposed_signatures(exposure)
     image_shape = tuple(int(s) for s in fmd._image_shape)
     spec = tf.TensorSpec([None, *image_shape], tf.float32, name=INPUT_NAME)
 
@@ -216,7 +219,7 @@ def export_serving(fmd, out_dir, version: int = 1, overwrite: bool = False,
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"version must be a positive integer, got {version!r}")
     _check_ready(fmd)
-    _signatures(exposure)
+    exposed_signatures(exposure)
     out_dir = os.fspath(out_dir)
     final = os.path.join(out_dir, str(version))
     if os.path.exists(final) and not overwrite:

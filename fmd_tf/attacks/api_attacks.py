@@ -162,11 +162,9 @@ class QueryOracle:
         only, not the purified images), `classify` for the logits. `exposure`: how the model
         was exported (`fmd_tf.export.EXPOSURES`); a "decision" endpoint answers label and
         verdict only and has no `classify` (decision-based attacks only)."""
-        from fmd_tf.export import EXPOSURES
+        from fmd_tf.export import exposed_signatures
 
-        if exposure not in EXPOSURES:
-            raise ValueError(f"exposure must be one of {', '.join(EXPOSURES)}, got {exposure!r}")
-        served = EXPOSURES[exposure]
+        served = exposed_signatures(exposure)
         keys = [k for k in PUBLIC_KEYS if k in served["serving_default"]]
         takes_filter = "output_filter" in inspect.signature(client.predict).parameters
 
