@@ -115,13 +115,18 @@ def parse_args(argv):
 
 
 def run(args) -> dict:
-    from fmd_tf.evaluation.report import evaluate, model_splits, render_markdown
+    from fmd_tf.evaluation.report import (
+        DefenseOptionError,
+        evaluate,
+        model_splits,
+        render_markdown,
+    )
     from fmd_tf.loading import ModelFileError
 
     with usage_errors(ValueError):  # a malformed model card, too few CLE images
         splits = model_splits(args.model, args.dataset, args.seed, args.n)
-    with usage_errors(ModelFileError, TypeError):  # a damaged or changed model file; options
-        # an ensemble cannot take
+    with usage_errors(ModelFileError, DefenseOptionError):  # a damaged or changed model
+        # file; deployment options for an ensemble
         report = evaluate(
             args.model, args.dataset, args.attacks, args.n, args.seed, out_dir=args.out,
             cache_dir=args.cache, batch_size=args.batch_size, baselines=not args.no_baselines,

@@ -55,6 +55,10 @@ def test_train_ensemble_stage(ensemble_model, tmp_path):
                 "--ensemble", "2", "--verbose", "0")
     assert proc.returncode == 2 and "fmd_ensemble.keras" in proc.stderr
     _evaluate_ensemble(out, "fmd_ensemble.keras", tmp_path)  # EOT over its members
+    proc = _run("scripts/evaluate.py", "--model", str(out), "--defense", "fmd_ensemble.keras",
+                "--suspicious", "reject", "--n", "4", "--out", str(tmp_path / "options"))
+    assert proc.returncode == 2 and "suspicious" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "options" / "report.json").exists()
     proc = _run("scripts/evaluate.py", "--model", str(out), "--defense", "nothing.keras")
     assert proc.returncode == 2 and "nothing.keras" in proc.stderr and "--ensemble" not in \
         proc.stderr

@@ -151,13 +151,18 @@ def _check_runs(attacks, linf_eps, l2_eps, n):
     return expand_budgets(attacks, linf_eps, l2_eps)
 
 
+class DefenseOptionError(ValueError):
+    """`evaluate(defense_options=)` given for a defense that cannot take them (an ensemble)."""
+
+
 def _with_options(fmd, options):
-    """`fmd` with the DefenseConfig `options` (none: itself); TypeError for an ensemble."""
+    """`fmd` with the DefenseConfig `options` (none: itself); DefenseOptionError for an
+    ensemble."""
     if not options:
         return fmd
     if not hasattr(fmd, "copy_with"):
-        raise TypeError(f"{', '.join(options)}: an ensemble is evaluated with its members' own "
-                        "options (train it with them)")
+        raise DefenseOptionError(f"{', '.join(options)}: an ensemble is evaluated with its "
+                                 "members' own options (train it with them)")
     return fmd.copy_with(**options)
 
 
