@@ -28,10 +28,10 @@ data: $(STAMP)
 demo: data
 	$(PY) scripts/demo.py --model saved_models/fmnist --n 200
 
-test: $(STAMP_DEV)
+test: data $(STAMP_DEV)
 	$(PY) -m pytest -q
 
-test-all: $(STAMP_DEV)
+test-all: data $(STAMP_DEV)
 	$(PY) -m pytest -q -m ""
 
 # Rebuilds the quick model that the tests load (tests/quick_model.py), after a change of what

@@ -398,7 +398,9 @@ def test_square_beats_noise_and_matches_art(fmnist):
 
 def test_rays_beats_noise_on_the_undefended_classifier(fmnist, capsys):
     model, x, y = fmnist
-    eps, budget = 0.05, 200
+    # At L-inf 0.1, 200 queries: RayS fooled 40 % and noise 10 % on a float32-only CPU
+    # (AVX2), 21 % and 6 % at 0.05: a margin that the classifier's training noise could close.
+    eps, budget = 0.1, 200
     x_adv, rec = api_rays(QueryOracle.from_classifier(model), x, y, eps=eps, max_queries=budget,
                           verbose=1)
     shown = capsys.readouterr().out  # the progress bar: rounds of the budget, share fooled
