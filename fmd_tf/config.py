@@ -80,6 +80,10 @@ class SplitConfig:
                            check=POSITIVE_INT)
     cle_size: int = option(5_000, "CLE images (official test set, disjoint from VAL): "
                            "evaluation", check=POSITIVE_INT)
+    test_size: int | None = option(None, "official test images (the first ones) behind the "
+                                   "model card's test figures: classifier and DGMM accuracy, "
+                                   "reconstruction error and label agreement; none: all",
+                                   check=POSITIVE_INT)
 
     def __post_init__(self):
         normalize(self)
@@ -406,10 +410,10 @@ def get_config(name: str) -> ExperimentConfig:
 
 def quick_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """A tiny variant (512 training images, 2,048 for the classifier, one epoch each, few
-    morphs) for tests and CI."""
+    morphs, the card's test figures on 1,024 test images) for tests and CI."""
     return dataclasses.replace(
         cfg,
-        splits=SplitConfig(train_size=512, val_size=128, cle_size=128),
+        splits=SplitConfig(train_size=512, val_size=128, cle_size=128, test_size=1024),
         classifier=dataclasses.replace(cfg.classifier, epochs=1, train_size=2048),
         combo=dataclasses.replace(
             cfg.combo, dgmm_epochs=1, vae_epochs=1, batch_size=64, dgmm_train_size=512,

@@ -27,6 +27,10 @@ def test_train_quick_writes_models_and_card(quick_model):
     assert card["hyperparameters"]["combo"]["vae_data"] == "train"  # --quick: 512 TRAIN images
     assert card["latent_dims"] == {"shared": 10, "unique": 10}
     assert 0.0 <= card["classifier_test_accuracy"] <= 1.0
+    # --quick: the test figures on the first 1,024 test images, code activity on 128 / 4 VAL
+    assert card["hyperparameters"]["splits"]["test_size"] == card["splits"]["test_figures"] \
+        == 1024
+    assert card["latent_codes"]["images"] == 32
     r_val = np.load(quick_model / "val_resistance.npy")
     assert r_val.shape == (128, 10)
     assert card["calibration"]["val_false_positive_rate"] <= 1 - 0.95 + 1e-9
