@@ -71,6 +71,16 @@ TINY_COMBO_CONFIG = ComboVAEConfig(
 )
 
 
+def graph_forward(model):
+    """`model`'s forward pass as one `tf.function` (same outputs): for ART's estimators, which
+    otherwise call a Keras model eagerly once per class gradient (ART's DeepFool on 32 images:
+    20 s eager, 11 s traced, the same images)."""
+    import tensorflow as tf
+
+    return tf.function(lambda images, training=False: model(images, training=training),
+                       reduce_retracing=True)
+
+
 def run_python(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
     """`python *args` in a new process from the repository root (TensorFlow's C++ log quiet),
     output captured as text."""
