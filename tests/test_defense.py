@@ -406,6 +406,9 @@ class FMDefenseTest(FmdTestCase):
         reject_thresholds = harness.operating_point_thresholds(reject, r, e, *own)
         np.testing.assert_array_equal(reject_thresholds[0], theta_r)
         self.assertEqual(reject_thresholds[1], -np.inf)
+        # ... and their rows give θd as None: nothing is purified.
+        self.assertIsNone(harness.theta_d_entry(reject_thresholds[1]))
+        self.assertEqual(harness.theta_d_entry(theta_d), float(theta_d))
         out = {**a, "purified_label": a["label"]}
         kept = harness.reverdict(out, theta_r, 10.0, theta_e)["verdict"]  # θd as set above
         self.assertTrue(np.any(kept == 1))

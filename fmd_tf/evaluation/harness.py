@@ -385,6 +385,12 @@ def operating_point_thresholds(fmd, r_val, e_val, mode: str, rho: float, recon_f
             calibration.recon_threshold(e_val, recon_fpr))
 
 
+def theta_d_entry(theta_d) -> float | None:
+    """θd of `operating_point_thresholds` as a table row gives it: None when nothing is
+    purified (-inf, suspicious inputs rejected)."""
+    return float(theta_d) if np.isfinite(theta_d) else None
+
+
 def val_operating_points(fmd, val_out: dict, y_val, grid, attack_outputs=None) -> list[dict]:
     """Clean VAL figures of other operating points: for each (mode, ρ, gate budget) of `grid`,
     θr / θd / θe re-calibrated on the stored VAL outputs (`val_outputs`) and what they give on
@@ -403,7 +409,7 @@ def val_operating_points(fmd, val_out: dict, y_val, grid, attack_outputs=None) -
         row = {
             "threshold_mode": mode, "rho": rho, "recon_fpr": recon_fpr,
             "theta_r_max": float(np.max(theta_r)),
-            "theta_d": float(theta_d) if np.isfinite(theta_d) else None,  # None: no purifying
+            "theta_d": theta_d_entry(theta_d),
             "detector_fires": bool(np.max(theta_r) >= 0.0),
             "val_clean_defended_accuracy": metrics.defended_accuracy(
                 v["label"], v["verdict"], y_val, False),

@@ -123,7 +123,7 @@ def operating_point_rows(fmd, r_val, e_val, clean: dict, adv_out: dict, y, val_o
             fmd, r_val, e_val, mode, rho, recon_fpr)
         c = harness.reverdict(clean, theta_r, theta_d, theta_e)
         row = {"threshold_mode": mode, "rho": rho, "recon_fpr": recon_fpr,
-               "theta_d": float(theta_d) if np.isfinite(theta_d) else None,  # None: no purifying
+               "theta_d": harness.theta_d_entry(theta_d),
                "clean_defended_accuracy": metrics.defended_accuracy(
                    c["label"], c["verdict"], y, False),
                "clean_flagged": float(np.mean(c["verdict"] != 0))}
