@@ -92,6 +92,12 @@ def parse_args(argv):
     p.add_argument("--classifier", default=None,
                    help="an existing Keras classifier to defend (images in [0, 1] -> logits); "
                         "the classifier stage is skipped")
+    p.add_argument("--combo-vae", default=None, metavar="PATH",
+                   help="an existing combo_vae.keras to calibrate on (the dgmm and vae stages "
+                        "are skipped), e.g. another model's, to defend a retrained classifier "
+                        "without training the VAE again; its label-consistency term followed "
+                        "the classifier it was trained with, so the card reports its "
+                        "reconstruction label agreement with this one")
     p.add_argument("--member-index", type=int, default=0,
                    help="train ensemble member I: model and morph seeds offset by I, the same "
                         "data splits (those of --seed); used by --ensemble")
@@ -113,8 +119,10 @@ def parse_args(argv):
         if not os.path.exists(args.data):
             raise UsageError(f"--data {args.data} not found")
         args.dataset = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
-    if args.classifier is not None and args.stages is None:
-        args.stages = ",".join(s for s in STAGES if s != "classifier"
+    given = {"classifier": ("classifier",) if args.classifier else (),
+             "combo_vae": ("dgmm", "vae") if args.combo_vae else ()}
+    if args.stages is None and any(given.values()):
+        args.stages = ",".join(s for s in STAGES if s not in sum(given.values(), ())
                                and (s != "ensemble" or args.ensemble > 1))
     if args.ensemble < 1:
         raise UsageError(f"--ensemble must be >= 1, got {args.ensemble}")
@@ -134,10 +142,16 @@ def parse_args(argv):
         args.ensemble_key = ()
     if len(args.ensemble_key) != 2 or min(args.ensemble_key) < 0:
         raise UsageError(f"--ensemble-key must be two non-negative ints A,B, got {key!r}")
-    if args.classifier is not None and "classifier" in args.stages:
-        raise UsageError("--classifier names an existing classifier: drop the classifier stage")
-    if args.classifier is not None and not os.path.isfile(args.classifier):
-        raise UsageError(f"--classifier {args.classifier} not found")
+    for name, skipped in given.items():
+        flag = "--" + name.replace("_", "-")
+        if set(skipped) & set(args.stages):
+            raise UsageError(f"{flag} names an existing model: drop the "
+                             f"{' and '.join(skipped)} stage(s)")
+        if skipped and not os.path.isfile(getattr(args, name)):
+            raise UsageError(f"{flag} {getattr(args, name)} not found")
+    if args.combo_vae and args.ensemble > 1:
+        raise UsageError("--combo-vae cannot be used with --ensemble: every member trains its "
+                         "own combo-VAE")
     if args.member_index < 0:
         raise UsageError(f"--member-index must be >= 0, got {args.member_index}")
     if args.epochs is not None and args.epochs < 1:
@@ -220,9 +234,8 @@ def _check_outputs(args):
     for stage, needed in (("classifier", "classifier.keras"), ("vae", "combo_vae.keras")):
         needs_it = any(STAGES.index(s) > STAGES.index(stage) for s in args.stages
                        if s != "ensemble" or stage == "classifier")
-        path = os.path.join(args.out, needed)
-        if stage == "classifier" and args.classifier is not None:
-            path = args.classifier
+        path = ({"classifier": args.classifier, "vae": args.combo_vae}[stage]
+                or os.path.join(args.out, needed))
         if needs_it and stage not in args.stages and not (
             stage == "vae" and "dgmm" in args.stages
         ) and not os.path.exists(path):
@@ -327,9 +340,14 @@ def _run(args) -> dict:
         combo = training.inference_copy(combo)
         combo.save(stage.path("combo_vae.keras"))
     elif "defense" in args.stages:
-        combo = keras.models.load_model(path("combo_vae.keras"))
+        combo = keras.models.load_model(args.combo_vae or path("combo_vae.keras"))
+        if args.combo_vae:  # not among OUT's artifacts: the card says which file it was
+            card["combo_vae_source"] = {"path": args.combo_vae, **artifact_records(
+                os.path.dirname(args.combo_vae), [os.path.basename(args.combo_vae)]).popitem()[1]}
     else:
         combo = None
+    if "dgmm" in args.stages or "vae" in args.stages:
+        card.pop("combo_vae_source", None)
     if combo is not None:
         card.update(training.combo_vae_metrics(classifier, combo, x_test, y_test))
         print(f"DGMM test accuracy {card['dgmm_test_accuracy']:.4f}, reconstruction MSE "

@@ -374,3 +374,18 @@ def test_apgd_matches_art_on_the_classifier(setup, loss, art_loss):
     assert abs(fooled["ours"] - fooled["art"]) <= 0.1, fooled
     assert fooled["ours"] >= fooled["pgd"] - 0.05, fooled
     assert 0.2 < fooled["ours"], fooled  # the budget is neither trivial nor hopeless
+
+
+def test_classifier_apgd_harness_entries_run_apgd_at_linf_0_1(setup):
+    """`classifier_apgd_ce` / `_dlr` (scripts/evaluate.py --attacks) are `apgd` on the
+    classifier at L∞ 0.1 with their loss."""
+    from fmd_tf.attacks import apgd
+    from fmd_tf.evaluation.harness import ATTACKS, adversarial_set
+
+    model, x, y = setup
+    for name, loss in (("classifier_apgd_ce", "ce"), ("classifier_apgd_dlr", "dlr")):
+        assert ATTACKS[name].params["eps"] == 0.1 and ATTACKS[name].target == "classifier"
+        x_adv, info = adversarial_set(name, model, x[:8], y[:8], None, params={"nb_iter": 10})
+        assert info["params"]["loss"] == loss and not info["cached"]
+        np.testing.assert_allclose(
+            x_adv, apgd(model, x[:8], y[:8], eps=0.1, loss=loss, nb_iter=10), atol=1e-6)

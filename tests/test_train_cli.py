@@ -37,6 +37,17 @@ def test_train_digits_fast_builds_a_defense_of_its_shape(tmp_path):
     assert (used["rho"], used["recon_fpr"], used["threshold_mode"], used["recon_metric"]) == (
         chosen["rho"], chosen["recon_fpr"], chosen["threshold_mode"], chosen["recon_metric"])
     assert card["calibration"]["recon_fpr"] == chosen["recon_fpr"]
+    # Calibrated again on the saved combo-VAE, as for a retrained classifier: nothing trained.
+    again = tmp_path / "again"
+    proc = _train("--dataset", "digits", "--preset", "fast", "--out", str(again), "--verbose", "0",
+                  "--classifier", str(out / "classifier.keras"), "--combo-vae",
+                  str(out / "combo_vae.keras"), "--operating-point", "paper")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card_again = json.loads((again / "model_card.json").read_text())
+    assert card_again["stages_run"] == ["defense"] and not (again / "combo_vae.keras").exists()
+    assert card_again["combo_vae_source"] == {"path": str(out / "combo_vae.keras"),
+                                              **card["artifacts"]["combo_vae.keras"]}
+    assert card_again["recon_label_agreement"] == pytest.approx(card["recon_label_agreement"])
 
 
 def _users_rgb_model(tmp_path):
@@ -104,6 +115,9 @@ def test_baselines_and_evaluation_on_a_users_rgb_model(tmp_path):
     (["--rho", "2", "--operating-point", "config"], "--rho: must be in (0, 1]"),
     (["--operating-point", "best"], "invalid choice: 'best'"),
     (["--preset", "tiny"], "invalid choice: 'tiny'"),
+    (["--combo-vae", "/nonexistent/vae.keras"], "--combo-vae /nonexistent/vae.keras not found"),
+    (["--combo-vae", "/nonexistent/vae.keras", "--stages", "vae,defense"],
+     "--combo-vae names an existing model: drop the dgmm and vae stage(s)"),
 ])
 def test_train_usage_errors_are_one_line_without_tensorflow_noise(args, message):
     proc = run_python("scripts/train.py", *args, "--out", "/nonexistent/out", timeout=120)

@@ -56,6 +56,12 @@ ATTACKS = {
     "cw": Attack("carlini_wagner_l2", {"confidence": 0.0, "max_iterations": 100,
                                        "learning_rate": 0.1, "binary_search_steps": 5}),
     "deepfool": Attack("deepfool", {"overshoot": 0.02, "max_iterations": 50, "norm": "linf"}),
+    # APGD-CE / APGD-DLR (Croce & Hein 2020; fmd_tf.attacks.apgd) on the classifier alone,
+    # 100 steps: the robust classifier's own worst case, its images then sent to the defense.
+    "classifier_apgd_ce": Attack("apgd", {"eps": 0.1, "norm": "linf", "loss": "ce",
+                                          "nb_iter": 100}),
+    "classifier_apgd_dlr": Attack("apgd", {"eps": 0.1, "norm": "linf", "loss": "dlr",
+                                           "nb_iter": 100}),
     # Black-box attacks on the classifier (fmd_tf.attacks.black_box, ART): score-based with at
     # most 1,000 queries per image, and decision-based (labels only).
     "square": Attack("square", {"eps": 0.2, "max_queries": 1000}),
