@@ -549,10 +549,13 @@ def test_serving_config_names_the_model_and_compose_mounts_it():
     with open(os.path.join(root, "serving", "models.config")) as f:
         config = text_format.Parse(f.read(), model_server_config_pb2.ModelServerConfig())
     models = {m.name: m.base_path for m in config.model_config_list.config}
-    assert models == {"fmd": "/models/fmd"}
+    assert models == {"fmd": "/models/fmd", "fmd_robust": "/models/fmd_robust"}
     with open(os.path.join(root, "serving", "docker-compose.yml")) as f:
         compose = f.read()
-    assert "../saved_models/fmnist/serving:/models/fmd:ro" in compose
+    for name, model in (("fmd", "fmnist"), ("fmd_robust", "fmnist_robust")):
+        assert f"../saved_models/{model}/serving:/models/{name}:ro" in compose
+        assert os.path.isfile(os.path.join(root, "saved_models", model, "serving", "1",
+                                           "saved_model.pb"))
 
 
 # --------------------------------------------------------------------------- other image shapes
