@@ -127,6 +127,10 @@ class ClassifierConfig:
                                     "2.5 x adversarial_eps / steps", check=POSITIVE_INT)
     trades_beta: float = option(6.0, "TRADES weight of the KL term (the paper's 6 for "
                                 "MNIST-like data)", check=NON_NEGATIVE)
+    init: str | None = option(None, "a saved classifier (.keras) of the same architecture "
+                              "whose weights start the training: fine-tuning, e.g. adversarial "
+                              "fine-tuning of a standard classifier with training trades; "
+                              "none: random initialisation")
 
     def __post_init__(self):
         normalize(self)

@@ -141,10 +141,29 @@ def train_classifier(
     steps = c.epochs * int(np.ceil(len(x_train) / c.batch_size))
     with dtype_policy(policy), strategy.scope():
         model = new_classifier(cfg, steps=steps)
+        if c.init is not None:
+            start_from(model, c.init)
         trained = model if c.training == "standard" else robust_trainer(cfg, model, steps)
     _fit(trained, x_train, y_train, c.batch_size, c.epochs, verbose,
          _callbacks(log_dir, "classifier"))
     return model
+
+
+def start_from(model: keras.Model, path: str) -> None:
+    """Set the weights of `model` to those of the saved model at `path` (fine-tuning); a
+    ValueError says what differs when the two architectures do not match."""
+    if not os.path.isfile(path):
+        raise ValueError(f"classifier init {path!r} is not a file: give a saved classifier "
+                         "(.keras)")
+    saved = keras.models.load_model(path, compile=False)
+    theirs, ours = saved.get_weights(), model.get_weights()
+    shapes = [w.shape for w in theirs], [w.shape for w in ours]
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"classifier init {path!r} has weights of shapes {shapes[0]}, the "
+                         f"classifier of this configuration {shapes[1]}: give a classifier "
+                         "of the same architecture (conv_filters, dense_units, image shape, "
+                         "classes)")
+    model.set_weights(theirs)
 
 
 def _float32_config(config):

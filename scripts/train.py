@@ -219,6 +219,12 @@ def _with_search_steps(args, defense):
 
 
 def _check_outputs(args):
+    init = getattr(args, "classifier_init", None)
+    if init is not None and "classifier" not in args.stages:
+        raise UsageError("--classifier-init starts the classifier stage: add it to --stages")
+    if init is not None and not os.path.isfile(init):
+        raise UsageError(f"--classifier-init {init}: no such file; give a saved classifier "
+                         "(.keras)")
     existing = sorted({
         f for s in args.stages for f in OUTPUTS[s] if os.path.exists(os.path.join(args.out, f))
     })
@@ -302,9 +308,18 @@ def _run(args) -> dict:
 
     t = time.time()
     if "classifier" in args.stages:
+        if cfg.classifier.init is not None:  # a mismatch answers before the training
+            try:
+                training.start_from(training.new_classifier(cfg, 1), cfg.classifier.init)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         classifier = training.train_classifier(
             cfg, x_train_full, y_train_full, strategy, log_dir, args.verbose
         )
+        if cfg.classifier.init is not None:  # which weights the training started from
+            card["classifier_init_source"] = {"path": cfg.classifier.init, **artifact_records(
+                os.path.dirname(cfg.classifier.init),
+                [os.path.basename(cfg.classifier.init)]).popitem()[1]}
         card["classifier_precision"] = training.training_precision(cfg.classifier.precision)
         classifier = training.inference_copy(classifier)
         classifier.save(stage.path("classifier.keras"))

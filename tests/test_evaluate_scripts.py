@@ -66,8 +66,9 @@ def test_evaluate_adaptive_budget_grid(quick_model, tmp_path):
     assert linf["linf_median"] <= 0.05 + 1e-6 and l2["l2_median"] <= 1.5 + 1e-4
     assert "defended_accuracy" in linf["fm_defense"]
     worst = report["worst_case"]
-    assert set(worst) == {"all", "linf_0.05", "l2_1.5"}
+    assert set(worst) == {"all", "linf_0.05", "l2_1.5", "linf_0.3"}  # FGSM: its own ε 0.3
     assert worst["linf_0.05"]["attacks"] == ["adaptive_pgd_linf_0.05"]
+    assert worst["linf_0.3"]["attacks"] == ["fgsm"]
     assert worst["all"]["defended_accuracy"] <= min(
         a["fm_defense"]["defended_accuracy"] for a in report["attacks"].values())
     md = (out / "report.md").read_text()

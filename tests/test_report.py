@@ -211,6 +211,19 @@ def test_worst_case_counts_an_image_only_if_every_version_is_defended():
                                  "defended_accuracy": 0.5}
     assert worst["l2_1.5"]["defended_accuracy"] == 0.5
     assert worst_case(clean, {}, y) == {}
+    # Attacks outside the grid join the group of their own budget (parameters), unbounded
+    # ones only "all".
+    named = {"classifier_apgd_ce": adv["b_linf_0.1"], "cw": adv["c_l2_1.5"],
+             "a_linf_0.1": adv["a_linf_0.1"], "fgsm": adv["c_l2_1.5"]}
+    params = {"classifier_apgd_ce": {"eps": 0.1, "norm": "linf", "nb_iter": 100},
+              "cw": {"confidence": 0.0}, "a_linf_0.1": {"eps": 0.1, "norm": "linf"},
+              "fgsm": {"eps": 0.3}}
+    worst = worst_case(clean, named, y, params)
+    assert set(worst) == {"all", "linf_0.1", "linf_0.3"}
+    assert worst["linf_0.1"] == {"attacks": ["classifier_apgd_ce", "a_linf_0.1"],
+                                 "defended_accuracy": 0.5}
+    assert worst["linf_0.3"] == {"attacks": ["fgsm"], "defended_accuracy": 0.5}
+    assert worst["all"]["defended_accuracy"] == 0.25
 
 
 def test_attack_entry_summarises_a_query_attacks_record():

@@ -115,6 +115,45 @@ def test_adversarial_training_makes_the_classifier_robust(method):
     assert robust > standard[1] + 0.15, (robust, standard)
 
 
+def test_training_starts_from_the_init_classifier(tmp_path):
+    """`ClassifierConfig.init`: the weights of a saved classifier start the training (at a
+    learning rate of ~0 they are what comes out); another architecture or a missing file is a
+    ValueError that says so."""
+    from fmd_tf import training
+    from fmd_tf.config import get_config
+    from fmd_tf.pipeline import experiment_config
+
+    x, y = _digits()
+    saved = _classifier(seed=5)
+    saved.save(tmp_path / "start.keras")
+    base = experiment_config((8, 8, 1), 10, "full", "digits", get_config("fmnist"))
+
+    def config(**changes):
+        fields = dict(epochs=1, batch_size=64, precision="float32", conv_filters=(16, 16),
+                      dense_units=(64,), dropout=0.0)
+        return dataclasses.replace(base, classifier=dataclasses.replace(
+            base.classifier, **{**fields, **changes}))
+
+    strategy = training.get_strategy("default")
+    keras.utils.set_random_seed(0)
+    for method in ("standard", "trades"):
+        clf = training.train_classifier(
+            config(init=str(tmp_path / "start.keras"), learning_rate=1e-12, training=method,
+                   adversarial_steps=1), x[:128], y[:128], strategy, verbose=0)
+        for a, b in zip(clf.get_weights(), saved.get_weights(), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    fresh = training.train_classifier(config(learning_rate=1e-12), x[:128], y[:128], strategy,
+                                      verbose=0)
+    assert max(np.max(np.abs(a - b)) for a, b in
+               zip(fresh.get_weights(), saved.get_weights(), strict=True)) > 0.01
+    with pytest.raises(ValueError, match="same architecture"):
+        training.train_classifier(config(init=str(tmp_path / "start.keras"),
+                                         dense_units=(32,)), x[:64], y[:64], strategy, verbose=0)
+    with pytest.raises(ValueError, match="is not a file"):
+        training.train_classifier(config(init=str(tmp_path / "none.keras")), x[:64], y[:64],
+                                  strategy, verbose=0)
+
+
 def test_robust_trainer_reports_metrics_in_mixed_precision_and_under_a_strategy():
     from fmd_tf import training
 

@@ -48,6 +48,22 @@ def test_train_digits_fast_builds_a_defense_of_its_shape(tmp_path):
     assert card_again["combo_vae_source"] == {"path": str(out / "combo_vae.keras"),
                                               **card["artifacts"]["combo_vae.keras"]}
     assert card_again["recon_label_agreement"] == pytest.approx(card["recon_label_agreement"])
+    # Fine-tuning: the classifier stage starts from the trained classifier.
+    tuned = tmp_path / "tuned"
+    proc = _train("--dataset", "digits", "--preset", "fast", "--out", str(tuned), "--verbose",
+                  "0", "--stages", "classifier", "--classifier-init",
+                  str(out / "classifier.keras"), "--classifier-epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card_tuned = json.loads((tuned / "model_card.json").read_text())
+    assert card_tuned["classifier_init_source"] == {"path": str(out / "classifier.keras"),
+                                                    **card["artifacts"]["classifier.keras"]}
+    assert card_tuned["hyperparameters"]["classifier"]["init"] == str(out / "classifier.keras")
+    assert card_tuned["classifier_test_accuracy"] > card["classifier_test_accuracy"] - 0.05
+    proc = _train("--dataset", "digits", "--preset", "fast", "--out", str(tmp_path / "bad"),
+                  "--stages", "classifier", "--classifier-init", str(out / "classifier.keras"),
+                  "--classifier-dense-units", "7")
+    assert proc.returncode == 2 and "same architecture" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 def _users_rgb_model(tmp_path):
@@ -118,6 +134,10 @@ def test_baselines_and_evaluation_on_a_users_rgb_model(tmp_path):
     (["--combo-vae", "/nonexistent/vae.keras"], "--combo-vae /nonexistent/vae.keras not found"),
     (["--combo-vae", "/nonexistent/vae.keras", "--stages", "vae,defense"],
      "--combo-vae names an existing model: drop the dgmm and vae stage(s)"),
+    (["--classifier-init", "/nonexistent/c.keras"], "--classifier-init /nonexistent/c.keras: "
+     "no such file"),
+    (["--classifier-init", "/nonexistent/c.keras", "--stages", "defense"],
+     "--classifier-init starts the classifier stage"),
 ])
 def test_train_usage_errors_are_one_line_without_tensorflow_noise(args, message):
     proc = run_python("scripts/train.py", *args, "--out", "/nonexistent/out", timeout=120)

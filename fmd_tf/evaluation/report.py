@@ -365,7 +365,8 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
         grid_rows[attack] = (x_adv, adv["purified"])
         if r_val is not None:
             eta_curves[attack] = eta_curve(fmd, r_val, clean, adv, y)
-    report["worst_case"] = worst_case(clean, adv_out, y)
+    report["worst_case"] = worst_case(clean, adv_out, y, {
+        a: e.get("params") for a, e in report["attacks"].items()})
     report["attacks_eta_curves"] = eta_curves
     paper_out = {a: o for a, o in adv_out.items() if not a.startswith("adaptive")}
     if paper_out and r_val is not None:
@@ -383,17 +384,31 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
     return report
 
 
-def worst_case(clean: dict, adv_out: dict, y) -> dict:
+def budget_group(name: str, params: dict | None = None) -> str | None:
+    """The threat model ``<norm>_<eps>`` of attack `name`: from its parameters `params`
+    ("eps", "norm"; L∞ when no norm is given) when they bound the perturbation, else from a
+    name ending in _<norm>_<eps>; None for an unbounded attack (C&W, DeepFool)."""
+    if params and "eps" in params and params.get("norm", "linf") in ("linf", "l2"):
+        return f"{params.get('norm', 'linf')}_{float(params['eps']):g}"
+    parts = name.rsplit("_", 2)
+    if len(parts) == 3 and parts[1] in ("linf", "l2"):
+        return f"{parts[1]}_{parts[2]}"
+    return None
+
+
+def worst_case(clean: dict, adv_out: dict, y, params: dict | None = None) -> dict:
     """FM-Defense's per-image worst case (`metrics.worst_case_accuracy`) over all attacks of
-    the run ("all") and over the attacks of each budget of the grid ("linf_0.1", ...: the
-    names ending in _<norm>_<eps>)."""
+    the run ("all") and over the attacks of each threat model ("linf_0.1", ...:
+    `budget_group` of each attack, with its parameters `params[name]` when given: e.g.
+    classifier_apgd_ce joins the budget grid's linf_0.1 attacks)."""
     from fmd_tf.evaluation.metrics import worst_case_accuracy
 
+    params = params or {}
     groups = {"all": list(adv_out)} if adv_out else {}
     for name in adv_out:
-        parts = name.rsplit("_", 2)
-        if len(parts) == 3 and parts[1] in ("linf", "l2"):
-            groups.setdefault(f"{parts[1]}_{parts[2]}", []).append(name)
+        group = budget_group(name, params.get(name))
+        if group is not None:
+            groups.setdefault(group, []).append(name)
     return {key: {"attacks": names, "defended_accuracy": worst_case_accuracy(
         clean, {n: adv_out[n] for n in names}, y)} for key, names in groups.items()}
 
