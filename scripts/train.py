@@ -218,6 +218,14 @@ def _with_search_steps(args, defense):
     return argparse.Namespace(**{**vars(args), "max_steps": -(-num_morphs // per_step)})
 
 
+def _source_record(path: str) -> dict:
+    """{"path", "sha256", "bytes"} of an input model file that is not among OUT's artifacts."""
+    from fmd_tf.loading import artifact_records
+
+    return {"path": path, **artifact_records(os.path.dirname(path),
+                                             [os.path.basename(path)])[os.path.basename(path)]}
+
+
 def _check_outputs(args):
     init = getattr(args, "classifier_init", None)
     if init is not None and "classifier" not in args.stages:
@@ -317,9 +325,7 @@ def _run(args) -> dict:
             cfg, x_train_full, y_train_full, strategy, log_dir, args.verbose
         )
         if cfg.classifier.init is not None:  # which weights the training started from
-            card["classifier_init_source"] = {"path": cfg.classifier.init, **artifact_records(
-                os.path.dirname(cfg.classifier.init),
-                [os.path.basename(cfg.classifier.init)]).popitem()[1]}
+            card["classifier_init_source"] = _source_record(cfg.classifier.init)
         card["classifier_precision"] = training.training_precision(cfg.classifier.precision)
         classifier = training.inference_copy(classifier)
         classifier.save(stage.path("classifier.keras"))
@@ -357,8 +363,7 @@ def _run(args) -> dict:
     elif "defense" in args.stages:
         combo = keras.models.load_model(args.combo_vae or path("combo_vae.keras"))
         if args.combo_vae:  # not among OUT's artifacts: the card says which file it was
-            card["combo_vae_source"] = {"path": args.combo_vae, **artifact_records(
-                os.path.dirname(args.combo_vae), [os.path.basename(args.combo_vae)]).popitem()[1]}
+            card["combo_vae_source"] = _source_record(args.combo_vae)
     else:
         combo = None
     if "dgmm" in args.stages or "vae" in args.stages:
