@@ -41,7 +41,8 @@ from fmd_tf.evaluation import harness
 from fmd_tf.models import Classifier, build_combo_vae
 
 API_NAMES = ("api_square", "api_square_5k", "api_hopskipjump", "api_hopskipjump_5k",
-             "api_rays", "api_rays_5k")
+             "api_rays", "api_rays_5k", "api_square_monitored", "api_rays_monitored",
+             "api_hopskipjump_monitored")
 
 # ART warns at import that PyTorch is missing (irrelevant here).
 pytestmark = pytest.mark.filterwarnings("ignore:PyTorch not found:UserWarning")
@@ -299,6 +300,49 @@ def test_oracle_counts_per_owner_and_checks_inputs():
         as_oracle("localhost:8500")
 
 
+def test_monitor_answers_flagged_queries_as_rejected_without_the_model():
+    x = np.random.default_rng(0).uniform(size=(3, 28, 28, 1)).astype(np.float32)
+    end = FakeEndpoint(x)
+    oracle = QueryOracle(end.defend, end.logits, monitor={"threshold": 25})
+    first = oracle.query(x[:2], [0, 1], logits=True)
+    assert np.all(first["verdict"] == 0) and np.all(np.isfinite(first["logits"]))
+    out = oracle.query(x[[0, 2]], [0, 2], logits=True)  # image 0 again: flagged
+    assert end.rows == 3  # the flagged row never reached the model
+    np.testing.assert_array_equal(out["verdict"], [2, 0])
+    np.testing.assert_array_equal(out["label"], [-1, end.labels[2]])
+    np.testing.assert_array_equal(out["classifier_label"][:1], [-1])
+    assert np.all(np.isnan(out["logits"][0])) and np.all(np.isfinite(out["logits"][1]))
+    assert not is_success(out, np.array([5, end.labels[2]]))[0]  # rejected: never a success
+    np.testing.assert_array_equal(oracle.queries, [2, 1, 1])
+    np.testing.assert_array_equal(oracle.monitor_flagged, [1, 0, 0])
+    start = oracle.counts([0, 1])
+    every = oracle.query(x[:2], [0, 1], logits=True)  # all flagged: no model call at all
+    assert end.rows == 3 and every["logits"].shape == (2, 10)
+    np.testing.assert_array_equal(every["verdict"], [2, 2])
+    since = oracle.since(start, [0, 1])
+    assert sorted(since) == ["monitor_flagged", "queries"]
+    assert all(np.array_equal(v, [1, 1]) for v in since.values())
+    with pytest.raises(ValueError, match="QueryOracle itself"):
+        as_oracle(oracle, monitor={})
+    with pytest.raises(TypeError, match="QueryMonitor"):
+        QueryOracle(end.defend, monitor="blacklight")
+
+
+def test_monitor_stops_rays_on_the_undefended_classifier(fmnist):
+    """RayS's queries differ from each other in one block of pixels: the monitor rejects
+    almost all of them, and the attack finds far fewer adversarial images."""
+    model, x, y = fmnist
+    eps, budget = 0.1, 200
+    _, plain = api_rays(QueryOracle.from_classifier(model), x, y, eps=eps, max_queries=budget)
+    x_adv, rec = api_rays(model, x, y, eps=eps, max_queries=budget, monitor={})
+    _check_images(x_adv, x)
+    assert np.all(_linf(x_adv, x) <= eps + 1e-6) and rec["queries"].max() <= budget
+    flagged_share = rec["monitor_flagged"].sum() / rec["queries"].sum()
+    assert flagged_share >= 0.9, flagged_share
+    assert rec["success"].mean() <= plain["success"].mean() - 0.2, \
+        (rec["success"].mean(), plain["success"].mean())
+
+
 def test_from_client_asks_both_signatures_for_public_outputs_only():
     x = _far_apart_images(2)
     end = FakeEndpoint(x)
@@ -485,7 +529,8 @@ def test_harness_names_run_through_adversarial_set(strict_defense, tmp_path):
     fmd, x, y, _ = strict_defense
     x, y = x[:3], y[:3]
     budgets = {"api_square": 6, "api_square_5k": 4, "api_rays": 7, "api_rays_5k": 5,
-               "api_hopskipjump": 12, "api_hopskipjump_5k": 10}
+               "api_hopskipjump": 12, "api_hopskipjump_5k": 10, "api_square_monitored": 6,
+               "api_rays_monitored": 7, "api_hopskipjump_monitored": 12}
     assert set(budgets) == set(API_NAMES) == \
         set(harness.QUERY_BASED) & set(harness.DEFENSE_AWARE)
     for name in API_NAMES:
@@ -505,6 +550,10 @@ def test_harness_names_run_through_adversarial_set(strict_defense, tmp_path):
         _check_images(x_adv, x)
         rec = info["record"]
         assert not info["cached"] and rec["queries"].max() <= budget
+        monitored = "monitor" in harness.ATTACKS[name].params
+        assert ("monitor_flagged" in rec) == monitored
+        if monitored:
+            assert np.all(rec["monitor_flagged"] <= rec["queries"])
         # The report re-runs the defense on x_adv: it must agree with the attack's record.
         np.testing.assert_array_equal(is_success(fmd.defend(x_adv), y), rec["success"])
         eps = info["params"]["eps"]

@@ -239,6 +239,10 @@ def test_attack_entry_summarises_a_query_attacks_record():
     assert entry["queries"] == {"budget": 1000, "mean": 262.0, "median": 23.5, "max": 1000}
     assert entry["query_success_rate"] == 0.25
     assert entry["fm_defense"]["defended_accuracy"] == 0.75  # rejected counts as defended
+    assert "monitor" not in entry
+    info["record"]["monitor_flagged"] = np.array([0, 990, 30, 0])
+    entry = report._attack_entry("api_rays_monitored", info, x, x + 0.1, y, out, adv)
+    assert entry["monitor"] == {"flagged_share": 1020 / 1048, "images_flagged": 0.5}
     del info["record"]
     assert "queries" not in report._attack_entry("fgsm", info, x, x + 0.1, y, out, adv)
 

@@ -27,6 +27,12 @@ Query budget: `max_queries` per image covers every image the attack sends for it
 image included; neither attack ever exceeds it, and an image stops querying as soon as it
 succeeds (within the L2 radius `eps` for HopSkipJump when one is given).
 
+Query monitor (`monitor=`, `fmd_tf.serving.query_monitor.QueryMonitor`): a stateful detector
+in front of the endpoint that rejects queries close to an earlier one (Blacklight). A query it
+flags is answered as rejected and costs no model pass; the records then count them per image
+(`monitor_flagged`). The attack's final image is judged by the evaluation without the monitor,
+as if sent from a fresh account: the monitor can only slow the search down.
+
 Cost: queries x one defended forward pass per image (m·N morphs through decoder and classifier,
 plus the `classify` pass for Square): 1,000 queries on n images cost about 1,000·n defended
 images, the price of defending 1,000 test sets; 5,000 queries five times that. GPU-sized at
@@ -74,34 +80,62 @@ class QueryOracle:
         classify: optional callable, images -> logits [b, K] (or a dict holding "logits"), as
             the served `classify` signature; needed by `api_square`.
 
+        monitor: optional `fmd_tf.serving.query_monitor.QueryMonitor` (or its options as a
+            dict) in front of both: a query it flags never reaches them and is answered as
+            rejected (label and classifier_label -1, verdict 2, NaN scores and logits).
+
     `query(x, owner)` charges one query to image `owner[k]` for each row k of `x`; `queries`
-    (int64, indexed by image) is the running count. A query of `classify` on the same image
-    (`logits=True`) is part of that one query: it is the same image sent to the other signature,
-    at the cost of one classifier pass next to the defended one.
+    (int64, indexed by image) is the running count, `monitor_flagged` the count of those the
+    monitor rejected. A query of `classify` on the same image (`logits=True`) is part of that
+    one query: it is the same image sent to the other signature, at the cost of one classifier
+    pass next to the defended one.
     """
 
-    def __init__(self, defend, classify=None):
+    def __init__(self, defend, classify=None, monitor=None):
         if not callable(defend):
             raise TypeError("defend must be a function images -> dict with 'label' and "
                             f"'verdict' (the served serving_default), got {type(defend).__name__}")
         if classify is not None and not callable(classify):
             raise TypeError("classify must be a function images -> logits or None, got "
                             f"{type(classify).__name__}")
-        self._defend, self._classify = defend, classify
+        if isinstance(monitor, dict):
+            from fmd_tf.serving.query_monitor import QueryMonitor
+
+            monitor = QueryMonitor(**monitor)
+        if monitor is not None and not callable(getattr(monitor, "check", None)):
+            raise TypeError("monitor must be a QueryMonitor (or its options as a dict), got "
+                            f"{type(monitor).__name__}")
+        self._defend, self._classify, self.monitor = defend, classify, monitor
         self.queries = np.zeros(0, np.int64)
+        self.monitor_flagged = np.zeros(0, np.int64)
         self.calls = 0  # batched calls of `defend`
+        self._num_classes = None
 
     @property
     def has_logits(self) -> bool:
         return self._classify is not None
 
-    def used(self, owner) -> np.ndarray:
-        """int64 [len(owner)]: queries charged so far to each image id of `owner`."""
+    def used(self, owner, counts=None) -> np.ndarray:
+        """int64 [len(owner)]: queries charged so far to each image id of `owner` (of
+        `counts` instead, e.g. `monitor_flagged`, when given)."""
+        counts = self.queries if counts is None else counts
         owner = np.asarray(owner, np.int64)
         out = np.zeros(owner.shape, np.int64)
-        known = owner < len(self.queries)
-        out[known] = self.queries[owner[known]]
+        known = owner < len(counts)
+        out[known] = counts[owner[known]]
         return out
+
+    def counts(self, owner) -> dict:
+        """Per-image counts of `owner` so far: {"queries"} and, with a monitor,
+        {"monitor_flagged"}; subtract two of them for an attack's share (`since`)."""
+        out = {"queries": self.used(owner)}
+        if self.monitor is not None:
+            out["monitor_flagged"] = self.used(owner, self.monitor_flagged)
+        return out
+
+    def since(self, start: dict, owner) -> dict:
+        """`counts(owner)` minus `start` (an earlier `counts(owner)`)."""
+        return {k: v - start[k] for k, v in self.counts(owner).items()}
 
     def query(self, x, owner, logits: bool = False) -> dict:
         """Public outputs of the images x [b, H, W, C] (float32 in [0, 1]), one query charged
@@ -117,6 +151,22 @@ class QueryOracle:
         if logits and self._classify is None:
             raise ValueError("this oracle has no logits: build it with classify= (the served "
                              "`classify` signature, QueryOracle.from_client / from_defense)")
+        flagged = np.zeros(len(x), bool) if self.monitor is None else \
+            np.asarray(self.monitor.check(x)[0], bool)
+        kept = np.flatnonzero(~flagged)
+        out = self._answer(x[kept], logits) if len(kept) else {}
+        if len(kept) < len(x):
+            out = _with_rejected_rows(out, kept, len(x), self._logit_width(x, logits))
+        if owner.max() >= len(self.queries):
+            grow = np.zeros(owner.max() + 1 - len(self.queries), np.int64)
+            self.queries = np.concatenate([self.queries, grow])
+            self.monitor_flagged = np.concatenate([self.monitor_flagged, grow])
+        np.add.at(self.queries, owner, 1)
+        np.add.at(self.monitor_flagged, owner[flagged], 1)
+        return out
+
+    def _answer(self, x, logits: bool) -> dict:
+        """The outputs of `defend` (and `classify`) on images that reach the model."""
         out = {k: np.asarray(v) for k, v in dict(self._defend(x)).items()}
         for key in ("label", "verdict"):
             if key not in out or len(out[key]) != len(x):
@@ -125,26 +175,31 @@ class QueryOracle:
         if logits:
             z = self._classify(x)
             out["logits"] = np.asarray(z["logits"] if isinstance(z, dict) else z, np.float32)
+            self._num_classes = out["logits"].shape[-1]
         self.calls += 1
-        if owner.max() >= len(self.queries):
-            self.queries = np.concatenate(
-                [self.queries, np.zeros(owner.max() + 1 - len(self.queries), np.int64)])
-        np.add.at(self.queries, owner, 1)
         return out
+
+    def _logit_width(self, x, logits: bool):
+        """K of the logits for rejected rows (None without logits); learnt from one classifier
+        pass, outside the query count, when no query has reached the model yet."""
+        if logits and self._num_classes is None:
+            z = self._classify(x[:1])
+            self._num_classes = np.asarray(z["logits"] if isinstance(z, dict) else z).shape[-1]
+        return self._num_classes if logits else None
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_defense(cls, defense, batch_size: int = 64) -> QueryOracle:
+    def from_defense(cls, defense, batch_size: int = 64, monitor=None) -> QueryOracle:
         """In-process `FMDefense` / `FMDefenseEnsemble`: its `defend` (the outputs of
         `serving_default`) and its classifier's logits (those of `classify`)."""
         def defend(x):
             out = defense.defend(x, batch_size=batch_size)
             return {k: out[k] for k in PUBLIC_KEYS if k in out}
 
-        return cls(defend, lambda x: _logits(defense.classifier, x, batch_size))
+        return cls(defend, lambda x: _logits(defense.classifier, x, batch_size), monitor)
 
     @classmethod
-    def from_classifier(cls, model, batch_size: int = 256) -> QueryOracle:
+    def from_classifier(cls, model, batch_size: int = 256, monitor=None) -> QueryOracle:
         """The undefended classifier as an endpoint that accepts everything (verdict 0, label =
         argmax of its logits): the reference for checking the attacks themselves."""
         def defend(x):
@@ -152,11 +207,11 @@ class QueryOracle:
             return {"label": label, "verdict": np.zeros(len(x), np.int32),
                     "classifier_label": label}
 
-        return cls(defend, lambda x: _logits(model, x, batch_size))
+        return cls(defend, lambda x: _logits(model, x, batch_size), monitor)
 
     @classmethod
     def from_client(cls, client, model: str = "fmd", version=None,
-                    exposure: str = "full") -> QueryOracle:
+                    exposure: str = "full", monitor=None) -> QueryOracle:
         """The served model, through a `fmd_tf.serving.client.GrpcClient` or `RestClient`:
         `serving_default` for the defended outputs (gRPC asks for the `PUBLIC_KEYS` it serves
         only, not the purified images), `classify` for the logits. `exposure`: how the model
@@ -176,7 +231,24 @@ class QueryOracle:
         def classify(x):
             return client.predict(model, x, signature="classify", version=version)["logits"]
 
-        return cls(defend, classify if "classify" in served else None)
+        return cls(defend, classify if "classify" in served else None, monitor)
+
+
+def _with_rejected_rows(out: dict, kept, n: int, num_classes) -> dict:
+    """`out` (answers for rows `kept` of n) spread over all n rows; the others get the answer
+    to a query the monitor rejected: label and classifier_label -1, verdict 2 (rejected), -1
+    or NaN for every other value, logits [n, num_classes] NaN when `num_classes` is given."""
+    full = {"label": np.full(n, -1, np.int64), "classifier_label": np.full(n, -1, np.int64)}
+    for key, value in out.items():
+        fill = -1 if np.issubdtype(value.dtype, np.integer) else np.nan
+        full[key] = np.full((n, *value.shape[1:]), fill, value.dtype)
+        full[key][kept] = value
+    if num_classes is not None and "logits" not in full:
+        full["logits"] = np.full((n, num_classes), np.nan, np.float32)
+    verdict = np.full(n, VERDICT_REJECTED, np.int32)
+    verdict[kept] = out["verdict"] if "verdict" in out else VERDICT_REJECTED
+    full["verdict"] = verdict
+    return full
 
 
 def _logits(model, x, batch_size: int) -> np.ndarray:
@@ -187,17 +259,21 @@ def _logits(model, x, batch_size: int) -> np.ndarray:
         for i in range(0, len(x), batch_size)])
 
 
-def as_oracle(target, batch_size: int = 64) -> QueryOracle:
+def as_oracle(target, batch_size: int = 64, monitor=None) -> QueryOracle:
     """`target` as a `QueryOracle`: itself, a defense (anything with `defend` and `classifier`:
-    `FMDefense`, `FMDefenseEnsemble`) or a Keras classifier (undefended, accepts everything)."""
+    `FMDefense`, `FMDefenseEnsemble`) or a Keras classifier (undefended, accepts everything);
+    `monitor` (a `QueryMonitor` or its options) in front of a new oracle."""
     if isinstance(target, QueryOracle):
+        if monitor is not None:
+            raise ValueError("give the monitor to the QueryOracle itself (QueryOracle(..., "
+                             "monitor=...)), not to the attack")
         return target
     if hasattr(target, "defend") and hasattr(target, "classifier"):
-        return QueryOracle.from_defense(target, batch_size)
+        return QueryOracle.from_defense(target, batch_size, monitor)
     import keras
 
     if isinstance(target, keras.Layer):
-        return QueryOracle.from_classifier(target)
+        return QueryOracle.from_classifier(target, monitor=monitor)
     raise TypeError(
         f"cannot attack a {type(target).__name__}: pass a QueryOracle, an FMDefense / "
         "FMDefenseEnsemble or a Keras classifier; for a served model use "
@@ -336,15 +412,19 @@ def _check_linf_budget(attack: str, norm, eps, max_queries) -> None:
         raise ValueError(f"max_queries must be >= 1 (the clean query), got {max_queries}")
 
 
-def _record(queries, success, out_best, **extra) -> dict:
-    return {"queries": queries.astype(np.int64), "success": success.astype(bool),
+def _record(counts: dict, success, out_best, **extra) -> dict:
+    """An attack's per-image record: `counts` ({"queries"[, "monitor_flagged"]}: what
+    `QueryOracle.since` gives), success, the defended verdict and label of x_adv, `extra`."""
+    return {**{k: np.asarray(v).astype(np.int64) for k, v in counts.items()},
+            "success": success.astype(bool),
             "verdict": np.asarray(out_best["verdict"]).astype(np.int32),
             "label": np.asarray(out_best["label"]).astype(np.int64), **extra}
 
 
 def api_square(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: int = 0,
                p_init: float = 0.8, detector_weight: float = 1.0, norm: str = "linf",
-               batch_size: int = 64, verbose: int = 0):
+               batch_size: int = 64, verbose: int = 0,
+               monitor=None):
     """Untargeted L∞ Square Attack on the defended endpoint; (x_adv, record).
 
     Per image (all images batched, one query per image and iteration):
@@ -368,6 +448,8 @@ def api_square(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: in
         batch_size: of the in-process defense (`as_oracle`).
         verbose: 1 shows a progress bar over the query rounds (images still attacked, share
             fooled).
+        monitor: a `QueryMonitor` (or its options) in front of the endpoint the oracle is
+            built for (`as_oracle`; not with a ready `QueryOracle`, which has its own).
 
     Returns:
         x_adv float32 [n, H, W, C] within the ball and [0, 1]; record {"queries" int64 [n],
@@ -376,19 +458,19 @@ def api_square(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: in
     """
     _check_linf_budget("api_square", norm, eps, max_queries)
     x, y = _check_batch(x, y)
-    o = as_oracle(oracle, batch_size)
+    o = as_oracle(oracle, batch_size, monitor)
     if not o.has_logits:
         raise ValueError("api_square needs the classifier's logits (the endpoint's `classify` "
                          "signature: QueryOracle(..., classify=...)); an endpoint without them "
                          "can be attacked with api_hop_skip_jump (labels only)")
     n, max_queries = len(x), int(max_queries)
     if n == 0:
-        return x.copy(), _record(np.zeros(0), np.zeros(0, bool),
+        return x.copy(), _record({"queries": np.zeros(0)}, np.zeros(0, bool),
                                  {"verdict": np.zeros(0), "label": np.zeros(0)},
                                  linf=np.zeros(0, np.float32))
     rng = np.random.default_rng(seed)
     ids = np.arange(n)
-    base = o.used(ids)
+    base = o.counts(ids)
     out = o.query(x, ids, logits=True)
     success = is_success(out, y)
     scale = np.maximum(np.abs(logit_margin(out["logits"], y)), 1.0)
@@ -421,7 +503,7 @@ def api_square(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: in
     x_adv = np.clip(x_best, np.maximum(x - np.float32(eps), 0.0),
                     np.minimum(x + np.float32(eps), 1.0)).astype(np.float32)
     linf = np.abs(x_adv - x).reshape(n, -1).max(axis=1)
-    return x_adv, _record(o.used(ids) - base, success, best, linf=linf)
+    return x_adv, _record(o.since(base, ids), success, best, linf=linf)
 
 
 # ----------------------------------------------------------------------------- RayS
@@ -440,7 +522,8 @@ def rays_blocks(level: int, index: int, size: int) -> slice:
 
 def api_rays(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: int = 0,
              norm: str = "linf", linear_steps: int = 10, tol: float = 1e-3,
-             batch_size: int = 64, verbose: int = 0):
+             batch_size: int = 64, verbose: int = 0,
+             monitor=None):
     """Untargeted hard-label L∞ RayS on the defended endpoint; (x_adv, record).
 
     RayS (Chen & Gu, "RayS: A Ray Searching Method for Hard-label Adversarial Attack", KDD
@@ -470,6 +553,8 @@ def api_rays(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: int 
             for the harness's query-attack interface.
         norm: "linf" only. linear_steps, tol: as above. batch_size: of the in-process defense.
         verbose: 1 shows a progress bar over the query rounds.
+        monitor: a `QueryMonitor` (or its options) in front of the endpoint the oracle is
+            built for (`as_oracle`; not with a ready `QueryOracle`, which has its own).
 
     Returns:
         x_adv float32 [n, H, W, C] within the ball and [0, 1] (x where the attack failed);
@@ -482,14 +567,14 @@ def api_rays(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: int 
     if int(linear_steps) < 1 or not tol > 0:
         raise ValueError(f"linear_steps must be >= 1 and tol > 0, got {linear_steps}, {tol}")
     x, y = _check_batch(x, y)
-    o = as_oracle(oracle, batch_size)
+    o = as_oracle(oracle, batch_size, monitor)
     n, max_queries, steps = len(x), int(max_queries), int(linear_steps)
     ids = np.arange(n)
     radius = np.full(n, np.inf, np.float32)
     if n == 0:
-        return x.copy(), _record(np.zeros(0), np.zeros(0, bool),
+        return x.copy(), _record({"queries": np.zeros(0)}, np.zeros(0, bool),
                                  {"verdict": np.zeros(0), "label": np.zeros(0)}, radius=radius)
-    base = o.used(ids)
+    base = o.counts(ids)
     out = o.query(x, ids)
     success = is_success(out, y)
     radius[success] = 0.0
@@ -555,7 +640,7 @@ def api_rays(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: int 
                 next_direction(i)
     progress.update(max_queries - 1, success, finalize=True)
     linf = np.abs(x_adv - x).reshape(n, -1).max(axis=1)
-    return x_adv, _record(o.used(ids) - base, success, best, radius=radius, linf=linf)
+    return x_adv, _record(o.since(base, ids), success, best, radius=radius, linf=linf)
 
 
 # ----------------------------------------------------------------------------- HopSkipJump
@@ -637,7 +722,8 @@ def _noise_start(decide, rng, shape, tries: int, chunk: int = 10):
 
 def api_hop_skip_jump(oracle, x, y, max_queries: int = 1000, seed: int = 0, eps=None,
                       norm: str = "l2", init_eval: int = 100, max_eval: int = 10000,
-                      init_size: int = 100, batch_size: int = 64, verbose: int = 0):
+                      init_size: int = 100, batch_size: int = 64, verbose: int = 0,
+                      monitor=None):
     """Untargeted L2 HopSkipJump from the defended decision only; (x_adv, record).
 
     The attacker's decision for image (x, y) is adversarial(x') = `is_success`: accepted
@@ -668,6 +754,8 @@ def api_hop_skip_jump(oracle, x, y, max_queries: int = 1000, seed: int = 0, eps=
             noise-start tries.
         batch_size: images per oracle call (ART's batch size) and of the in-process defense.
         verbose: 1 shows a progress bar over the attacked images.
+        monitor: a `QueryMonitor` (or its options) in front of the endpoint the oracle is
+            built for (`as_oracle`; not with a ready `QueryOracle`, which has its own).
 
     Returns:
         x_adv float32 [n, H, W, C] in [0, 1]; record {"queries" int64 [n], "success" bool [n],
@@ -682,15 +770,15 @@ def api_hop_skip_jump(oracle, x, y, max_queries: int = 1000, seed: int = 0, eps=
     if int(max_queries) < 1:
         raise ValueError(f"max_queries must be >= 1 (the clean query), got {max_queries}")
     x, y = _check_batch(x, y)
-    o = as_oracle(oracle, batch_size)
+    o = as_oracle(oracle, batch_size, monitor)
     n = len(x)
     ids = np.arange(n)
     x_adv = x.copy()
     l2 = np.full(n, np.inf, np.float32)
     if n == 0:
-        return x_adv, _record(np.zeros(0), np.zeros(0, bool),
+        return x_adv, _record({"queries": np.zeros(0)}, np.zeros(0, bool),
                               {"verdict": np.zeros(0), "label": np.zeros(0)}, l2=l2)
-    base = o.used(ids)
+    base = o.counts(ids)
     clean = o.query(x, ids)
     best = {"label": clean["label"].astype(np.int64), "verdict": clean["verdict"].astype(np.int32)}
     success = is_success(clean, y)
@@ -705,7 +793,8 @@ def api_hop_skip_jump(oracle, x, y, max_queries: int = 1000, seed: int = 0, eps=
     try:
         for done, i in enumerate(todo):
             progress.update(done, success)
-            decide = _DecisionFunction(o, x[i], y[i], i, base[i] + int(max_queries), eps)
+            decide = _DecisionFunction(o, x[i], y[i], i, base["queries"][i] + int(max_queries),
+                                       eps)
             _hsj_one(decide, x, clean, i, rng, init_size, art_params)
             if decide.best is not None:
                 l2[i] = decide.best_l2
@@ -716,7 +805,7 @@ def api_hop_skip_jump(oracle, x, y, max_queries: int = 1000, seed: int = 0, eps=
     finally:
         np.random.set_state(state)
     progress.update(len(todo), success, finalize=True)
-    return x_adv, _record(o.used(ids) - base, success, best, l2=l2)
+    return x_adv, _record(o.since(base, ids), success, best, l2=l2)
 
 
 def _hsj_one(decide, x, clean, i, rng, init_size, art_params):

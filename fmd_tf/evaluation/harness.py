@@ -117,6 +117,18 @@ ATTACKS = {
     "api_hopskipjump_5k": Attack("api_hop_skip_jump", {"eps": 1.5, "norm": "l2",
                                                        "max_queries": 5000},
                                  target="endpoint", budgeted=True, norm="l2"),
+    # The same three behind a Blacklight query monitor (fmd_tf.serving.query_monitor, its
+    # default options): queries it flags are rejected before they reach the defense.
+    "api_square_monitored": Attack("api_square", {"eps": 0.1, "norm": "linf",
+                                                  "max_queries": 1000, "monitor": {}},
+                                   target="endpoint", budgeted=True, norm="linf"),
+    "api_rays_monitored": Attack("api_rays", {"eps": 0.1, "norm": "linf", "max_queries": 1000,
+                                              "monitor": {}},
+                                 target="endpoint", budgeted=True, norm="linf"),
+    "api_hopskipjump_monitored": Attack("api_hop_skip_jump", {"eps": 1.5, "norm": "l2",
+                                                              "max_queries": 1000,
+                                                              "monitor": {}},
+                                        target="endpoint", budgeted=True, norm="l2"),
 }
 for _name, _attack in ATTACKS.items():
     if _attack.target not in TARGETS or _attack.norm not in (None, "linf", "l2"):

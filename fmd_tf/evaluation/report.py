@@ -189,6 +189,10 @@ def _attack_entry(method, info, x, x_adv, y, clean, adv) -> dict:
                             "mean": float(queries.mean()), "median": float(np.median(queries)),
                             "max": int(queries.max())}
         entry["query_success_rate"] = float(np.mean(info["record"]["success"]))
+        if "monitor_flagged" in info["record"]:  # behind a query monitor: what it rejected
+            flagged = np.asarray(info["record"]["monitor_flagged"])
+            entry["monitor"] = {"flagged_share": float(flagged.sum() / max(queries.sum(), 1)),
+                                "images_flagged": float(np.mean(flagged > 0))}
     return entry
 
 

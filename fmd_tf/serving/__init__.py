@@ -5,6 +5,9 @@ by `scripts/export.py` / `fmd_tf.export_saved_model` / `fmd_tf.export.export_ser
 clients take the input shape from the served model's metadata (any H x W x C the package
 defends), not from a constant. Command line: `python -m fmd_tf.serving.client --help`.
 
+`QueryMonitor` (`query_monitor`) runs in the gateway in front of the server: it rejects queries
+that look like a query-based attack's (Blacklight).
+
 The names below are loaded lazily so that `python -m fmd_tf.serving.client` does not import the
 module twice (runpy warns when a package pre-imports the module it runs).
 """
@@ -22,12 +25,16 @@ _CLIENT_NAMES = (
     "predict_rest",
 )
 
-__all__ = list(_CLIENT_NAMES)
+# The gateway side: stateful detection of query-based attacks (`query_monitor`).
+_MONITOR_NAMES = ("QueryMonitor",)
+
+__all__ = [*_CLIENT_NAMES, *_MONITOR_NAMES]
 
 
 def __getattr__(name):
-    if name in _CLIENT_NAMES:
-        from fmd_tf.serving import client
+    import importlib
 
-        return getattr(client, name)
+    for module, names in (("client", _CLIENT_NAMES), ("query_monitor", _MONITOR_NAMES)):
+        if name in names:
+            return getattr(importlib.import_module(f"{__name__}.{module}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
