@@ -173,8 +173,7 @@ class QueryOracle:
                 raise ValueError(f"the oracle's defend function must return {key!r} with one "
                                  f"entry per image (got keys {sorted(out)})")
         if logits:
-            z = self._classify(x)
-            out["logits"] = np.asarray(z["logits"] if isinstance(z, dict) else z, np.float32)
+            out["logits"] = _as_logits(self._classify(x))
             self._num_classes = out["logits"].shape[-1]
         self.calls += 1
         return out
@@ -183,8 +182,7 @@ class QueryOracle:
         """K of the logits for rejected rows (None without logits); learnt from one classifier
         pass, outside the query count, when no query has reached the model yet."""
         if logits and self._num_classes is None:
-            z = self._classify(x[:1])
-            self._num_classes = np.asarray(z["logits"] if isinstance(z, dict) else z).shape[-1]
+            self._num_classes = _as_logits(self._classify(x[:1])).shape[-1]
         return self._num_classes if logits else None
 
     # ------------------------------------------------------------------ constructors
@@ -238,17 +236,21 @@ def _with_rejected_rows(out: dict, kept, n: int, num_classes) -> dict:
     """`out` (answers for rows `kept` of n) spread over all n rows; the others get the answer
     to a query the monitor rejected: label and classifier_label -1, verdict 2 (rejected), -1
     or NaN for every other value, logits [n, num_classes] NaN when `num_classes` is given."""
-    full = {"label": np.full(n, -1, np.int64), "classifier_label": np.full(n, -1, np.int64)}
+    full = {"label": np.full(n, -1, np.int64), "classifier_label": np.full(n, -1, np.int64),
+            "verdict": np.full(n, VERDICT_REJECTED, np.int32)}
+    if num_classes is not None:
+        full["logits"] = np.full((n, num_classes), np.nan, np.float32)
     for key, value in out.items():
         fill = -1 if np.issubdtype(value.dtype, np.integer) else np.nan
         full[key] = np.full((n, *value.shape[1:]), fill, value.dtype)
         full[key][kept] = value
-    if num_classes is not None and "logits" not in full:
-        full["logits"] = np.full((n, num_classes), np.nan, np.float32)
-    verdict = np.full(n, VERDICT_REJECTED, np.int32)
-    verdict[kept] = out["verdict"] if "verdict" in out else VERDICT_REJECTED
-    full["verdict"] = verdict
+    full["verdict"][np.setdiff1d(np.arange(n), kept)] = VERDICT_REJECTED
     return full
+
+
+def _as_logits(z) -> np.ndarray:
+    """float32 logits of a `classify` answer (an array, or a dict holding "logits")."""
+    return np.asarray(z["logits"] if isinstance(z, dict) else z, np.float32)
 
 
 def _logits(model, x, batch_size: int) -> np.ndarray:
