@@ -3,11 +3,15 @@ traversal pixel change, label kept, activity; and which clean VAL images have a 
 code, against those whose reconstruction changes the label (`fmd_tf.evaluation.latent_codes`).
 
     python scripts/latent_codes.py [--model saved_models/fmnist] [--dataset fmnist] [--n 500]
-        [--out results/fmnist/latent_codes.json] [--morph-scales 1,4,16 [--morph-n 200]]
+        [--out results/fmnist/latent_codes.json] [--morph-scales 1,4,16 [--morph-n 200]
+        [--morph-attacks fgsm,pgd] [--morph-bases reconstruction,input]]
 
 --morph-scales also runs the detector with its morph offsets scaled by each factor on the first
---morph-n VAL images and their FGSM / PGD (eps 0.3) versions: morph pixel change, clean
-zero-resistance share and the resistance score's ROC AUC per scale (`morph_strength_sweep`).
+--morph-n VAL images and their --morph-attacks versions (made against the classifier; default
+FGSM / PGD at eps 0.3): morph pixel change, clean zero-resistance share and the resistance
+score's ROC AUC per scale (`morph_strength_sweep`). --morph-bases input adds the same morphs
+applied to the input instead of the reconstruction, clip(x + decoder(z') - decoder(z))
+(`input_morph_resistance`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ def parse_args(argv):
     p.add_argument("--morph-scales", default="", help="comma-separated factors of the morph "
                    "offsets to compare (e.g. 1,4,16); none by default")
     p.add_argument("--morph-n", type=int, default=200, help="VAL images of --morph-scales")
+    p.add_argument("--morph-attacks", default="fgsm,pgd", help="attacks on the classifier for "
+                   "--morph-scales (names of scripts/evaluate.py --attacks)")
+    p.add_argument("--morph-bases", default="reconstruction", help="comma-separated: "
+                   "reconstruction (the detector's morphs) and/or input (the morphs' change "
+                   "added to the input)")
     p.add_argument("--cache", default="results/cache", help="adversarial-set cache")
     p.add_argument("--out", default=None, help="JSON report (default: results/<model name>/"
                    "latent_codes.json)")
@@ -42,6 +51,17 @@ def parse_args(argv):
                          f"{args.morph_scales!r}") from None
     if any(k <= 0 for k in args.morph_scales):
         raise UsageError(f"--morph-scales must be > 0, got {args.morph_scales}")
+    from fmd_tf.evaluation.harness import ATTACKS, DEFENSE_AWARE, QUERY_BASED, TRANSFER
+    from fmd_tf.evaluation.latent_codes import MORPH_BASES
+    args.morph_attacks = tuple(a.strip() for a in args.morph_attacks.split(",") if a.strip())
+    args.morph_bases = tuple(b.strip() for b in args.morph_bases.split(",") if b.strip())
+    usable = [a for a in ATTACKS if a not in DEFENSE_AWARE + TRANSFER + QUERY_BASED]
+    if not args.morph_attacks or not set(args.morph_attacks) <= set(usable):
+        raise UsageError(f"--morph-attacks takes some of {', '.join(usable)}, got "
+                         f"{','.join(args.morph_attacks) or 'none'}")
+    if not args.morph_bases or not set(args.morph_bases) <= set(MORPH_BASES):
+        raise UsageError(f"--morph-bases takes some of {', '.join(MORPH_BASES)}, got "
+                         f"{','.join(args.morph_bases) or 'none'}")
     if not os.path.isfile(os.path.join(args.model, "fmd.keras")):
         raise UsageError(f"{os.path.join(args.model, 'fmd.keras')} not found; train one with "
                          "`python scripts/train.py --dataset fmnist` or pass --model")
@@ -58,7 +78,8 @@ def run(args):
     with usage_errors(ModelFileError):  # a damaged or changed model file
         report = defense_code_activity(args.model, args.dataset, args.n, args.seed,
                                        args.morph_scales, args.morph_n,
-                                       cache_dir=args.cache)
+                                       morph_attacks=args.morph_attacks, cache_dir=args.cache,
+                                       morph_bases=args.morph_bases)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_json(args.out, report, sort_keys=True)
     print(json.dumps({k: report[k] for k in ("num_active", "num_codes", "total_correlation")}))
@@ -72,7 +93,7 @@ def run(args):
               f"{zero['zero_code_and_recon_label_differs']:.4f}")
     for row in (report.get("morph_strength") or {}).get("rows", []):
         aucs = ", ".join(f"{k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("auc_"))
-        print(f"morph scale {row['scale']:g}: mean |dpixel| per code "
+        print(f"morph scale {row['scale']:g}, {row['base']} base: mean |dpixel| per code "
               f"{min(row['morph_pixel_change']):.4f}-{max(row['morph_pixel_change']):.4f}, "
               f"clean zero share {row['clean_zero_share']:.4f}, AUC {aucs}")
     print(f"wrote {args.out}")

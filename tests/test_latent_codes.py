@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from test_case import TINY_COMBO_CONFIG, tiny_images
 
 from fmd_tf import losses
 from fmd_tf.evaluation import latent_codes
+from fmd_tf.evaluation.latent_codes import MORPH_BASES
 from fmd_tf.models import Classifier, build_combo_vae
 
 
@@ -103,3 +105,40 @@ def test_morph_pixel_change_against_decoded_morphs():
     np.testing.assert_allclose(report["morph_label_kept"],
                                (labels == recon_label[:, None, None]).mean(axis=(0, 2)),
                                atol=1e-6)
+
+
+def test_input_morph_resistance_by_hand_and_identity_morphs():
+    from fmd_tf.defense import FMDefense
+
+    combo, clf = _models()
+    fmd = FMDefense(clf, combo, num_morphs=3, candidates_per_step=2, max_steps=4, chunk_size=16,
+                    morph_dtype="float32")
+    fmd.build((None, 28, 28, 1))
+    fmd.code_low.assign(np.full(4, -2.0, np.float32))
+    fmd.code_high.assign(np.full(4, 2.0, np.float32))
+    table = fmd.search_table.numpy()
+    x = tiny_images(5, seed=4)
+    # Zero offsets: every morph is z itself, so the moved input is x and keeps its label.
+    fmd.search_table.assign(np.zeros_like(table))
+    np.testing.assert_array_equal(latent_codes.input_morph_resistance(fmd, x, batch_size=2),
+                                  np.ones((5, 4), np.float32))
+    # Far morphs, by hand: x + decoder(z') - decoder(z), clipped, labelled against x's label.
+    fmd.search_table.assign(table * 8.0)
+    got = latent_codes.input_morph_resistance(fmd, x, batch_size=2)
+    mean, _, zu = combo.encode(x)
+    recon = combo.decode(mean, zu).numpy()
+    latents = fmd.morph_latents(mean, zu).numpy()  # [5, 4, 3, d_s + K]
+    d_s = mean.shape[-1]
+    flat = latents.reshape(-1, latents.shape[-1])
+    decoded = combo.decode(flat[:, :d_s], flat[:, d_s:]).numpy().reshape(5, 4, 3, 28, 28, 1)
+    moved = np.clip(x[:, None, None] + decoded - recon[:, None, None], 0.0, 1.0)
+    labels = np.argmax(clf(moved.reshape(-1, 28, 28, 1)).numpy(), -1).reshape(5, 4, 3)
+    label = np.argmax(clf(x).numpy(), -1)
+    np.testing.assert_allclose(got, (labels == label[:, None, None]).mean(axis=-1), atol=1e-6)
+    assert got.shape == (5, 4) and np.all(got[:, 0] == 1.0)  # code 0: the decoder ignores it
+    rows = latent_codes.morph_strength_sweep(fmd, x, {"same": x}, [1.0], bases=MORPH_BASES)
+    assert [r["base"] for r in rows] == list(MORPH_BASES)
+    assert rows[1]["clean_zero_share"] == float((got.min(axis=1) == 0).mean())
+    assert rows[1]["auc_min_same"] == 0.5  # identical sets are not separated
+    with pytest.raises(ValueError, match="bases"):
+        latent_codes.morph_strength_sweep(fmd, x, {}, [1.0], bases=("decoded",))

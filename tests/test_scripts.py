@@ -105,7 +105,7 @@ def test_latent_codes_script_on_quick_model(quick_model, tmp_path):
     out = tmp_path / "codes" / "latent_codes.json"
     proc = run_script("scripts/latent_codes.py", "--model", str(quick_model), "--n", "16", "--out",
                       str(out), "--morph-scales", "1,8", "--morph-n", "6", "--cache",
-                      str(tmp_path / "cache"))
+                      str(tmp_path / "cache"), "--morph-bases", "reconstruction,input")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["num_codes"] == 10 and report["images"] == 16
@@ -116,17 +116,20 @@ def test_latent_codes_script_on_quick_model(quick_model, tmp_path):
     assert zero["images"] == len(np.load(quick_model / "val_resistance.npy"))
     assert 0.0 <= zero["zero_code_and_recon_label_differs"] <= zero["zero_code"] <= 1.0
     assert "reconstruction label differs on" in proc.stdout
-    rows = report["morph_strength"]["rows"]  # one per scale, on 6 VAL images
-    assert [r["scale"] for r in rows] == [1.0, 8.0] and report["morph_strength"]["images"] == 6
+    rows = report["morph_strength"]["rows"]  # one per scale and base, on 6 VAL images
+    assert [(r["scale"], r["base"]) for r in rows] == [
+        (1.0, "reconstruction"), (1.0, "input"), (8.0, "reconstruction"), (8.0, "input")]
+    assert report["morph_strength"]["images"] == 6
     for row in rows:
         assert len(row["morph_pixel_change"]) == 10 and 0.0 <= row["clean_zero_share"] <= 1.0
         assert all(0.0 <= row[f"auc_min_{a}"] <= 1.0 for a in ("fgsm", "pgd"))
     # Larger offsets move the morphs further from the reconstruction.
-    assert sum(rows[1]["morph_pixel_change"]) > sum(rows[0]["morph_pixel_change"])
-    assert "morph scale 8:" in proc.stdout
-    bad = run_script("scripts/latent_codes.py", "--model", str(quick_model), "--morph-scales",
-                     "1,x")
-    assert bad.returncode == 2 and "--morph-scales" in bad.stderr
+    assert sum(rows[2]["morph_pixel_change"]) > sum(rows[0]["morph_pixel_change"])
+    assert "morph scale 8, input base:" in proc.stdout
+    for flag, value in (("--morph-scales", "1,x"), ("--morph-bases", "decoded"),
+                        ("--morph-attacks", "adaptive_pgd")):
+        bad = run_script("scripts/latent_codes.py", "--model", str(quick_model), flag, value)
+        assert bad.returncode == 2 and flag in bad.stderr, (flag, bad.stderr[-500:])
     card = json.loads((quick_model / "model_card.json").read_text())
     assert card["latent_codes"]["num_codes"] == 10  # train.py writes the same figures
     proc = run_script("scripts/latent_codes.py", "--model", str(tmp_path))

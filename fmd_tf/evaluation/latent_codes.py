@@ -24,18 +24,25 @@ so the image has resistance 0 on its codes whatever they encode.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 
 from fmd_tf import losses
 
-__all__ = ["ACTIVE_PIXEL_CHANGE", "code_activity", "morph_pixel_change", "morph_strength_sweep",
-           "zero_resistance_breakdown"]
+__all__ = ["ACTIVE_PIXEL_CHANGE", "MORPH_BASES", "code_activity", "input_morph_resistance",
+           "morph_pixel_change", "morph_strength_sweep", "zero_resistance_breakdown"]
 
 # Mean |Δpixel| (pixels in [0, 1]) below which a full-range traversal counts as no change: on the
 # Fashion-MNIST model a code the encoder dropped moved pixels by 3e-4, the weakest used ones
 # by 0.02 or more.
 ACTIVE_PIXEL_CHANGE = 0.01
+
+# What a morph changes in `morph_strength_sweep`: "reconstruction", the detector's morphs (the
+# decoded image decoder(z'), paper §III-C), or "input", the same change of features added to the
+# input itself, clip(x + decoder(z') - decoder(z)) (`input_morph_resistance`).
+MORPH_BASES = ("reconstruction", "input")
 
 
 def _sweep_latents(mean, values, combo=None):
@@ -114,6 +121,19 @@ def code_activity(combo, classifier, x, low, high, steps: int = 9, batch_size: i
     }
 
 
+def _decoded_morphs(fmd, xb):
+    """(reconstruction decoder(μs(x) ‖ zu(x)) [B, H, W, C], every decoded natural morph
+    decoder(z'_ij) [B·m·N, H, W, C] in (image, code, morph) order, shape [B, m, N]) of the
+    images xb (`FMDefense.morph_latents`)."""
+    mean, _, zu = fmd.combo_vae.encode(xb)
+    latents = fmd.morph_latents(mean, zu)  # [B, m, N, d_s + K]
+    shape = tf.shape(latents)
+    d_s = mean.shape[-1]
+    flat = tf.reshape(latents, [-1, shape[-1]])
+    return (fmd.combo_vae.decode(mean, zu), fmd.combo_vae.decode(flat[:, :d_s], flat[:, d_s:]),
+            shape[:3])
+
+
 def morph_pixel_change(fmd, x, batch_size: int = 16) -> dict:
     """How far the detector's morphs move the image, per selected code, on images x.
 
@@ -131,16 +151,10 @@ def morph_pixel_change(fmd, x, batch_size: int = 16) -> dict:
 
     @tf.function(autograph=False, reduce_retracing=True)
     def batch_figures(xb):
-        mean, _, zu = fmd.combo_vae.encode(xb)
-        reconstruction = fmd.combo_vae.decode(mean, zu)
+        reconstruction, decoded, shape = _decoded_morphs(fmd, xb)
         label = tf.argmax(fmd.classifier(reconstruction), axis=-1)
-        latents = fmd.morph_latents(mean, zu)  # [B, m, N, d_s + K]
-        shape = tf.shape(latents)
-        d_s = mean.shape[-1]
-        flat = tf.reshape(latents, [-1, shape[-1]])
-        decoded = fmd.combo_vae.decode(flat[:, :d_s], flat[:, d_s:])
-        labels = tf.reshape(tf.argmax(fmd.classifier(decoded), axis=-1), shape[:3])
-        decoded = tf.reshape(decoded, tf.concat([shape[:3], tf.shape(xb)[1:]], 0))
+        labels = tf.reshape(tf.argmax(fmd.classifier(decoded), axis=-1), shape)
+        decoded = tf.reshape(decoded, tf.concat([shape, tf.shape(xb)[1:]], 0))
         change = tf.reduce_mean(tf.abs(decoded - reconstruction[:, None, None]),
                                 axis=[2, 3, 4, 5])  # [B, m]
         kept = tf.reduce_mean(tf.cast(tf.equal(labels, label[:, None, None]), tf.float32),
@@ -155,34 +169,75 @@ def morph_pixel_change(fmd, x, batch_size: int = 16) -> dict:
             "morph_label_kept": kept.mean(axis=0).tolist()}
 
 
-def morph_strength_sweep(fmd, x, adversarial: dict, scales, pixel_images: int = 64) -> list:
-    """Does a stronger morph separate clean from attacked inputs? One row per scale k of
-    `scales`: the defense's search table (the morph offsets, §III-C) multiplied by k, all N
-    morphs of every selected code, on clean images x and each attacked set of `adversarial`
-    {name: x_adv} (the same images attacked).
+def input_morph_resistance(fmd, x, batch_size: int = 16) -> np.ndarray:
+    """Resistance [n, m] of images x [n, H, W, C] to morphs applied to the input itself.
 
-    Row: `scale`; `morph_pixel_change`, `morph_label_kept` per code (`morph_pixel_change` on the
-    first `pixel_images` of x); `clean_zero_share` (min_i r_i = 0) and `clean_mean_resistance`;
-    per attack `auc_min_<a>` / `auc_mean_<a>` (ROC AUC of -min_i r_i / -mean_i r_i, attacked
-    positive) and `<a>_zero_share`. `fmd` is not changed (a full-budget copy is scaled).
+    Morph j of selected code i moves x by the change it makes to the reconstruction:
+    x'_ij = clip(x + decoder(z'_ij) - decoder(z), 0, 1), with z = μs(x) ‖ zu(x) and z'_ij the
+    detector's natural morph (`FMDefense.morph_latents`, all N); r_i = share of the N morphs
+    whose classifier label is classifier(x)'s. The detector's own morphs are decoder(z'_ij),
+    which carry the reconstruction's error as well: where the classifier labels the
+    reconstruction differently from x, every such morph does too and r_i = 0. Here a morph
+    that changes no feature (z' = z) is x itself, so r_i = 1.
+    """
+    x = np.asarray(x, np.float32)
+
+    @tf.function(autograph=False, reduce_retracing=True)
+    def batch_resistance(xb):
+        label = tf.argmax(fmd.classifier(xb), axis=-1)
+        reconstruction, decoded, shape = _decoded_morphs(fmd, xb)
+        per_image = shape[1] * shape[2]
+        moved = tf.clip_by_value(tf.repeat(xb, per_image, axis=0) + decoded
+                                 - tf.repeat(reconstruction, per_image, axis=0), 0.0, 1.0)
+        labels = tf.reshape(tf.argmax(fmd.classifier(moved), axis=-1), shape)
+        return tf.reduce_mean(tf.cast(tf.equal(labels, label[:, None, None]), tf.float32),
+                              axis=-1)
+
+    parts = [batch_resistance(tf.constant(x[i : i + batch_size])).numpy()
+             for i in range(0, len(x), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, fmd.num_codes), np.float32)
+
+
+def morph_strength_sweep(fmd, x, adversarial: dict, scales, pixel_images: int = 64,
+                         bases=("reconstruction",)) -> list:
+    """Does a stronger morph separate clean from attacked inputs? One row per scale k of
+    `scales` and base of `bases` (`MORPH_BASES`): the defense's search table (the morph
+    offsets, §III-C) multiplied by k, all N morphs of every selected code, on clean images x
+    and each attacked set of `adversarial` {name: x_adv} (the same images attacked); with base
+    "reconstruction" the detector's resistance, with "input" `input_morph_resistance`.
+
+    Row: `scale`, `base`; `morph_pixel_change`, `morph_label_kept` per code
+    (`morph_pixel_change` on the first `pixel_images` of x; the change a morph makes, the same
+    for both bases before clipping); `clean_zero_share` (min_i r_i = 0) and
+    `clean_mean_resistance`; per attack `auc_min_<a>` / `auc_mean_<a>` (ROC AUC of -min_i r_i /
+    -mean_i r_i, attacked positive) and `<a>_zero_share`. `fmd` is not changed (a full-budget
+    copy is scaled).
     """
     from fmd_tf.evaluation.metrics import roc_auc
 
+    unknown = sorted(set(bases) - set(MORPH_BASES))
+    if unknown or not bases:
+        raise ValueError(f"bases must be some of {MORPH_BASES}, got {tuple(bases)}")
     full = fmd.copy_with(adaptive_budget=False)
     table = fmd.search_table.numpy()
     rows = []
     for k in scales:
         full.search_table.assign(table * float(k))
-        r = {"clean": full.resistance(x)}
-        r.update({name: full.resistance(x_adv) for name, x_adv in adversarial.items()})
-        row = {"scale": float(k), **morph_pixel_change(full, x[:pixel_images]),
-               "clean_zero_share": float((r["clean"].min(axis=1) == 0).mean()),
-               "clean_mean_resistance": float(r["clean"].mean())}
-        for name in adversarial:
-            row[f"auc_min_{name}"] = roc_auc(-r["clean"].min(axis=1), -r[name].min(axis=1))
-            row[f"auc_mean_{name}"] = roc_auc(-r["clean"].mean(axis=1), -r[name].mean(axis=1))
-            row[f"{name}_zero_share"] = float((r[name].min(axis=1) == 0).mean())
-        rows.append(row)
+        pixels = morph_pixel_change(full, x[:pixel_images])
+        for base in bases:
+            resistance = full.resistance if base == "reconstruction" else \
+                functools.partial(input_morph_resistance, full)
+            r = {"clean": resistance(x)}
+            r.update({name: resistance(x_adv) for name, x_adv in adversarial.items()})
+            row = {"scale": float(k), "base": base, **pixels,
+                   "clean_zero_share": float((r["clean"].min(axis=1) == 0).mean()),
+                   "clean_mean_resistance": float(r["clean"].mean())}
+            for name in adversarial:
+                row[f"auc_min_{name}"] = roc_auc(-r["clean"].min(axis=1), -r[name].min(axis=1))
+                row[f"auc_mean_{name}"] = roc_auc(-r["clean"].mean(axis=1),
+                                                  -r[name].mean(axis=1))
+                row[f"{name}_zero_share"] = float((r[name].min(axis=1) == 0).mean())
+            rows.append(row)
     return rows
 
 
@@ -234,14 +289,15 @@ def _labels(fmd, x, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
 
 def defense_code_activity(model_dir: str, dataset: str = "fmnist", n: int = 500,
                           seed: int = 0, morph_scales=(), morph_n: int = 200,
-                          morph_attacks=("fgsm", "pgd"), cache_dir: str | None = None) -> dict:
+                          morph_attacks=("fgsm", "pgd"), cache_dir: str | None = None,
+                          morph_bases=("reconstruction",)) -> dict:
     """`code_activity` of the combo-VAE in `model_dir`/fmd.keras on the first `n` VAL images of
     the paper split of `dataset`, over the defense's calibrated normal ranges (the ranges its
     morphs stay in); with the model's VAL resistances (val_resistance.npy), also
     `zero_resistance_breakdown` on all VAL images ("zero_resistance"). With `morph_scales`,
     also `morph_strength_sweep` ("morph_strength") on the first `morph_n` VAL images and their
     `morph_attacks` versions made against the classifier (`harness.adversarial_set`, cached in
-    `cache_dir`)."""
+    `cache_dir`), for each of `morph_bases`."""
     import os
 
     from fmd_tf.evaluation.report import model_splits
@@ -266,5 +322,6 @@ def defense_code_activity(model_dir: str, dataset: str = "fmnist", n: int = 500,
                        for a in morph_attacks}
         out["morph_strength"] = {"images": int(len(x)), "images_from": "VAL",
                                  "attacks": {a: harness.ATTACKS[a].params for a in morph_attacks},
-                                 "rows": morph_strength_sweep(fmd, x, adversarial, morph_scales)}
+                                 "rows": morph_strength_sweep(fmd, x, adversarial, morph_scales,
+                                                              bases=morph_bases)}
     return out
