@@ -192,8 +192,18 @@ class ComboVAEConfig:
         "al. 2016; losses.free_bits_kl): a code below it costs the floor and gets no KL "
         "gradient, so no code is pushed onto the prior; 0 is Eq. 8's L_KL. On Fashion-MNIST "
         "with 0, two of the ten codes collapsed (KL 0.10 and 0.16 nats, no visible change); "
-        "with 0.5 all ten change the image (KL 1.7-4.0 nats) at reconstruction label agreement "
-        "0.932 (results/training/free_bits/model_card.json)",
+        "with 0.5 one run had all ten change the image (results/training/free_bits/), a second "
+        "run eight (results/training/free_bits_run2/: two codes kept 0.53 and 1.07 nats that "
+        "the decoder barely shows), both at reconstruction label agreement 0.93",
+        check=NON_NEGATIVE,
+    )
+    latent_cycle_weight: float = option(
+        0.0,
+        "weight of the decoder-only latent-cycle term (not in the paper; 0 turns it off): the "
+        "squared error between the class-shared codes a reconstruction was decoded from and "
+        "the codes the encoder reads back from it (losses.latent_cycle_loss), so that the "
+        "decoder shows every code in the image; free bits keep a code's KL up but not its "
+        "use by the decoder",
         check=NON_NEGATIVE,
     )
     lambda_lkd: float = option(0.1, "weight of L_lkd in L_GM (Eq. 12)", check=NON_NEGATIVE)

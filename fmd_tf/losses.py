@@ -160,6 +160,30 @@ def label_consistency_loss(target_logits, logits):
     return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
 
 
+def latent_cycle_loss(codes, recovered):
+    """Squared error between the class-shared codes a reconstruction was decoded from and the
+    codes the encoder reads back from it.
+
+    Not in the paper: an optional decoder term (``ComboVAEConfig.latent_cycle_weight``), the
+    Gaussian form of InfoGAN's mutual-information bound (Chen et al. 2016) with unit variance.
+    A code the decoder ignores cannot be read back from its output, so this term asks the
+    decoder to make every code visible in the image: the detector morphs each code and needs
+    every morph to change the image. ``codes`` is treated as a constant.
+
+        L_cyc = sum_c (mu_c(D(z_s, z_u)) - z_c)^2
+
+    Args:
+        codes: [B, C] code values z_c the decoder was given.
+        recovered: [B, C] code values mu_c the encoder gives its output.
+
+    Returns:
+        [B] sum over codes of the squared error.
+    """
+    codes = tf.stop_gradient(tf.convert_to_tensor(codes, tf.float32))
+    recovered = tf.convert_to_tensor(recovered, tf.float32)
+    return tf.reduce_sum(tf.square(recovered - codes), axis=-1)
+
+
 def permute_dims(z, seed):
     """Permutes each latent dimension independently across the batch.
 

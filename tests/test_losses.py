@@ -98,6 +98,18 @@ def test_free_bits_kl_closed_form_and_gradient():
     np.testing.assert_allclose(_np(losses.free_bits_kl(mean, log_var, 5.0)), 15.0)
 
 
+def test_latent_cycle_loss_closed_form_and_gradient():
+    codes = tf.Variable([[1.0, -2.0], [0.5, 0.5]])
+    recovered = tf.Variable([[1.0, 0.0], [-0.5, 1.5]])
+    with tf.GradientTape(persistent=True) as tape:
+        out = losses.latent_cycle_loss(codes, recovered)
+        total = tf.reduce_sum(out)
+    np.testing.assert_allclose(_np(out), [4.0, 2.0], atol=1e-6)
+    assert tape.gradient(total, codes) is None  # the decoded codes are the target
+    np.testing.assert_allclose(tape.gradient(total, recovered).numpy(),
+                               [[0.0, 4.0], [-2.0, 2.0]], atol=1e-6)
+
+
 def test_label_consistency_loss_closed_form():
     # Row 0: p = q -> 0.
     # Row 1: p = (0.75, 0.25), q = (0.5, 0.5) -> 0.75 log 1.5 + 0.25 log 0.5.

@@ -29,7 +29,8 @@ from fmd_tf.models.dgmm import LOG_VAR_BOUNDS
 
 IMAGE_SHAPE = (28, 28, 1)
 LOG_2PI = math.log(2.0 * math.pi)
-COMBO_METRICS = {"loss", "recon_loss", "kl_loss", "tc", "disc_loss", "consistency"}
+COMBO_METRICS = {"loss", "recon_loss", "kl_loss", "tc", "disc_loss", "consistency",
+                 "latent_cycle"}
 DGMM_METRICS = {"loss", "cls_loss", "lkd_loss", "accuracy"}
 
 
@@ -418,7 +419,8 @@ def test_combo_vae_fit_logs_named_metrics(toy_batch):
     model = _compile_combo(_small_combo())
     history = model.fit(x, batch_size=10, epochs=1, shuffle=False, verbose=0).history
     assert history.pop("consistency") == [0.0]  # consistency_weight 0: the term is off
-    _assert_finite_nonzero(history, COMBO_METRICS - {"consistency"})
+    assert history.pop("latent_cycle") == [0.0]  # latent_cycle_weight 0: off
+    _assert_finite_nonzero(history, COMBO_METRICS - {"consistency", "latent_cycle"})
     h = {k: v[0] for k, v in history.items()}
     np.testing.assert_allclose(
         h["loss"], 10.0 * h["recon_loss"] + h["kl_loss"] + 40.0 * h["tc"], rtol=1e-5, atol=1e-4
@@ -484,6 +486,48 @@ def test_combo_vae_consistency_gradient_reaches_decoder_only(toy_batch):
         not np.allclose(a, b, atol=1e-6)
         for a, b in zip(trained[0.0][1], trained[50.0][1], strict=True)
     ), "the consistency term did not change the decoder's update"
+
+
+def _cycle_combo(weight, seed=0):
+    cfg = dataclasses.replace(TINY_COMBO_CONFIG, latent_cycle_weight=weight)
+    return build_combo_vae(cfg, IMAGE_SHAPE, 10, seed=seed)
+
+
+def test_combo_vae_latent_cycle_term_in_loss(toy_batch):
+    x, _ = toy_batch
+    model = _compile_combo(_cycle_combo(3.0, seed=4))
+    logs = model.evaluate(x, batch_size=len(x), verbose=0, return_dict=True)
+    # Same sampled codes as test_step (noise seed [4, 0]), read back from their decoding.
+    mean, log_var = (t.numpy() for t in model.shared_encoder(x))
+    zs = mean + np.exp(0.5 * log_var) * tf.random.stateless_normal(mean.shape, seed=[4, 0])
+    recovered, _ = model.shared_encoder(model.decode(zs, model.dgmm(x)))
+    expected = np.mean(np.sum((recovered.numpy() - zs.numpy()) ** 2, axis=-1))
+    assert expected > 1e-4
+    np.testing.assert_allclose(logs["latent_cycle"], expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        logs["loss"],
+        10.0 * logs["recon_loss"] + logs["kl_loss"] + 40.0 * logs["tc"] + 3.0 * expected,
+        rtol=1e-4, atol=1e-4,
+    )
+    assert model.get_config()["latent_cycle_weight"] == 3.0
+    assert len(model.weights) == len(_cycle_combo(0.0).weights)
+
+
+def test_combo_vae_latent_cycle_gradient_reaches_decoder_only(toy_batch):
+    x, _ = toy_batch
+    trained = {}
+    start = _cycle_combo(0.0, seed=1).get_weights()
+    for weight in (0.0, 50.0):
+        model = _compile_combo(_cycle_combo(weight, seed=1))
+        model.set_weights(start)
+        model.train_on_batch(x)
+        trained[weight] = (_weights(model.shared_encoder), _weights(model.decoder))
+    for a, b in zip(trained[0.0][0], trained[50.0][0], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # encoder: no cycle gradient
+    assert any(
+        not np.allclose(a, b, atol=1e-6)
+        for a, b in zip(trained[0.0][1], trained[50.0][1], strict=True)
+    ), "the latent-cycle term did not change the decoder's update"
 
 
 def test_combo_vae_precomputed_codes_and_logits_give_the_same_update(toy_batch):

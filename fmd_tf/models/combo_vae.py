@@ -46,6 +46,9 @@ class ComboVAE(keras.Model):
             reconstruction. Its gradient reaches the decoder only, never Es, so the encoder
             is not taught the classifier's (attackable) features. Needs the classifier from
             `set_consistency_classifier` at training time; the classifier is not saved.
+        latent_cycle_weight: weight of `losses.latent_cycle_loss` (not in the paper), a
+            decoder-only term: the encoder's code values of the reconstruction against the
+            sampled codes it was decoded from, so that no code is ignored by the decoder.
 
     `fit` takes images, or (images, {"zu": the frozen DGMM's codes, "logits": the classifier's
     logits}) with either key, so that these per-image constants of the loss are computed once
@@ -67,6 +70,7 @@ class ComboVAE(keras.Model):
         recon_weight=1.0,
         consistency_weight=0.0,
         free_bits=0.0,
+        latent_cycle_weight=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -80,13 +84,15 @@ class ComboVAE(keras.Model):
         self.recon_weight = float(recon_weight)
         self.consistency_weight = float(consistency_weight)
         self.free_bits = float(free_bits)
+        self.latent_cycle_weight = float(latent_cycle_weight)
         self.discriminator_optimizer = None
         # A plain callable, not an attribute Keras tracks: the classifier is not part of the
         # saved combo-VAE.
         self._consistency_fn = None
         self.trackers = {
             name: keras.metrics.Mean(name=name)
-            for name in ("loss", "recon_loss", "kl_loss", "tc", "disc_loss", "consistency")
+            for name in ("loss", "recon_loss", "kl_loss", "tc", "disc_loss", "consistency",
+                         "latent_cycle")
         }
 
     @property
@@ -193,23 +199,29 @@ class ComboVAE(keras.Model):
             l_c = tf.reduce_mean(losses.label_consistency_loss(
                 _float32(clean_logits), _float32(self._consistency_fn(x_hat))
             ))
+        l_cyc = tf.zeros([])
+        if self.latent_cycle_weight > 0.0:
+            recovered, _ = self.shared_encoder(x_hat, training=training)
+            l_cyc = tf.reduce_mean(losses.latent_cycle_loss(
+                self.code_values(zs), self.code_values(_float32(recovered))))
         zs_fixed = tf.stop_gradient(zs)
         permuted = losses.permute_dims(zs_fixed, seed + tf.constant([0, 1], tf.int32))
         l_d = losses.tc_discriminator_loss(
             _float32(self.discriminator(zs_fixed, training=training)),
             _float32(self.discriminator(permuted, training=training)),
         )
-        return (l_r, l_kl, l_tc, l_d, l_c), kl_penalty
+        return (l_r, l_kl, l_tc, l_d, l_c, l_cyc), kl_penalty
 
-    def _update_trackers(self, l_r, l_kl, l_tc, l_d, l_c):
+    def _update_trackers(self, l_r, l_kl, l_tc, l_d, l_c, l_cyc):
         values = {
             "loss": self.recon_weight * l_r + self.beta * l_kl + self.gamma * l_tc
-            + self.consistency_weight * l_c,
+            + self.consistency_weight * l_c + self.latent_cycle_weight * l_cyc,
             "recon_loss": l_r,
             "kl_loss": l_kl,
             "tc": l_tc,
             "disc_loss": l_d,
             "consistency": l_c,
+            "latent_cycle": l_cyc,
         }
         for name, value in values.items():
             self.trackers[name].update_state(value)
@@ -231,10 +243,11 @@ class ComboVAE(keras.Model):
         with tf.GradientTape(persistent=True) as tape:
             terms, kl_penalty = self._forward(x, self._step_seed(), training=True,
                                               targets=targets)
-            l_r, l_kl, l_tc, l_d, l_c = terms
+            l_r, l_kl, l_tc, l_d, l_c, l_cyc = terms
             vae_loss = (self.recon_weight * l_r + self.beta * kl_penalty
                         + self.gamma * l_tc) / replicas
-            dec_loss = vae_loss + self.consistency_weight * l_c / replicas
+            dec_loss = vae_loss + (self.consistency_weight * l_c
+                                   + self.latent_cycle_weight * l_cyc) / replicas
             disc_loss = l_d / replicas
         enc_grads = tape.gradient(vae_loss, enc_vars)
         dec_grads = tape.gradient(dec_loss, dec_vars)
@@ -271,6 +284,7 @@ class ComboVAE(keras.Model):
             recon_weight=self.recon_weight,
             consistency_weight=self.consistency_weight,
             free_bits=self.free_bits,
+            latent_cycle_weight=self.latent_cycle_weight,
         )
         return config
 
@@ -336,6 +350,7 @@ def build_combo_vae(combo_cfg, image_shape, num_classes, seed=0, policy=None) ->
         recon_weight=combo_cfg.recon_weight,
         consistency_weight=combo_cfg.consistency_weight,
         free_bits=combo_cfg.free_bits,
+        latent_cycle_weight=combo_cfg.latent_cycle_weight,
         name="combo_vae",
     )
     model.build((None, *image_shape))
