@@ -76,7 +76,8 @@ def test_zero_resistance_breakdown_by_hand():
     assert none["recon_differs_given_zero_code"] is None
 
 
-def test_morph_pixel_change_against_decoded_morphs():
+def _ranged_defense():
+    """(combo, classifier, FMDefense with 4 codes x 3 morphs and normal ranges [-2, 2])."""
     from fmd_tf.defense import FMDefense
 
     combo, clf = _models()
@@ -85,6 +86,24 @@ def test_morph_pixel_change_against_decoded_morphs():
     fmd.build((None, 28, 28, 1))
     fmd.code_low.assign(np.full(4, -2.0, np.float32))
     fmd.code_high.assign(np.full(4, 2.0, np.float32))
+    return combo, clf, fmd
+
+
+def _decoded_by_hand(fmd, x):
+    """(reconstruction [n, H, W, C], decoded morphs [n, m, N, H, W, C]) in NumPy, decoding
+    each of `fmd.morph_latents` one by one."""
+    combo = fmd.combo_vae
+    mean, _, zu = combo.encode(x)
+    recon = combo.decode(mean, zu).numpy()
+    latents = fmd.morph_latents(mean, zu).numpy()  # [n, m, N, d_s + K]
+    d_s = mean.shape[-1]
+    flat = latents.reshape(-1, latents.shape[-1])
+    decoded = combo.decode(flat[:, :d_s], flat[:, d_s:]).numpy()
+    return recon, decoded.reshape(*latents.shape[:3], *x.shape[1:])
+
+
+def test_morph_pixel_change_against_decoded_morphs():
+    combo, clf, fmd = _ranged_defense()
     fmd.search_table.assign(fmd.search_table.numpy() * 8.0)  # morphs far enough to show
     x = tiny_images(5, seed=2)
     report = latent_codes.morph_pixel_change(fmd, x, batch_size=2)
@@ -92,12 +111,7 @@ def test_morph_pixel_change_against_decoded_morphs():
     change = np.array(report["morph_pixel_change"])
     assert change[0] < 1e-6 and np.all(change[1:] > 1e-3)  # code 0 is ignored by the decoder
     # By hand for every image: decode each morph latent and compare with the reconstruction.
-    mean, _, zu = combo.encode(x)
-    recon = combo.decode(mean, zu).numpy()
-    latents = fmd.morph_latents(mean, zu).numpy()  # [5, 4, 3, d_s + K]
-    d_s = mean.shape[-1]
-    flat = latents.reshape(-1, latents.shape[-1])
-    decoded = combo.decode(flat[:, :d_s], flat[:, d_s:]).numpy().reshape(5, 4, 3, 28, 28, 1)
+    recon, decoded = _decoded_by_hand(fmd, x)  # [5, 28, 28, 1], [5, 4, 3, 28, 28, 1]
     expected = np.abs(decoded - recon[:, None, None]).mean(axis=(2, 3, 4, 5)).mean(axis=0)
     np.testing.assert_allclose(change, expected, rtol=1e-4, atol=1e-6)
     labels = np.argmax(clf(decoded.reshape(-1, 28, 28, 1)).numpy(), -1).reshape(5, 4, 3)
@@ -108,14 +122,7 @@ def test_morph_pixel_change_against_decoded_morphs():
 
 
 def test_input_morph_resistance_by_hand_and_identity_morphs():
-    from fmd_tf.defense import FMDefense
-
-    combo, clf = _models()
-    fmd = FMDefense(clf, combo, num_morphs=3, candidates_per_step=2, max_steps=4, chunk_size=16,
-                    morph_dtype="float32")
-    fmd.build((None, 28, 28, 1))
-    fmd.code_low.assign(np.full(4, -2.0, np.float32))
-    fmd.code_high.assign(np.full(4, 2.0, np.float32))
+    combo, clf, fmd = _ranged_defense()
     table = fmd.search_table.numpy()
     x = tiny_images(5, seed=4)
     # Zero offsets: every morph is z itself, so the moved input is x and keeps its label.
@@ -125,12 +132,7 @@ def test_input_morph_resistance_by_hand_and_identity_morphs():
     # Far morphs, by hand: x + decoder(z') - decoder(z), clipped, labelled against x's label.
     fmd.search_table.assign(table * 8.0)
     got = latent_codes.input_morph_resistance(fmd, x, batch_size=2)
-    mean, _, zu = combo.encode(x)
-    recon = combo.decode(mean, zu).numpy()
-    latents = fmd.morph_latents(mean, zu).numpy()  # [5, 4, 3, d_s + K]
-    d_s = mean.shape[-1]
-    flat = latents.reshape(-1, latents.shape[-1])
-    decoded = combo.decode(flat[:, :d_s], flat[:, d_s:]).numpy().reshape(5, 4, 3, 28, 28, 1)
+    recon, decoded = _decoded_by_hand(fmd, x)  # [5, 28, 28, 1], [5, 4, 3, 28, 28, 1]
     moved = np.clip(x[:, None, None] + decoded - recon[:, None, None], 0.0, 1.0)
     labels = np.argmax(clf(moved.reshape(-1, 28, 28, 1)).numpy(), -1).reshape(5, 4, 3)
     label = np.argmax(clf(x).numpy(), -1)
