@@ -1,6 +1,7 @@
 """Which class-shared codes of a trained combo-VAE change the image: per-code KL, full-range
-traversal pixel change, label kept, activity; and which clean VAL images have a zero-resistance
-code, against those whose reconstruction changes the label (`fmd_tf.evaluation.latent_codes`).
+traversal pixel change, label kept, read-back slope, activity; and which clean VAL images have a
+zero-resistance code, against those whose reconstruction changes the label
+(`fmd_tf.evaluation.latent_codes`).
 
     python scripts/latent_codes.py [--model saved_models/fmnist] [--dataset fmnist] [--n 500]
         [--out results/fmnist/latent_codes.json] [--morph-scales 1,4,16 [--morph-n 200]
@@ -83,9 +84,11 @@ def run(args):
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_json(args.out, report, sort_keys=True)
     print(json.dumps({k: report[k] for k in ("num_active", "num_codes", "total_correlation")}))
-    for i, (kl, change, kept) in enumerate(zip(report["kl_nats"], report["sweep_pixel_change"],
-                                              report["sweep_label_kept"], strict=True)):
-        print(f"z{i}: KL {kl:.3f} nats, sweep |dpixel| {change:.4f}, label kept {kept:.3f}")
+    for i, (kl, change, kept, slope) in enumerate(zip(
+            report["kl_nats"], report["sweep_pixel_change"], report["sweep_label_kept"],
+            report["sweep_readback_slope"], strict=True)):
+        print(f"z{i}: KL {kl:.3f} nats, sweep |dpixel| {change:.4f}, label kept {kept:.3f}, "
+              f"read back {slope:.3f}")
     zero = report.get("zero_resistance")
     if zero:
         print(f"VAL ({zero['images']} images): a zero-resistance code on {zero['zero_code']:.4f}, "

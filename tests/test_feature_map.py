@@ -297,6 +297,8 @@ def test_code_activity_sums_kl_over_a_channel(tiny_defense):
     report = code_activity(fmd.combo_vae, fmd.classifier, images, fmd.code_low.numpy(),
                            fmd.code_high.numpy(), steps=3)
     assert report["num_codes"] == 4 and len(report["sweep_pixel_change"]) == 4
+    assert len(report["sweep_readback_slope"]) == 4  # a channel's mean read back
+    assert np.all(np.isfinite(report["sweep_readback_slope"]))
     mean, log_var, _ = fmd.combo_vae.encode(images)
     per_dim = losses.gaussian_kl_per_dim(mean, log_var).numpy().reshape(len(images), -1, 4)
     np.testing.assert_allclose(report["kl_nats"], per_dim.sum(axis=1).mean(axis=0), rtol=1e-5)

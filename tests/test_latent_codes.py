@@ -61,6 +61,27 @@ def test_ignored_code_is_inactive_and_figures_match_closed_forms():
     one = latent_codes.code_activity(combo, clf, x[:1], low, high, steps=5)
     np.testing.assert_allclose(one["sweep_pixel_change"][1], by_hand.mean(), rtol=1e-4)
     assert np.isfinite(report["total_correlation"])
+    # Read-back: an ignored code's traversal images are all alike, so nothing is read back;
+    # code 1's slope by hand for the first image.
+    assert abs(report["sweep_readback_slope"][0]) < 1e-4
+    read_back = combo.shared_encoder(combo.decode(sweep, np.repeat(zu, 5, axis=0)))[0].numpy()
+    grid = np.linspace(-2.0, 2.0, 5)
+    slope = np.polyfit(grid, read_back[:, 1], 1)[0]
+    np.testing.assert_allclose(one["sweep_readback_slope"][1], slope, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("gain", [0.0, 1.0, -2.5])
+def test_readback_slope_is_the_least_squares_slope(gain):
+    rng = np.random.default_rng(0)
+    values = np.stack([np.linspace(-1.0, 3.0, 7), np.linspace(0.0, 0.5, 7)])  # [codes 2, S 7]
+    offsets = rng.normal(size=(4, 2, 1))  # each image reads back from its own level
+    read_back = gain * values[None] + offsets
+    np.testing.assert_allclose(latent_codes.readback_slope(values, read_back), [gain, gain],
+                               atol=1e-12)
+    noisy = read_back + rng.normal(scale=0.1, size=read_back.shape)
+    by_hand = [np.polyfit(np.tile(values[i], 4), (noisy[:, i] - noisy[:, i].mean(-1,
+               keepdims=True)).ravel(), 1)[0] for i in range(2)]
+    np.testing.assert_allclose(latent_codes.readback_slope(values, noisy), by_hand, rtol=1e-9)
 
 
 def test_zero_resistance_breakdown_by_hand():

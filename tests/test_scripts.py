@@ -110,6 +110,7 @@ def test_latent_codes_script_on_quick_model(quick_model, tmp_path):
     report = json.loads(out.read_text())
     assert report["num_codes"] == 10 and report["images"] == 16
     assert len(report["sweep_pixel_change"]) == len(report["kl_nats"]) == 10
+    assert len(report["sweep_readback_slope"]) == 10
     assert report["num_active"] == sum(report["active"])
     assert "z9: KL" in proc.stdout
     zero = report["zero_resistance"]  # on all of the model's VAL images

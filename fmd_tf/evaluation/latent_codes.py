@@ -15,6 +15,12 @@ figures say which codes carry a visible feature, without ground-truth factors:
   reconstruction (what a full-range morph of the code does to the label).
 * `active[i]`: sweep_pixel_change >= `ACTIVE_PIXEL_CHANGE`.
 * `total_correlation`: the TC discriminator's estimate (Eq. 6) on sampled codes of the images.
+* `sweep_readback_slope[i]`: what the encoder reads back from the traversal: code i's value of
+  μs(decoded image) against the value the sweep set, as the least-squares slope over images and
+  steps (each image's sweep centred). About 1 when the decoded images carry the code to the
+  encoder, about 0 when they do not; a code with a slope near 1 but no visible traversal
+  effect is read back from a pixel change too small to see (what the latent-cycle term,
+  `losses.latent_cycle_loss`, asks for can be met that way).
 
 `zero_resistance_breakdown` says where a clean image's zero resistance comes from: a code whose
 every morph changes the classifier's label of the input. When the reconstruction
@@ -32,7 +38,8 @@ import tensorflow as tf
 from fmd_tf import losses
 
 __all__ = ["ACTIVE_PIXEL_CHANGE", "MORPH_BASES", "code_activity", "input_morph_resistance",
-           "morph_pixel_change", "morph_strength_sweep", "zero_resistance_breakdown"]
+           "morph_pixel_change", "morph_strength_sweep", "readback_slope",
+           "zero_resistance_breakdown"]
 
 # Mean |Δpixel| (pixels in [0, 1]) below which a full-range traversal counts as no change: on the
 # Fashion-MNIST model a code the encoder dropped moved pixels by 3e-4, the weakest used ones
@@ -74,9 +81,9 @@ def code_activity(combo, classifier, x, low, high, steps: int = 9, batch_size: i
         steps: sweep values per code (9 as in the figure `latent_traversals.png`).
 
     Returns:
-        dict of per-code lists (`kl_nats`, `sweep_pixel_change`, `sweep_label_kept`, `active`)
-        and `num_active`, `num_codes`, `total_correlation`, `images`, `steps`,
-        `active_pixel_change`.
+        dict of per-code lists (`kl_nats`, `sweep_pixel_change`, `sweep_label_kept`, `active`,
+        `sweep_readback_slope`) and `num_active`, `num_codes`, `total_correlation`, `images`,
+        `steps`, `active_pixel_change`.
     """
     x = np.asarray(x, np.float32)
     values = tf.constant(np.linspace(np.asarray(low, np.float32), np.asarray(high, np.float32),
@@ -103,11 +110,16 @@ def code_activity(combo, classifier, x, low, high, steps: int = 9, batch_size: i
         zs = mean + tf.exp(0.5 * log_var) * tf.random.stateless_normal(tf.shape(mean),
                                                                         seed=noise_seed)
         tc_logits = tf.reshape(combo.discriminator(zs), [-1])
-        return kl, tf.reduce_mean(change, axis=-1), kept, tc_logits
+        read_back = tf.reshape(combo.code_values(combo.shared_encoder(tf.reshape(
+            decoded, tf.concat([[-1], tf.shape(xb)[1:]], 0)))[0]), [b, codes, steps, codes])
+        read_back = tf.linalg.diag_part(tf.transpose(read_back, [0, 2, 1, 3]))  # [B, S, codes]
+        return (kl, tf.reduce_mean(change, axis=-1), kept, tc_logits,
+                tf.transpose(read_back, [0, 2, 1]))
 
     parts = [batch_figures(tf.constant(x[i : i + batch_size]), tf.constant([seed, i]))
              for i in range(0, len(x), batch_size)]
-    kl, change, kept, tc = (np.concatenate([p[k].numpy() for p in parts]) for k in range(4))
+    kl, change, kept, tc, read_back = (np.concatenate([p[k].numpy() for p in parts])
+                                       for k in range(5))
     pixel_change = change.mean(axis=0)
     active = pixel_change >= ACTIVE_PIXEL_CHANGE
     return {
@@ -118,7 +130,19 @@ def code_activity(combo, classifier, x, low, high, steps: int = 9, batch_size: i
         "active": active.tolist(), "num_active": int(active.sum()),
         "active_pixel_change": ACTIVE_PIXEL_CHANGE,
         "total_correlation": float(losses.total_correlation_estimate(tc)),
+        "sweep_readback_slope": readback_slope(values.numpy(), read_back).tolist(),
     }
+
+
+def readback_slope(values, read_back):
+    """[codes] least-squares slope of read_back [B, codes, S] on values [codes, S] (the values
+    a sweep set, the same for every image), each image's sweep centred over its S steps:
+    slope_i = Σ_b,s v̄_is r̄_bis / (B Σ_s v̄_is²), v̄ and r̄ centred over s."""
+    v = np.asarray(values, np.float64)
+    r = np.asarray(read_back, np.float64)
+    v = v - v.mean(axis=-1, keepdims=True)
+    r = r - r.mean(axis=-1, keepdims=True)
+    return np.einsum("is,bis->i", v, r) / (len(r) * np.maximum(np.sum(v * v, axis=-1), 1e-12))
 
 
 def _decoded_morphs(fmd, xb):
