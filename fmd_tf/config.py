@@ -203,7 +203,8 @@ class ComboVAEConfig:
         "squared error between the class-shared codes a reconstruction was decoded from and "
         "the codes the encoder reads back from it (losses.latent_cycle_loss), so that the "
         "decoder shows every code in the image; free bits keep a code's KL up but not its "
-        "use by the decoder",
+        "use by the decoder. With 10 one run had all ten codes change the image "
+        "(results/training/latent_cycle/), a second nine (results/training/latent_cycle_run2/)",
         check=NON_NEGATIVE,
     )
     lambda_lkd: float = option(0.1, "weight of L_lkd in L_GM (Eq. 12)", check=NON_NEGATIVE)
