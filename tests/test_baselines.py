@@ -372,6 +372,31 @@ def test_magnet_save_load_identical_decisions(fitted_magnet, tmp_path):
         MagNet.load(str(tmp_path))
 
 
+def test_magnet_from_keeps_the_command_that_trained_the_autoencoders(fitted_magnet, tmp_path):
+    from types import SimpleNamespace
+
+    from fmd_tf.evaluation.baselines import _fit_magnet
+
+    magnet, _ = fitted_magnet
+    trained = MagNet.load(str(_saved(magnet, tmp_path / "trained")), magnet.classifier)
+    trained.report["command"] = "train.py (trains the autoencoders)"
+    trained.save(str(tmp_path / "trained"))
+    splits = SimpleNamespace(x_val=toy_images(200, seed=2))
+    source = str(tmp_path / "trained")
+    for step in ("first", "second"):  # a reuse of a reuse
+        reused, report = _fit_magnet(magnet.classifier, splits, None, FPR, None, 0, source, 0)
+        assert report["autoencoders_from"] == source
+        assert report["autoencoders_command"] == "train.py (trains the autoencoders)"
+        assert reused.thresholds == pytest.approx(magnet.thresholds)
+        reused.report["command"] = f"train_baselines.py --magnet-from ({step} reuse)"
+        source = _saved(reused, tmp_path / step)
+
+
+def _saved(magnet, path):
+    magnet.save(str(path))
+    return str(path)
+
+
 def test_magnet_not_calibrated_and_argument_checks():
     magnet = MagNet(None, epochs=1)
     for method in (magnet.detect, magnet.defend):

@@ -157,8 +157,10 @@ def _fit_magnet(classifier, splits, cfg, fpr, epochs, seed, magnet_from, verbose
     trained = magnet.report
     magnet.report = {k: trained[k] for k in ("history", "epochs", "num_train",
                                              "train_seconds") if k in trained}
+    # Reused autoencoders that were themselves reused keep the command that trained them.
     magnet.report.update(autoencoders_from=magnet_from,
-                         autoencoders_command=trained.get("command"))
+                         autoencoders_command=trained.get("autoencoders_command")
+                         or trained.get("command"))
     report = magnet.calibrate(splits.x_val, fpr)
     report.update(magnet.report)
     return magnet, report
