@@ -18,9 +18,9 @@ figures say which codes carry a visible feature, without ground-truth factors:
 * `sweep_readback_slope[i]`: what the encoder reads back from the traversal: code i's value of
   μs(decoded image) against the value the sweep set, as the least-squares slope over images and
   steps (each image's sweep centred). About 1 when the decoded images carry the code to the
-  encoder, about 0 when they do not; a code with a slope near 1 but no visible traversal
-  effect is read back from a pixel change too small to see (what the latent-cycle term,
-  `losses.latent_cycle_loss`, asks for can be met that way).
+  encoder, about 0 when they do not (a code the decoder ignores, whatever its KL). A code with
+  a slope near 1 but no visible traversal effect would be read back from a pixel change too
+  small to see.
 
 `zero_resistance_breakdown` says where a clean image's zero resistance comes from: a code whose
 every morph changes the classifier's label of the input. When the reconstruction
