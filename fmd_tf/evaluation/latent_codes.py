@@ -99,19 +99,17 @@ def code_activity(combo, classifier, x, low, high, steps: int = 9, batch_size: i
         latents = tf.reshape(_sweep_latents(mean, values, combo), [-1, d_s])
         zu_all = tf.reshape(tf.broadcast_to(zu[:, None, None, :], [b, codes, steps, zu.shape[-1]]),
                             [-1, zu.shape[-1]])
-        decoded = combo.decode(latents, zu_all)
-        decoded = tf.reshape(decoded, tf.concat([[b, codes, steps], tf.shape(xb)[1:]], 0))
+        flat = combo.decode(latents, zu_all)  # [B·codes·S, H, W, C]
+        decoded = tf.reshape(flat, tf.concat([[b, codes, steps], tf.shape(xb)[1:]], 0))
         change = tf.reduce_mean(tf.abs(decoded - reconstruction[:, None, None]), axis=[3, 4, 5])
-        sweep_label = tf.reshape(
-            tf.argmax(classifier(tf.reshape(decoded, tf.concat([[-1], tf.shape(xb)[1:]], 0))),
-                      axis=-1), [b, codes, steps])
+        sweep_label = tf.reshape(tf.argmax(classifier(flat), axis=-1), [b, codes, steps])
         kept = tf.reduce_mean(tf.cast(tf.equal(sweep_label, label[:, None, None]), tf.float32),
                               axis=-1)
         zs = mean + tf.exp(0.5 * log_var) * tf.random.stateless_normal(tf.shape(mean),
                                                                         seed=noise_seed)
         tc_logits = tf.reshape(combo.discriminator(zs), [-1])
-        read_back = tf.reshape(combo.code_values(combo.shared_encoder(tf.reshape(
-            decoded, tf.concat([[-1], tf.shape(xb)[1:]], 0)))[0]), [b, codes, steps, codes])
+        read_back = tf.reshape(combo.code_values(combo.shared_encoder(flat)[0]),
+                               [b, codes, steps, codes])
         read_back = tf.linalg.diag_part(tf.transpose(read_back, [0, 2, 1, 3]))  # [B, S, codes]
         return (kl, tf.reduce_mean(change, axis=-1), kept, tc_logits,
                 tf.transpose(read_back, [0, 2, 1]))
