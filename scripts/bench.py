@@ -43,6 +43,10 @@ bfloat16_vs_float32  the morph pass in bfloat16 vs float32, unchecked (`morph_ch
                    and checked (close calls classified again in float32; `checked`):
                    throughput ratios (timed back to back), morph outcomes that differ from
                    float32's, agreement of verdicts / resistances on the clean and FGSM images.
+xla_on_off         XLA off and on (`jit_compile`) for the full budget's graph on the device
+                   TensorFlow uses (a GPU where one is visible: the GPU row; else the CPU):
+                   images/s at --batch-size, batch-1 latency, verdict agreement; the shipped
+                   default path beside them (data-dependent shapes: never XLA-compiled).
 serving_load       the exported model behind the local PredictionService / REST server under
                    load: --load-clients concurrent clients, --load-requests requests (10 %
                    malformed) over gRPC and over REST, server-side batching off and on; every

@@ -556,7 +556,8 @@ def test_auto_morph_dtype_follows_the_machine(monkeypatch):
 
 BENCH_KEYS = {
     "device", "settings", "speedup_vs_naive", "roofline_share", "attack_speedup_vs_art",
-    "serving_latency", "default_inference", "bfloat16_vs_float32", "demo_wall", "test_suite",
+    "serving_latency", "default_inference", "bfloat16_vs_float32", "xla_on_off", "demo_wall",
+    "test_suite",
     "training", "feature_map_celeba_size",
     "peak_rss_mib",
 }
@@ -605,6 +606,29 @@ def test_bench_keeps_earlier_sections_only_of_the_same_model_file(tmp_path):
     out.write_text(json.dumps({"settings": settings, "roofline_share": {"value": 0.6}}))
     with pytest.raises(bench.UsageError, match="fmd_sha256 differs"):
         bench._earlier_sections(same, ["roofline_share"])
+
+
+def test_bench_xla_section_times_both_settings(quick_model, tmp_path):
+    from fmd_tf.evaluation import bench
+
+    cfg = bench.BenchConfig(model=str(quick_model), out=str(tmp_path / "bench.json"), n=4,
+                            naive_n=1, attack_n=4, default_n=4, batch_size=2,
+                            latency_reps=(2, 1), matmul_size=256, sections=("xla",))
+    ctx = bench.prepare(cfg)
+    xla = bench.section_xla(ctx)
+    assert xla["gpu"] == bool(tf.config.list_physical_devices("GPU")) and xla["images"] == 4
+    assert (xla["xla_off"]["jit_compile"], xla["xla_on"]["jit_compile"]) == (False, True)
+    for name in ("xla_off", "xla_on", "default"):
+        assert xla[name]["images_per_s"] > 0 and xla[name]["first_call_seconds"] > 0
+        assert xla[name]["batch_1"]["reps"] == 2 and xla[name]["batch_1"]["p50_ms"] > 0
+    assert xla["xla_throughput_ratio"] == pytest.approx(
+        xla["xla_on"]["images_per_s"] / xla["xla_off"]["images_per_s"])
+    assert xla["xla_batch_1_p50_ratio"] == pytest.approx(
+        xla["xla_off"]["batch_1"]["p50_ms"] / xla["xla_on"]["batch_1"]["p50_ms"])
+    # The same maths with and without XLA (a near-tie morph may flip: not a verdict of 4).
+    assert xla["xla_verdict_agreement"] >= 0.75
+    table = bench.format_table({**ctx["report"], "xla_on_off": xla, "peak_rss_mib": 1.0})
+    assert "xla_throughput_ratio" in table
 
 
 @pytest.mark.slow

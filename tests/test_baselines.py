@@ -357,6 +357,34 @@ def test_magnet_defend_convention(fitted_magnet):
     assert out["label"].dtype == np.int64 and out["verdict"].dtype == np.int32
 
 
+def _assert_same_outputs(a: dict, b: dict):
+    assert set(a) == set(b)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-7, err_msg=key)
+        assert a[key].dtype == b[key].dtype, key
+
+
+def test_magnet_defend_in_batches_with_progress_bar(fitted_magnet, capsys):
+    magnet, _ = fitted_magnet
+    x = np.concatenate([toy_images(10, seed=5), tiny_images(5, seed=6)])
+    whole = magnet.defend(x)
+    capsys.readouterr()
+    _assert_same_outputs(magnet.defend(x, batch_size=4, verbose=1), whole)  # 4 + 4 + 4 + 3
+    assert "15/15" in capsys.readouterr().out
+    magnet.defend(x, batch_size=4)
+    assert capsys.readouterr().out == ""
+
+
+def test_feature_squeezing_defend_in_batches_with_progress_bar(capsys):
+    fs = FeatureSqueezing(tiny_classifier())
+    fs.calibrate(tiny_images(100, seed=3), fpr=0.05)
+    x = tiny_images(11, seed=4)
+    whole = fs.defend(x)
+    capsys.readouterr()
+    _assert_same_outputs(fs.defend(x, batch_size=3, verbose=1), whole)
+    assert "11/11" in capsys.readouterr().out
+
+
 def test_magnet_save_load_identical_decisions(fitted_magnet, tmp_path):
     magnet, _ = fitted_magnet
     magnet.save(str(tmp_path / "magnet"))

@@ -242,6 +242,20 @@ def test_defend_contract(trained):
     np.testing.assert_allclose(again["score"], out["score"], rtol=1e-5, atol=1e-5)
 
 
+def test_defend_progress_bar_changes_nothing(trained, capsys):
+    dgan, _ = trained
+    x = toy_images(10, seed=8)
+    quiet = dgan.defend(x, batch_size=4)  # batches at offsets 0, 4, 8
+    capsys.readouterr()
+    shown = dgan.defend(x, batch_size=4, verbose=1)
+    assert "10/10" in capsys.readouterr().out
+    for key in quiet:
+        np.testing.assert_array_equal(shown[key], quiet[key], err_msg=key)
+    # The batch at offset 4 is searched from the starts seeded by (seed, 4), as documented.
+    z, _ = dgan._searcher()(tf.constant(x[4:8]), tf.constant([dgan.seed, 4], tf.int32))
+    np.testing.assert_array_equal(dgan.reconstruct(x, batch_size=4)["z"][4:8], z.numpy())
+
+
 def test_save_load_gives_identical_outputs(trained, tmp_path):
     dgan, _ = trained
     directory = str(tmp_path / "defense_gan")

@@ -82,6 +82,7 @@ from fmd_tf.baselines.threshold_detector import ThresholdDetector
 from fmd_tf.defense.fm_defense import VERDICT_PASSED, VERDICT_REJECTED
 from fmd_tf.files import atomic_path, write_json
 from fmd_tf.models.combo_vae import replica_step_seed
+from fmd_tf.progress import concat_outputs, in_batches
 
 __all__ = [
     "DEFAULT_GAN_EPOCHS",
@@ -566,7 +567,7 @@ class DefenseGAN(ThresholdDetector):
         started = time.time()
         history = self.train(x_train, verbose=verbose)
         train_seconds = time.time() - started
-        report = self.calibrate(x_val, fpr)
+        report = self.calibrate(x_val, fpr, verbose=verbose)
         report.update(history=history, epochs=self.epochs, num_train=int(len(x_train)),
                       train_seconds=train_seconds)
         self.report = {k: v for k, v in report.items() if k != "val_scores"}
@@ -588,40 +589,42 @@ class DefenseGAN(ThresholdDetector):
                 tf.TensorSpec([2], tf.int32)])
         return self._search_fn
 
-    def reconstruct(self, x, batch_size: int = 100) -> dict:
+    def reconstruct(self, x, batch_size: int = 100, verbose: int = 0) -> dict:
         """The latent search on every image: {"z": z* float32 [n, d], "purified": G(z*)
         float32 [n, H, W, C], "distance": ||G(z*) - x||²₂ float32 [n]}.
 
         Batches of `batch_size` images (B·R rows each); the starts of the batch at offset i are
-        seeded by (seed, i).
+        seeded by (seed, i). `verbose` shows a progress bar over the images.
         """
         x = check_images(x, self.image_shape)
         search = self._searcher()
-        zs, distances = [], []
-        for start in range(0, len(x), batch_size):
-            z, d = search(tf.constant(x[start : start + batch_size]),
+
+        def batch(rows):
+            start = int(rows[0])
+            z, d = search(tf.constant(x[start : start + len(rows)]),
                           tf.constant([self.seed, start], tf.int32))
-            zs.append(z.numpy())
-            distances.append(d.numpy())
-        z = np.concatenate(zs).astype(np.float32)
+            return {"z": z.numpy(), "distance": d.numpy()}
+
+        found = concat_outputs(in_batches(batch, np.arange(len(x)), batch_size, verbose))
+        z, distances = found["z"].astype(np.float32), found["distance"]
         purified = np.concatenate([
             self.generator(z[i : i + batch_size], training=False).numpy()
             for i in range(0, len(z), batch_size)]).astype(np.float32)
-        return {"z": z, "purified": purified,
-                "distance": np.concatenate(distances).astype(np.float32)}
+        return {"z": z, "purified": purified, "distance": distances.astype(np.float32)}
 
-    def purify(self, x, batch_size: int = 100) -> np.ndarray:
+    def purify(self, x, batch_size: int = 100, verbose: int = 0) -> np.ndarray:
         """G(z*) float32 [n, H, W, C], the purified images."""
-        return self.reconstruct(x, batch_size)["purified"]
+        return self.reconstruct(x, batch_size, verbose)["purified"]
 
-    def score(self, x, batch_size: int = 100) -> np.ndarray:
+    def score(self, x, batch_size: int = 100, verbose: int = 0) -> np.ndarray:
         """Reconstruction distances ||G(z*) - x||²₂, float32 [n] (larger = more suspicious)."""
-        return self.reconstruct(x, batch_size)["distance"]
+        return self.reconstruct(x, batch_size, verbose)["distance"]
 
-    def calibrate(self, x_val, fpr) -> dict:
-        """Set the threshold on clean `x_val` so that the VAL FPR is <= `fpr` (tight)."""
+    def calibrate(self, x_val, fpr, verbose: int = 0) -> dict:
+        """Set the threshold on clean `x_val` so that the VAL FPR is <= `fpr` (tight);
+        `verbose` shows a progress bar over the latent searches."""
         fpr = check_fpr(fpr)
-        val_scores = self.score(x_val)
+        val_scores = self.score(x_val, verbose=verbose)
         threshold = calibrate_thresholds({"score": val_scores}, fpr)["score"]
         self.threshold = threshold
         self.fpr = fpr
@@ -640,14 +643,14 @@ class DefenseGAN(ThresholdDetector):
         return report
 
     # ----------------------------------------------------------------------------- decisions
-    def detect(self, x, batch_size: int = 100):
+    def detect(self, x, batch_size: int = 100, verbose: int = 0):
         """ART-style detection: (scores float32 [n], is_adversarial bool [n])."""
         self._require_calibrated()
-        scores = self.score(x, batch_size)
+        scores = self.score(x, batch_size, verbose)
         return scores, scores > self.threshold
 
-    def defend(self, x, batch_size: int = 100) -> dict:
-        """Purify, detect and classify.
+    def defend(self, x, batch_size: int = 100, verbose: int = 0) -> dict:
+        """Purify, detect and classify (`verbose`: a progress bar over the latent searches).
 
         Returns numpy arrays: `label` int64 [n] (classifier(G(z*)); -1 when rejected),
         `verdict` int32 [n] (0 passed, 2 rejected), `score` float32 [n] (||G(z*) - x||²₂;
@@ -657,7 +660,7 @@ class DefenseGAN(ThresholdDetector):
         self._require_calibrated()
         self._require_classifier("defend")
         x = check_images(x, self.image_shape)
-        rec = self.reconstruct(x, batch_size)
+        rec = self.reconstruct(x, batch_size, verbose)
         flagged = rec["distance"] > self.threshold
         purified_label = self._labels(rec["purified"], batch_size)
         return {

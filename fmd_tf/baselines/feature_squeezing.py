@@ -44,6 +44,7 @@ from fmd_tf.baselines.magnet import (
 from fmd_tf.baselines.threshold_detector import ThresholdDetector
 from fmd_tf.defense.fm_defense import VERDICT_PASSED, VERDICT_REJECTED
 from fmd_tf.files import write_json
+from fmd_tf.progress import concat_outputs, in_batches
 
 __all__ = ["SQUEEZER_CANDIDATES", "FeatureSqueezing", "choose_squeezers", "median_filter",
            "reduce_bit_depth"]
@@ -180,20 +181,21 @@ class FeatureSqueezing(ThresholdDetector):
         score = tf.reduce_max(tf.stack(distances), axis=0)
         return logits, score / max(self.threshold, 1e-12)
 
-    def _run(self, x, batch_size):
+    def _run(self, x, batch_size, verbose: int = 0):
         """(classifier labels int64 [n], {name: L1 softmax distance float32 [n]} for every
         squeezer of `squeeze`)."""
         x = check_images(x)
         if self._score_fn is None:
             self._score_fn = tf.function(self._batch, reduce_retracing=True)
-        labels, parts = [], {}
-        for i in range(0, len(x), batch_size):
-            label, distances = self._score_fn(tf.constant(x[i : i + batch_size]))
-            labels.append(label.numpy())
-            for name, distance in distances.items():
-                parts.setdefault(name, []).append(distance.numpy())
-        return (np.concatenate(labels).astype(np.int64),
-                {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()})
+
+        def batch(xb):
+            label, distances = self._score_fn(tf.constant(xb))
+            return {**{k: d.numpy() for k, d in distances.items()},
+                    "classifier_label": label.numpy()}
+
+        out = concat_outputs(in_batches(batch, x, batch_size, verbose))
+        labels = out.pop("classifier_label")  # no squeezer has that name
+        return labels.astype(np.int64), {k: v.astype(np.float32) for k, v in out.items()}
 
     def _score(self, per_squeezer: dict) -> np.ndarray:
         """Max over this detector's squeezers of their distances in `per_squeezer`."""
@@ -229,12 +231,12 @@ class FeatureSqueezing(ThresholdDetector):
         scores = self.score(x, batch_size)
         return scores, scores > self.threshold
 
-    def defend(self, x, batch_size: int = BATCH_SIZE) -> dict:
+    def defend(self, x, batch_size: int = BATCH_SIZE, verbose: int = 0) -> dict:
         """`label` int64 [n] (classifier label; -1 when rejected), `verdict` int32 [n] (0 passed,
         2 rejected), `score` float32 [n], `classifier_label` int64 [n], and one
-        ``score_<squeezer>`` float32 [n] per squeezer."""
+        ``score_<squeezer>`` float32 [n] per squeezer. `verbose`: a progress bar."""
         self._require_calibrated()
-        return self._outputs(*self._run(x, batch_size))
+        return self._outputs(*self._run(x, batch_size, verbose))
 
     def _outputs(self, labels, per_squeezer: dict) -> dict:
         """`defend`'s outputs from `_run`'s (of this detector or of one with more squeezers)."""

@@ -53,6 +53,7 @@ from fmd_tf.defense.fm_defense import (
     check_image_values,
 )
 from fmd_tf.files import atomic_path, write_json
+from fmd_tf.progress import concat_outputs, in_batches
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -470,8 +471,9 @@ class MagNet(ThresholdDetector):
             flagged |= s > self.thresholds[name]
         return scores, flagged
 
-    def defend(self, x, batch_size: int = 500) -> dict:
-        """Detect, reform and classify.
+    def defend(self, x, batch_size: int = 500, verbose: int = 0) -> dict:
+        """Detect, reform and classify, `batch_size` images at a time (`verbose`: a progress
+        bar over the images).
 
         Returns numpy arrays: `label` int64 [n] (classifier(reformer(x)); -1 when rejected),
         `verdict` int32 [n] (0 passed, 2 rejected), `score` float32 [n] (max over detectors of
@@ -482,9 +484,12 @@ class MagNet(ThresholdDetector):
         if self.classifier is None:
             raise ValueError("MagNet.defend needs a classifier (MagNet(classifier, ...))")
         x = check_images(x, self.image_shape)
-        scores, flagged = self.detect(x, batch_size)
-        reformed = self.reform(x, batch_size)
-        reformed_label = self._labels(reformed, batch_size)
+        return concat_outputs(in_batches(self._defend_batch, x, batch_size, verbose))
+
+    def _defend_batch(self, x) -> dict:
+        """`defend`'s outputs for one batch of checked images."""
+        scores, flagged = self.detect(x, len(x))
+        reformed_label = self._labels(self.reform(x, len(x)), len(x))
         verdict = np.where(flagged, VERDICT_REJECTED, VERDICT_PASSED).astype(np.int32)
         ratio = np.max(
             [scores[k] / max(self.thresholds[k], 1e-12) for k in DETECTOR_NORMS], axis=0
@@ -495,7 +500,7 @@ class MagNet(ThresholdDetector):
             "score": ratio,
             "score_I": scores["I"],
             "score_II": scores["II"],
-            "classifier_label": self._labels(x, batch_size),
+            "classifier_label": self._labels(x, len(x)),
         }
 
     def adaptive_surface(self, x):

@@ -18,6 +18,7 @@ from fmd_tf.config import (  # noqa: F401  (PURIFY_*: re-exported, defined with 
 from fmd_tf.defense import adaptive_budget as adaptive
 from fmd_tf.defense import calibration, morphs, precision
 from fmd_tf.loading import SAVE_FORMAT, check_save_format
+from fmd_tf.progress import in_batches
 
 VERDICT_PASSED, VERDICT_PURIFIED, VERDICT_REJECTED = 0, 1, 2
 OUTPUT_KEYS = ("label", "verdict", "classifier_label", "resistance", "distance", "purified",
@@ -228,18 +229,6 @@ class BatchedDefense:
             self.build((None, *x.shape[1:]))
         return check_image_values(x)
 
-    @staticmethod
-    def _in_batches(fn, x, batch_size: int, verbose: int = 0) -> list:
-        """[fn(batch) for each batch of `x`], with a Keras progress bar (images/s, time left)
-        when `verbose`."""
-        bar = keras.utils.Progbar(len(x), unit_name="image") if verbose else None
-        parts = []
-        for i in range(0, len(x), batch_size):
-            parts.append(fn(x[i : i + batch_size]))
-            if bar is not None:
-                bar.update(min(i + batch_size, len(x)))
-        return parts
-
     def defend(self, x, batch_size: int = 64, verbose: int = 0) -> dict:
         """`call` on a numpy array of any length, in batches; numpy outputs. `verbose` shows
         a progress bar."""
@@ -272,7 +261,7 @@ class BatchedDefense:
         fn = self._compiled()
         # One trace for any batch size (a shorter last batch would otherwise trace again).
         fn.get_concrete_function(tf.TensorSpec([None, *x.shape[1:]], tf.float32), **flags)
-        parts = self._in_batches(lambda b: fn(tf.constant(b), **flags), x, batch_size, verbose)
+        parts = in_batches(lambda b: fn(tf.constant(b), **flags), x, batch_size, verbose)
         return {k: np.concatenate([p[k].numpy() for p in parts]) for k in keys}
 
     def detect(self, x, batch_size: int = 64, verbose: int = 0):

@@ -200,10 +200,10 @@ def _fit_defense_gan(classifier, splits, cfg, fpr, settings, seed, verbose):
     return dgan, dgan.fit(splits.x_train, splits.x_val, fpr, verbose=verbose)
 
 
-def _cle_figures(defense, splits, common, started) -> float:
+def _cle_figures(defense, splits, common, started, verbose: int = 0) -> float:
     """Adds the CLE false-positive rate and accuracy (and `common`) to `defense.report`;
-    returns the seconds since `started`."""
-    out = defense.defend(splits.x_cle)
+    returns the seconds since `started`. `verbose` shows a progress bar."""
+    out = defense.defend(splits.x_cle, verbose=verbose)
     seconds = time.time() - started
     defense.report.update(common, seconds=seconds,
                           cle_false_positive_rate=float((out["verdict"] == 2).mean()),
@@ -289,7 +289,7 @@ def train_baselines(model_dir: str, dataset: str = "fmnist", *, epochs: int | No
     magnet, report = _fit_magnet(classifier, splits, cfg, fpr, epochs, seed, magnet_from,
                                  verbose)
     epochs = magnet.epochs if magnet_from is not None else epochs
-    magnet_seconds = _cle_figures(magnet, splits, common, started)
+    magnet_seconds = _cle_figures(magnet, splits, common, started, verbose)
     last = {k: h["loss"][-1] for k, h in report["history"].items()}
     reused = " (reused)" if magnet_from else ""
     log(f"MagNet: {epochs} epochs{reused}, final train loss I {last['I']:.5f} "
@@ -305,7 +305,7 @@ def train_baselines(model_dir: str, dataset: str = "fmnist", *, epochs: int | No
 
     started = time.time()
     squeezing = _fit_feature_squeezing(classifier, splits, point, fpr, cache_dir)
-    fs_seconds = _cle_figures(squeezing, splits, common, started)
+    fs_seconds = _cle_figures(squeezing, splits, common, started, verbose)
     fs_report = squeezing.report
     selection = fs_report["selection"]
     log(f"Feature Squeezing: squeezers chosen on VAL ({len(selection['rows'])} candidates, "
@@ -318,7 +318,7 @@ def train_baselines(model_dir: str, dataset: str = "fmnist", *, epochs: int | No
     started = time.time()
     dgan, gan_report = _fit_defense_gan(classifier, splits, cfg, fpr, gan_settings, seed,
                                         verbose)
-    gan_seconds = _cle_figures(dgan, splits, common, started)
+    gan_seconds = _cle_figures(dgan, splits, common, started, verbose)
     history = gan_report["history"]
     log(f"Defense-GAN: {dgan.epochs} epochs ({history['generator_steps']} generator steps), "
         f"final Wasserstein estimate {history['wasserstein'][-1]:.4g}; latent search L "

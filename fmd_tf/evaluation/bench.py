@@ -35,13 +35,13 @@ __all__ = [
     "measure", "naive_defend", "prepare", "quick_sizes", "run_bench", "variant",
 ]
 
-SECTIONS = ("speed", "roofline", "attacks", "serving", "serving_load", "default", "bf16", "demo",
-            "tests", "training", "feature_map")
+SECTIONS = ("speed", "roofline", "attacks", "serving", "serving_load", "default", "bf16", "xla",
+            "demo", "tests", "training", "feature_map")
 # section -> its key in the report
 SECTION_KEYS = {"speed": "speedup_vs_naive", "roofline": "roofline_share",
                 "attacks": "attack_speedup_vs_art", "serving": "serving_latency",
                 "serving_load": "serving_load", "default": "default_inference",
-                "bf16": "bfloat16_vs_float32",
+                "bf16": "bfloat16_vs_float32", "xla": "xla_on_off",
                 "demo": "demo_wall", "tests": "test_suite", "training": "training",
                 "feature_map": "feature_map_celeba_size"}
 # Settings an earlier report must share for its sections to be carried over.
@@ -628,6 +628,44 @@ def section_default(ctx) -> dict:
     }
 
 
+def section_xla(ctx) -> dict:
+    """XLA off and on (`jit_compile`) for the full budget's graph (all m·N morphs in float32,
+    the graph XLA can compile) on the device TensorFlow places it on: a GPU where one is
+    visible (the GPU row), else the CPU. Per setting: images/s over the `n` CLE images in
+    batches of `batch_size` (after a tracing / compiling call), batch-1 latency, and the share
+    of verdicts XLA's run gives like the plain graph. The model as shipped is timed beside
+    them: its adaptive budget and checked bfloat16 morphs have data-dependent shapes, so it
+    runs without XLA on any device (`FMDefense._xla_compatible`)."""
+    import tensorflow as tf
+
+    cfg, x = ctx["cfg"], ctx["x"]
+    runs = {}
+    for name, model in (("xla_off", variant(ctx["fmd"], jit_compile=False)),
+                        ("xla_on", variant(ctx["fmd"], jit_compile=True)),
+                        ("default", ctx["default"])):
+        (_, compile_seconds) = _timed(model.defend, x[: cfg.batch_size],
+                                      batch_size=cfg.batch_size)
+        out, seconds = _timed(model.defend, x, batch_size=cfg.batch_size)
+        runs[name] = {"jit_compile": model.jit_compile, "images_per_s": len(x) / seconds,
+                      "first_call_seconds": compile_seconds,
+                      "batch_1": _latency(lambda b, m=model: m.defend(b, batch_size=1), x[:1],
+                                          cfg.latency_reps[0]),
+                      "verdict": out["verdict"]}
+    agree = float(np.mean(runs["xla_on"].pop("verdict") == runs["xla_off"].pop("verdict")))
+    runs["default"].pop("verdict")
+    gpus = tf.config.list_physical_devices("GPU")
+    return {
+        **runs, "device": device_info()["name"], "gpu": bool(gpus),
+        "xla_throughput_ratio": runs["xla_on"]["images_per_s"] / runs["xla_off"]["images_per_s"],
+        "xla_batch_1_p50_ratio": (runs["xla_off"]["batch_1"]["p50_ms"]
+                                  / runs["xla_on"]["batch_1"]["p50_ms"]),
+        "xla_verdict_agreement": agree, "images": len(x), "batch_size": cfg.batch_size,
+        "note": "xla_off / xla_on: the full budget (float32, all morphs) with jit_compile "
+                "False / True; default: the model as shipped (no XLA: data-dependent shapes). "
+                "Ratios > 1 mean XLA is faster.",
+    }
+
+
 def _script_wall(args: list[str], timeout: float = 3600.0) -> float:
     """Wall seconds of `python <args>` run from the repository root (exit status checked)."""
     import subprocess
@@ -909,6 +947,14 @@ def _table_rows(report: dict) -> list[tuple]:
             rows.append(("bfloat16_checked_throughput_ratio", checked["throughput_ratio"],
                          f"{checked['morph_outcomes_differing']} of "
                          f"{checked['morph_outcomes']} morph outcomes differ from float32"))
+    xla = report.get("xla_on_off", {})
+    if xla:
+        rows.append(("xla_throughput_ratio", xla["xla_throughput_ratio"],
+                     f"{'GPU' if xla['gpu'] else 'CPU'} {xla['device'][:24]}: "
+                     f"{xla['xla_on']['images_per_s']:.3g} vs "
+                     f"{xla['xla_off']['images_per_s']:.3g} img/s (full budget); batch-1 p50 "
+                     f"{xla['xla_on']['batch_1']['p50_ms']:.4g} vs "
+                     f"{xla['xla_off']['batch_1']['p50_ms']:.4g} ms"))
     fm = report.get("feature_map_celeba_size", {})
     if fm:
         side = "x".join(map(str, fm["image_shape"]))
@@ -1142,7 +1188,7 @@ def section_training(ctx) -> dict:
 
 STEPS = {"speed": section_speed, "roofline": section_roofline, "attacks": section_attacks,
          "serving": section_serving, "serving_load": section_serving_load,
-         "default": section_default, "bf16": section_bf16,
+         "default": section_default, "bf16": section_bf16, "xla": section_xla,
          "demo": section_demo, "tests": section_tests, "training": section_training,
          "feature_map": section_feature_map}
 

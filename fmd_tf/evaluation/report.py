@@ -326,7 +326,7 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
         print(f"evaluating {model_dir} on {n} CLE images: clean + "
               f"{', '.join(name for name, _, _ in runs)}")
     clean = _run_fm(fmd, x, batch_size, verbose)
-    clean_base = {name: b.defend(x) for name, b in loaded.items()}
+    clean_base = {name: b.defend(x, verbose=verbose) for name, b in loaded.items()}
     bar.update(1)
     report = {"dataset": dataset, "n": n, "model": model_dir,
               "defense": defense, "attack_defense": attack_defense,
@@ -353,7 +353,7 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
         entry = _attack_entry(method, info, x, x_adv, y, clean, adv)
         roc[attack] = {"FM-Defense": (clean["score"], adv["score"])}
         for bname, b in loaded.items():
-            bout = b.defend(x_adv)
+            bout = b.defend(x_adv, verbose=verbose)
             entry[bname] = harness.defense_metrics(clean_base[bname], bout, y, y)
             roc[attack][bname] = (clean_base[bname]["score"], bout["score"])
             if method == "adaptive_pgd":  # the same budget, adapted to this baseline
@@ -361,7 +361,7 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
                                             norm=info["params"]["norm"],
                                             nb_iter=info["params"]["nb_iter"], seed=seed)
                 entry[f"{bname}_adaptive"] = harness.defense_metrics(
-                    clean_base[bname], b.defend(x_b), y, y)
+                    clean_base[bname], b.defend(x_b, verbose=verbose), y, y)
         report["attacks"][attack] = entry
         bar.update(k + 2)
         if attack.startswith("adaptive"):  # the paper's figures cover the paper's attacks
