@@ -636,15 +636,12 @@ def section_xla(ctx) -> dict:
     of verdicts XLA's run gives like the plain graph. The model as shipped is timed beside
     them: its adaptive budget and checked bfloat16 morphs have data-dependent shapes, so it
     runs without XLA on any device (`FMDefense._xla_compatible`)."""
-    import tensorflow as tf
-
-    cfg, x = ctx["cfg"], ctx["x"]
+    cfg, x, device = ctx["cfg"], ctx["x"], ctx["report"]["device"]
     runs = {}
     for name, model in (("xla_off", variant(ctx["fmd"], jit_compile=False)),
                         ("xla_on", variant(ctx["fmd"], jit_compile=True)),
                         ("default", ctx["default"])):
-        (_, compile_seconds) = _timed(model.defend, x[: cfg.batch_size],
-                                      batch_size=cfg.batch_size)
+        _, compile_seconds = _timed(model.defend, x[: cfg.batch_size], batch_size=cfg.batch_size)
         out, seconds = _timed(model.defend, x, batch_size=cfg.batch_size)
         runs[name] = {"jit_compile": model.jit_compile, "images_per_s": len(x) / seconds,
                       "first_call_seconds": compile_seconds,
@@ -653,9 +650,8 @@ def section_xla(ctx) -> dict:
                       "verdict": out["verdict"]}
     agree = float(np.mean(runs["xla_on"].pop("verdict") == runs["xla_off"].pop("verdict")))
     runs["default"].pop("verdict")
-    gpus = tf.config.list_physical_devices("GPU")
     return {
-        **runs, "device": device_info()["name"], "gpu": bool(gpus),
+        **runs, "device": device["name"], "gpu": bool(device["gpus"]),
         "xla_throughput_ratio": runs["xla_on"]["images_per_s"] / runs["xla_off"]["images_per_s"],
         "xla_batch_1_p50_ratio": (runs["xla_off"]["batch_1"]["p50_ms"]
                                   / runs["xla_on"]["batch_1"]["p50_ms"]),
