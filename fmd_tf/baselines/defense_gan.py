@@ -603,14 +603,11 @@ class DefenseGAN(ThresholdDetector):
             start = int(rows[0])
             z, d = search(tf.constant(x[start : start + len(rows)]),
                           tf.constant([self.seed, start], tf.int32))
-            return {"z": z.numpy(), "distance": d.numpy()}
+            return {"z": z.numpy(), "purified": self.generator(z, training=False).numpy(),
+                    "distance": d.numpy()}
 
         found = concat_outputs(in_batches(batch, np.arange(len(x)), batch_size, verbose))
-        z, distances = found["z"].astype(np.float32), found["distance"]
-        purified = np.concatenate([
-            self.generator(z[i : i + batch_size], training=False).numpy()
-            for i in range(0, len(z), batch_size)]).astype(np.float32)
-        return {"z": z, "purified": purified, "distance": distances.astype(np.float32)}
+        return {k: v.astype(np.float32) for k, v in found.items()}
 
     def purify(self, x, batch_size: int = 100, verbose: int = 0) -> np.ndarray:
         """G(z*) float32 [n, H, W, C], the purified images."""
