@@ -169,6 +169,13 @@ def test_render_markdown_of_a_hand_made_report():
     assert "- baselines skipped" in lines
 
 
+def test_render_markdown_of_a_reject_mode_report():
+    r = _report()  # a defense whose suspicious inputs are rejected has no θd
+    r["operating_points"] = [{**r["operating_points"][0], "theta_d": None}]
+    md = report.render_markdown(r)
+    assert "| per_code | 0.99 | 0.01 | reject | n/a | n/a | 5.0 | 90.0 | 87.5 |" in md.splitlines()
+
+
 def test_render_markdown_of_a_report_without_tpr_at_fpr():
     r = _report()  # written before the TPR-at-FPR columns existed
     for entry in r["attacks"].values():
@@ -224,6 +231,35 @@ def test_worst_case_counts_an_image_only_if_every_version_is_defended():
                                  "defended_accuracy": 0.5}
     assert worst["linf_0.3"] == {"attacks": ["fgsm"], "defended_accuracy": 0.5}
     assert worst["all"]["defended_accuracy"] == 0.25
+
+
+def test_worst_case_of_the_classifier_alone_beside_the_defense():
+    from fmd_tf.evaluation.report import render_markdown, worst_case
+
+    y = np.array([0, 1, 2, 3])
+    # The classifier is right on all four clean images; a fools it on 0 and 1, b on 1 and 2.
+    clean = {"label": np.array([0, 1, 2, 0]), "verdict": np.array([0, 0, 0, 2]),
+             "classifier_label": np.array([0, 1, 2, 3])}
+    adv = {"a_linf_0.1": {"label": np.array([5, 1, 2, 3]), "verdict": np.array([2, 0, 0, 0]),
+                          "classifier_label": np.array([5, 5, 2, 3])},
+           "b_linf_0.1": {"label": np.array([0, 5, 2, 3]), "verdict": np.array([0, 0, 0, 0]),
+                          "classifier_label": np.array([0, 5, 5, 3])}}
+    worst = worst_case(clean, adv, y)
+    # classifier alone: only image 3 survives both; defense: image 0 (rejected under a)
+    # and image 2, but image 3 is lost to the clean rejection.
+    assert worst["all"] == {"attacks": list(adv), "defended_accuracy": 0.5,
+                            "undefended_accuracy": 0.25}
+    assert worst_case(clean, {"a_linf_0.1": adv["a_linf_0.1"]}, y)["all"][
+        "undefended_accuracy"] == 0.5
+    # Outputs without the classifier's labels: no undefended figure, shown as n/a.
+    bare = {n: {k: v for k, v in o.items() if k != "classifier_label"} for n, o in adv.items()}
+    assert "undefended_accuracy" not in worst_case(clean, bare, y)["all"]
+    r = _report()
+    r["worst_case"] = {"all": worst["all"], "linf_0.1": {"attacks": ["a"],
+                                                         "defended_accuracy": 0.5}}
+    lines = render_markdown(r).splitlines()
+    assert "| all: a_linf_0.1, b_linf_0.1 | 25.0 | 50.0 |" in lines
+    assert "| linf_0.1: a | n/a | 50.0 |" in lines
 
 
 def test_attack_entry_summarises_a_query_attacks_record():

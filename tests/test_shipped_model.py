@@ -62,7 +62,8 @@ def test_shipped_files_are_the_ones_the_card_describes():
 
 def test_shipped_robust_model_is_a_trades_classifier_under_the_shipped_combo_vae():
     """saved_models/fmnist_robust (README "Security caveat"): a TRADES classifier, FM-Defense
-    calibrated on top with the shipped model's combo-VAE (train.py --combo-vae)."""
+    calibrated on top with the shipped model's combo-VAE (train.py --combo-vae), rejecting
+    suspicious inputs (an attacker who knows the defense steers the purifier's label)."""
     from fmd_tf.loading import load_defense, verify_artifacts
 
     robust = os.path.join(os.path.dirname(MODEL), "fmnist_robust")
@@ -72,9 +73,12 @@ def test_shipped_robust_model_is_a_trades_classifier_under_the_shipped_combo_vae
             cards[name] = json.load(f)
     card = cards["robust"]
     assert card["hyperparameters"]["classifier"]["training"] == "trades"
+    assert card["hyperparameters"]["defense"]["suspicious"] == "reject"
     assert [run["stages"] for run in card["runs"]] == [["classifier"], ["defense"]]
     assert "--combo-vae saved_models/fmnist/combo_vae.keras" in card["runs"][1]["command"]
     assert card["combo_vae_source"]["sha256"] == \
         cards["shipped"]["artifacts"]["combo_vae.keras"]["sha256"]
     assert {"classifier.keras", "fmd.keras", "serving/1"} <= set(verify_artifacts(robust))
-    assert load_defense(robust).is_calibrated and card["operating_point"]["rule"].startswith("auto")
+    fmd = load_defense(robust)
+    assert fmd.is_calibrated and fmd.suspicious == "reject"
+    assert card["operating_point"]["rule"].startswith("auto")

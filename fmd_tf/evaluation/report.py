@@ -400,11 +400,19 @@ def budget_group(name: str, params: dict | None = None) -> str | None:
     return None
 
 
+def _undefended(out: dict) -> dict:
+    """The classifier alone's outputs: its label, every input passed."""
+    label = np.asarray(out["classifier_label"])
+    return {"label": label, "verdict": np.zeros_like(label)}
+
+
 def worst_case(clean: dict, adv_out: dict, y, params: dict | None = None) -> dict:
     """FM-Defense's per-image worst case (`metrics.worst_case_accuracy`) over all attacks of
     the run ("all") and over the attacks of each threat model ("linf_0.1", ...:
     `budget_group` of each attack, with its parameters `params[name]` when given: e.g.
-    classifier_apgd_ce joins the budget grid's linf_0.1 attacks)."""
+    classifier_apgd_ce joins the budget grid's linf_0.1 attacks). Where the outputs hold the
+    classifier's labels (`classifier_label`), each group also gets the classifier alone's
+    worst case on the same images (`undefended_accuracy`): what the defense adds."""
     from fmd_tf.evaluation.metrics import worst_case_accuracy
 
     params = params or {}
@@ -413,8 +421,17 @@ def worst_case(clean: dict, adv_out: dict, y, params: dict | None = None) -> dic
         group = budget_group(name, params.get(name))
         if group is not None:
             groups.setdefault(group, []).append(name)
-    return {key: {"attacks": names, "defended_accuracy": worst_case_accuracy(
-        clean, {n: adv_out[n] for n in names}, y)} for key, names in groups.items()}
+    outs = [clean, *adv_out.values()]
+    undefended = all("classifier_label" in out for out in outs)
+    worst = {}
+    for key, names in groups.items():
+        entry = {"attacks": names, "defended_accuracy": worst_case_accuracy(
+            clean, {n: adv_out[n] for n in names}, y)}
+        if undefended:
+            entry["undefended_accuracy"] = worst_case_accuracy(
+                _undefended(clean), {n: _undefended(adv_out[n]) for n in names}, y)
+        worst[key] = entry
+    return worst
 
 
 def write_report(report: dict, out_dir: str) -> None:
@@ -538,8 +555,10 @@ def _operating_point_table(ops, attacks) -> list[str]:
              + " | ".join(f"{a} defended" for a in attacks) + " |",
              "|---|---|---|---|---|---|---|---|" + "---|" * len(attacks)]
     for r in ops:
+        # θd is None where suspicious inputs are rejected (no purification distance)
+        theta_d = "reject" if r["theta_d"] is None else f"{r['theta_d']:.3f}"
         lines.append(f"| {r['threshold_mode']} | {r['rho']} | {r['recon_fpr']} | "
-                     f"{r['theta_d']:.3f} | {_pct(r.get('val_clean_flagged'))} | "
+                     f"{theta_d} | {_pct(r.get('val_clean_flagged'))} | "
                      f"{_pct(r.get('val_clean_defended_accuracy'))} | "
                      f"{_pct(r['clean_flagged'])} | {_pct(r['clean_defended_accuracy'])} | "
                      + " | ".join(_pct(r[f"{a}_defended_accuracy"]) for a in attacks) + " |")
@@ -551,10 +570,12 @@ def _worst_case_lines(worst: dict) -> list[str]:
         return []
     lines = ["", "## Worst case per image", "",
              "FM-Defense's defended accuracy when an image counts only if its clean input and "
-             "every attacked version of it are defended (rejected or final label right).", "",
-             "| attacks | defended accuracy |", "|---|---|"]
+             "every attacked version of it are defended (rejected or final label right); "
+             "no defense: the classifier alone's label right on all of them.", "",
+             "| attacks | no defense | defended accuracy |", "|---|---|---|"]
     for key, entry in worst.items():
         lines.append(f"| {key}: {', '.join(entry['attacks'])} | "
+                     f"{_pct(entry.get('undefended_accuracy'))} | "
                      f"{_pct(entry['defended_accuracy'])} |")
     return lines
 
