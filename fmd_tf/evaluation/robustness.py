@@ -24,9 +24,7 @@ def val_robustness(classifier, x, y, eps: float = 0.1, norm: str = "linf",
     y = np.asarray(y).astype(np.int64).reshape(-1)
 
     def right(images):
-        logits = np.concatenate([np.asarray(classifier(images[i:i + 512], training=False))
-                                 for i in range(0, len(images), 512)])
-        return np.argmax(logits, -1) == y
+        return np.argmax(classifier.predict(images, batch_size=512, verbose=0), -1) == y
 
     ok = right(x)
     result = {"n": int(len(x)), "eps": float(eps), "norm": norm, "nb_iter": int(nb_iter),
