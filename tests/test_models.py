@@ -26,6 +26,7 @@ from fmd_tf.models import (
     build_combo_vae,
 )
 from fmd_tf.models.dgmm import LOG_VAR_BOUNDS
+from fmd_tf.models.layer_stack import apply_layers, build_layers
 
 IMAGE_SHAPE = (28, 28, 1)
 LOG_2PI = math.log(2.0 * math.pi)
@@ -191,6 +192,21 @@ class ComboVAETest(FmdTestCase):
 
 
 # =========================================================================== DGMM maths
+
+
+def test_layer_stack_builds_in_order_and_applies_like_a_sequential():
+    """build_layers creates every weight from the input shape alone and returns the output
+    shape; apply_layers gives what keras.Sequential gives on the same layers."""
+    stack = [keras.layers.Conv2D(4, 3, name="c"), keras.layers.Flatten(name="f"),
+             keras.layers.Dense(3, name="d"), keras.layers.Dropout(0.5, name="drop")]
+    assert build_layers(stack, (None, 8, 8, 1)) == (None, 3)
+    assert [tuple(w.shape) for w in stack[0].weights] == [(3, 3, 1, 4), (4,)]
+    assert [tuple(w.shape) for w in stack[2].weights] == [(144, 3), (3,)]
+    x = np.random.default_rng(0).uniform(size=(16, 8, 8, 1)).astype("float32")
+    expected = keras.Sequential(stack)(x, training=False)
+    np.testing.assert_allclose(apply_layers(stack, x, training=False), expected, atol=1e-6)
+    dropped = np.asarray(apply_layers(stack, x, training=True))
+    assert (dropped == 0).any()  # training reaches the Dropout layer
 
 
 def test_dgmm_class_logits_match_numpy_reference(tiny_images):

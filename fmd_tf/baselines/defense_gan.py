@@ -82,6 +82,7 @@ from fmd_tf.baselines.threshold_detector import ThresholdDetector
 from fmd_tf.defense.fm_defense import VERDICT_PASSED, VERDICT_REJECTED
 from fmd_tf.files import atomic_path, write_json
 from fmd_tf.models.combo_vae import replica_step_seed
+from fmd_tf.models.layer_stack import apply_layers, build_layers
 from fmd_tf.progress import concat_outputs, in_batches
 
 __all__ = [
@@ -164,15 +165,11 @@ class WGANGenerator(keras.Model):
         if len(shape) != 2 or shape[-1] != self.latent_dim:
             raise ValueError(f"WGANGenerator(latent_dim={self.latent_dim}) needs input shape "
                              f"[B, {self.latent_dim}], got {shape}")
-        for layer in self.gen_layers:
-            layer.build(shape)
-            shape = layer.compute_output_shape(shape)
+        build_layers(self.gen_layers, shape)
         self.built = True
 
     def call(self, z, training=False):
-        h = z
-        for layer in self.gen_layers:
-            h = layer(h, training=training)
+        h = apply_layers(self.gen_layers, z, training=training)
         height, width, _ = self.image_shape
         top = (4 * self.base_shape[0] - height) // 2
         left = (4 * self.base_shape[1] - width) // 2
@@ -214,16 +211,11 @@ class WGANCritic(keras.Model):
         if len(shape) != 4 or tuple(shape[1:]) != self.image_shape:
             raise ValueError(f"WGANCritic(image_shape={self.image_shape}) needs input shape "
                              f"[B, {', '.join(map(str, self.image_shape))}], got {shape}")
-        for layer in self.critic_layers:
-            layer.build(shape)
-            shape = layer.compute_output_shape(shape)
+        build_layers(self.critic_layers, shape)
         self.built = True
 
     def call(self, images, training=False):
-        h = images
-        for layer in self.critic_layers:
-            h = layer(h, training=training)
-        return h
+        return apply_layers(self.critic_layers, images, training=training)
 
     def get_config(self):
         config = super().get_config()

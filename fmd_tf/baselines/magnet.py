@@ -53,6 +53,7 @@ from fmd_tf.defense.fm_defense import (
     check_image_values,
 )
 from fmd_tf.files import atomic_path, write_json
+from fmd_tf.models.layer_stack import apply_layers, build_layers
 from fmd_tf.progress import concat_outputs, in_batches
 
 __all__ = [
@@ -235,16 +236,11 @@ class MagNetAutoencoder(keras.Model):
                              f"[B, H, W, {self.channels}], got {shape}")
         if self.variant == "I" and any(s is not None and s % 2 for s in shape[1:3]):
             raise ValueError(f"variant I needs even image height and width, got {shape[1:3]}")
-        for layer in self.ae_layers:
-            layer.build(shape)
-            shape = layer.compute_output_shape(shape)
+        build_layers(self.ae_layers, shape)
         self.built = True
 
     def call(self, images, training=False):
-        h = images
-        for layer in self.ae_layers:
-            h = layer(h, training=training)
-        return h
+        return apply_layers(self.ae_layers, images, training=training)
 
     def get_config(self):
         config = super().get_config()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from fmd_tf.models.layer_stack import apply_layers, build_layers
+
 
 @keras.saving.register_keras_serializable(package="fmd_tf")
 class Classifier(keras.Model):
@@ -45,18 +47,11 @@ class Classifier(keras.Model):
         self.logits_layer = layers.Dense(self.num_classes, name="logits")
 
     def build(self, input_shape):
-        shape = tuple(input_shape)
-        for layer in self.feature_layers:
-            layer.build(shape)
-            shape = layer.compute_output_shape(shape)
-        self.logits_layer.build(shape)
+        build_layers([*self.feature_layers, self.logits_layer], input_shape)
         self.built = True
 
     def call(self, images, training=False):
-        h = images
-        for layer in self.feature_layers:
-            h = layer(h, training=training)
-        return self.logits_layer(h)
+        return self.logits_layer(apply_layers(self.feature_layers, images, training=training))
 
     def get_config(self):
         config = super().get_config()

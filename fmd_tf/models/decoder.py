@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from fmd_tf.models.layer_stack import apply_layers, build_layers
+
 
 @keras.saving.register_keras_serializable(package="fmd_tf")
 class Decoder(keras.Model):
@@ -50,16 +52,11 @@ class Decoder(keras.Model):
         )
 
     def build(self, input_shape):
-        shape = tuple(input_shape)
-        for layer in self.stack:
-            layer.build(shape)
-            shape = layer.compute_output_shape(shape)
+        build_layers(self.stack, input_shape)
         self.built = True
 
     def call(self, codes, training=False):
-        h = codes
-        for layer in self.stack:
-            h = layer(h)
+        h = apply_layers(self.stack, codes)
         if self.crop:
             h = h[:, : self.image_shape[0], : self.image_shape[1], :]
         return h

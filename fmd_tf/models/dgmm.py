@@ -7,6 +7,7 @@ import tensorflow as tf
 from keras import layers
 
 from fmd_tf import losses
+from fmd_tf.models.layer_stack import apply_layers, build_layers
 
 LOG_VAR_BOUNDS = (-6.0, 4.0)  # keeps Σ_c away from 0 and ∞ so that L_lkd cannot diverge
 
@@ -61,10 +62,7 @@ class DGMM(keras.Model):
         self.acc_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
 
     def build(self, input_shape):
-        shape = tuple(input_shape)
-        for layer in self.trunk:
-            layer.build(shape)
-            shape = layer.compute_output_shape(shape)
+        build_layers(self.trunk, input_shape)
         self.class_means = self.add_weight(
             shape=(self.num_classes, self.latent_dim),
             initializer=keras.initializers.RandomNormal(stddev=1.0),
@@ -76,10 +74,7 @@ class DGMM(keras.Model):
         self.built = True
 
     def call(self, images, training=False):
-        h = images
-        for layer in self.trunk:
-            h = layer(h)
-        return h
+        return apply_layers(self.trunk, images)
 
     def prior_params(self):
         """(means [C, K], log_vars [C, K]) of p(zu|c), log-variances clipped to LOG_VAR_BOUNDS."""

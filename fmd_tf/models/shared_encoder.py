@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+from fmd_tf.models.layer_stack import apply_layers, build_layers
+
 
 @keras.saving.register_keras_serializable(package="fmd_tf")
 class SharedEncoder(keras.Model):
@@ -56,17 +58,11 @@ class SharedEncoder(keras.Model):
         return tf.one_hot(selected, self.latent_dim)
 
     def build(self, input_shape):
-        shape = tuple(input_shape)
-        for layer in [*self.trunk, self.flatten, self.hidden, self.head]:
-            layer.build(shape)
-            shape = layer.compute_output_shape(shape)
+        build_layers([*self.trunk, self.flatten, self.hidden, self.head], input_shape)
         self.built = True
 
     def call(self, images, training=False):
-        h = images
-        for layer in self.trunk:
-            h = layer(h)
-        h = self.hidden(self.flatten(h))
+        h = self.hidden(self.flatten(apply_layers(self.trunk, images)))
         mean, log_var = ops.split(self.head(h), 2, axis=-1)
         return mean, log_var
 

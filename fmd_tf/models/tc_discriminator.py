@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+from fmd_tf.models.layer_stack import apply_layers, build_layers
+
 
 @keras.saving.register_keras_serializable(package="fmd_tf")
 class TCDiscriminator(keras.Model):
@@ -26,17 +28,11 @@ class TCDiscriminator(keras.Model):
         self.out = layers.Dense(1, name="logit")
 
     def build(self, input_shape):
-        shape = tuple(input_shape)
-        for layer in [*self.hidden, self.out]:
-            layer.build(shape)
-            shape = layer.compute_output_shape(shape)
+        build_layers([*self.hidden, self.out], input_shape)
         self.built = True
 
     def call(self, codes, training=False):
-        h = codes
-        for layer in self.hidden:
-            h = layer(h)
-        return ops.squeeze(self.out(h), axis=-1)
+        return ops.squeeze(self.out(apply_layers(self.hidden, codes)), axis=-1)
 
     def get_config(self):
         config = super().get_config()
