@@ -25,7 +25,8 @@ moves by at most `max_budget_auc_change` is kept: that is the model's default in
 The AUC change must hold with a margin for the VAL sample: the farther end from 0 of its paired
 bootstrap interval at `budget_auc_level` (`metrics.paired_auc_change_interval`) is what is
 compared, so that a budget that passes on 500 VAL images per attack is not one whose change on
-other images is larger.
+other images is larger. When no code's θr can flag (all below 0), the verdicts cannot depend on
+the budget, and agreement alone decides.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
     "choose_row",
     "max_min_row",
     "operating_point_table",
+    "resistance_can_flag",
     "select_budget",
     "select_operating_point",
 ]
@@ -311,9 +313,14 @@ def select_budget(fmd, sets: dict, cfg: OperatingPointConfig, verbose: int = 0):
     A budget holds when `budget_row` gives verdict agreement >= `cfg.min_budget_agreement`
     and an AUC change bound (`auc_change_bound`: the change and its paired-bootstrap interval
     at `cfg.budget_auc_level`) <= `cfg.max_budget_auc_change` on every adversarial set.
-    Candidates are tried in order (cheapest expected first) and the first that holds is
-    taken; when none does, `fmd` keeps the full budget.
+    The AUC condition stands in for "the verdicts agree beyond VAL too"; when no resistance
+    threshold can flag (every θr < 0, while r >= 0), the verdicts cannot depend on the budget
+    on any image, and agreement alone decides. Candidates are tried in order (cheapest
+    expected first) and the first that holds is taken; when none does, `fmd` keeps the full
+    budget.
     """
+    can_flag = resistance_can_flag(fmd)
+    rule = _BUDGET_RULE.format(cfg=cfg) if can_flag else _BUDGET_RULE_NO_FLAG.format(cfg=cfg)
     rows = []
     for options in cfg.budgets:
         if verbose:
@@ -321,14 +328,22 @@ def select_budget(fmd, sets: dict, cfg: OperatingPointConfig, verbose: int = 0):
         rows.append(budget_row(fmd, options, sets, cfg.budget_auc_level))
         row = rows[-1]
         if row["verdict_agreement"] >= cfg.min_budget_agreement and \
-                row["auc_change_bound"] <= cfg.max_budget_auc_change:
-            entry = {"rule": _BUDGET_RULE.format(cfg=cfg), "options": row["options"],
-                     "rows": rows}
+                (not can_flag or row["auc_change_bound"] <= cfg.max_budget_auc_change):
+            entry = {"rule": rule, "options": row["options"], "rows": rows}
             return fmd.copy_with(**row["options"]), entry
-    return fmd, {"rule": _BUDGET_RULE.format(cfg=cfg), "options": {}, "rows": rows}
+    return fmd, {"rule": rule, "options": {}, "rows": rows}
+
+
+def resistance_can_flag(fmd) -> bool:
+    """Whether any code's threshold can flag: r <= θr is reachable for some r in [0, 1]."""
+    return bool(np.any(np.asarray(fmd.theta_r) >= 0.0))
 
 
 _BUDGET_RULE = ("first of the budgets with VAL verdict agreement >= {cfg.min_budget_agreement:g} "
                 "and |AUC change| <= {cfg.max_budget_auc_change:g} on every attack, the change's "
                 "{cfg.budget_auc_level:g} paired-bootstrap interval included, else the full "
                 "budget")
+_BUDGET_RULE_NO_FLAG = ("first of the budgets with VAL verdict agreement >= "
+                        "{cfg.min_budget_agreement:g}, else the full budget (every θr < 0: the "
+                        "resistance cannot flag, so the verdicts cannot depend on the budget and "
+                        "the AUC condition is not applied)")

@@ -190,6 +190,9 @@ def test_budget_rule_takes_the_first_candidate_that_keeps_the_verdicts(monkeypat
                 "auc_change_bound": change}
 
     class Model:
+        def __init__(self, theta_r=(0.2, -1.0)):
+            self.theta_r = np.float32(theta_r)
+
         def copy_with(self, **options):
             return ("copy", options)
 
@@ -198,6 +201,12 @@ def test_budget_rule_takes_the_first_candidate_that_keeps_the_verdicts(monkeypat
     model, entry = op.select_budget(Model(), {}, cfg)
     assert model == ("copy", {"k": 2}) and entry["options"] == {"k": 2}
     assert [row["options"]["k"] for row in entry["rows"]] == [0, 1, 2]  # stops at the first
+    assert "AUC" in entry["rule"] and "not applied" not in entry["rule"]
+    # θr = 0 still flags r = 0: the AUC condition stays.
+    assert op.select_budget(Model((0.0, -1.0)), {}, cfg)[1]["options"] == {"k": 2}
+    # No threshold can flag: agreement alone decides (candidate 1 despite its AUC change).
+    model, entry = op.select_budget(Model((-0.01, -1.0)), {}, cfg)
+    assert model == ("copy", {"k": 1}) and "not applied" in entry["rule"]
     cfg = op.OperatingPointConfig(budgets=({"k": 0}, {"k": 1}))
     original = Model()
     model, entry = op.select_budget(original, {}, cfg)
