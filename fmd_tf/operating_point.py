@@ -335,8 +335,12 @@ def select_budget(fmd, sets: dict, cfg: OperatingPointConfig, verbose: int = 0):
 
 
 def resistance_can_flag(fmd) -> bool:
-    """Whether any code's threshold can flag: r <= θr is reachable for some r in [0, 1]."""
-    return bool(np.any(np.asarray(fmd.theta_r) >= 0.0))
+    """Whether any code's threshold can flag: is the most suspicious resistance row, 0 on every
+    code, flagged by the detector's own rule (`calibration.is_suspicious`, r <= θr)?"""
+    from fmd_tf.defense.calibration import is_suspicious
+
+    theta_r = np.asarray(fmd.theta_r)
+    return bool(is_suspicious(np.zeros((1, theta_r.size)), theta_r)[0])
 
 
 _BUDGET_RULE = ("first of the budgets with VAL verdict agreement >= {cfg.min_budget_agreement:g} "
