@@ -24,8 +24,11 @@ The randomized ensemble (`scripts/train.py --ensemble 3`), attacked with EOT ove
         --linf-eps 0.1 --n 500 --no-baselines --out results/fmnist_ensemble
 
 Writes OUT/report.json, OUT/report.md and PNG figures. Adversarial sets are cached in --cache
-(keyed by attack, parameters, images and classifier fingerprint). Baselines (MagNet, Feature
-Squeezing) are loaded from MODEL/baselines (train them with scripts/train_baselines.py).
+(keyed by attack, parameters, images and classifier fingerprint), and so are the outputs of
+every defense on every set (keyed by the defense's weights and settings and the images): a run
+that was stopped starts again after the last set it finished. Baselines (MagNet, Feature
+Squeezing, Defense-GAN) are loaded from MODEL/baselines (train them with
+scripts/train_baselines.py).
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ def parse_args(argv):
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="default results/DATASET")
-    p.add_argument("--cache", default="results/cache")
+    p.add_argument("--cache", default="results/cache",
+                   help="cache of the adversarial sets and of the defenses' outputs on them")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--linf-eps", default="", help="comma-separated L-inf budgets for "

@@ -45,12 +45,21 @@ def test_evaluate_report_schema(quick_model, tmp_path):
     assert own[0]["val_clean_flagged"] == pytest.approx(cal["val_false_positive_rate"])
     assert 0.0 <= own[0]["val_clean_defended_accuracy"] <= 1.0
     assert "| VAL clean defended |" in (out / "report.md").read_text()
-    # Second run uses the cached adversarial set.
+    # Second run uses the cached adversarial set and FM-Defense's stored outputs on the clean
+    # and FGSM images: the same figures.
+    stored = sorted((tmp_path / "cache").glob("outputs_fm_defense_12_*.npz"))
+    assert len(stored) == 4  # clean + three attacks
+    written = [p.stat().st_mtime_ns for p in stored]
     proc = run_script("scripts/evaluate.py", "--model", str(quick_model), "--attacks", "fgsm",
                       "--n", "12", "--out", str(out), "--cache", str(tmp_path / "cache"),
                       "--no-baselines")
     assert proc.returncode == 0
-    assert json.loads((out / "report.json").read_text())["attacks"]["fgsm"]["attack_cached"]
+    again = json.loads((out / "report.json").read_text())
+    assert again["attacks"]["fgsm"]["attack_cached"]
+    assert again["attacks"]["fgsm"]["fm_defense"] == fgsm["fm_defense"]
+    assert again["clean"] == report["clean"]
+    assert sorted((tmp_path / "cache").glob("outputs_fm_defense_12_*.npz")) == stored
+    assert [p.stat().st_mtime_ns for p in stored] == written  # read, not written again
 
 
 def test_evaluate_adaptive_budget_grid(quick_model, tmp_path):
@@ -196,3 +205,40 @@ def test_operating_points_keeps_an_existing_out_file(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "exists; pass --overwrite" in proc.stderr and "Traceback" not in proc.stderr
     assert out.read_text() == "earlier rows"
+
+
+def test_evaluate_reads_each_baselines_stored_outputs(quick_model, tmp_path):
+    """A baseline's outputs are stored per set (keyed by its saved files, the classifier and
+    the images): a second evaluation reads them, a re-calibrated baseline is run again."""
+    import keras
+    import numpy as np
+
+    import fmd_tf  # noqa: F401
+    from fmd_tf.baselines import FeatureSqueezing
+    from fmd_tf.evaluation.report import evaluate
+
+    model = tmp_path / "model"
+    shutil.copytree(quick_model, model)
+    classifier = keras.models.load_model(model / "classifier.keras", compile=False)
+    fs = FeatureSqueezing(classifier, bit_depth=4, median_size=None)
+    fs.calibrate(np.random.default_rng(0).random((64, 28, 28, 1), dtype=np.float32), fpr=0.1)
+    (model / "baselines").mkdir()
+    fs.save(str(model / "baselines" / "feature_squeezing.json"))
+    cache = tmp_path / "cache"
+
+    def run():
+        return evaluate(str(model), attacks=["fgsm"], n=8, cache_dir=str(cache), verbose=0)
+
+    first = run()
+    stored = sorted(cache.glob("outputs_feature_squeezing_8_*.npz"))
+    assert len(stored) == 2  # clean and FGSM
+    written = [p.stat().st_mtime_ns for p in stored]
+    again = run()
+    assert [p.stat().st_mtime_ns for p in stored] == written  # read, not run again
+    assert again["attacks"]["fgsm"]["feature_squeezing"] == \
+        first["attacks"]["fgsm"]["feature_squeezing"]
+    assert again["clean"]["feature_squeezing"] == first["clean"]["feature_squeezing"]
+    fs.calibrate(np.random.default_rng(1).random((64, 28, 28, 1), dtype=np.float32), fpr=0.5)
+    fs.save(str(model / "baselines" / "feature_squeezing.json"))
+    run()
+    assert len(list(cache.glob("outputs_feature_squeezing_8_*.npz"))) == 4

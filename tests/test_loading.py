@@ -321,6 +321,39 @@ def test_truncated_cache_entry_is_recomputed(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [entry.name]
 
 
+def test_defense_outputs_are_stored_per_defense_and_images(tmp_path):
+    from fmd_tf.evaluation import harness
+
+    calls = []
+
+    def defend(x):  # a deterministic defense that counts its passes
+        calls.append(len(x))
+        return {"label": np.argmax(x.reshape(len(x), -1)[:, :3], axis=1),
+                "verdict": np.zeros(len(x), np.int64), "purified": x * 0.5}
+
+    x = np.random.default_rng(0).random((5, 28, 28, 1), dtype=np.float32)
+    first, cached = harness.defense_outputs("d", "fp1", defend, x, str(tmp_path))
+    assert not cached and calls == [5]
+    again, cached = harness.defense_outputs("d", "fp1", defend, x, str(tmp_path))
+    assert cached and calls == [5]  # no second pass
+    assert set(again) == set(first)
+    for k in first:
+        np.testing.assert_array_equal(again[k], first[k])
+    # A truncated entry is computed again and rewritten whole.
+    (entry,) = tmp_path.glob("*.npz")
+    entry.write_bytes(entry.read_bytes()[:100])
+    assert not harness.defense_outputs("d", "fp1", defend, x, str(tmp_path))[1]
+    assert harness.defense_outputs("d", "fp1", defend, x, str(tmp_path))[1]
+    assert calls == [5, 5]
+    # Another fingerprint (weights or settings), other images, another defense, no cache:
+    # a new pass each.
+    harness.defense_outputs("d", "fp2", defend, x, str(tmp_path))
+    harness.defense_outputs("d", "fp1", defend, x[:4], str(tmp_path))
+    harness.defense_outputs("e", "fp1", defend, x, str(tmp_path))
+    assert not harness.defense_outputs("d", "fp1", defend, x, None)[1]
+    assert calls == [5, 5, 5, 4, 5, 5]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("attempt", range(4))
 def test_train_killed_at_many_points_leaves_the_previous_model(model_copy, attempt):

@@ -25,10 +25,14 @@ import shutil
 import tempfile
 import time
 
-__all__ = ["OUTPUTS", "QUICK_DEFENSE_GAN", "baseline_config", "check_outputs", "fm_defense_point",
-           "load_baselines", "train_baselines"]
+__all__ = ["OUTPUTS", "QUICK_DEFENSE_GAN", "SAVED", "baseline_config", "baseline_path",
+           "check_outputs", "fm_defense_point", "load_baselines", "train_baselines"]
 
-OUTPUTS = ("magnet", "feature_squeezing.json", "defense_gan")  # under MODEL/baselines
+# Report name -> (the saved baseline under MODEL/baselines, its name in notes).
+SAVED = {"magnet": ("magnet", "MagNet"),
+         "feature_squeezing": ("feature_squeezing.json", "Feature Squeezing"),
+         "defense_gan": ("defense_gan", "Defense-GAN")}
+OUTPUTS = tuple(path for path, _ in SAVED.values())  # under MODEL/baselines
 # Defense-GAN settings of a `quick` run (tests, CI): seconds instead of hours.
 QUICK_DEFENSE_GAN = {"gan_epochs": 1, "rec_iters": 10, "rec_restarts": 2}
 
@@ -36,28 +40,24 @@ QUICK_DEFENSE_GAN = {"gan_epochs": 1, "rec_iters": 10, "rec_restarts": 2}
 def load_baselines(model_dir: str, classifier) -> tuple[dict, list[str]]:
     """({"magnet": MagNet, "feature_squeezing": FeatureSqueezing, "defense_gan": DefenseGAN}
     around `classifier`, those found in `model_dir`/baselines; notes naming the missing ones)."""
-    base = os.path.join(model_dir, "baselines")
     loaded, notes = {}, []
     try:
         from fmd_tf.baselines import DefenseGAN, FeatureSqueezing, MagNet
     except ImportError as e:  # pragma: no cover
         return loaded, [f"baselines unavailable: {e}"]
-    magnet_dir = os.path.join(base, "magnet")
-    fs_path = os.path.join(base, "feature_squeezing.json")
-    if os.path.isdir(magnet_dir):
-        loaded["magnet"] = MagNet.load(magnet_dir, classifier)
-    else:
-        notes.append(f"MagNet not found in {magnet_dir} (run scripts/train_baselines.py)")
-    if os.path.isfile(fs_path):
-        loaded["feature_squeezing"] = FeatureSqueezing.load(fs_path, classifier)
-    else:
-        notes.append(f"Feature Squeezing not found at {fs_path} (run scripts/train_baselines.py)")
-    gan_dir = os.path.join(base, "defense_gan")
-    if os.path.isdir(gan_dir):
-        loaded["defense_gan"] = DefenseGAN.load(gan_dir, classifier)
-    else:
-        notes.append(f"Defense-GAN not found in {gan_dir} (run scripts/train_baselines.py)")
+    classes = {"magnet": MagNet, "feature_squeezing": FeatureSqueezing, "defense_gan": DefenseGAN}
+    for name, (_, title) in SAVED.items():
+        path = baseline_path(model_dir, name)
+        if os.path.exists(path):
+            loaded[name] = classes[name].load(path, classifier)
+        else:
+            notes.append(f"{title} not found at {path} (run scripts/train_baselines.py)")
     return loaded, notes
+
+
+def baseline_path(model_dir: str, name: str) -> str:
+    """Where the baseline `name` (a key of `SAVED`) of the model in `model_dir` is saved."""
+    return os.path.join(model_dir, "baselines", SAVED[name][0])
 
 
 def baseline_config(dataset: str = "fmnist", quick: bool = False, model_dir: str | None = None):

@@ -56,12 +56,23 @@ def _enough_cle(splits, n: int | None):
     return splits
 
 
-def _run_fm(fmd, x, batch_size, verbose=0):
-    """`fmd.defend(x)` with the purifier's labels and the continuous detection score."""
-    from fmd_tf.evaluation.harness import fm_scores, purified_labels
+def _run_fm(fmd, x, batch_size, verbose=0, cache_dir=None):
+    """`fmd.defend(x)` with the purifier's labels and the continuous detection score; the
+    defense pass is read from `cache_dir` when stored there (`harness.defense_outputs`)."""
+    from fmd_tf.evaluation.harness import (
+        defense_fingerprint,
+        defense_outputs,
+        fm_scores,
+        purified_labels,
+    )
 
-    out = fmd.defend(x, batch_size=batch_size, verbose=verbose)
-    out["purified_label"] = purified_labels(fmd, x)
+    def run(images):
+        out = fmd.defend(images, batch_size=batch_size, verbose=verbose)
+        out["purified_label"] = purified_labels(fmd, images)
+        return out
+
+    out, _ = defense_outputs("fm_defense", f"{defense_fingerprint(fmd)} batch {batch_size}",
+                             run, x, cache_dir)
     out["score"] = fm_scores(out, _thresholds(fmd, out))
     return out
 
@@ -273,7 +284,8 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
             once per budget of `linf_eps` / `l2_eps` when given (`harness.expand_budgets`).
         out_dir: where report.json, report.md and the figures go (None: nothing is written,
             no figures).
-        cache_dir: adversarial-set cache (None: none).
+        cache_dir: cache of the adversarial sets and of each defense's outputs on every set
+            (`harness.defense_outputs`: a stopped run resumes there; None: no cache).
         baselines: also run MagNet and Feature Squeezing from `model_dir`/baselines.
         defense: the defense file in `model_dir` (fmd.keras, or fmd_ensemble.keras).
         attack_defense: the defense file the defense-aware attacks attack (default `defense`).
@@ -294,7 +306,8 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
     import fmd_tf  # noqa: F401  (registers the Keras classes)
     from fmd_tf.attacks import adaptive_detector_pgd
     from fmd_tf.evaluation import harness
-    from fmd_tf.evaluation.baselines import load_baselines
+    from fmd_tf.evaluation.baselines import baseline_path, load_baselines
+    from fmd_tf.files import sha256
 
     started = time.time()
     runs = _check_runs(attacks, linf_eps, l2_eps, n)
@@ -325,8 +338,16 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
     if verbose:
         print(f"evaluating {model_dir} on {n} CLE images: clean + "
               f"{', '.join(name for name, _, _ in runs)}")
-    clean = _run_fm(fmd, x, batch_size, verbose)
-    clean_base = {name: b.defend(x, verbose=verbose) for name, b in loaded.items()}
+    clean = _run_fm(fmd, x, batch_size, verbose, cache_dir)
+    classifier_hash = harness.classifier_fingerprint(fmd.classifier)
+    base_hash = {name: f"{sha256(baseline_path(model_dir, name))[:16]} {classifier_hash}"
+                 for name in loaded}
+
+    def defend_base(name, images):  # a baseline's outputs, read from the cache when stored
+        return harness.defense_outputs(name, base_hash[name], lambda v: loaded[name].defend(
+            v, verbose=verbose), images, cache_dir)[0]
+
+    clean_base = {name: defend_base(name, x) for name in loaded}
     bar.update(1)
     report = {"dataset": dataset, "n": n, "model": model_dir,
               "defense": defense, "attack_defense": attack_defense,
@@ -349,11 +370,11 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
         x_adv, info = harness.adversarial_set(method, fmd.classifier, x, y, cache_dir, seed,
                                               params=overrides, defense=target,
                                               surrogate=surrogate_model, verbose=verbose)
-        adv = adv_out[attack] = _run_fm(fmd, x_adv, batch_size, verbose)
+        adv = adv_out[attack] = _run_fm(fmd, x_adv, batch_size, verbose, cache_dir)
         entry = _attack_entry(method, info, x, x_adv, y, clean, adv)
         roc[attack] = {"FM-Defense": (clean["score"], adv["score"])}
         for bname, b in loaded.items():
-            bout = b.defend(x_adv, verbose=verbose)
+            bout = defend_base(bname, x_adv)
             entry[bname] = harness.defense_metrics(clean_base[bname], bout, y, y)
             roc[attack][bname] = (clean_base[bname]["score"], bout["score"])
             if method == "adaptive_pgd":  # the same budget, adapted to this baseline
@@ -361,7 +382,7 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
                                             norm=info["params"]["norm"],
                                             nb_iter=info["params"]["nb_iter"], seed=seed)
                 entry[f"{bname}_adaptive"] = harness.defense_metrics(
-                    clean_base[bname], b.defend(x_b, verbose=verbose), y, y)
+                    clean_base[bname], defend_base(bname, x_b), y, y)
         report["attacks"][attack] = entry
         bar.update(k + 2)
         if attack.startswith("adaptive"):  # the paper's figures cover the paper's attacks
