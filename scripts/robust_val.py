@@ -65,7 +65,8 @@ def run(args) -> dict:
     for path in args.classifiers:
         classifier = keras.models.load_model(path, compile=False)
         results[path] = val_robustness(classifier, x, y, eps=args.eps, norm=args.norm)
-    print(f"{len(x)} VAL images, APGD {args.norm} ε {args.eps:g}, 100 steps (accuracy %):")
+    steps = next(iter(results.values()))["nb_iter"]
+    print(f"{len(x)} VAL images, APGD {args.norm} ε {args.eps:g}, {steps} steps (accuracy %):")
     print("| classifier | clean | APGD-CE | APGD-DLR | worst case per image |")
     print("|---|---|---|---|---|")
     for path, r in results.items():
