@@ -233,9 +233,8 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
         fingerprint = "surrogate:" + classifier_fingerprint(surrogate)
     else:
         fingerprint = classifier_fingerprint(classifier)
-    data_hash = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
     key = json.dumps({"attack": attack, "params": params, "classifier": fingerprint,
-                      "data": data_hash, "seed": seed}, sort_keys=True)
+                      "data": _images_hash(x), "seed": seed}, sort_keys=True)
     path = None
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
@@ -266,6 +265,11 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
             np.savez_compressed(tmp, x_adv=x_adv, key=key, seconds=seconds, **stored)
     info = {"params": params, "seconds": seconds, "cached": False}
     return x_adv, info if record is None else {**info, "record": record}
+
+
+def _images_hash(x) -> str:
+    """sha256 (16 hex digits) of the bytes of an image array: part of every cache key."""
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
 
 
 _RECORD = "record_"  # prefix of a query-based attack's record arrays in a cache entry
@@ -309,8 +313,7 @@ def defense_outputs(name: str, fingerprint: str, defend, x, cache_dir: str | Non
     """
     if not cache_dir:
         return defend(x), False
-    images = hashlib.sha256(np.ascontiguousarray(x, np.float32).tobytes()).hexdigest()[:16]
-    key = json.dumps({"defense": name, "fingerprint": fingerprint, "images": images},
+    key = json.dumps({"defense": name, "fingerprint": fingerprint, "images": _images_hash(x)},
                      sort_keys=True)
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"outputs_{name}_{len(x)}_"
