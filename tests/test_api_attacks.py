@@ -26,7 +26,14 @@ from test_case import TINY_COMBO_CONFIG, graph_forward
 from test_case import toy_batch as make_toy_batch
 
 import fmd_tf  # noqa: F401  (registers the Keras classes)
-from fmd_tf.attacks import QueryOracle, api_hop_skip_jump, api_rays, api_square, square
+from fmd_tf.attacks import (
+    QueryOracle,
+    api_corners,
+    api_hop_skip_jump,
+    api_rays,
+    api_square,
+    square,
+)
 from fmd_tf.attacks.api_attacks import (
     PUBLIC_KEYS,
     as_oracle,
@@ -42,7 +49,7 @@ from fmd_tf.models import Classifier, build_combo_vae
 
 API_NAMES = ("api_square", "api_square_5k", "api_hopskipjump", "api_hopskipjump_5k",
              "api_rays", "api_rays_5k", "api_square_monitored", "api_rays_monitored",
-             "api_hopskipjump_monitored")
+             "api_hopskipjump_monitored", "api_corners")
 
 # ART warns at import that PyTorch is missing (irrelevant here).
 pytestmark = pytest.mark.filterwarnings("ignore:PyTorch not found:UserWarning")
@@ -231,6 +238,59 @@ def test_rays_never_exceeds_the_budget_and_reads_decisions_only(budget):
             assert not rec["success"].any() and np.all(np.isinf(rec["radius"]))
             np.testing.assert_array_equal(rec["queries"], budget)
             np.testing.assert_array_equal(x_adv, x)
+
+
+@pytest.mark.parametrize("budget", [1, 2, 6])
+def test_corners_never_exceed_the_budget_and_read_decisions_only(budget):
+    x = _far_apart_images(5)
+    for reject in (None, 1e-6):
+        end = FakeEndpoint(x, reject_beyond=reject)
+        labels_only = QueryOracle(end.defend)
+        x_adv, rec = api_corners(labels_only, x, end.labels, eps=0.05, max_queries=budget)
+        np.testing.assert_array_equal(end.per_image, rec["queries"])
+        assert rec["queries"].max() <= budget and end.rows == rec["queries"].sum()
+        _check_images(x_adv, x)
+        assert np.all(_linf(x_adv, x) <= 0.05 + 1e-6)
+        np.testing.assert_allclose(rec["linf"], _linf(x_adv, x), atol=1e-7)
+        if reject is not None:
+            assert not rec["success"].any() and np.all(rec["corner"] == -1)
+            np.testing.assert_array_equal(rec["queries"], budget)
+            np.testing.assert_array_equal(x_adv, x)
+
+
+def test_corners_shift_both_ways_then_draw_signs_per_image():
+    """Five 4x4 images near 0.5, each with its own rule (label 1 = fooled, true label 0):
+    0 falls to a brighter image, 1 to a darker one, 2 to pixel 0 up and pixel 1 down (a sign
+    vector, which neither shift is), 3 to nothing within 0.1, 4 is wrong already."""
+    rng = np.random.default_rng(0)
+    x = (0.5 + rng.uniform(-0.05, 0.05, size=(5, 4, 4, 1))).astype(np.float32)
+    x0 = x.reshape(5, -1)
+
+    def defend(q):
+        flat = np.asarray(q, np.float64).reshape(len(q), -1)
+        owner = np.argmin(np.abs(flat[:, None] - x0[None]).max(2), axis=1)
+        d = flat - x0[owner]
+        fooled = np.select(
+            [owner == 0, owner == 1, owner == 2, owner == 3],
+            [d.mean(1) > 0.05, d.mean(1) < -0.05, (d[:, 0] > 0.05) & (d[:, 1] < -0.05),
+             np.zeros(len(q), bool)], default=True)
+        return {"label": fooled.astype(np.int64), "verdict": np.zeros(len(q), np.int32)}
+
+    y = np.zeros(5, np.int64)
+    x_adv, rec = api_corners(QueryOracle(defend), x, y, eps=0.1, max_queries=40, seed=3)
+    np.testing.assert_array_equal(rec["success"], [True, True, True, False, True])
+    np.testing.assert_array_equal(rec["queries"][[0, 1, 3, 4]], [2, 3, 40, 1])
+    np.testing.assert_array_equal(rec["corner"][[0, 1, 3, 4]], [0, 1, -1, -1])
+    assert rec["corner"][2] >= 2 and rec["queries"][2] == rec["corner"][2] + 2
+    np.testing.assert_allclose(x_adv[0] - x[0], 0.1, atol=1e-6)
+    np.testing.assert_allclose(x_adv[1] - x[1], -0.1, atol=1e-6)
+    np.testing.assert_array_equal(x_adv[[3, 4]], x[[3, 4]])
+    np.testing.assert_array_equal(defend(x_adv)["label"], [1, 1, 1, 0, 1])
+    # One stream per image: image 2 alone meets the same corners.
+    alone, rec_alone = api_corners(QueryOracle(defend), x[2:3], y[2:3], eps=0.1,
+                                   max_queries=40, seed=3)
+    np.testing.assert_array_equal(alone[0], x_adv[2])
+    assert rec_alone["queries"][0] == rec["queries"][2]
 
 
 def test_rays_blocks_cover_the_image_at_every_level():
@@ -530,15 +590,16 @@ def test_harness_names_run_through_adversarial_set(strict_defense, tmp_path):
     x, y = x[:3], y[:3]
     budgets = {"api_square": 6, "api_square_5k": 4, "api_rays": 7, "api_rays_5k": 5,
                "api_hopskipjump": 12, "api_hopskipjump_5k": 10, "api_square_monitored": 6,
-               "api_rays_monitored": 7, "api_hopskipjump_monitored": 12}
+               "api_rays_monitored": 7, "api_hopskipjump_monitored": 12, "api_corners": 5}
     assert set(budgets) == set(API_NAMES) == \
         set(harness.QUERY_BASED) & set(harness.DEFENSE_AWARE)
     for name in API_NAMES:
         assert name in harness.DEFENSE_AWARE and name in harness.BUDGETED
         spec = harness.ATTACKS[name]
         assert spec.target == "endpoint"
-        assert spec.function in ("api_square", "api_rays", "api_hop_skip_jump")
-        assert spec.params["max_queries"] == (5000 if name.endswith("_5k") else 1000)
+        assert spec.function in ("api_square", "api_rays", "api_hop_skip_jump", "api_corners")
+        default = 20 if name == "api_corners" else 5000 if name.endswith("_5k") else 1000
+        assert spec.params["max_queries"] == default
     with pytest.raises(ValueError, match="needs the defense"):
         harness.adversarial_set("api_square", fmd.classifier, x, y, None)
     for name, budget in budgets.items():

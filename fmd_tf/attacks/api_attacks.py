@@ -6,6 +6,9 @@
 * `api_hop_skip_jump`: HopSkipJump (Chen, Jordan & Wainwright, "HopSkipJumpAttack: a
   query-efficient decision-based attack", IEEE S&P 2020), decision-based, L2, through ART 1.20's
   `HopSkipJump` on a `BlackBoxClassifier` whose only answer is "adversarial or not".
+* `api_rays`: RayS (Chen & Gu, KDD 2020), decision-based, L∞ (see its docstring).
+* `api_corners`: no search, the corners of the L∞ ball (brightness shifts, then random sign
+  vectors) until one fools the defense: the floor any query attack must beat.
 
 Threat model: the attacker of a TF Serving endpoint (`fmd_tf.export`). It sends images and reads
 what the signatures answer: `serving_default` (the defended `label`, -1 = rejected, `verdict`
@@ -50,10 +53,12 @@ from fmd_tf.defense.fm_defense import VERDICT_REJECTED
 
 __all__ = [
     "QueryOracle",
+    "api_corners",
     "api_hop_skip_jump",
     "api_rays",
     "api_square",
     "as_oracle",
+    "corner_direction",
     "is_success",
     "logit_margin",
     "p_schedule",
@@ -643,6 +648,84 @@ def api_rays(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: int 
     progress.update(max_queries - 1, success, finalize=True)
     linf = np.abs(x_adv - x).reshape(n, -1).max(axis=1)
     return x_adv, _record(o.since(base, ids), success, best, radius=radius, linf=linf)
+
+
+# ----------------------------------------------------------------------------- corners
+
+
+def corner_direction(k: int, rng, shape) -> np.ndarray:
+    """float32 [*shape]: the k-th corner direction of `api_corners` (k >= 0): all ones, all
+    minus ones (a uniform brightness shift each way), then sign vectors drawn from `rng`."""
+    if k < 2:
+        return np.full(shape, 1.0 if k == 0 else -1.0, np.float32)
+    return rng.choice(np.float32([-1.0, 1.0]), size=shape)
+
+
+def api_corners(oracle, x, y, eps: float = 0.1, max_queries: int = 20, seed: int = 0,
+                norm: str = "linf", batch_size: int = 64, verbose: int = 0,
+                monitor=None):
+    """Corners of the L∞ ball, no search: the floor every query attack must beat;
+    (x_adv, record).
+
+    Per image (all images batched, one query per image and round): query x; an image the
+    defense already gets wrong is returned as is. Then, while the budget lasts,
+
+        x_k = clip(x + eps · d_k, 0, 1),  d_0 = (1, ..., 1),  d_1 = -d_0,  d_k ~ U{-1, 1}^D
+
+    (`corner_direction`), until one is accepted with a wrong label (`is_success`; a rejection
+    is not adversarial). It reads decisions only and never adapts to an answer: what it fools
+    a model with is a property of the model at that radius (a brightness shift, or noise), not
+    of a clever search.
+
+    Args:
+        oracle: a `QueryOracle` (labels / verdicts suffice) or what `as_oracle` takes.
+        x: float32 [n, H, W, C] in [0, 1]; y: true labels int [n].
+        eps: L∞ radius; max_queries: budget per image (>= 1, the clean query).
+        seed: of the random sign vectors (one stream per image, keyed by its pixels: the
+            same image meets the same corners in any batch).
+        norm: "linf" only. batch_size: of the in-process defense.
+        verbose: 1 shows a progress bar over the query rounds.
+        monitor: a `QueryMonitor` (or its options) in front of the endpoint the oracle is
+            built for (`as_oracle`; not with a ready `QueryOracle`).
+
+    Returns:
+        x_adv float32 [n, H, W, C] (x where the attack failed); record {"queries" int64 [n],
+        "success" bool [n], "verdict", "label" [n] (defended outputs of x_adv), "corner" int64
+        [n] (k of the corner that succeeded, -1 for none or the clean image), "linf" [n]}.
+    """
+    _check_linf_budget("api_corners", norm, eps, max_queries)
+    x, y = _check_batch(x, y)
+    o = as_oracle(oracle, batch_size, monitor)
+    n, max_queries = len(x), int(max_queries)
+    ids = np.arange(n)
+    corner = np.full(n, -1, np.int64)
+    if n == 0:
+        return x.copy(), _record({"queries": np.zeros(0)}, np.zeros(0, bool),
+                                 {"verdict": np.zeros(0), "label": np.zeros(0)}, corner=corner)
+    base = o.counts(ids)
+    out = o.query(x, ids)
+    success = is_success(out, y)
+    best = {"label": out["label"].astype(np.int64), "verdict": out["verdict"].astype(np.int32)}
+    x_adv = x.copy()
+    rngs = [np.random.default_rng([int(seed), int.from_bytes(_digest(row)[:8], "little")])
+            for row in x]
+    progress = _Progress(max_queries - 1, verbose)
+    for k in range(max_queries - 1):
+        act = np.flatnonzero(~success)
+        progress.update(k, success)
+        if len(act) == 0:
+            break
+        rows = np.stack([np.clip(x[i] + np.float32(eps) * corner_direction(k, rngs[i],
+                                                                           x.shape[1:]), 0, 1)
+                         for i in act]).astype(np.float32)
+        out = o.query(rows, act)
+        adv = is_success(out, y[act])
+        hit = act[adv]
+        success[hit], corner[hit], x_adv[hit] = True, k, rows[adv]
+        best["label"][hit], best["verdict"][hit] = out["label"][adv], out["verdict"][adv]
+    progress.update(max_queries - 1, success, finalize=True)
+    linf = np.abs(x_adv - x).reshape(n, -1).max(axis=1)
+    return x_adv, _record(o.since(base, ids), success, best, corner=corner, linf=linf)
 
 
 # ----------------------------------------------------------------------------- HopSkipJump
