@@ -279,6 +279,10 @@ def test_attack_entry_summarises_a_query_attacks_record():
     info["record"]["monitor_flagged"] = np.array([0, 990, 30, 0])
     entry = report._attack_entry("api_rays_monitored", info, x, x + 0.1, y, out, adv)
     assert entry["monitor"] == {"flagged_share": 1020 / 1048, "images_flagged": 0.5}
+    assert "corner_hits" not in entry
+    info["record"]["corner"] = np.array([-1, 0, 5, 1])
+    entry = report._attack_entry("api_corners", info, x, x + 0.1, y, out, adv)
+    assert entry["corner_hits"] == {"plus_eps": 1, "minus_eps": 1, "random_signs": 1}
     del info["record"]
     assert "queries" not in report._attack_entry("fgsm", info, x, x + 0.1, y, out, adv)
 

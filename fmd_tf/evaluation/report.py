@@ -204,6 +204,11 @@ def _attack_entry(method, info, x, x_adv, y, clean, adv) -> dict:
             flagged = np.asarray(info["record"]["monitor_flagged"])
             entry["monitor"] = {"flagged_share": float(flagged.sum() / max(queries.sum(), 1)),
                                 "images_flagged": float(np.mean(flagged > 0))}
+        if "corner" in info["record"]:  # api_corners: which corner fooled how many images
+            corner = np.asarray(info["record"]["corner"])
+            entry["corner_hits"] = {"plus_eps": int(np.sum(corner == 0)),
+                                    "minus_eps": int(np.sum(corner == 1)),
+                                    "random_signs": int(np.sum(corner >= 2))}
     return entry
 
 
