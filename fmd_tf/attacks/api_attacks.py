@@ -428,6 +428,37 @@ def _record(counts: dict, success, out_best, **extra) -> dict:
             "label": np.asarray(out_best["label"]).astype(np.int64), **extra}
 
 
+def _empty_result(x, **extra):
+    """An attack's result on no images: (x, an empty record with `extra`)."""
+    return x.copy(), _record({"queries": np.zeros(0)}, np.zeros(0, bool),
+                             {"verdict": np.zeros(0), "label": np.zeros(0)}, **extra)
+
+
+def _clean_answers(o, x, y):
+    """The opening of a decision-based attack: one query of each clean image of x [n, ...]
+    (n >= 1). Returns (ids arange(n), the counts before it, success bool [n], best {"label",
+    "verdict"} of the clean answers)."""
+    ids = np.arange(len(x))
+    base = o.counts(ids)
+    out = o.query(x, ids)
+    best = {"label": out["label"].astype(np.int64), "verdict": out["verdict"].astype(np.int32)}
+    return ids, base, is_success(out, y), best
+
+
+def _rounds(max_queries: int, success, verbose: int):
+    """Query rounds after the clean query: yields (round, ids of the images not fooled yet) for
+    rounds 0 .. max_queries - 2 while any is left, reading `success` (bool [n], updated in place
+    by the caller) each round; a progress bar when `verbose`."""
+    progress = _Progress(max_queries - 1, verbose)
+    for round_ in range(max_queries - 1):
+        act = np.flatnonzero(~success)
+        progress.update(round_, success)
+        if len(act) == 0:
+            break
+        yield round_, act
+    progress.update(max_queries - 1, success, finalize=True)
+
+
 def api_square(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: int = 0,
                p_init: float = 0.8, detector_weight: float = 1.0, norm: str = "linf",
                batch_size: int = 64, verbose: int = 0,
@@ -576,16 +607,11 @@ def api_rays(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: int 
     x, y = _check_batch(x, y)
     o = as_oracle(oracle, batch_size, monitor)
     n, max_queries, steps = len(x), int(max_queries), int(linear_steps)
-    ids = np.arange(n)
     radius = np.full(n, np.inf, np.float32)
     if n == 0:
-        return x.copy(), _record({"queries": np.zeros(0)}, np.zeros(0, bool),
-                                 {"verdict": np.zeros(0), "label": np.zeros(0)}, radius=radius)
-    base = o.counts(ids)
-    out = o.query(x, ids)
-    success = is_success(out, y)
+        return _empty_result(x, radius=radius)
+    ids, base, success, best = _clean_answers(o, x, y)
     radius[success] = 0.0
-    best = {"label": out["label"].astype(np.int64), "verdict": out["verdict"].astype(np.int32)}
     x_adv = x.copy()
     flat = x.reshape(n, -1)
     size = flat.shape[1]
@@ -608,12 +634,7 @@ def api_rays(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: int 
         state[i] = _PROBE if np.isfinite(radius[i]) else _LINEAR
         step_j[i] = 1
 
-    progress = _Progress(max_queries - 1, verbose)
-    for round_ in range(max_queries - 1):
-        act = np.flatnonzero(~success)
-        progress.update(round_, success)
-        if len(act) == 0:
-            break
+    for _, act in _rounds(max_queries, success, verbose):
         r = np.where(state[act] == _LINEAR, step_j[act] / steps,
                      np.where(state[act] == _PROBE, radius[act], (lo[act] + hi[act]) / 2))
         rows = np.clip(flat[act] + r[:, None].astype(np.float32) * cand[act], 0.0, 1.0)
@@ -645,7 +666,6 @@ def api_rays(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: int 
             if state[i] == _BISECT and hi[i] - lo[i] <= tol:
                 d[i], radius[i] = cand[i], hi[i]
                 next_direction(i)
-    progress.update(max_queries - 1, success, finalize=True)
     linf = np.abs(x_adv - x).reshape(n, -1).max(axis=1)
     return x_adv, _record(o.since(base, ids), success, best, radius=radius, linf=linf)
 
@@ -697,24 +717,14 @@ def api_corners(oracle, x, y, eps: float = 0.1, max_queries: int = 20, seed: int
     x, y = _check_batch(x, y)
     o = as_oracle(oracle, batch_size, monitor)
     n, max_queries = len(x), int(max_queries)
-    ids = np.arange(n)
     corner = np.full(n, -1, np.int64)
     if n == 0:
-        return x.copy(), _record({"queries": np.zeros(0)}, np.zeros(0, bool),
-                                 {"verdict": np.zeros(0), "label": np.zeros(0)}, corner=corner)
-    base = o.counts(ids)
-    out = o.query(x, ids)
-    success = is_success(out, y)
-    best = {"label": out["label"].astype(np.int64), "verdict": out["verdict"].astype(np.int32)}
+        return _empty_result(x, corner=corner)
+    ids, base, success, best = _clean_answers(o, x, y)
     x_adv = x.copy()
     rngs = [np.random.default_rng([int(seed), int.from_bytes(_digest(row)[:8], "little")])
             for row in x]
-    progress = _Progress(max_queries - 1, verbose)
-    for k in range(max_queries - 1):
-        act = np.flatnonzero(~success)
-        progress.update(k, success)
-        if len(act) == 0:
-            break
+    for k, act in _rounds(max_queries, success, verbose):
         rows = np.stack([np.clip(x[i] + np.float32(eps) * corner_direction(k, rngs[i],
                                                                            x.shape[1:]), 0, 1)
                          for i in act]).astype(np.float32)
@@ -723,7 +733,6 @@ def api_corners(oracle, x, y, eps: float = 0.1, max_queries: int = 20, seed: int
         hit = act[adv]
         success[hit], corner[hit], x_adv[hit] = True, k, rows[adv]
         best["label"][hit], best["verdict"][hit] = out["label"][adv], out["verdict"][adv]
-    progress.update(max_queries - 1, success, finalize=True)
     linf = np.abs(x_adv - x).reshape(n, -1).max(axis=1)
     return x_adv, _record(o.since(base, ids), success, best, corner=corner, linf=linf)
 
