@@ -114,15 +114,16 @@ ATTACKS = {
     "api_hopskipjump": Attack("api_hop_skip_jump", {"eps": 1.5, "norm": "l2",
                                                     "max_queries": 1000},
                               target="endpoint", budgeted=True, norm="l2"),
+    "api_hopskipjump_5k": Attack("api_hop_skip_jump", {"eps": 1.5, "norm": "l2",
+                                                       "max_queries": 5000},
+                                 target="endpoint", budgeted=True, norm="l2"),
     # The corners of the L∞ ball (brightness shifts, then random sign vectors), no search: the
     # floor of the attacks above; 20 queries.
     "api_corners": Attack("api_corners", {"eps": 0.1, "norm": "linf", "max_queries": 20},
                           target="endpoint", budgeted=True, norm="linf"),
-    "api_hopskipjump_5k": Attack("api_hop_skip_jump", {"eps": 1.5, "norm": "l2",
-                                                       "max_queries": 5000},
-                                 target="endpoint", budgeted=True, norm="l2"),
-    # The same three behind a Blacklight query monitor (fmd_tf.serving.query_monitor, its
-    # default options): queries it flags are rejected before they reach the defense.
+    # Square, RayS and HopSkipJump behind a Blacklight query monitor
+    # (fmd_tf.serving.query_monitor, its default options): queries it flags are rejected before
+    # they reach the defense.
     "api_square_monitored": Attack("api_square", {"eps": 0.1, "norm": "linf",
                                                   "max_queries": 1000, "monitor": {}},
                                    target="endpoint", budgeted=True, norm="linf"),
