@@ -207,6 +207,15 @@ class ComboVAEConfig:
         "(results/training/latent_cycle/), a second nine (results/training/latent_cycle_run2/)",
         check=NON_NEGATIVE,
     )
+    code_use_weight: float = option(
+        0.0,
+        "weight of the decoder-only code-use hinge (not in the paper; 0 turns it off): one "
+        "class-shared code of each training image, drawn at random, is shifted by 2 prior "
+        "standard deviations and the decoded image must change by at least 0.02 mean "
+        "|pixel| (losses.code_use_loss). Unlike the latent-cycle term it needs nothing from "
+        "the encoder, so a code the decoder ignores still gets a gradient",
+        check=NON_NEGATIVE,
+    )
     lambda_lkd: float = option(0.1, "weight of L_lkd in L_GM (Eq. 12)", check=NON_NEGATIVE)
     encoder_filters: tuple[int, ...] = option((32, 32, 64, 64), "encoder conv filters (C k4 s2 "
                                               "ReLU, Table I)", check=POSITIVE_INTS)

@@ -184,6 +184,43 @@ def latent_cycle_loss(codes, recovered):
     return tf.reduce_sum(tf.square(recovered - codes), axis=-1)
 
 
+# The shift of one class-shared code, in prior standard deviations, and the mean |Δpixel| it
+# must at least cause in `code_use_loss`. A full-range traversal (`latent_codes`) averages
+# |v - mu| of about 1.4 over its values; 0.02 per shift of 2 keeps a used code clear of the
+# traversal's activity threshold (`latent_codes.ACTIVE_PIXEL_CHANGE`, 0.01).
+CODE_USE_SHIFT = 2.0
+CODE_USE_MARGIN = 0.02
+
+
+def code_use_loss(decoded, shifted, margin=CODE_USE_MARGIN):
+    """Hinge on how much a shift of one class-shared code changes the decoded image.
+
+    Not in the paper: an optional decoder term (``ComboVAEConfig.code_use_weight``). The
+    detector morphs each code and needs every morph to change the image; a code the decoder
+    ignores gives morphs equal to the reconstruction. Unlike `latent_cycle_loss` it asks
+    nothing of the encoder, so it has a gradient even for a code the encoder does not read
+    back. With x = D(z_s, z_u) and x' = D(z_s + δ·s·e_c, z_u) for one code c and sign s,
+
+        L_use = P · max(0, τ − (1/P) sum_p |x'_p − x_p|)
+
+    over the P values of an image (the scale of L_R, a sum over them); 0 once the shift
+    moves the image by τ on average.
+
+    Args:
+        decoded: [B, ...] decoded images of the codes.
+        shifted: [B, ...] decoded images of the same codes with one code shifted.
+        margin: τ, mean absolute change per value.
+
+    Returns:
+        [B] the hinge per image.
+    """
+    decoded = tf.convert_to_tensor(decoded, tf.float32)
+    shifted = tf.convert_to_tensor(shifted, tf.float32)
+    change = tf.abs(tf.reshape(shifted - decoded, [tf.shape(decoded)[0], -1]))
+    size = tf.cast(tf.shape(change)[1], tf.float32)
+    return size * tf.nn.relu(tf.cast(margin, tf.float32) - tf.reduce_mean(change, axis=1))
+
+
 def permute_dims(z, seed):
     """Permutes each latent dimension independently across the batch.
 

@@ -330,7 +330,7 @@ def test_fast_feature_map_model_served_answers_equal_the_defense(tmp_path):
             cfg.combo, shared_dim=4, unique_dim=3, encoder_filters=(8, 8), encoder_dense=16,
             feature_map_encoder_filters=(8,), feature_map_decoder_filters=(8,),
             discriminator_units=(16,), dgmm_train_size=256, consistency_weight=0.0,
-            latent_cycle_weight=1.0),
+            latent_cycle_weight=1.0, code_use_weight=1.0),
         defense=dataclasses.replace(cfg.defense, num_morphs=4, candidates_per_step=2,
                                     max_steps=4))
     fmd = fmd_tf.fit_defense(clf, (x_train, y_train), (x_val, y_val), config=cfg,

@@ -110,6 +110,25 @@ def test_latent_cycle_loss_closed_form_and_gradient():
                                [[0.0, 4.0], [-2.0, 2.0]], atol=1e-6)
 
 
+def test_code_use_loss_closed_form_and_gradient():
+    # Images of 4 values. Row 0: mean |change| 0.0075 < τ 0.02 -> 4 * 0.0125 = 0.05.
+    # Row 1: mean |change| 0.03 >= τ -> 0. Row 2: no change -> 4 * τ.
+    decoded = tf.Variable(np.zeros((3, 2, 2, 1), np.float32))
+    shifted = tf.Variable(np.array([[0.01, -0.01, 0.0, 0.01],
+                                    [0.03, -0.03, 0.03, 0.03],
+                                    [0.0, 0.0, 0.0, 0.0]], np.float32).reshape(3, 2, 2, 1))
+    with tf.GradientTape() as tape:
+        out = losses.code_use_loss(decoded, shifted)
+        total = tf.reduce_sum(out)
+    np.testing.assert_allclose(_np(out), [0.05, 0.0, 0.08], atol=1e-6)
+    # d/d shifted: -sign(change) per value in a row under the margin, 0 above it.
+    grad = tape.gradient(total, shifted).numpy().reshape(3, 4)
+    np.testing.assert_allclose(grad[0], [-1.0, 1.0, 0.0, -1.0], atol=1e-6)
+    np.testing.assert_allclose(grad[1], 0.0)
+    np.testing.assert_allclose(_np(losses.code_use_loss(decoded, shifted, margin=0.5)),
+                               [4 * 0.4925, 4 * 0.47, 2.0], rtol=1e-5)
+
+
 def test_label_consistency_loss_closed_form():
     # Row 0: p = q -> 0.
     # Row 1: p = (0.75, 0.25), q = (0.5, 0.5) -> 0.75 log 1.5 + 0.25 log 0.5.

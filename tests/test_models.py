@@ -31,7 +31,7 @@ from fmd_tf.models.layer_stack import apply_layers, build_layers
 IMAGE_SHAPE = (28, 28, 1)
 LOG_2PI = math.log(2.0 * math.pi)
 COMBO_METRICS = {"loss", "recon_loss", "kl_loss", "tc", "disc_loss", "consistency",
-                 "latent_cycle"}
+                 "latent_cycle", "code_use"}
 DGMM_METRICS = {"loss", "cls_loss", "lkd_loss", "accuracy"}
 
 
@@ -436,7 +436,8 @@ def test_combo_vae_fit_logs_named_metrics(toy_batch):
     history = model.fit(x, batch_size=10, epochs=1, shuffle=False, verbose=0).history
     assert history.pop("consistency") == [0.0]  # consistency_weight 0: the term is off
     assert history.pop("latent_cycle") == [0.0]  # latent_cycle_weight 0: off
-    _assert_finite_nonzero(history, COMBO_METRICS - {"consistency", "latent_cycle"})
+    assert history.pop("code_use") == [0.0]  # code_use_weight 0: off
+    _assert_finite_nonzero(history, COMBO_METRICS - {"consistency", "latent_cycle", "code_use"})
     h = {k: v[0] for k, v in history.items()}
     np.testing.assert_allclose(
         h["loss"], 10.0 * h["recon_loss"] + h["kl_loss"] + 40.0 * h["tc"], rtol=1e-5, atol=1e-4
@@ -544,6 +545,80 @@ def test_combo_vae_latent_cycle_gradient_reaches_decoder_only(toy_batch):
         model.train_on_batch(x)
         trained[weight] = (_weights(model.shared_encoder), _weights(model.decoder))
     _assert_decoder_only_change(trained[0.0], trained[50.0], "latent-cycle")
+
+
+def _code_use_combo(weight, seed=0):
+    cfg = dataclasses.replace(TINY_COMBO_CONFIG, code_use_weight=weight)
+    return build_combo_vae(cfg, IMAGE_SHAPE, 10, seed=seed)
+
+
+def test_combo_vae_code_use_term_in_loss(toy_batch):
+    x, _ = toy_batch
+    model = _compile_combo(_code_use_combo(3.0, seed=5))
+    logs = model.evaluate(x, batch_size=len(x), verbose=0, return_dict=True)
+    # Same sampled codes as test_step (noise seed [5, 0]); the shifted code and sign of each
+    # image drawn as documented, from seeds [5, 2] and [5, 3].
+    mean, log_var = (t.numpy() for t in model.shared_encoder(x))
+    zs = mean + np.exp(0.5 * log_var) * tf.random.stateless_normal(mean.shape, seed=[5, 0])
+    code = tf.random.stateless_uniform([len(x)], [5, 2], maxval=model.num_codes,
+                                       dtype=tf.int32).numpy()
+    sign = np.where(tf.random.stateless_uniform([len(x)], [5, 3]).numpy() < 0.5, -1.0, 1.0)
+    shifted = zs.numpy().copy()
+    shifted[np.arange(len(x)), code] += losses.CODE_USE_SHIFT * sign
+    zu = model.dgmm(x)
+    change = np.abs(model.decode(shifted, zu).numpy() - model.decode(zs, zu).numpy())
+    per_image = change.reshape(len(x), -1)
+    expected = np.mean(per_image.shape[1] * np.maximum(
+        losses.CODE_USE_MARGIN - per_image.mean(axis=1), 0.0))
+    assert expected > 1e-3  # an untrained decoder barely reacts to one code
+    np.testing.assert_allclose(logs["code_use"], expected, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(
+        logs["loss"],
+        10.0 * logs["recon_loss"] + logs["kl_loss"] + 40.0 * logs["tc"] + 3.0 * expected,
+        rtol=1e-4, atol=1e-3,
+    )
+    assert model.get_config()["code_use_weight"] == 3.0
+    assert len(model.weights) == len(_code_use_combo(0.0).weights)
+
+
+def test_combo_vae_code_use_gradient_reaches_decoder_only(toy_batch):
+    x, _ = toy_batch
+    trained = {}
+    start = _code_use_combo(0.0, seed=1).get_weights()
+    for weight in (0.0, 50.0):
+        model = _compile_combo(_code_use_combo(weight, seed=1))
+        model.set_weights(start)
+        model.train_on_batch(x)
+        trained[weight] = (_weights(model.shared_encoder), _weights(model.decoder))
+    _assert_decoder_only_change(trained[0.0], trained[50.0], "code-use")
+
+
+def test_combo_vae_code_use_term_makes_an_ignored_code_move_the_image(toy_batch):
+    # A decoder whose weights from code 0 are zero ignores it. Trained on the code-use term
+    # alone (every other weight 0), code 0 comes to move the decoded image; without the term
+    # it stays ignored.
+    x, _ = toy_batch
+    effects = {}
+    for weight in (0.0, 1.0):
+        model = _code_use_combo(weight, seed=6)
+        model.recon_weight = model.beta = model.gamma = 0.0
+        first = model.decoder.trainable_weights[0]  # [d_s + K, units]: the input layer
+        first.assign(tf.tensor_scatter_nd_update(first, [[0]], tf.zeros([1, first.shape[1]])))
+        mean, _, zu = model.encode(x[:8])
+        step = np.zeros(mean.shape, np.float32)
+        step[:, 0] = losses.CODE_USE_SHIFT
+
+        def effect(model=model, mean=mean, zu=zu, step=step):
+            return float(np.mean(np.abs(model.decode(mean + step, zu)
+                                        - model.decode(mean, zu))))
+
+        assert effect() < 1e-7
+        model = _compile_combo(model)
+        for _ in range(10):
+            model.train_on_batch(x)
+        effects[weight] = effect()
+    assert effects[0.0] < 1e-7
+    assert effects[1.0] > 1e-4, effects
 
 
 def test_combo_vae_precomputed_codes_and_logits_give_the_same_update(toy_batch):

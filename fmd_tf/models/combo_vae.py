@@ -49,6 +49,9 @@ class ComboVAE(keras.Model):
         latent_cycle_weight: weight of `losses.latent_cycle_loss` (not in the paper), a
             decoder-only term: the encoder's code values of the reconstruction against the
             sampled codes it was decoded from, so that no code is ignored by the decoder.
+        code_use_weight: weight of `losses.code_use_loss` (not in the paper), a decoder-only
+            hinge: one randomly drawn code of each image shifted by ±`losses.CODE_USE_SHIFT`
+            must move its decoded image by `losses.CODE_USE_MARGIN` mean |Δpixel|.
 
     `fit` takes images, or (images, {"zu": the frozen DGMM's codes, "logits": the classifier's
     logits}) with either key, so that these per-image constants of the loss are computed once
@@ -71,6 +74,7 @@ class ComboVAE(keras.Model):
         consistency_weight=0.0,
         free_bits=0.0,
         latent_cycle_weight=0.0,
+        code_use_weight=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -85,6 +89,7 @@ class ComboVAE(keras.Model):
         self.consistency_weight = float(consistency_weight)
         self.free_bits = float(free_bits)
         self.latent_cycle_weight = float(latent_cycle_weight)
+        self.code_use_weight = float(code_use_weight)
         self.discriminator_optimizer = None
         # A plain callable, not an attribute Keras tracks: the classifier is not part of the
         # saved combo-VAE.
@@ -92,7 +97,7 @@ class ComboVAE(keras.Model):
         self.trackers = {
             name: keras.metrics.Mean(name=name)
             for name in ("loss", "recon_loss", "kl_loss", "tc", "disc_loss", "consistency",
-                         "latent_cycle")
+                         "latent_cycle", "code_use")
         }
 
     @property
@@ -204,24 +209,46 @@ class ComboVAE(keras.Model):
             recovered, _ = self.shared_encoder(x_hat, training=training)
             l_cyc = tf.reduce_mean(losses.latent_cycle_loss(
                 self.code_values(zs), self.code_values(_float32(recovered))))
+        l_use = tf.zeros([])
+        if self.code_use_weight > 0.0:
+            l_use = tf.reduce_mean(losses.code_use_loss(
+                x_hat, _float32(self.decode(self._shift_one_code(zs, seed), zu))))
         zs_fixed = tf.stop_gradient(zs)
         permuted = losses.permute_dims(zs_fixed, seed + tf.constant([0, 1], tf.int32))
         l_d = losses.tc_discriminator_loss(
             _float32(self.discriminator(zs_fixed, training=training)),
             _float32(self.discriminator(permuted, training=training)),
         )
-        return (l_r, l_kl, l_tc, l_d, l_c, l_cyc), kl_penalty
+        return (l_r, l_kl, l_tc, l_d, l_c, l_cyc, l_use), kl_penalty
 
-    def _update_trackers(self, l_r, l_kl, l_tc, l_d, l_c, l_cyc):
+    def _shift_one_code(self, zs, seed):
+        """[B, shared_dim]: zs with one code per image, drawn uniformly, moved by
+        ±`losses.CODE_USE_SHIFT` (sign drawn per image; all of a feature-map code's
+        positions)."""
+        batch = tf.shape(zs)[:1]
+        code = tf.random.stateless_uniform(batch, seed + tf.constant([0, 2], tf.int32),
+                                           maxval=self.num_codes, dtype=tf.int32)
+        draw = tf.random.stateless_uniform(batch, seed + tf.constant([0, 3], tf.int32))
+        sign = tf.where(draw < 0.5, -1.0, 1.0)
+        masks = tf.gather(tf.cast(self.code_masks(tf.range(self.num_codes)), zs.dtype), code)
+        return zs + losses.CODE_USE_SHIFT * sign[:, None] * masks
+
+    def _decoder_terms(self, l_c, l_cyc, l_use):
+        """The weighted sum of the decoder-only terms."""
+        return (self.consistency_weight * l_c + self.latent_cycle_weight * l_cyc
+                + self.code_use_weight * l_use)
+
+    def _update_trackers(self, l_r, l_kl, l_tc, l_d, l_c, l_cyc, l_use):
         values = {
             "loss": self.recon_weight * l_r + self.beta * l_kl + self.gamma * l_tc
-            + self.consistency_weight * l_c + self.latent_cycle_weight * l_cyc,
+            + self._decoder_terms(l_c, l_cyc, l_use),
             "recon_loss": l_r,
             "kl_loss": l_kl,
             "tc": l_tc,
             "disc_loss": l_d,
             "consistency": l_c,
             "latent_cycle": l_cyc,
+            "code_use": l_use,
         }
         for name, value in values.items():
             self.trackers[name].update_state(value)
@@ -243,11 +270,10 @@ class ComboVAE(keras.Model):
         with tf.GradientTape(persistent=True) as tape:
             terms, kl_penalty = self._forward(x, self._step_seed(), training=True,
                                               targets=targets)
-            l_r, l_kl, l_tc, l_d, l_c, l_cyc = terms
+            l_r, l_kl, l_tc, l_d, l_c, l_cyc, l_use = terms
             vae_loss = (self.recon_weight * l_r + self.beta * kl_penalty
                         + self.gamma * l_tc) / replicas
-            dec_loss = vae_loss + (self.consistency_weight * l_c
-                                   + self.latent_cycle_weight * l_cyc) / replicas
+            dec_loss = vae_loss + self._decoder_terms(l_c, l_cyc, l_use) / replicas
             disc_loss = l_d / replicas
         enc_grads = tape.gradient(vae_loss, enc_vars)
         dec_grads = tape.gradient(dec_loss, dec_vars)
@@ -278,15 +304,16 @@ class ComboVAE(keras.Model):
             dgmm=keras.saving.serialize_keras_object(self.dgmm),
             decoder=keras.saving.serialize_keras_object(self.decoder),
             discriminator=keras.saving.serialize_keras_object(self.discriminator),
-            gamma=self.gamma,
-            beta=self.beta,
             seed=self.seed,
-            recon_weight=self.recon_weight,
-            consistency_weight=self.consistency_weight,
-            free_bits=self.free_bits,
-            latent_cycle_weight=self.latent_cycle_weight,
+            **{name: getattr(self, name) for name in LOSS_OPTIONS},
         )
         return config
+
+
+# The loss settings of `ComboVAE`: constructor arguments, `get_config` entries and
+# `ComboVAEConfig` fields of the same names.
+LOSS_OPTIONS = ("gamma", "beta", "recon_weight", "consistency_weight", "free_bits",
+                "latent_cycle_weight", "code_use_weight")
 
 
 def replica_step_seed(seed: int, optimizer):
@@ -344,14 +371,9 @@ def build_combo_vae(combo_cfg, image_shape, num_classes, seed=0, policy=None) ->
         dgmm=dgmm,
         decoder=decoder,
         discriminator=discriminator,
-        gamma=combo_cfg.gamma,
-        beta=combo_cfg.beta,
         seed=seed,
-        recon_weight=combo_cfg.recon_weight,
-        consistency_weight=combo_cfg.consistency_weight,
-        free_bits=combo_cfg.free_bits,
-        latent_cycle_weight=combo_cfg.latent_cycle_weight,
         name="combo_vae",
+        **{name: getattr(combo_cfg, name) for name in LOSS_OPTIONS},
     )
     model.build((None, *image_shape))
     return model
