@@ -212,8 +212,14 @@ class ComboVAEConfig:
         "weight of the decoder-only code-use hinge (not in the paper; 0 turns it off): one "
         "class-shared code of each training image, drawn at random, is shifted by 2 prior "
         "standard deviations and the decoded image must change by at least 0.02 mean "
-        "|pixel| (losses.code_use_loss). Unlike the latent-cycle term it needs nothing from "
-        "the encoder, so a code the decoder ignores still gets a gradient",
+        "|pixel| (code_use_margin; losses.code_use_loss). Unlike the latent-cycle term it needs "
+        "nothing from the encoder, so a code the decoder ignores still gets a gradient",
+        check=NON_NEGATIVE,
+    )
+    code_use_margin: float = option(
+        0.02,
+        "the mean |pixel| change that the code-use hinge asks of a shift of one code by 2 "
+        "prior standard deviations (code_use_weight)",
         check=NON_NEGATIVE,
     )
     lambda_lkd: float = option(0.1, "weight of L_lkd in L_GM (Eq. 12)", check=NON_NEGATIVE)

@@ -184,10 +184,11 @@ def latent_cycle_loss(codes, recovered):
     return tf.reduce_sum(tf.square(recovered - codes), axis=-1)
 
 
-# The shift of one class-shared code, in prior standard deviations, and the mean |Δpixel| it
-# must at least cause in `code_use_loss`. A full-range traversal (`latent_codes`) averages
-# |v - mu| of about 1.4 over its values; 0.02 per shift of 2 keeps a used code clear of the
-# traversal's activity threshold (`latent_codes.ACTIVE_PIXEL_CHANGE`, 0.01).
+# The shift of one class-shared code, in prior standard deviations, and the default mean
+# |Δpixel| it must at least cause in `code_use_loss` (`ComboVAEConfig.code_use_margin`). A
+# full-range traversal (`latent_codes`) averages |v - mu| of about 1.4 over its values; 0.02 per
+# shift of 2 keeps a used code clear of the traversal's activity threshold
+# (`latent_codes.ACTIVE_PIXEL_CHANGE`, 0.01).
 CODE_USE_SHIFT = 2.0
 CODE_USE_MARGIN = 0.02
 

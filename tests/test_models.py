@@ -547,14 +547,14 @@ def test_combo_vae_latent_cycle_gradient_reaches_decoder_only(toy_batch):
     _assert_decoder_only_change(trained[0.0], trained[50.0], "latent-cycle")
 
 
-def _code_use_combo(weight, seed=0):
-    cfg = dataclasses.replace(TINY_COMBO_CONFIG, code_use_weight=weight)
+def _code_use_combo(weight, seed=0, margin=losses.CODE_USE_MARGIN):
+    cfg = dataclasses.replace(TINY_COMBO_CONFIG, code_use_weight=weight, code_use_margin=margin)
     return build_combo_vae(cfg, IMAGE_SHAPE, 10, seed=seed)
 
 
 def test_combo_vae_code_use_term_in_loss(toy_batch):
     x, _ = toy_batch
-    model = _compile_combo(_code_use_combo(3.0, seed=5))
+    model = _compile_combo(_code_use_combo(3.0, seed=5, margin=0.05))
     logs = model.evaluate(x, batch_size=len(x), verbose=0, return_dict=True)
     # Same sampled codes as test_step (noise seed [5, 0]); the shifted code and sign of each
     # image drawn as documented, from seeds [5, 2] and [5, 3].
@@ -569,7 +569,7 @@ def test_combo_vae_code_use_term_in_loss(toy_batch):
     change = np.abs(model.decode(shifted, zu).numpy() - model.decode(zs, zu).numpy())
     per_image = change.reshape(len(x), -1)
     expected = np.mean(per_image.shape[1] * np.maximum(
-        losses.CODE_USE_MARGIN - per_image.mean(axis=1), 0.0))
+        0.05 - per_image.mean(axis=1), 0.0))
     assert expected > 1e-3  # an untrained decoder barely reacts to one code
     np.testing.assert_allclose(logs["code_use"], expected, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(
@@ -578,6 +578,7 @@ def test_combo_vae_code_use_term_in_loss(toy_batch):
         rtol=1e-4, atol=1e-3,
     )
     assert model.get_config()["code_use_weight"] == 3.0
+    assert model.get_config()["code_use_margin"] == 0.05
     assert len(model.weights) == len(_code_use_combo(0.0).weights)
 
 

@@ -51,7 +51,8 @@ class ComboVAE(keras.Model):
             sampled codes it was decoded from, so that no code is ignored by the decoder.
         code_use_weight: weight of `losses.code_use_loss` (not in the paper), a decoder-only
             hinge: one randomly drawn code of each image shifted by ±`losses.CODE_USE_SHIFT`
-            must move its decoded image by `losses.CODE_USE_MARGIN` mean |Δpixel|.
+            must move its decoded image by `code_use_margin` mean |Δpixel|.
+        code_use_margin: τ of `losses.code_use_loss`.
 
     `fit` takes images, or (images, {"zu": the frozen DGMM's codes, "logits": the classifier's
     logits}) with either key, so that these per-image constants of the loss are computed once
@@ -75,6 +76,7 @@ class ComboVAE(keras.Model):
         free_bits=0.0,
         latent_cycle_weight=0.0,
         code_use_weight=0.0,
+        code_use_margin=losses.CODE_USE_MARGIN,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -90,6 +92,7 @@ class ComboVAE(keras.Model):
         self.free_bits = float(free_bits)
         self.latent_cycle_weight = float(latent_cycle_weight)
         self.code_use_weight = float(code_use_weight)
+        self.code_use_margin = float(code_use_margin)
         self.discriminator_optimizer = None
         # A plain callable, not an attribute Keras tracks: the classifier is not part of the
         # saved combo-VAE.
@@ -212,7 +215,8 @@ class ComboVAE(keras.Model):
         l_use = tf.zeros([])
         if self.code_use_weight > 0.0:
             l_use = tf.reduce_mean(losses.code_use_loss(
-                x_hat, _float32(self.decode(self._shift_one_code(zs, seed), zu))))
+                x_hat, _float32(self.decode(self._shift_one_code(zs, seed), zu)),
+                self.code_use_margin))
         zs_fixed = tf.stop_gradient(zs)
         permuted = losses.permute_dims(zs_fixed, seed + tf.constant([0, 1], tf.int32))
         l_d = losses.tc_discriminator_loss(
@@ -313,7 +317,7 @@ class ComboVAE(keras.Model):
 # The loss settings of `ComboVAE`: constructor arguments, `get_config` entries and
 # `ComboVAEConfig` fields of the same names.
 LOSS_OPTIONS = ("gamma", "beta", "recon_weight", "consistency_weight", "free_bits",
-                "latent_cycle_weight", "code_use_weight")
+                "latent_cycle_weight", "code_use_weight", "code_use_margin")
 
 
 def replica_step_seed(seed: int, optimizer):
