@@ -184,16 +184,12 @@ def latent_cycle_loss(codes, recovered):
     return tf.reduce_sum(tf.square(recovered - codes), axis=-1)
 
 
-# The shift of one class-shared code, in prior standard deviations, and the default mean
-# |Δpixel| it must at least cause in `code_use_loss` (`ComboVAEConfig.code_use_margin`). A
-# full-range traversal (`latent_codes`) averages |v - mu| of about 1.4 over its values; 0.02 per
-# shift of 2 keeps a used code clear of the traversal's activity threshold
-# (`latent_codes.ACTIVE_PIXEL_CHANGE`, 0.01).
+# The shift of one class-shared code in `code_use_loss`, in prior standard deviations: about
+# the distance from a code's mean to the ends of its normal range.
 CODE_USE_SHIFT = 2.0
-CODE_USE_MARGIN = 0.02
 
 
-def code_use_loss(decoded, shifted, margin=CODE_USE_MARGIN):
+def code_use_loss(decoded, shifted, margin):
     """Hinge on how much a shift of one class-shared code changes the decoded image.
 
     Not in the paper: an optional decoder term (``ComboVAEConfig.code_use_weight``). The
@@ -210,7 +206,7 @@ def code_use_loss(decoded, shifted, margin=CODE_USE_MARGIN):
     Args:
         decoded: [B, ...] decoded images of the codes.
         shifted: [B, ...] decoded images of the same codes with one code shifted.
-        margin: τ, mean absolute change per value.
+        margin: τ, mean absolute change per value (`ComboVAEConfig.code_use_margin`).
 
     Returns:
         [B] the hinge per image.

@@ -67,7 +67,9 @@ def parse_args(argv):
                         "fmd_ensemble.keras measures transfer from one member")
     p.add_argument("--attacks", default="fgsm,pgd,cw,deepfool")
     p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the data splits: the model's own (train.py --seed, its card's "
+                        "seed)")
     p.add_argument("--out", default=None, help="default results/DATASET")
     p.add_argument("--cache", default="results/cache",
                    help="cache of the adversarial sets and of the defenses' outputs on them")

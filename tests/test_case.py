@@ -68,6 +68,7 @@ TINY_COMBO_CONFIG = ComboVAEConfig(
     discriminator_units=(16, 16),
     batch_size=8,
     consistency_weight=0.0,
+    code_use_weight=0.0,
 )
 
 

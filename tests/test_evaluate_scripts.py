@@ -125,6 +125,16 @@ def test_evaluate_bad_model_card_split_sizes(quick_model, tmp_path):
     assert "hyperparameters.splits" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_evaluate_refuses_another_seed_than_the_calibration_splits(quick_model, tmp_path):
+    seed = json.loads((quick_model / "model_card.json").read_text())["seed"]
+    proc = run_script("scripts/evaluate.py", "--model", str(quick_model), "--attacks", "fgsm",
+                      "--n", "4", "--seed", str(seed + 1), "--out", str(tmp_path / "out"),
+                      "--no-baselines")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"use --seed {seed}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_operating_points_on_clean_val(quick_model, tmp_path):
     out = tmp_path / "ops.json"
     card = json.loads((quick_model / "model_card.json").read_text())

@@ -111,14 +111,14 @@ def test_latent_cycle_loss_closed_form_and_gradient():
 
 
 def test_code_use_loss_closed_form_and_gradient():
-    # Images of 4 values. Row 0: mean |change| 0.0075 < τ 0.02 -> 4 * 0.0125 = 0.05.
+    # Images of 4 values, τ 0.02. Row 0: mean |change| 0.0075 < τ -> 4 * 0.0125 = 0.05.
     # Row 1: mean |change| 0.03 >= τ -> 0. Row 2: no change -> 4 * τ.
     decoded = tf.Variable(np.zeros((3, 2, 2, 1), np.float32))
     shifted = tf.Variable(np.array([[0.01, -0.01, 0.0, 0.01],
                                     [0.03, -0.03, 0.03, 0.03],
                                     [0.0, 0.0, 0.0, 0.0]], np.float32).reshape(3, 2, 2, 1))
     with tf.GradientTape() as tape:
-        out = losses.code_use_loss(decoded, shifted)
+        out = losses.code_use_loss(decoded, shifted, 0.02)
         total = tf.reduce_sum(out)
     np.testing.assert_allclose(_np(out), [0.05, 0.0, 0.08], atol=1e-6)
     # d/d shifted: -sign(change) per value in a row under the margin, 0 above it.

@@ -547,7 +547,7 @@ def test_combo_vae_latent_cycle_gradient_reaches_decoder_only(toy_batch):
     _assert_decoder_only_change(trained[0.0], trained[50.0], "latent-cycle")
 
 
-def _code_use_combo(weight, seed=0, margin=losses.CODE_USE_MARGIN):
+def _code_use_combo(weight, seed=0, margin=0.04):
     cfg = dataclasses.replace(TINY_COMBO_CONFIG, code_use_weight=weight, code_use_margin=margin)
     return build_combo_vae(cfg, IMAGE_SHAPE, 10, seed=seed)
 

@@ -42,11 +42,17 @@ REPORT_FILES = ("report.json", "report.md")
 
 def model_splits(model_dir: str, dataset: str = "fmnist", seed: int = 0, n: int | None = None):
     """`fmd_tf.data.paper_splits` at the split sizes the model in `model_dir` was trained with
-    (its model card, `fmd_tf.config.card_split_config`). ValueError for a malformed card, or
-    fewer than `n` CLE images."""
-    from fmd_tf.config import card_split_config
+    (its model card, `fmd_tf.config.card_split_config`). ValueError for a malformed card,
+    fewer than `n` CLE images, or a `seed` other than the one of the splits the model was
+    calibrated on (the card's `seed`): other splits' CLE images overlap its VAL images."""
+    from fmd_tf.config import card_split_config, card_split_seed
     from fmd_tf.data import paper_splits
 
+    calibrated = card_split_seed(model_dir)
+    if calibrated is not None and calibrated != seed:
+        raise ValueError(
+            f"{model_dir} was calibrated on the VAL images of the splits of seed {calibrated}; "
+            f"the CLE images of seed {seed} overlap them: use --seed {calibrated}")
     return _enough_cle(paper_splits(dataset, seed, card_split_config(model_dir)), n)
 
 

@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from fmd_tf import losses
+from fmd_tf.config import ComboVAEConfig
 from fmd_tf.models.decoder import Decoder
 from fmd_tf.models.dgmm import DGMM
 from fmd_tf.models.feature_map_decoder import FeatureMapDecoder
@@ -76,7 +77,7 @@ class ComboVAE(keras.Model):
         free_bits=0.0,
         latent_cycle_weight=0.0,
         code_use_weight=0.0,
-        code_use_margin=losses.CODE_USE_MARGIN,
+        code_use_margin=ComboVAEConfig.code_use_margin,
         **kwargs,
     ):
         super().__init__(**kwargs)
