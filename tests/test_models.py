@@ -456,6 +456,20 @@ def _tiny_classifier():
     return clf
 
 
+def _test_step_codes(model, x, seed):
+    """The class-shared codes test_step samples for images x (noise seed [seed, 0])."""
+    mean, log_var = (t.numpy() for t in model.shared_encoder(x))
+    return mean + np.exp(0.5 * log_var) * tf.random.stateless_normal(mean.shape,
+                                                                      seed=[seed, 0]).numpy()
+
+
+def _assert_total_loss(logs, term, atol=1e-4):
+    """logs["loss"] = L_R·10 + L_KL + L_TC·40 (the tiny config's weights) + `term`."""
+    np.testing.assert_allclose(
+        logs["loss"], 10.0 * logs["recon_loss"] + logs["kl_loss"] + 40.0 * logs["tc"] + term,
+        rtol=1e-4, atol=atol)
+
+
 def test_combo_vae_consistency_term_in_loss(toy_batch):
     x, _ = toy_batch
     clf = _tiny_classifier()
@@ -465,18 +479,11 @@ def test_combo_vae_consistency_term_in_loss(toy_batch):
     model.set_consistency_classifier(clf)
     logs = model.evaluate(x, batch_size=len(x), verbose=0, return_dict=True)
     assert set(logs) == COMBO_METRICS
-    # Same reconstruction as test_step (noise seed [3, 0]).
-    mean, log_var = (t.numpy() for t in model.shared_encoder(x))
-    zs = mean + np.exp(0.5 * log_var) * tf.random.stateless_normal(mean.shape, seed=[3, 0])
-    x_hat = model.decode(zs, model.dgmm(x))
+    x_hat = model.decode(_test_step_codes(model, x, 3), model.dgmm(x))
     expected = np.mean(losses.label_consistency_loss(clf(x), clf(x_hat)).numpy())
     assert expected > 1e-6  # a random classifier disagrees somewhat
     np.testing.assert_allclose(logs["consistency"], expected, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(
-        logs["loss"],
-        10.0 * logs["recon_loss"] + logs["kl_loss"] + 40.0 * logs["tc"] + 2.5 * expected,
-        rtol=1e-4, atol=1e-4,
-    )
+    _assert_total_loss(logs, 2.5 * expected)
     # The classifier is a training-time helper: not in the config, not in the weights.
     assert model.get_config()["consistency_weight"] == 2.5
     assert len(model.weights) == len(_consistency_combo(0.0).weights)
@@ -519,18 +526,13 @@ def test_combo_vae_latent_cycle_term_in_loss(toy_batch):
     x, _ = toy_batch
     model = _compile_combo(_cycle_combo(3.0, seed=4))
     logs = model.evaluate(x, batch_size=len(x), verbose=0, return_dict=True)
-    # Same sampled codes as test_step (noise seed [4, 0]), read back from their decoding.
-    mean, log_var = (t.numpy() for t in model.shared_encoder(x))
-    zs = mean + np.exp(0.5 * log_var) * tf.random.stateless_normal(mean.shape, seed=[4, 0])
+    # test_step's sampled codes, read back from their decoding.
+    zs = _test_step_codes(model, x, 4)
     recovered, _ = model.shared_encoder(model.decode(zs, model.dgmm(x)))
-    expected = np.mean(np.sum((recovered.numpy() - zs.numpy()) ** 2, axis=-1))
+    expected = np.mean(np.sum((recovered.numpy() - zs) ** 2, axis=-1))
     assert expected > 1e-4
     np.testing.assert_allclose(logs["latent_cycle"], expected, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(
-        logs["loss"],
-        10.0 * logs["recon_loss"] + logs["kl_loss"] + 40.0 * logs["tc"] + 3.0 * expected,
-        rtol=1e-4, atol=1e-4,
-    )
+    _assert_total_loss(logs, 3.0 * expected)
     assert model.get_config()["latent_cycle_weight"] == 3.0
     assert len(model.weights) == len(_cycle_combo(0.0).weights)
 
@@ -557,14 +559,13 @@ def test_combo_vae_code_use_term_in_loss(toy_batch):
     x, _ = toy_batch
     model = _compile_combo(_code_use_combo(3.0, seed=5, margin=0.05))
     logs = model.evaluate(x, batch_size=len(x), verbose=0, return_dict=True)
-    # Same sampled codes as test_step (noise seed [5, 0]); the shifted code and sign of each
-    # image drawn as documented, from seeds [5, 2] and [5, 3].
-    mean, log_var = (t.numpy() for t in model.shared_encoder(x))
-    zs = mean + np.exp(0.5 * log_var) * tf.random.stateless_normal(mean.shape, seed=[5, 0])
+    # test_step's sampled codes; the shifted code and sign of each image drawn as documented,
+    # from seeds [5, 2] and [5, 3].
+    zs = _test_step_codes(model, x, 5)
     code = tf.random.stateless_uniform([len(x)], [5, 2], maxval=model.num_codes,
                                        dtype=tf.int32).numpy()
     sign = np.where(tf.random.stateless_uniform([len(x)], [5, 3]).numpy() < 0.5, -1.0, 1.0)
-    shifted = zs.numpy().copy()
+    shifted = zs.copy()
     shifted[np.arange(len(x)), code] += losses.CODE_USE_SHIFT * sign
     zu = model.dgmm(x)
     change = np.abs(model.decode(shifted, zu).numpy() - model.decode(zs, zu).numpy())
@@ -573,11 +574,7 @@ def test_combo_vae_code_use_term_in_loss(toy_batch):
         0.05 - per_image.mean(axis=1), 0.0))
     assert expected > 1e-3  # an untrained decoder barely reacts to one code
     np.testing.assert_allclose(logs["code_use"], expected, rtol=1e-3, atol=1e-5)
-    np.testing.assert_allclose(
-        logs["loss"],
-        10.0 * logs["recon_loss"] + logs["kl_loss"] + 40.0 * logs["tc"] + 3.0 * expected,
-        rtol=1e-4, atol=1e-3,
-    )
+    _assert_total_loss(logs, 3.0 * expected, atol=1e-3)
     assert model.get_config()["code_use_weight"] == 3.0
     assert model.get_config()["code_use_margin"] == 0.05
     assert len(model.weights) == len(_code_use_combo(0.0).weights)
