@@ -578,6 +578,10 @@ def test_combo_vae_code_use_term_in_loss(toy_batch):
     assert model.get_config()["code_use_weight"] == 3.0
     assert model.get_config()["code_use_margin"] == 0.05
     assert len(model.weights) == len(_code_use_combo(0.0).weights)
+    # Off, the config is the one models had before the term existed (the cache's key).
+    off = _code_use_combo(0.0).get_config()
+    assert "code_use_weight" not in off and "code_use_margin" not in off
+    assert ComboVAE.from_config(off).code_use_weight == 0.0
 
 
 def test_combo_vae_code_use_term_makes_an_ignored_code_move_the_image(toy_batch):

@@ -312,6 +312,10 @@ class ComboVAE(keras.Model):
             seed=self.seed,
             **{name: getattr(self, name) for name in LOSS_OPTIONS},
         )
+        if self.code_use_weight == 0.0:
+            # A combo-VAE trained without the hinge keeps the config it had before the option
+            # existed: the evaluation cache keys defenses and their attacks on it.
+            del config["code_use_weight"], config["code_use_margin"]
         return config
 
 
