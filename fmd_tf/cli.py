@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import sys
 
-__all__ = ["USER_ERRORS", "UsageError", "run_cli", "usage_errors"]
+__all__ = ["USER_ERRORS", "UsageError", "add_seed_argument", "resolve_seed", "run_cli",
+           "usage_errors"]
 
 # What library calls raise for bad input (a value out of range, a missing or existing file).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
@@ -31,6 +32,25 @@ def usage_errors(*types: type[BaseException]):
         yield
     except caught as e:
         raise UsageError(str(e)) from None
+
+
+def add_seed_argument(parser, what: str = "the data splits") -> None:
+    """`--seed` of a script that works on a trained model; its default, None, stands for the
+    model's own splits (`resolve_seed`)."""
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"seed of {what} (default: the model card's seed, train.py --seed; "
+                             "0 without a card)")
+
+
+def resolve_seed(args, model_dir: str) -> int:
+    """`args.seed` set to `fmd_tf.config.split_seed(model_dir, args.seed)`: as given, else the
+    seed of the splits the model in `model_dir` was calibrated on. A malformed card is a
+    `UsageError`."""
+    from fmd_tf.config import split_seed
+
+    with usage_errors(ValueError):
+        args.seed = split_seed(model_dir, args.seed)
+    return args.seed
 
 
 def run_cli(run, parse_args, argv=None) -> int:

@@ -31,8 +31,10 @@ __all__ = [
     "ExperimentConfig",
     "SplitConfig",
     "card_split_config",
+    "card_split_seed",
     "get_config",
     "quick_config",
+    "split_seed",
     "to_dict",
 ]
 
@@ -490,6 +492,17 @@ def card_split_seed(model_dir: str) -> int | None:
     card = _card(model_dir)[1]
     seed = card.get("seed") if isinstance(card, dict) else None
     return None if seed is None else int(seed)
+
+
+def split_seed(model_dir: str, seed: int | None = None) -> int:
+    """The seed of the data splits to use with the model in `model_dir`: `seed` when given,
+    else the one the model was calibrated on (`card_split_seed`), else 0. The default of every
+    script's `--seed` (`fmd_tf.cli.add_seed_argument`): another seed's CLE images overlap the
+    model's VAL images."""
+    if seed is not None:
+        return int(seed)
+    calibrated = card_split_seed(model_dir)
+    return 0 if calibrated is None else calibrated
 
 
 def card_split_config(model_dir: str) -> SplitConfig | None:

@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from fmd_tf.cli import UsageError, run_cli, usage_errors
+from fmd_tf.cli import UsageError, add_seed_argument, resolve_seed, run_cli, usage_errors
 from fmd_tf.evaluation.demo import BUDGETS
 
 
@@ -26,7 +26,7 @@ def parse_args(argv):
     p.add_argument("--dataset", default="fmnist")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--eps", type=float, default=0.3)
-    p.add_argument("--seed", type=int, default=0)
+    add_seed_argument(p)
     p.add_argument("--figure", default="results/demo.png")
     p.add_argument("--budget", default=BUDGETS[0], choices=BUDGETS,
                    help="the model's morph budget (default) or all morphs in float32 (full)")
@@ -41,6 +41,7 @@ def parse_args(argv):
             f"{os.path.join(args.model, 'fmd.keras')} not found; train it with "
             "`python scripts/train.py --dataset fmnist` or pass --model"
         )
+    resolve_seed(args, args.model)
     return args
 
 

@@ -37,7 +37,7 @@ import argparse
 import os
 import sys
 
-from fmd_tf.cli import UsageError, run_cli, usage_errors
+from fmd_tf.cli import UsageError, add_seed_argument, resolve_seed, run_cli, usage_errors
 
 # DefenseConfig options a trained defense can be evaluated with (`FMDefense.copy_with`): they
 # change what it answers, not its calibration.
@@ -67,9 +67,7 @@ def parse_args(argv):
                         "fmd_ensemble.keras measures transfer from one member")
     p.add_argument("--attacks", default="fgsm,pgd,cw,deepfool")
     p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the data splits: the model's own (train.py --seed, its card's "
-                        "seed)")
+    add_seed_argument(p)
     p.add_argument("--out", default=None, help="default results/DATASET")
     p.add_argument("--cache", default="results/cache",
                    help="cache of the adversarial sets and of the defenses' outputs on them")
@@ -117,6 +115,7 @@ def parse_args(argv):
         if not os.path.isfile(args.surrogate):
             raise UsageError(f"--surrogate: {args.surrogate} not found")
     args.out = args.out or os.path.join("results", args.dataset)
+    resolve_seed(args, args.model)
     return args
 
 

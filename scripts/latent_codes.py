@@ -22,7 +22,7 @@ import json
 import os
 import sys
 
-from fmd_tf.cli import UsageError, run_cli, usage_errors
+from fmd_tf.cli import UsageError, add_seed_argument, resolve_seed, run_cli, usage_errors
 
 
 def parse_args(argv):
@@ -30,7 +30,7 @@ def parse_args(argv):
     p.add_argument("--model", default="saved_models/fmnist", help="directory holding fmd.keras")
     p.add_argument("--dataset", default="fmnist")
     p.add_argument("--n", type=int, default=500, help="VAL images")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split")
+    add_seed_argument(p)
     p.add_argument("--morph-scales", default="", help="comma-separated factors of the morph "
                    "offsets to compare (e.g. 1,4,16); none by default")
     p.add_argument("--morph-n", type=int, default=200, help="VAL images of --morph-scales")
@@ -68,6 +68,7 @@ def parse_args(argv):
                          "`python scripts/train.py --dataset fmnist` or pass --model")
     args.out = args.out or os.path.join("results", os.path.basename(os.path.normpath(
         args.model)), "latent_codes.json")
+    resolve_seed(args, args.model)
     return args
 
 

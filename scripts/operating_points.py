@@ -32,7 +32,7 @@ import argparse
 import os
 import sys
 
-from fmd_tf.cli import UsageError, run_cli, usage_errors
+from fmd_tf.cli import UsageError, add_seed_argument, resolve_seed, run_cli, usage_errors
 
 
 def _floats(text: str, name: str, low: float, high: float, low_open: bool) -> list[float]:
@@ -52,7 +52,7 @@ def parse_args(argv):
     p.add_argument("--model", default="saved_models/fmnist",
                    help="directory holding fmd.keras and val_resistance.npy")
     p.add_argument("--dataset", default="fmnist")
-    p.add_argument("--seed", type=int, default=0, help="split seed the model was trained with")
+    add_seed_argument(p)
     p.add_argument("--rho", default="0.999,0.99,0.98,0.97,0.96,0.95,0.9,0.8")
     p.add_argument("--recon-fpr", default="0,0.01,0.05")
     p.add_argument("--modes", default="per_code,unified")
@@ -103,6 +103,7 @@ def parse_args(argv):
         if not os.path.isfile(os.path.join(args.model, name)):
             raise UsageError(f"{os.path.join(args.model, name)} not found; train the model with "
                              "`python scripts/train.py` or pass --model")
+    resolve_seed(args, args.model)
     return args
 
 

@@ -1,7 +1,7 @@
 """Train the FM-Defense stack: classifier -> DGMM -> combo-VAE -> calibrated FMDefense.
 
     python scripts/train.py --dataset fmnist|mnist|digits [--data FILE.npz|DIR]
-        [--classifier PATH.keras] [--out saved_models/NAME] [--seed 0] [--preset full|fast]
+        [--classifier PATH.keras] [--out saved_models/NAME] [--seed S] [--preset full|fast]
         [--operating-point auto|paper|config] [--stages classifier,dgmm,vae,defense,ensemble]
         [--ensemble K] [--epochs N] [--strategy default|mirrored|multiworker] [--overwrite]
         [--rho R] [--eta E] [--threshold-mode per_code|unified] [--radius-step S] [--num-morphs N]
@@ -40,7 +40,7 @@ import shutil
 import sys
 import time
 
-from fmd_tf.cli import UsageError, run_cli
+from fmd_tf.cli import UsageError, resolve_seed, run_cli
 
 STAGES = ("classifier", "dgmm", "vae", "defense", "ensemble")
 OUTPUTS = {
@@ -73,7 +73,9 @@ def parse_args(argv):
     p.add_argument("--operating-point", default="auto", choices=list(STAGE_POINTS),
                    help="auto: chosen on VAL (clean, FGSM, PGD); paper: rho 0.999, no gate; "
                         "config: the defense flags below as given")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the data splits and of the models (default: with stages that "
+                        "continue OUT's model, no classifier stage, the seed in its card; else 0)")
     p.add_argument("--stages", default=None, help="comma-separated subset of "
                    + ",".join(STAGES) + " (default: all; ensemble only with --ensemble K > 1)")
     p.add_argument("--ensemble", type=int, default=1, metavar="K",
@@ -135,13 +137,6 @@ def parse_args(argv):
     args.stages = [s for s in STAGES if s in stages]
     if "ensemble" in args.stages and args.ensemble < 2:
         raise UsageError("the ensemble stage needs --ensemble K with K >= 2")
-    key = args.ensemble_key or f"{args.seed},{args.ensemble}"
-    try:
-        args.ensemble_key = tuple(int(k) for k in key.split(","))
-    except ValueError:
-        args.ensemble_key = ()
-    if len(args.ensemble_key) != 2 or min(args.ensemble_key) < 0:
-        raise UsageError(f"--ensemble-key must be two non-negative ints A,B, got {key!r}")
     for name, skipped in given.items():
         flag = "--" + name.replace("_", "-")
         if set(skipped) & set(args.stages):
@@ -166,6 +161,15 @@ def parse_args(argv):
         raise UsageError(f"{', '.join(point_flags)} set the operating point by hand: add "
                          "--operating-point config (the default, auto, chooses it on VAL)")
     args.out = args.out or os.path.join("saved_models", args.dataset)
+    if args.seed is None:  # stages that continue OUT's model: the splits it was made with
+        args.seed = 0 if "classifier" in args.stages else resolve_seed(args, args.out)
+    key = args.ensemble_key or f"{args.seed},{args.ensemble}"
+    try:
+        args.ensemble_key = tuple(int(k) for k in key.split(","))
+    except ValueError:
+        args.ensemble_key = ()
+    if len(args.ensemble_key) != 2 or min(args.ensemble_key) < 0:
+        raise UsageError(f"--ensemble-key must be two non-negative ints A,B, got {key!r}")
     args.verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
     return args
 

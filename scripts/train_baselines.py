@@ -37,7 +37,7 @@ import os
 import shlex
 import sys
 
-from fmd_tf.cli import UsageError, run_cli, usage_errors
+from fmd_tf.cli import UsageError, add_seed_argument, resolve_seed, run_cli, usage_errors
 
 
 def parse_args(argv):
@@ -63,7 +63,7 @@ def parse_args(argv):
                         "VAL FPR from MODEL/model_card.json, else 1 - rho)")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="adversarial-set cache for the attacked VAL images (default: none)")
-    p.add_argument("--seed", type=int, default=0, help="split and training seed")
+    add_seed_argument(p, "the data splits and of the training")
     p.add_argument("--overwrite", action="store_true", help="replace existing baseline outputs")
     p.add_argument("--quick", action="store_true",
                    help="tiny split, 1 epoch and a tiny latent search, for tests/CI")
@@ -92,6 +92,7 @@ def parse_args(argv):
         if os.path.realpath(args.magnet_from) == os.path.realpath(
                 os.path.join(args.model, "baselines", "magnet")):
             raise UsageError("--magnet-from must not be the MagNet this run replaces")
+    resolve_seed(args, args.model)
     return args
 
 

@@ -8,7 +8,9 @@ import json
 import numpy as np
 import pytest
 from test_case import run_python as _run
-from test_case import run_script
+from test_case import run_script, script_module
+
+from fmd_tf.cli import UsageError
 
 
 def test_train_quick_writes_models_and_card(quick_model):
@@ -151,6 +153,39 @@ def test_import_fmd_tf_then_tensorflow_registers_its_keras_classes():
     proc = _run("-c", code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
+MODEL_SCRIPTS = ("demo", "evaluate", "latent_codes", "operating_points", "train_baselines")
+
+
+@pytest.mark.parametrize("script", MODEL_SCRIPTS)
+def test_seed_defaults_to_the_splits_in_the_model_card(script, tmp_path):
+    """A model trained with --seed 3 is evaluated, calibrated against and shown on the splits of
+    seed 3 unless another seed is given; a model without a card on those of seed 0."""
+    parse_args = script_module(f"scripts/{script}.py").parse_args
+    for name in ("fmd.keras", "val_resistance.npy", "classifier.keras"):
+        (tmp_path / name).touch()
+    model = ["--model", str(tmp_path)]
+    assert parse_args(model).seed == 0
+    (tmp_path / "model_card.json").write_text(json.dumps({"seed": 3}))
+    assert parse_args(model).seed == 3
+    assert parse_args([*model, "--seed", "1"]).seed == 1
+    (tmp_path / "model_card.json").write_text("{")
+    with pytest.raises(UsageError, match="not a JSON model card"):
+        parse_args(model)
+
+
+def test_train_seed_continues_the_model_in_out(tmp_path):
+    """Later stages of a model (no classifier stage) use the seed of its card; a new model, or
+    --seed, another."""
+    parse_args = script_module("scripts/train.py").parse_args
+    out = ["--out", str(tmp_path)]
+    assert parse_args([*out, "--stages", "defense"]).seed == 0
+    (tmp_path / "model_card.json").write_text(json.dumps({"seed": 2}))
+    assert parse_args([*out, "--stages", "dgmm,vae,defense"]).seed == 2
+    assert parse_args([*out, "--stages", "defense", "--seed", "0"]).seed == 0
+    assert parse_args(out).seed == 0  # all stages: a new model
+    assert parse_args([*out, "--stages", "defense", "--ensemble", "2"]).ensemble_key == (2, 2)
 
 
 def test_run_cli_user_errors_exit_2_without_traceback(capsys):
