@@ -681,6 +681,7 @@ def test_bench_quick_end_to_end(quick_model, tmp_path):
     assert checked["throughput_ratio"] > 0 and checked["morph_check_margin"] > 0
     train = report["training"]
     assert train["classifier_step_ms"]["float32"] > 0 and train["vae_step_ms"]["in_loss"] > 0
+    assert train["vae_step_ms"]["code_use_cost"] > 0 and train["vae_step_ms"]["code_use_weight"] > 0
     assert train["budget_trial"]["replay_identical_to_model"] is True
     assert report["peak_rss_mib"] > 0
     attacks = report["attack_speedup_vs_art"]

@@ -391,7 +391,10 @@ def _bench_report():
         "test_suite": {"seconds": 200.0, "seconds_at_reference_peak": 100.0},
         "training": {
             "classifier_step_ms": {"float32": 70.0, "mixed_bfloat16": 40.0, "speedup": 1.75},
-            "vae_step_ms": {"in_loss": 180.0, "precomputed": 150.0, "speedup": 1.2},
+            "vae_step_ms": {"in_loss": 180.0, "precomputed": 150.0, "speedup": 1.2,
+                            "precomputed_mixed_bfloat16": 130.0,
+                            "precomputed_mixed_bfloat16_without_code_use": 100.0,
+                            "code_use_weight": 1.0, "code_use_cost": 1.3},
             "budget_trial": {"speedup": 50.0, "replay_identical_to_model": True},
             "full_training": {"seconds": 1800.0, "seconds_at_reference_peak": 1500.0,
                               "classifier_test_accuracy": 0.92, "dgmm_test_accuracy": 0.91,
@@ -408,11 +411,13 @@ def test_bench_format_table():
                     "attack_speedup_vs_art": "skipped", "serving_grpc_batch_1_p50_ms": "4",
                     "demo_seconds": "30", "test_suite_seconds": "200",
                     "classifier_bf16_step_speedup": "1.75", "vae_precomputed_step_speedup": "1.2",
-                    "budget_trial_replay_speedup": "50", "full_training_seconds": "1.8e+03",
+                    "budget_trial_replay_speedup": "50", "vae_code_use_step_cost": "1.3",
+                    "full_training_seconds": "1.8e+03",
                     "peak_rss_mib": "2.05e+03"}
     details = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in lines[3:-1]}
     assert details["demo_seconds"].startswith("15 s at 220 GFLOP/s; full budget 90 s (3x)")
     assert details["serving_grpc_batch_1_p50_ms"] == "4 ms at 220 GFLOP/s; full budget 20 ms: 5x"
+    assert details["vae_code_use_step_cost"] == "130 vs 100 ms/step (code_use_weight 1 vs 0)"
     assert details["full_training_seconds"] == ("1500 s at 220 GFLOP/s; classifier 0.9200, DGMM "
                                                 "0.9100, recon agreement 0.9300")
     assert lines[-1] == "(m=10, N=8, 16 images, QUICK smoke-test sizes)"

@@ -918,6 +918,11 @@ def _table_rows(report: dict) -> list[tuple]:
             rows.append(("vae_bf16_step_speedup", vae["mixed_bfloat16_speedup"],
                          f"{vae['precomputed_mixed_bfloat16']:.3g} vs {vae['precomputed']:.3g} "
                          "ms/step"))
+        if "code_use_cost" in vae:
+            rows.append(("vae_code_use_step_cost", vae["code_use_cost"],
+                         f"{vae['precomputed_mixed_bfloat16']:.3g} vs "
+                         f"{vae['precomputed_mixed_bfloat16_without_code_use']:.3g} ms/step "
+                         f"(code_use_weight {vae['code_use_weight']:g} vs 0)"))
         pipeline = train.get("input_pipeline")
         if pipeline:
             rows.append(("epoch_iterator_speedup", pipeline["speedup"],
@@ -1083,7 +1088,8 @@ def section_training(ctx) -> dict:
     and, side by side here, the three changes it rests on: classifier steps in float32 vs
     mixed_bfloat16; combo-VAE steps with the frozen DGMM's and classifier's outputs computed
     in the loss vs precomputed once; the morph-budget trial run on the model vs replayed on the
-    full budget's morph outcomes (`operating_point.budget_row`)."""
+    full budget's morph outcomes (`operating_point.budget_row`). Also what the code-use hinge
+    (`ComboVAEConfig.code_use_weight`, one more decoder pass) costs a combo-VAE step."""
     import dataclasses
     import json
 
@@ -1114,8 +1120,9 @@ def section_training(ctx) -> dict:
                                     "chosen_here": training.training_precision("auto")}
     result["input_pipeline"] = _input_pipeline(exp, training)
 
-    def combo_vae(policy):
-        c = dataclasses.replace(exp, combo=dataclasses.replace(exp.combo, vae_precision=policy))
+    def combo_vae(policy, **changes):
+        c = dataclasses.replace(exp, combo=dataclasses.replace(exp.combo, vae_precision=policy,
+                                                               **changes))
         combo = training.new_combo_vae(c, training.get_strategy("default"), 0)
         combo.set_consistency_classifier(fmd.classifier)
         combo.compile(optimizer=keras.optimizers.Adam(1e-3))
@@ -1135,10 +1142,16 @@ def section_training(ctx) -> dict:
                                                     verbose=0, callbacks=cb), steps),
         "precomputed": _step_ms(with_targets(combo), steps),
         "precomputed_mixed_bfloat16": _step_ms(with_targets(combo_vae("mixed_bfloat16")),
-                                               steps)}
+                                               steps),
+        "precomputed_mixed_bfloat16_without_code_use": _step_ms(with_targets(combo_vae(
+            "mixed_bfloat16", code_use_weight=0.0)), steps)}
     result["vae_step_ms"] = {
         **vae_ms, "speedup": vae_ms["in_loss"] / vae_ms["precomputed"],
         "mixed_bfloat16_speedup": vae_ms["precomputed"] / vae_ms["precomputed_mixed_bfloat16"],
+        # what the code-use hinge (one more decoder pass) costs a step, at the config's weight
+        "code_use_weight": exp.combo.code_use_weight,
+        "code_use_cost": vae_ms["precomputed_mixed_bfloat16"]
+        / vae_ms["precomputed_mixed_bfloat16_without_code_use"],
         "chosen_here": training.training_precision(exp.combo.vae_precision)}
 
     # One budget candidate (the model's own) on clean and FGSM CLE images.
