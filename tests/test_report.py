@@ -169,6 +169,55 @@ def test_render_markdown_of_a_hand_made_report():
     assert "- baselines skipped" in lines
 
 
+def test_results_table_names_attacks_and_puts_the_chosen_ones_first():
+    r = _report()
+    pgd = {**r["attacks"]["fgsm"], "method": "pgd", "undefended_accuracy": 0.0,
+           "params": {"eps": 2.0, "norm": "l2", "eps_iter": 0.1, "nb_iter": 40}}
+    r["attacks"] = {"fgsm": r["attacks"]["fgsm"], "pgd_l2": pgd, **r["attacks"]}
+    r["calibration"]["fm_defense"]["operating_point_attacks"] = ["pgd_l2"]
+    del r["operating_points"]  # its rows have no pgd_l2 column
+    assert report.results_table(r) == [
+        "| | no defense | FM-Defense | MagNet | Feature Squeezing | Defense-GAN |",
+        "|---|---|---|---|---|---|",
+        "| clean | 90.0 | 85.0 | 80.0 | n/a | n/a |",
+        "| PGD L2 ε = 2 | 0.0 | 95.1 | 50.0 | n/a | n/a |",  # chosen with: first
+        "| *held out:* FGSM L∞ ε = 0.3 | 20.0 | 95.1 | 50.0 | n/a | n/a |"]
+    md = report.render_markdown(r).splitlines()
+    assert md[md.index("## Summary: accuracy (%)") + 4:][:5] == report.results_table(r)
+
+
+@pytest.mark.parametrize("name, params, label", [
+    ("pgd_eps0.1", None, "PGD L∞ ε = 0.1"),
+    ("pgd", {"eps": 0.05, "norm": "l2"}, "PGD L2 ε = 0.05"),
+    ("cw", None, "CW-L2"),
+    ("deepfool", None, "DeepFool L∞"),
+    ("square", None, "Square L∞ ε = 0.2 (scores, 1,000 queries)"),
+    ("hopskipjump", None, "HopSkipJump (labels only)"),
+    ("transfer_mim", None, "MIM L∞ ε = 0.3 transferred from another classifier"),
+    ("classifier_apgd_dlr", None, "APGD-DLR L∞ ε = 0.1"),
+    ("adaptive_pgd", None, "adaptive_pgd"),
+    ("no_such_attack", None, "no_such_attack"),
+])
+def test_attack_label(name, params, label):
+    assert harness.attack_label(name, params) == label
+
+
+def test_readme_results_table_is_the_one_of_the_shipped_report():
+    """README's results table, its command and n are those of results/fmnist/report.json:
+    regenerate the table (`report.results_table`, report.md's Summary) when the report
+    changes."""
+    from test_case import ROOT
+
+    readme = open(f"{ROOT}/README.md", encoding="utf-8").read()
+    with open(f"{ROOT}/results/fmnist/report.json") as f:
+        shipped = json.load(f)
+    block = readme.split("<!-- results-table -->\n")[1].split("<!-- /results-table -->")[0]
+    assert block.splitlines() == report.results_table(shipped)
+    flat = " ".join(readme.split())
+    assert f"`{' '.join(shipped['command'].split())}`" in flat
+    assert f"n = {shipped['n']:,} clean test images" in flat
+
+
 def test_render_markdown_of_a_reject_mode_report():
     r = _report()  # a defense whose suspicious inputs are rejected has no θd
     r["operating_points"] = [{**r["operating_points"][0], "theta_d": None}]

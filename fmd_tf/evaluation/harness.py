@@ -158,6 +158,36 @@ BUDGETED = _named(lambda a: a.budgeted)
 # Budgeted attacks defined for one norm only: the grid's radii of the other norm skip them.
 ONE_NORM = {name: attack.norm for name, attack in ATTACKS.items() if attack.norm}
 
+# Readers' names of the attack functions (`attack_label`).
+_LABELS = {"fgsm": "FGSM", "pgd": "PGD", "mim": "MIM", "carlini_wagner_l2": "CW-L2",
+           "deepfool": "DeepFool", "square": "Square", "hop_skip_jump": "HopSkipJump",
+           "apgd": "APGD"}
+
+
+def attack_label(name: str, params: dict | None = None) -> str:
+    """A reader's name for the attack `name` of `ATTACKS` run with `params` (default: its own),
+    e.g. "PGD L2 ε = 2", "APGD-DLR L∞ ε = 0.1", "Square L∞ ε = 0.2 (scores, 1,000 queries)" or
+    "MIM L∞ ε = 0.3 transferred from another classifier"; `name` itself where there is none
+    (the adaptive and endpoint attacks)."""
+    attack = ATTACKS.get(name)
+    if attack is None or attack.function not in _LABELS:
+        return name
+    params = attack.params if params is None else params
+    label = _LABELS[attack.function] + (f"-{params['loss'].upper()}" if "loss" in params else "")
+    norm = "L2" if params.get("norm") == "l2" else "L∞"
+    if "eps" in params:
+        label += f" {norm} ε = {params['eps']:g}"
+    elif "norm" in params:
+        label += f" {norm}"
+    if attack.function == "square":
+        label += f" (scores, {params['max_queries']:,} queries)"
+    elif attack.function == "hop_skip_jump":
+        label += " (labels only)"
+    if attack.target == "surrogate":
+        label += " transferred from another classifier"
+    return label
+
+
 # Table II of the paper, MNIST (classification accuracy %, "No defense" / "FM-Defense" /
 # "MagNet"); the paper gives no Feature Squeezing column and no PGD row.
 PAPER_TABLE_II_MNIST = {

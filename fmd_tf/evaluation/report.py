@@ -28,7 +28,7 @@ from fmd_tf.loading import load_defense
 
 __all__ = [
     "ETAS", "OPERATING_POINT_GRID", "REPORT_FILES", "eta_curve", "evaluate", "model_splits",
-    "operating_point_rows", "render_markdown", "write_report",
+    "operating_point_rows", "render_markdown", "results_table", "write_report",
 ]
 
 ETAS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)  # Fig. 5
@@ -477,6 +477,53 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
+def _chosen_with(report) -> list[str] | None:
+    """The attacks FM-Defense's operating point was chosen with (None: not recorded)."""
+    calibration = report.get("calibration") or {}
+    return (calibration.get("fm_defense") or {}).get("operating_point_attacks")
+
+
+def _clean_cols(report) -> list[str]:
+    """Clean accuracy (%): the classifier's, then each defense's (`DEFENSES`)."""
+    clean = report["clean"]
+    return [_pct(clean.get("classifier_accuracy"))] + [
+        _pct((clean if d == "fm_defense" else clean.get(d, {})).get("defended_accuracy"))
+        for d in DEFENSES]
+
+
+def _attack_cols(entry) -> list[str]:
+    """Accuracy (%) under one attack: undefended, then each defense's defended accuracy."""
+    return [_pct(entry["undefended_accuracy"])] + [
+        _pct(entry[d]["defended_accuracy"]) if d in entry else "n/a" for d in DEFENSES]
+
+
+def _paper_attacks(report) -> dict:
+    """The report's attacks on the classifier or a surrogate (not the adaptive ones)."""
+    return {k: v for k, v in report["attacks"].items() if not k.startswith("adaptive")}
+
+
+def results_table(report: dict) -> list[str]:
+    """Lines of the README's results table: accuracy (%) without a defense and defended by each
+    of `DEFENSES`, on the clean images and under each attack of `_paper_attacks`, named by
+    `harness.attack_label`; the attacks FM-Defense's operating point was chosen with first,
+    then the held-out ones, the first of them marked."""
+    from fmd_tf.evaluation.harness import attack_label
+
+    chosen_with = _chosen_with(report) or []
+    attacks = _paper_attacks(report)
+    order = sorted(attacks, key=lambda name: name not in chosen_with)
+    lines = ["| | no defense | FM-Defense | MagNet | Feature Squeezing | Defense-GAN |",
+             "|---|---|---|---|---|---|",
+             "| clean | " + " | ".join(_clean_cols(report)) + " |"]
+    first_held_out = next((name for name in order if name not in chosen_with), None)
+    for name in order:
+        label = attack_label(name, attacks[name].get("params"))
+        if name == first_held_out and chosen_with:
+            label = f"*held out:* {label}"
+        lines.append(f"| {label} | " + " | ".join(_attack_cols(attacks[name])) + " |")
+    return lines
+
+
 def _table_ii(paper_attacks, report) -> list[str]:
     from fmd_tf.evaluation.harness import PAPER_TABLE_II_MNIST
 
@@ -493,22 +540,16 @@ def _table_ii(paper_attacks, report) -> list[str]:
         "MNIST: no defense / FM-Defense / MagNet | FM-Defense operating point |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    clean = report["clean"]
     calibration = report.get("calibration")
-    chosen_with = ((calibration or {}).get("fm_defense") or {}).get("operating_point_attacks")
-    lines.append("| clean | " + " | ".join(
-        [_pct(clean.get("classifier_accuracy"))]
-        + [_pct((clean if d == "fm_defense" else clean.get(d, {})).get("defended_accuracy"))
-           for d in DEFENSES]) + " | n/a | chosen with (VAL) |")
+    chosen_with = _chosen_with(report)
+    lines.append("| clean | " + " | ".join(_clean_cols(report)) + " | n/a | chosen with (VAL) |")
     for name, a in paper_attacks.items():
         paper = PAPER_TABLE_II_MNIST.get(name, {})
         paper_s = " / ".join("n/a" if paper.get(k) is None else f"{paper[k]}"
                              for k in ("no_defense", "fm_defense", "magnet")) if paper else "n/a"
-        cols = [_pct(a["undefended_accuracy"])]
-        cols += [_pct(a[d]["defended_accuracy"]) if d in a else "n/a" for d in DEFENSES]
         role = "n/a" if chosen_with is None else (
             "chosen with (VAL)" if name in chosen_with else "held out")
-        lines.append(f"| {name} | " + " | ".join(cols) + f" | {paper_s} | {role} |")
+        lines.append(f"| {name} | " + " | ".join(_attack_cols(a)) + f" | {paper_s} | {role} |")
     if calibration:
         def rate(v):
             return "n/a" if v is None else f"{100 * v:.2f} %"
@@ -631,8 +672,12 @@ def render_markdown(report: dict) -> str:
             "classifier_accuracy", "defended_accuracy", "rejected_rate", "purified_rate"))),
         "",
     ]
-    paper_attacks = {k: v for k, v in report["attacks"].items() if not k.startswith("adaptive")}
+    paper_attacks = _paper_attacks(report)
     adaptive = {k: v for k, v in report["attacks"].items() if k.startswith("adaptive")}
+    if paper_attacks:
+        lines += ["## Summary: accuracy (%)", "",
+                  "Defended accuracy as in Table II below, attacks by name (the README's "
+                  "results table).", ""] + results_table(report) + [""]
     lines += _table_ii(paper_attacks, report)
     if adaptive:
         lines += _adaptive_table(adaptive)
