@@ -11,10 +11,13 @@ user's input into `UsageError` with ``with usage_errors(): ...``.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
-__all__ = ["USER_ERRORS", "UsageError", "add_seed_argument", "resolve_seed", "run_cli",
-           "usage_errors"]
+__all__ = ["DEFAULT_MODEL", "USER_ERRORS", "UsageError", "add_model_arguments",
+           "add_seed_argument", "check_model", "resolve_seed", "run_cli", "usage_errors"]
+
+DEFAULT_MODEL = "saved_models/fmnist"  # the shipped model, the scripts' default --model
 
 # What library calls raise for bad input (a value out of range, a missing or existing file).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
@@ -40,6 +43,27 @@ def add_seed_argument(parser, what: str = "the data splits") -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help=f"seed of {what} (default: the model card's seed, train.py --seed; "
                              "0 without a card)")
+
+
+def add_model_arguments(parser, model_help: str = "directory holding fmd.keras") -> None:
+    """`--model` (a trained model's directory), `--dataset` (the data it was trained on) and
+    `--seed` (`add_seed_argument`) of a script that works on a trained model; `check_model`
+    checks them."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    parser.add_argument("--dataset", default="fmnist",
+                        help="the model's data: a dataset name, or the .npz / image directory "
+                             "given to train.py --data")
+    add_seed_argument(parser)
+
+
+def check_model(args, *files: str, train: str = "python scripts/train.py --dataset fmnist"):
+    """`UsageError` naming the first of `files` that `args.model` lacks (and the `train`
+    command that makes it); then `resolve_seed`."""
+    for name in files:
+        path = os.path.join(args.model, name)
+        if not os.path.isfile(path):
+            raise UsageError(f"{path} not found; train it with `{train}` or pass --model")
+    resolve_seed(args, args.model)
 
 
 def resolve_seed(args, model_dir: str) -> int:

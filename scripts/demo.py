@@ -13,20 +13,17 @@ every code in float32 (the paper's path) instead of the model's own morph budget
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from fmd_tf.cli import UsageError, add_seed_argument, resolve_seed, run_cli, usage_errors
+from fmd_tf.cli import UsageError, add_model_arguments, check_model, run_cli, usage_errors
 from fmd_tf.evaluation.demo import BUDGETS
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="saved_models/fmnist", help="directory holding fmd.keras")
-    p.add_argument("--dataset", default="fmnist")
+    add_model_arguments(p)
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--eps", type=float, default=0.3)
-    add_seed_argument(p)
     p.add_argument("--figure", default="results/demo.png")
     p.add_argument("--budget", default=BUDGETS[0], choices=BUDGETS,
                    help="the model's morph budget (default) or all morphs in float32 (full)")
@@ -36,12 +33,7 @@ def parse_args(argv):
         raise UsageError(f"--n must be >= 1, got {args.n}")
     if not 0.0 < args.eps <= 1.0:
         raise UsageError(f"--eps must be in (0, 1], got {args.eps}")
-    if not os.path.isfile(os.path.join(args.model, "fmd.keras")):
-        raise UsageError(
-            f"{os.path.join(args.model, 'fmd.keras')} not found; train it with "
-            "`python scripts/train.py --dataset fmnist` or pass --model"
-        )
-    resolve_seed(args, args.model)
+    check_model(args, "fmd.keras")
     return args
 
 

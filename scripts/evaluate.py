@@ -37,7 +37,7 @@ import argparse
 import os
 import sys
 
-from fmd_tf.cli import UsageError, add_seed_argument, resolve_seed, run_cli, usage_errors
+from fmd_tf.cli import UsageError, add_model_arguments, check_model, run_cli, usage_errors
 
 # DefenseConfig options a trained defense can be evaluated with (`FMDefense.copy_with`): they
 # change what it answers, not its calibration.
@@ -56,8 +56,7 @@ def parse_args(argv):
     from fmd_tf.options import add_arguments, given_arguments
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dataset", default="fmnist")
-    p.add_argument("--model", default="saved_models/fmnist")
+    add_model_arguments(p, "directory of the trained model (train.py --out)")
     p.add_argument("--defense", default="fmd.keras",
                    help="defense file in --model: fmd.keras, or fmd_ensemble.keras for the "
                         "randomized ensemble (scripts/train.py --ensemble K)")
@@ -67,7 +66,6 @@ def parse_args(argv):
                         "fmd_ensemble.keras measures transfer from one member")
     p.add_argument("--attacks", default="fgsm,pgd,cw,deepfool")
     p.add_argument("--n", type=int, default=1000)
-    add_seed_argument(p)
     p.add_argument("--out", default=None, help="default results/DATASET")
     p.add_argument("--cache", default="results/cache",
                    help="cache of the adversarial sets and of the defenses' outputs on them")
@@ -99,10 +97,8 @@ def parse_args(argv):
         setattr(args, flag, values)
     if args.n < 2:
         raise UsageError(f"--n must be >= 2, got {args.n}")
-    if not os.path.isfile(os.path.join(args.model, args.defense)):
-        hint = " --ensemble 3" if "ensemble" in args.defense else ""
-        raise UsageError(f"{os.path.join(args.model, args.defense)} not found; run "
-                         f"`python scripts/train.py --dataset fmnist{hint}` or pass --model")
+    check_model(args, args.defense, train="python scripts/train.py --dataset fmnist"
+                + (" --ensemble 3" if "ensemble" in args.defense else ""))
     args.attack_defense = args.attack_defense or args.defense
     if not os.path.isfile(os.path.join(args.model, args.attack_defense)):
         raise UsageError(f"--attack-defense: {os.path.join(args.model, args.attack_defense)} "
@@ -115,7 +111,6 @@ def parse_args(argv):
         if not os.path.isfile(args.surrogate):
             raise UsageError(f"--surrogate: {args.surrogate} not found")
     args.out = args.out or os.path.join("results", args.dataset)
-    resolve_seed(args, args.model)
     return args
 
 

@@ -22,15 +22,13 @@ import json
 import os
 import sys
 
-from fmd_tf.cli import UsageError, add_seed_argument, resolve_seed, run_cli, usage_errors
+from fmd_tf.cli import UsageError, add_model_arguments, check_model, run_cli, usage_errors
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="saved_models/fmnist", help="directory holding fmd.keras")
-    p.add_argument("--dataset", default="fmnist")
+    add_model_arguments(p)
     p.add_argument("--n", type=int, default=500, help="VAL images")
-    add_seed_argument(p)
     p.add_argument("--morph-scales", default="", help="comma-separated factors of the morph "
                    "offsets to compare (e.g. 1,4,16); none by default")
     p.add_argument("--morph-n", type=int, default=200, help="VAL images of --morph-scales")
@@ -63,12 +61,9 @@ def parse_args(argv):
     if not args.morph_bases or not set(args.morph_bases) <= set(MORPH_BASES):
         raise UsageError(f"--morph-bases takes some of {', '.join(MORPH_BASES)}, got "
                          f"{','.join(args.morph_bases) or 'none'}")
-    if not os.path.isfile(os.path.join(args.model, "fmd.keras")):
-        raise UsageError(f"{os.path.join(args.model, 'fmd.keras')} not found; train one with "
-                         "`python scripts/train.py --dataset fmnist` or pass --model")
+    check_model(args, "fmd.keras")
     args.out = args.out or os.path.join("results", os.path.basename(os.path.normpath(
         args.model)), "latent_codes.json")
-    resolve_seed(args, args.model)
     return args
 
 

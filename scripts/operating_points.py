@@ -32,7 +32,7 @@ import argparse
 import os
 import sys
 
-from fmd_tf.cli import UsageError, add_seed_argument, resolve_seed, run_cli, usage_errors
+from fmd_tf.cli import UsageError, add_model_arguments, check_model, run_cli, usage_errors
 
 
 def _floats(text: str, name: str, low: float, high: float, low_open: bool) -> list[float]:
@@ -49,10 +49,7 @@ def _floats(text: str, name: str, low: float, high: float, low_open: bool) -> li
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="saved_models/fmnist",
-                   help="directory holding fmd.keras and val_resistance.npy")
-    p.add_argument("--dataset", default="fmnist")
-    add_seed_argument(p)
+    add_model_arguments(p, "directory holding fmd.keras and val_resistance.npy")
     p.add_argument("--rho", default="0.999,0.99,0.98,0.97,0.96,0.95,0.9,0.8")
     p.add_argument("--recon-fpr", default="0,0.01,0.05")
     p.add_argument("--modes", default="per_code,unified")
@@ -99,11 +96,7 @@ def parse_args(argv):
         raise UsageError(f"--attacks: choose from {', '.join(usable)}, got {unknown}")
     if args.n_attack < 1:
         raise UsageError(f"--n-attack must be >= 1, got {args.n_attack}")
-    for name in ("fmd.keras", "val_resistance.npy"):
-        if not os.path.isfile(os.path.join(args.model, name)):
-            raise UsageError(f"{os.path.join(args.model, name)} not found; train the model with "
-                             "`python scripts/train.py` or pass --model")
-    resolve_seed(args, args.model)
+    check_model(args, "fmd.keras", "val_resistance.npy")
     return args
 
 

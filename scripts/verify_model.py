@@ -16,12 +16,12 @@ import argparse
 import os
 import sys
 
-from fmd_tf.cli import UsageError, run_cli, usage_errors
+from fmd_tf.cli import DEFAULT_MODEL, UsageError, run_cli, usage_errors
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="saved_models/fmnist",
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help="model directory (holding model_card.json)")
     p.add_argument("--record", action="store_true",
                    help="record the artifacts' checksums in the card instead of checking them")
