@@ -14,10 +14,12 @@ import contextlib
 import os
 import sys
 
-__all__ = ["DEFAULT_MODEL", "USER_ERRORS", "UsageError", "add_model_arguments",
-           "add_seed_argument", "check_model", "resolve_seed", "run_cli", "usage_errors"]
+__all__ = ["DEFAULT_CACHE", "DEFAULT_MODEL", "USER_ERRORS", "UsageError", "add_cache_argument",
+           "add_model_arguments", "add_seed_argument", "check_model", "resolve_seed", "run_cli",
+           "usage_errors"]
 
 DEFAULT_MODEL = "saved_models/fmnist"  # the shipped model, the scripts' default --model
+DEFAULT_CACHE = "results/cache"  # where the scripts share attacked images and defense outputs
 
 # What library calls raise for bad input (a value out of range, a missing or existing file).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
@@ -43,6 +45,18 @@ def add_seed_argument(parser, what: str = "the data splits") -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help=f"seed of {what} (default: the model card's seed, train.py --seed; "
                              "0 without a card)")
+
+
+def add_cache_argument(parser, default: str | None = DEFAULT_CACHE) -> None:
+    """`--cache DIR` of a script that attacks images: the directory of the adversarial sets
+    and defense outputs (`fmd_tf.evaluation.harness`, keyed by what made them), shared by
+    the scripts; `none` for no cache (None)."""
+    parser.add_argument(
+        "--cache", default=default, metavar="DIR",
+        type=lambda value: None if value.lower() == "none" else value,
+        help="cache of the adversarial sets (keyed by attack, parameters, images and "
+             "classifier) and of the defenses' outputs on them, shared with the other scripts; "
+             f"none: no cache (default: {default or 'none'})")
 
 
 def add_model_arguments(parser, model_help: str = "directory holding fmd.keras") -> None:

@@ -37,7 +37,14 @@ import argparse
 import os
 import sys
 
-from fmd_tf.cli import UsageError, add_model_arguments, check_model, run_cli, usage_errors
+from fmd_tf.cli import (
+    UsageError,
+    add_cache_argument,
+    add_model_arguments,
+    check_model,
+    run_cli,
+    usage_errors,
+)
 
 # DefenseConfig options a trained defense can be evaluated with (`FMDefense.copy_with`): they
 # change what it answers, not its calibration.
@@ -67,8 +74,7 @@ def parse_args(argv):
     p.add_argument("--attacks", default="fgsm,pgd,cw,deepfool")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--out", default=None, help="default results/DATASET")
-    p.add_argument("--cache", default="results/cache",
-                   help="cache of the adversarial sets and of the defenses' outputs on them")
+    add_cache_argument(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--linf-eps", default="", help="comma-separated L-inf budgets for "

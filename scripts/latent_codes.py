@@ -22,7 +22,14 @@ import json
 import os
 import sys
 
-from fmd_tf.cli import UsageError, add_model_arguments, check_model, run_cli, usage_errors
+from fmd_tf.cli import (
+    UsageError,
+    add_cache_argument,
+    add_model_arguments,
+    check_model,
+    run_cli,
+    usage_errors,
+)
 
 
 def parse_args(argv):
@@ -37,7 +44,7 @@ def parse_args(argv):
     p.add_argument("--morph-bases", default="reconstruction", help="comma-separated: "
                    "reconstruction (the detector's morphs) and/or input (the morphs' change "
                    "added to the input)")
-    p.add_argument("--cache", default="results/cache", help="adversarial-set cache")
+    add_cache_argument(p)
     p.add_argument("--out", default=None, help="JSON report (default: results/<model name>/"
                    "latent_codes.json)")
     args = p.parse_args(argv)

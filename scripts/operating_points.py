@@ -32,7 +32,14 @@ import argparse
 import os
 import sys
 
-from fmd_tf.cli import UsageError, add_model_arguments, check_model, run_cli, usage_errors
+from fmd_tf.cli import (
+    UsageError,
+    add_cache_argument,
+    add_model_arguments,
+    check_model,
+    run_cli,
+    usage_errors,
+)
 
 
 def _floats(text: str, name: str, low: float, high: float, low_open: bool) -> list[float]:
@@ -63,7 +70,7 @@ def parse_args(argv):
                    help="comma-separated classifier attacks on VAL images (e.g. fgsm,pgd)")
     p.add_argument("--n-attack", type=int, default=500,
                    help="VAL images attacked per attack (the first ones)")
-    p.add_argument("--cache", default="results/cache", help="adversarial-set cache directory")
+    add_cache_argument(p)
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)

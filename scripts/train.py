@@ -40,7 +40,7 @@ import shutil
 import sys
 import time
 
-from fmd_tf.cli import UsageError, resolve_seed, run_cli
+from fmd_tf.cli import UsageError, add_cache_argument, resolve_seed, run_cli
 
 STAGES = ("classifier", "dgmm", "vae", "defense", "ensemble")
 OUTPUTS = {
@@ -76,6 +76,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the data splits and of the models (default: with stages that "
                         "continue OUT's model, no classifier stage, the seed in its card; else 0)")
+    add_cache_argument(p)
     p.add_argument("--stages", default=None, help="comma-separated subset of "
                    + ",".join(STAGES) + " (default: all; ensemble only with --ensemble K > 1)")
     p.add_argument("--ensemble", type=int, default=1, metavar="K",
@@ -403,7 +404,7 @@ def _run(args) -> dict:
             fmd, report, card["operating_point"] = calibrate_defense(
                 classifier, combo, cfg.defense, splits.x_val, splits.y_val, args.operating_point,
                 operating_point_config(args.preset), val_resistance=reuse,
-                cache_dir=os.path.join("results", "cache"), seed=args.seed,
+                cache_dir=args.cache, seed=args.seed,
                 verbose=int(args.verbose != 0))
         except ValueError as e:
             raise UsageError(str(e)) from None

@@ -37,7 +37,14 @@ import os
 import shlex
 import sys
 
-from fmd_tf.cli import UsageError, add_seed_argument, resolve_seed, run_cli, usage_errors
+from fmd_tf.cli import (
+    UsageError,
+    add_cache_argument,
+    add_seed_argument,
+    resolve_seed,
+    run_cli,
+    usage_errors,
+)
 
 
 def parse_args(argv):
@@ -61,8 +68,7 @@ def parse_args(argv):
     p.add_argument("--fpr", type=float, default=None,
                    help="target clean false-positive rate on VAL (default: the FM-Defense's "
                         "VAL FPR from MODEL/model_card.json, else 1 - rho)")
-    p.add_argument("--cache", default=None, metavar="DIR",
-                   help="adversarial-set cache for the attacked VAL images (default: none)")
+    add_cache_argument(p, default=None)
     add_seed_argument(p, "the data splits and of the training")
     p.add_argument("--overwrite", action="store_true", help="replace existing baseline outputs")
     p.add_argument("--quick", action="store_true",

@@ -10,7 +10,9 @@ from test_case import run_python, run_script
 
 
 def _train(*args):
-    return run_script("scripts/train.py", *args)
+    """scripts/train.py without an adversarial-set cache unless `args` name one."""
+    cache = () if "--cache" in args else ("--cache", "none")
+    return run_script("scripts/train.py", *args, *cache)
 
 
 def _squares_npz(path, n_train=240, n_test=160, size=16):
@@ -25,8 +27,10 @@ def _squares_npz(path, n_train=240, n_test=160, size=16):
 
 def test_train_digits_fast_builds_a_defense_of_its_shape(tmp_path):
     out = tmp_path / "digits"
-    proc = _train("--dataset", "digits", "--preset", "fast", "--out", str(out), "--verbose", "0")
+    proc = _train("--dataset", "digits", "--preset", "fast", "--out", str(out), "--verbose", "0",
+                  "--cache", str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any((tmp_path / "cache").iterdir())  # the VAL attacks of the operating point
     card = json.loads((out / "model_card.json").read_text())
     assert card["dataset"] == "digits" and card["preset"] == "fast"
     assert card["hyperparameters"]["image_shape"] == [8, 8, 1]
