@@ -120,7 +120,11 @@ class ClassifierConfig:
         "adversarial training, Madry et al. 2018: cross-entropy on L-inf PGD images) or trades "
         "(Zhang et al. 2019: cross-entropy on clean images + trades_beta x KL to PGD images); "
         "the adversarial ones cost about adversarial_steps + 1 times the standard training "
-        "(fmd_tf.models.RobustTrainer)",
+        "(fmd_tf.models.RobustTrainer), and scripts/train.py checks them with APGD (CE and "
+        "DLR, 100 steps) at adversarial_eps on the first 500 VAL images: the card's "
+        "classifier_val_robustness, and a warning when the worst case is below half the clean "
+        "accuracy, a training attack fooled by its classifier "
+        "(fmd_tf.evaluation.robustness.robust_training_check)",
         choices=CLASSIFIER_TRAININGS,
     )
     adversarial_eps: float = option(0.1, "L-inf radius of the training attack (pgd_at, "

@@ -285,6 +285,7 @@ def _run(args) -> dict:
     from fmd_tf.data import load_dataset, make_splits
     from fmd_tf.evaluation.bench import matmul_peak_flops
     from fmd_tf.evaluation.latent_codes import code_activity
+    from fmd_tf.evaluation.robustness import robust_training_check, robustness_summary
     from fmd_tf.export import export_after_training
     from fmd_tf.files import StagedOutputs, write_json
     from fmd_tf.loading import artifact_records, model_artifacts
@@ -335,6 +336,11 @@ def _run(args) -> dict:
         classifier = training.inference_copy(classifier)
         classifier.save(stage.path("classifier.keras"))
         seconds["classifier"] = time.time() - t
+        if cfg.classifier.training != "standard":  # APGD on VAL catches a masked training
+            check = robust_training_check(classifier, splits.x_val, splits.y_val,
+                                          cfg.classifier.adversarial_eps)
+            card["classifier_val_robustness"] = check
+            print(robustness_summary(check), flush=True)
     else:
         classifier = keras.models.load_model(args.classifier or path("classifier.keras"))
         try:

@@ -63,6 +63,19 @@ def test_train_digits_fast_builds_a_defense_of_its_shape(tmp_path):
                                                     **card["artifacts"]["classifier.keras"]}
     assert card_tuned["hyperparameters"]["classifier"]["init"] == str(out / "classifier.keras")
     assert card_tuned["classifier_test_accuracy"] > card["classifier_test_accuracy"] - 0.05
+    # An adversarially trained classifier is checked with APGD on VAL; a standard one is not.
+    assert "classifier_val_robustness" not in card
+    robust = tmp_path / "robust"
+    proc = _train("--dataset", "digits", "--preset", "fast", "--out", str(robust), "--verbose",
+                  "0", "--stages", "classifier", "--classifier-training", "trades",
+                  "--classifier-adversarial-steps", "1", "--classifier-epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check = json.loads((robust / "model_card.json").read_text())["classifier_val_robustness"]
+    assert check["eps"] == 0.1 and check["nb_iter"] == 100 and 0 < check["n"] <= 500
+    assert 0 <= check["worst_case_accuracy"] <= check["clean_accuracy"]
+    assert check["masking_suspected"] == (
+        check["worst_case_accuracy"] < 0.5 * check["clean_accuracy"])
+    assert f"worst case {check['worst_case_accuracy']:.3f}" in proc.stdout
     proc = _train("--dataset", "digits", "--preset", "fast", "--out", str(tmp_path / "bad"),
                   "--stages", "classifier", "--classifier-init", str(out / "classifier.keras"),
                   "--classifier-dense-units", "7")
