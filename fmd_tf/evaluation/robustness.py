@@ -1,5 +1,7 @@
 """A classifier's own robustness on VAL images: how `scripts/robust_val.py` picks between robust
-classifiers (PGD-AT or TRADES, more or fewer epochs) without looking at test images."""
+classifiers (PGD-AT or TRADES, more or fewer epochs) without looking at test images, and how
+`scripts/train.py` checks each adversarial training for a classifier that fooled its training
+attack."""
 
 from __future__ import annotations
 
