@@ -122,9 +122,9 @@ class ClassifierConfig:
         "the adversarial ones cost about adversarial_steps + 1 times the standard training "
         "(fmd_tf.models.RobustTrainer), and scripts/train.py checks them with APGD (CE and "
         "DLR, 100 steps) at adversarial_eps on the first 500 VAL images: the card's "
-        "classifier_val_robustness, and a warning when the worst case is below half the clean "
-        "accuracy, a training attack fooled by its classifier "
-        "(fmd_tf.evaluation.robustness.robust_training_check)",
+        "classifier_val_robustness, and a warning when the worst case is below "
+        "MASKING_RATIO x the clean accuracy, a training attack fooled by its classifier "
+        "(fmd_tf.evaluation.robustness: robust_training_check, MASKING_RATIO)",
         choices=CLASSIFIER_TRAININGS,
     )
     adversarial_eps: float = option(0.1, "L-inf radius of the training attack (pgd_at, "

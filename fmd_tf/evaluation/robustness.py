@@ -75,8 +75,8 @@ def robustness_summary(result: dict) -> str:
             f"({result['nb_iter']} steps, CE and DLR): clean "
             f"{result['clean_accuracy']:.3f}, worst case {result['worst_case_accuracy']:.3f}")
     if result.get("masking_suspected"):
-        line += ("\nWARNING: APGD leaves less than half the clean accuracy: the training attack "
-                 "overrates this classifier's robustness (gradient masking or catastrophic "
-                 "overfitting). Train again with more --classifier-adversarial-steps or with "
-                 "dropout (--classifier-dropout 0.5).")
+        line += (f"\nWARNING: APGD leaves less than {MASKING_RATIO:.0%} of the clean accuracy: "
+                 "the training attack overrates this classifier's robustness (gradient "
+                 "masking or catastrophic overfitting). Train again with more "
+                 "--classifier-adversarial-steps or with dropout (--classifier-dropout 0.5).")
     return line
