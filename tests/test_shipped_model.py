@@ -73,6 +73,8 @@ def test_shipped_robust_model_is_a_trades_classifier_under_the_shipped_combo_vae
             cards[name] = json.load(f)
     card = cards["robust"]
     assert card["hyperparameters"]["classifier"]["training"] == "trades"
+    check = card["classifier_val_robustness"]
+    assert check["n"] == 500 and check["eps"] == 0.1 and not check["masking_suspected"]
     assert card["hyperparameters"]["defense"]["suspicious"] == "reject"
     assert [run["stages"] for run in card["runs"]] == [["classifier"], ["defense"]]
     assert "--combo-vae saved_models/fmnist/combo_vae.keras" in card["runs"][1]["command"]
