@@ -14,7 +14,14 @@ import time
 
 import numpy as np
 
-from fmd_tf.config import ExperimentConfig, get_config, quick_config, to_dict
+from fmd_tf.config import (
+    ADVERSARIAL_TRAINING_DEFAULTS,
+    CLASSIFIER_TRAININGS,
+    ExperimentConfig,
+    get_config,
+    quick_config,
+    to_dict,
+)
 from fmd_tf.files import StagedOutputs, write_json
 from fmd_tf.loading import artifact_records, model_artifacts
 from fmd_tf.operating_point import (
@@ -26,7 +33,8 @@ from fmd_tf.operating_point import (
 )
 
 __all__ = ["MIN_VAL_IMAGES", "PRESETS", "calibrate_defense", "experiment_config",
-           "fit_defense", "operating_point_config", "train_combo_vae", "with_latent"]
+           "fit_defense", "operating_point_config", "train_combo_vae", "with_classifier_training",
+           "with_latent"]
 
 PRESETS = ("full", "fast")
 MIN_VAL_IMAGES = 50  # fewer clean VAL images cannot place the thresholds' quantiles
@@ -81,13 +89,28 @@ def with_latent(cfg: ExperimentConfig, latent: str) -> ExperimentConfig:
     return dataclasses.replace(cfg, combo=dataclasses.replace(cfg.combo, latent=latent))
 
 
+def with_classifier_training(cfg: ExperimentConfig, training: str) -> ExperimentConfig:
+    """`cfg` with the classifier trained by `training` ("standard", "pgd_at" or "trades"). The
+    adversarial ones also take `ADVERSARIAL_TRAINING_DEFAULTS` (no dropout, more epochs: the
+    shipped robust classifier's recipe); "standard" changes only the field."""
+    if training not in CLASSIFIER_TRAININGS:
+        raise ValueError(f"classifier training must be one of {CLASSIFIER_TRAININGS}, got "
+                         f"{training!r}")
+    extra = {} if training == "standard" else ADVERSARIAL_TRAINING_DEFAULTS
+    return dataclasses.replace(cfg, classifier=dataclasses.replace(
+        cfg.classifier, training=training, **extra))
+
+
 def experiment_config(image_shape, num_classes: int, preset: str = "full",
                       dataset: str = "custom", base: ExperimentConfig | None = None,
-                      latent: str | None = None) -> ExperimentConfig:
+                      latent: str | None = None,
+                      classifier_training: str | None = None) -> ExperimentConfig:
     """The config for images of `image_shape` (H, W, C) and `num_classes` classes: `base`
     (default: the paper's Fashion-MNIST settings) with the architecture of `architecture`,
     shrunk by `preset` "fast" (`fmd_tf.config.quick_config`); `latent` ("vector" or
-    "feature_map", `with_latent`; None keeps the base's) selects the class-shared latent."""
+    "feature_map", `with_latent`; None keeps the base's) selects the class-shared latent and
+    `classifier_training` (`with_classifier_training`; None keeps the base's) how the
+    classifier is trained."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     cfg = base or get_config("fmnist")
@@ -103,6 +126,8 @@ def experiment_config(image_shape, num_classes: int, preset: str = "full",
                               num_classes=int(num_classes))
     if latent is not None:
         cfg = with_latent(cfg, latent)
+    if classifier_training is not None:
+        cfg = with_classifier_training(cfg, classifier_training)
     return quick_config(cfg) if preset == "fast" else cfg
 
 

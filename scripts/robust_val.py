@@ -21,13 +21,16 @@ from fmd_tf.cli import UsageError, run_cli, usage_errors
 
 
 def parse_args(argv):
+    from fmd_tf.evaluation.robustness import CHECK_IMAGES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--classifiers", required=True, help="comma-separated classifier .keras files")
     p.add_argument("--dataset", default="fmnist")
     p.add_argument("--seed", type=int, default=0, help="split seed")
     p.add_argument("--split-model", default=None,
                    help="model directory whose card gives the split sizes (default: the paper's)")
-    p.add_argument("--n", type=int, default=500, help="VAL images attacked (the first ones)")
+    p.add_argument("--n", type=int, default=CHECK_IMAGES,
+                   help="VAL images attacked (the first ones)")
     p.add_argument("--eps", type=float, default=0.1, help="attack budget")
     p.add_argument("--norm", choices=("linf", "l2"), default="linf")
     p.add_argument("--out", default=None, help="also write the results as JSON here")

@@ -185,12 +185,15 @@ def _config(args, image_shape, num_classes, n_train, n_test):
         base = get_config(args.dataset)
     except ValueError:  # digits, --data: the Fashion-MNIST settings, sized for the data
         base = None
-    from fmd_tf.config import ComboVAEConfig
+    from fmd_tf.config import ClassifierConfig, ComboVAEConfig
     from fmd_tf.options import given_arguments
 
     # --latent feature_map brings its own defaults (gamma 0, map side); flags given override them
     latent = given_arguments(args, ComboVAEConfig).get("latent")
-    cfg = experiment_config(image_shape, num_classes, args.preset, args.dataset, base, latent)
+    # so does --classifier-training pgd_at / trades (no dropout, more epochs)
+    training = given_arguments(args, ClassifierConfig, prefix="classifier_").get("training")
+    cfg = experiment_config(image_shape, num_classes, args.preset, args.dataset, base, latent,
+                            training)
     cfg = dataclasses.replace(cfg, splits=fit_split_config(cfg.splits, n_train, n_test))
     if args.epochs is not None:
         cfg = dataclasses.replace(

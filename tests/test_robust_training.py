@@ -188,9 +188,42 @@ def test_train_cli_takes_the_classifier_training_options():
 
     train = script_module("scripts/train.py")
     args = train.parse_args(["--quick", "--classifier-training", "trades",
-                             "--classifier-trades-beta", "3", "--out", "/nonexistent"])
+                             "--classifier-trades-beta", "2", "--out", "/nonexistent"])
     cfg = train._config(args, (28, 28, 1), 10, 60000, 10000)
-    assert (cfg.classifier.training, cfg.classifier.trades_beta) == ("trades", 3.0)
+    assert (cfg.classifier.training, cfg.classifier.trades_beta) == ("trades", 2.0)
     assert cfg.classifier.adversarial_eps == 0.1
     with pytest.raises(SystemExit):
         train.parse_args(["--classifier-training", "fgsm"])
+
+
+@pytest.mark.parametrize("training", ["pgd_at", "trades"])
+def test_adversarial_training_takes_the_robust_recipe_unless_given(training):
+    from test_case import script_module
+
+    from fmd_tf.config import ADVERSARIAL_TRAINING_DEFAULTS, ClassifierConfig
+
+    train = script_module("scripts/train.py")
+    standard = ClassifierConfig()
+
+    def classifier(*flags):
+        args = train.parse_args(["--dataset", "fmnist", "--out", "/nonexistent", *flags])
+        return train._config(args, (28, 28, 1), 10, 60000, 10000).classifier
+
+    robust = classifier("--classifier-training", training)
+    recipe = {name: getattr(robust, name) for name in ADVERSARIAL_TRAINING_DEFAULTS}
+    assert recipe == ADVERSARIAL_TRAINING_DEFAULTS
+    assert recipe != {name: getattr(standard, name) for name in ADVERSARIAL_TRAINING_DEFAULTS}
+    given = classifier("--classifier-training", training, "--classifier-dropout", "0.25",
+                       "--classifier-epochs", "7")
+    assert (given.dropout, given.epochs) == (0.25, 7)
+    assert classifier("--classifier-training", training, "--epochs", "4").epochs == 4
+    plain = classifier("--classifier-training", "standard")
+    assert (plain.dropout, plain.epochs) == (standard.dropout, standard.epochs)
+
+
+def test_with_classifier_training_refuses_an_unknown_training():
+    from fmd_tf.config import get_config
+    from fmd_tf.pipeline import with_classifier_training
+
+    with pytest.raises(ValueError, match="pgd_at"):
+        with_classifier_training(get_config("fmnist"), "fgsm")

@@ -64,7 +64,7 @@ def test_shipped_robust_model_is_a_trades_classifier_under_the_shipped_combo_vae
     """saved_models/fmnist_robust (README "Security caveat"): a TRADES classifier, FM-Defense
     calibrated on top with the shipped model's combo-VAE (train.py --combo-vae), rejecting
     suspicious inputs (an attacker who knows the defense steers the purifier's label)."""
-    from fmd_tf.evaluation.robustness import CHECK_IMAGES
+    from fmd_tf.evaluation.robustness import CHECK_IMAGES, CHECK_STEPS
     from fmd_tf.loading import load_defense, verify_artifacts
 
     robust = os.path.join(os.path.dirname(MODEL), "fmnist_robust")
@@ -75,7 +75,8 @@ def test_shipped_robust_model_is_a_trades_classifier_under_the_shipped_combo_vae
     card = cards["robust"]
     assert card["hyperparameters"]["classifier"]["training"] == "trades"
     check = card["classifier_val_robustness"]  # scripts/train.py's APGD check on VAL
-    assert check["n"] == CHECK_IMAGES and not check["masking_suspected"]
+    assert (check["n"], check["nb_iter"]) == (CHECK_IMAGES, CHECK_STEPS)
+    assert not check["masking_suspected"]
     assert check["eps"] == card["hyperparameters"]["classifier"]["adversarial_eps"]
     assert card["hyperparameters"]["defense"]["suspicious"] == "reject"
     assert [run["stages"] for run in card["runs"]] == [["classifier"], ["defense"]]

@@ -70,12 +70,12 @@ def test_train_digits_fast_builds_a_defense_of_its_shape(tmp_path):
                   "0", "--stages", "classifier", "--classifier-training", "trades",
                   "--classifier-adversarial-steps", "1", "--classifier-epochs", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from fmd_tf.evaluation.robustness import CHECK_IMAGES, masking_suspected
+    from fmd_tf.evaluation.robustness import CHECK_IMAGES, CHECK_STEPS, masking_suspected
 
     robust_card = json.loads((robust / "model_card.json").read_text())
     check = robust_card["classifier_val_robustness"]
     assert check["eps"] == robust_card["hyperparameters"]["classifier"]["adversarial_eps"]
-    assert check["nb_iter"] == 100 and 0 < check["n"] <= CHECK_IMAGES
+    assert check["nb_iter"] == CHECK_STEPS and 0 < check["n"] <= CHECK_IMAGES
     assert 0 <= check["worst_case_accuracy"] <= check["clean_accuracy"]
     assert check["masking_suspected"] == masking_suspected(check)
     assert f"worst case {check['worst_case_accuracy']:.3f}" in proc.stdout

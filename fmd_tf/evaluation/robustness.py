@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from fmd_tf.config import CHECK_IMAGES, CHECK_STEPS, MASKING_RATIO  # noqa: F401 (re-exported)
+
 APGD_LOSSES = ("ce", "dlr")
 
 
 def val_robustness(classifier, x, y, eps: float = 0.1, norm: str = "linf",
-                   losses=APGD_LOSSES, nb_iter: int = 100, seed: int = 0,
+                   losses=APGD_LOSSES, nb_iter: int = CHECK_STEPS, seed: int = 0,
                    batch_size: int = 128) -> dict:
     """Clean and APGD accuracy of `classifier` alone on images `x` [n, H, W, C] in [0, 1] with
     labels `y` [n] (`fmd_tf.attacks.apgd.apgd`, one run per loss in `losses`).
@@ -40,13 +42,6 @@ def val_robustness(classifier, x, y, eps: float = 0.1, norm: str = "linf",
     return result
 
 
-# A robust classifier keeps most of its clean accuracy under APGD at its training ε (published
-# TRADES on Fashion-MNIST at L∞ 0.1: 72 of 91 %); one that keeps less than this share of it
-# was fooled by its own training attack.
-MASKING_RATIO = 0.5
-CHECK_IMAGES = 500
-
-
 def masking_suspected(result: dict, ratio: float = MASKING_RATIO) -> bool:
     """Whether a `val_robustness` result shows an adversarially trained classifier whose
     robustness is the training attack's blind spot (gradient masking, catastrophic overfitting):
@@ -60,7 +55,7 @@ def masking_suspected(result: dict, ratio: float = MASKING_RATIO) -> bool:
 
 
 def robust_training_check(classifier, x_val, y_val, eps: float, n: int = CHECK_IMAGES,
-                          nb_iter: int = 100) -> dict:
+                          nb_iter: int = CHECK_STEPS) -> dict:
     """`val_robustness` of an adversarially trained `classifier` on the first `n` VAL images at
     its training budget `eps` (L∞), with "masking_suspected" (`masking_suspected`) added: what
     `scripts/train.py` records in the card as `classifier_val_robustness`."""
