@@ -156,8 +156,9 @@ class ClassifierConfig:
     adversarial_steps: int = option(10, "PGD steps of the training attack, each of size "
                                     "2.5 x adversarial_eps / steps", check=POSITIVE_INT)
     trades_beta: float = option(3.0, "TRADES weight of the KL term (the TRADES paper uses 6 "
-                                "for MNIST; 3 was better on Fashion-MNIST VAL: docs/results.md "
-                                "\"Robust mode\")", check=NON_NEGATIVE)
+                                "for MNIST; the shipped Fashion-MNIST robust classifier, chosen "
+                                "on VAL, uses 3: docs/results.md \"Robust mode\")",
+                                check=NON_NEGATIVE)
     init: str | None = option(None, "a saved classifier (.keras) of the same architecture "
                               "whose weights start the training: fine-tuning, e.g. adversarial "
                               "fine-tuning of a standard classifier with training trades; "
