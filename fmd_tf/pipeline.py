@@ -16,7 +16,7 @@ import numpy as np
 
 from fmd_tf.config import (
     ADVERSARIAL_TRAINING_DEFAULTS,
-    CLASSIFIER_TRAININGS,
+    ClassifierConfig,
     ExperimentConfig,
     get_config,
     quick_config,
@@ -31,6 +31,7 @@ from fmd_tf.operating_point import (
     OperatingPointConfig,
     select_operating_point,
 )
+from fmd_tf.options import check_value
 
 __all__ = ["MIN_VAL_IMAGES", "PRESETS", "calibrate_defense", "experiment_config",
            "fit_defense", "operating_point_config", "train_combo_vae", "with_classifier_training",
@@ -93,9 +94,7 @@ def with_classifier_training(cfg: ExperimentConfig, training: str) -> Experiment
     """`cfg` with the classifier trained by `training` ("standard", "pgd_at" or "trades"). The
     adversarial ones also take `ADVERSARIAL_TRAINING_DEFAULTS` (no dropout, more epochs: the
     shipped robust classifier's recipe); "standard" changes only the field."""
-    if training not in CLASSIFIER_TRAININGS:
-        raise ValueError(f"classifier training must be one of {CLASSIFIER_TRAININGS}, got "
-                         f"{training!r}")
+    training = check_value(ClassifierConfig, "training", training)
     extra = {} if training == "standard" else ADVERSARIAL_TRAINING_DEFAULTS
     return dataclasses.replace(cfg, classifier=dataclasses.replace(
         cfg.classifier, training=training, **extra))

@@ -21,7 +21,7 @@ from fmd_tf.cli import UsageError, run_cli, usage_errors
 
 
 def parse_args(argv):
-    from fmd_tf.evaluation.robustness import CHECK_IMAGES
+    from fmd_tf.config import CHECK_IMAGES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--classifiers", required=True, help="comma-separated classifier .keras files")

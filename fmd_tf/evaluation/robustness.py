@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fmd_tf.config import CHECK_IMAGES, CHECK_STEPS, MASKING_RATIO  # noqa: F401 (re-exported)
+from fmd_tf.config import CHECK_IMAGES, CHECK_STEPS, MASKING_RATIO
 
 APGD_LOSSES = ("ce", "dlr")
 
