@@ -59,7 +59,7 @@ def _other_options():
 
 
 def parse_args(argv):
-    from fmd_tf.evaluation.harness import ATTACKS, BUDGETED, TRANSFER
+    from fmd_tf.evaluation.harness import ATTACK_NAMES, BUDGETED, TRANSFER, known_attack
     from fmd_tf.options import add_arguments, given_arguments
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -71,7 +71,9 @@ def parse_args(argv):
                    help="defense file in --model that the defense-aware attacks attack "
                         "(default: --defense); e.g. fmd.keras with --defense "
                         "fmd_ensemble.keras measures transfer from one member")
-    p.add_argument("--attacks", default="fgsm,pgd,cw,deepfool")
+    p.add_argument("--attacks", default="fgsm,pgd,cw,deepfool",
+                   help="comma-separated attacks (fmd_tf.evaluation.harness.ATTACKS); "
+                        + ATTACK_NAMES)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--out", default=None, help="default results/DATASET")
     add_cache_argument(p)
@@ -89,9 +91,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.defense_options = given_arguments(args, config, skip=skip)
     args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    unknown = [a for a in args.attacks if a not in ATTACKS]
+    unknown = [a for a in args.attacks if not known_attack(a)]
     if unknown or not args.attacks:
-        raise UsageError(f"--attacks: unknown {unknown}; known: {', '.join(ATTACKS)}")
+        raise UsageError(f"--attacks: unknown {unknown}; {ATTACK_NAMES}")
     for flag in ("linf_eps", "l2_eps"):
         raw, option = getattr(args, flag), "--" + flag.replace("_", "-")
         try:

@@ -304,6 +304,33 @@ def test_expand_budgets_names_and_params():
         expand_budgets(["nope"])
 
 
+def test_expand_budgets_runs_a_pinned_budget_there_only():
+    from fmd_tf.evaluation.harness import expand_budgets, known_attack, pinned_budget
+
+    assert pinned_budget("apgd_ce_linf_0.1") == ("apgd_ce", "linf", 0.1)
+    assert pinned_budget("adaptive_apgd_ce_linf_0.1") == ("apgd_ce", "linf", 0.1)
+    assert pinned_budget("adaptive_pgd_l2_1.5") == ("adaptive_pgd", "l2", 1.5)
+    assert pinned_budget("api_hopskipjump_l2_.5") == ("api_hopskipjump", "l2", 0.5)
+    for name in ("fgsm_linf_0.1", "api_rays_l2_1.5", "apgd_ce_linf_0", "apgd_ce_linf_",
+                 "apgd_ce_linf_0.1x", "apgd_ce", "nope_linf_0.1"):
+        assert pinned_budget(name) is None, name
+    assert known_attack("apgd_ce") and known_attack("apgd_dlr_linf_0.2")
+    assert not known_attack("fgsm_linf_0.1")
+    runs = expand_budgets(["adaptive_pgd", "apgd_ce_linf_0.1", "adaptive_apgd_dlr_linf_0.1",
+                           "adaptive_pgd_linf_0.1", "apgd_ce_linf_0.1"], [0.1, 0.2], [1.5])
+    assert runs == [
+        ("adaptive_pgd_linf_0.1", "adaptive_pgd", {"eps": 0.1, "norm": "linf"}),
+        ("adaptive_pgd_linf_0.2", "adaptive_pgd", {"eps": 0.2, "norm": "linf"}),
+        ("adaptive_pgd_l2_1.5", "adaptive_pgd", {"eps": 1.5, "norm": "l2"}),
+        ("adaptive_apgd_ce_linf_0.1", "apgd_ce", {"eps": 0.1, "norm": "linf"}),
+        ("adaptive_apgd_dlr_linf_0.1", "apgd_dlr", {"eps": 0.1, "norm": "linf"}),
+    ]  # a run named twice (pinned and in the grid, or pinned twice) runs once
+    assert expand_budgets(["apgd_ce_l2_3"]) == [
+        ("adaptive_apgd_ce_l2_3", "apgd_ce", {"eps": 3.0, "norm": "l2"})]
+    with pytest.raises(ValueError, match="NAME_linf_EPS"):
+        expand_budgets(["fgsm_linf_0.1"])
+
+
 def test_harness_defense_aware_cache_covers_the_defense(setup, tmp_path):
     from fmd_tf.evaluation.harness import adversarial_set
 

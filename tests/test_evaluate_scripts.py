@@ -65,18 +65,22 @@ def test_evaluate_report_schema(quick_model, tmp_path):
 def test_evaluate_adaptive_budget_grid(quick_model, tmp_path):
     out = tmp_path / "adaptive"
     proc = run_script("scripts/evaluate.py", "--model", str(quick_model), "--attacks",
-                      "fgsm,adaptive_pgd", "--linf-eps", "0.05", "--l2-eps", "1.5", "--n", "4",
+                      "fgsm,adaptive_pgd,cw_hiconf_linf_0.05", "--linf-eps", "0.05", "--l2-eps",
+                      "1.5", "--n", "4",
                       "--out", str(out), "--cache", str(tmp_path / "cache"), "--no-baselines")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert list(report["attacks"]) == ["fgsm", "adaptive_pgd_linf_0.05", "adaptive_pgd_l2_1.5"]
+    # cw_hiconf_linf_0.05 pins one budget: it runs there only, not over the whole grid.
+    assert list(report["attacks"]) == ["fgsm", "adaptive_pgd_linf_0.05", "adaptive_pgd_l2_1.5",
+                                       "adaptive_cw_hiconf_linf_0.05"]
     linf, l2 = report["attacks"]["adaptive_pgd_linf_0.05"], report["attacks"]["adaptive_pgd_l2_1.5"]
     assert linf["method"] == "adaptive_pgd" and linf["params"]["norm"] == "linf"
     assert linf["linf_median"] <= 0.05 + 1e-6 and l2["l2_median"] <= 1.5 + 1e-4
     assert "defended_accuracy" in linf["fm_defense"]
     worst = report["worst_case"]
     assert set(worst) == {"all", "linf_0.05", "l2_1.5", "linf_0.3"}  # FGSM: its own ε 0.3
-    assert worst["linf_0.05"]["attacks"] == ["adaptive_pgd_linf_0.05"]
+    assert worst["linf_0.05"]["attacks"] == ["adaptive_pgd_linf_0.05",
+                                             "adaptive_cw_hiconf_linf_0.05"]
     assert worst["linf_0.3"]["attacks"] == ["fgsm"]
     assert worst["all"]["defended_accuracy"] <= min(
         a["fm_defense"]["defended_accuracy"] for a in report["attacks"].values())
@@ -104,6 +108,8 @@ def test_evaluate_adaptive_budget_grid(quick_model, tmp_path):
     ("--linf-eps", "abc", "not a list of numbers"),
     ("--l2-eps", "1.5,-1", "must be > 0"),
     ("--attacks", "adaptive_foo", "unknown"),
+    ("--attacks", "fgsm_linf_0.1", "unknown"),  # not a budgeted attack: no budget to pin
+    ("--attacks", "api_rays_l2_1.5", "unknown"),  # RayS is L∞ only
     ("--attacks", "transfer_pgd", "need --surrogate"),
     ("--suspicious", "drop", "invalid choice"),
 ])

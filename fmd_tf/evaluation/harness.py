@@ -6,6 +6,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import time
 import zipfile
 from typing import NamedTuple
@@ -205,6 +206,36 @@ def classifier_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+_PINNED = re.compile(r"(?P<attack>\w+?)_(?P<norm>linf|l2)_(?P<eps>\d+(?:\.\d*)?|\.\d+)")
+
+
+def pinned_budget(name: str) -> tuple[str, str, float] | None:
+    """(attack, norm, eps) when `name` is one budget of a `BUDGETED` attack, written as
+    `expand_budgets` names its run, with or without the ``adaptive_`` prefix:
+    adaptive_apgd_ce_linf_0.1 and apgd_ce_linf_0.1 are ("apgd_ce", "linf", 0.1). None for
+    any other name, and for a norm the attack is not defined for (`ONE_NORM`) or a radius of 0.
+    """
+    match = _PINNED.fullmatch(name)
+    if match is None:
+        return None
+    attack, norm, eps = match["attack"], match["norm"], float(match["eps"])
+    if attack not in BUDGETED and attack.startswith("adaptive_"):
+        attack = attack[len("adaptive_"):]
+    if attack not in BUDGETED or ONE_NORM.get(attack, norm) != norm or not eps > 0:
+        return None
+    return attack, norm, eps
+
+
+# What an attack list may name (`known_attack`), for error messages and help texts.
+ATTACK_NAMES = (f"known: {', '.join(ATTACKS)}; one budget of {', '.join(BUDGETED)} also as "
+                "NAME_linf_EPS or NAME_l2_EPS (e.g. apgd_ce_linf_0.1), run at that budget only")
+
+
+def known_attack(name: str) -> bool:
+    """Whether `expand_budgets` takes `name`: an attack of `ATTACKS` or a `pinned_budget`."""
+    return name in ATTACKS or pinned_budget(name) is not None
+
+
 def expand_budgets(attacks, linf_eps=(), l2_eps=()) -> list[tuple[str, str, dict]]:
     """[(report name, attack, parameter overrides)] of a list of attack names.
 
@@ -212,21 +243,27 @@ def expand_budgets(attacks, linf_eps=(), l2_eps=()) -> list[tuple[str, str, dict
     `l2_eps`; those of `ONE_NORM` only at the radii of their norm) when a grid is given,
     reported as ``adaptive_<attack>_<norm>_<eps>`` (the ``adaptive_`` prefix is not doubled);
     without a grid (or none of their norm), and for the other attacks, once with their
-    defaults under their own name (``adaptive_``-prefixed for `DEFENSE_AWARE` ones).
+    defaults under their own name (``adaptive_``-prefixed for `DEFENSE_AWARE` ones). A name
+    that pins one budget (`pinned_budget`, e.g. apgd_ce_linf_0.1) runs at that budget only,
+    whatever the grid: an expensive attack joins one threat model of a report whose cheaper
+    attacks cover the whole grid. A run named twice is run once.
     """
     grid = [("linf", float(e)) for e in linf_eps] + [("l2", float(e)) for e in l2_eps]
-    runs = []
-    for attack in attacks:
-        if attack not in ATTACKS:
-            raise ValueError(f"unknown attack {attack!r}; known: {', '.join(ATTACKS)}")
+    runs = {}
+    for name in attacks:
+        pinned = pinned_budget(name)
+        if name not in ATTACKS and pinned is None:
+            raise ValueError(f"unknown attack {name!r}; {ATTACK_NAMES}")
+        attack = name if pinned is None else pinned[0]
         stem = attack if attack.startswith("adaptive") else f"adaptive_{attack}"
-        budgets = [(norm, eps) for norm, eps in grid if ONE_NORM.get(attack, norm) == norm]
+        budgets = [pinned[1:]] if pinned else [
+            (norm, eps) for norm, eps in grid if ONE_NORM.get(attack, norm) == norm]
         if attack not in BUDGETED or not budgets:
-            runs.append((stem if attack in DEFENSE_AWARE else attack, attack, {}))
+            runs.setdefault(stem if attack in DEFENSE_AWARE else attack, (attack, {}))
             continue
         for norm, eps in budgets:
-            runs.append((f"{stem}_{norm}_{eps:g}", attack, {"eps": eps, "norm": norm}))
-    return runs
+            runs.setdefault(f"{stem}_{norm}_{eps:g}", (attack, {"eps": eps, "norm": norm}))
+    return [(name, attack, params) for name, (attack, params) in runs.items()]
 
 
 def defense_fingerprint(fmd) -> str:

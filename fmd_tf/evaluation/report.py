@@ -292,7 +292,8 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
 
     Args:
         attacks: names of `fmd_tf.evaluation.harness.ATTACKS`; those of `harness.BUDGETED` run
-            once per budget of `linf_eps` / `l2_eps` when given (`harness.expand_budgets`).
+            once per budget of `linf_eps` / `l2_eps` when given, or at the one budget their
+            name pins (e.g. apgd_ce_linf_0.1; `harness.expand_budgets`).
         out_dir: where report.json, report.md and the figures go (None: nothing is written,
             no figures).
         cache_dir: cache of the adversarial sets and of each defense's outputs on every set
