@@ -252,8 +252,8 @@ def expand_budgets(attacks, linf_eps=(), l2_eps=()) -> list[tuple[str, str, dict
     grid = [("linf", float(e)) for e in linf_eps] + [("l2", float(e)) for e in l2_eps]
     runs = {}
     for name in attacks:
-        pinned = pinned_budget(name)
-        if name not in ATTACKS and pinned is None:
+        pinned = None if name in ATTACKS else pinned_budget(name)
+        if pinned is None and name not in ATTACKS:
             raise ValueError(f"unknown attack {name!r}; {ATTACK_NAMES}")
         attack = name if pinned is None else pinned[0]
         stem = attack if attack.startswith("adaptive") else f"adaptive_{attack}"
