@@ -294,6 +294,11 @@ def test_feature_squeezing_save_load_round_trip(tmp_path):
     a, b = fs.defend(x), loaded.defend(x)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(FileNotFoundError, match="not a saved FeatureSqueezing"):
+        FeatureSqueezing.load(str(tmp_path / "missing.json"), classifier)
+    uncalibrated = str(tmp_path / "uncalibrated.json")
+    FeatureSqueezing(classifier).save(uncalibrated)
+    assert not FeatureSqueezing.load(uncalibrated, classifier).is_calibrated
 
 
 # ----------------------------------------------------------------------------- MagNet

@@ -62,7 +62,6 @@ threshold`` is differentiated in x with z* held fixed.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -678,12 +677,6 @@ class DefenseGAN(ThresholdDetector):
         ratio = squared_distance(purified, x) / max(self.threshold, 1e-12)
         return tf.convert_to_tensor(logits, tf.float32), ratio
 
-    def _labels(self, x, batch_size):
-        return np.concatenate([
-            np.argmax(np.asarray(self.classifier(x[i : i + batch_size])), axis=-1)
-            for i in range(0, len(x), batch_size)
-        ]).astype(np.int64)
-
     # ----------------------------------------------------------------------------- saving
     def _settings(self) -> dict:
         return {
@@ -707,23 +700,15 @@ class DefenseGAN(ThresholdDetector):
         os.makedirs(directory, exist_ok=True)
         with atomic_path(os.path.join(directory, _GENERATOR_NAME)) as tmp:
             self.generator.save(tmp)
-        state = {"settings": self._settings(), "threshold": self.threshold, "fpr": self.fpr,
-                 "report": self.report}
+        state = {"settings": self._settings(), **self._calibration_state()}
         write_json(os.path.join(directory, _JSON_NAME), state, sort_keys=True)
 
     @classmethod
     def load(cls, directory: str, classifier=None) -> DefenseGAN:
         """Inverse of `save`; `classifier` is needed for `defend` only."""
-        path = os.path.join(directory, _JSON_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: not a saved DefenseGAN directory")
-        with open(path) as f:
-            state = json.load(f)
+        state = cls._read_state(os.path.join(directory, _JSON_NAME))
         generator = keras.models.load_model(os.path.join(directory, _GENERATOR_NAME),
                                             compile=False)
         dgan = cls(classifier, generator=generator, **state["settings"])
-        if state.get("threshold") is not None:
-            dgan.threshold = float(state["threshold"])
-            dgan.fpr = state.get("fpr")
-        dgan.report = state.get("report", {})
+        dgan._restore_calibration(state)
         return dgan

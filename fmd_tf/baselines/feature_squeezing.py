@@ -29,7 +29,6 @@ Decision (FM-Defense convention): verdict 0 (passed) with the classifier's label
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -259,9 +258,7 @@ class FeatureSqueezing(ThresholdDetector):
             "median_size": self.median_size,
             "from_logits": self.from_logits,
             "squeezers": list(self.squeezer_names),
-            "threshold": self.threshold,
-            "fpr": self.fpr,
-            "report": self.report,
+            **self._calibration_state(),
         }
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
@@ -270,14 +267,10 @@ class FeatureSqueezing(ThresholdDetector):
     @classmethod
     def load(cls, path: str, classifier) -> FeatureSqueezing:
         """Inverse of `save`, around `classifier`."""
-        with open(path) as f:
-            state = json.load(f)
+        state = cls._read_state(path)
         fs = cls(classifier, bit_depth=state["bit_depth"], median_size=state["median_size"],
                  from_logits=state["from_logits"])
-        if state.get("threshold") is not None:
-            fs.threshold = float(state["threshold"])
-            fs.fpr = state.get("fpr")
-        fs.report = state.get("report", {})
+        fs._restore_calibration(state)
         return fs
 
 

@@ -37,7 +37,6 @@ every passed input is reformed.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -281,6 +280,10 @@ class MagNet(ThresholdDetector):
     _threshold_attr = "thresholds"
     _calibrate_call = "fit(x_train, x_val, fpr) or calibrate(x_val, fpr)"
 
+    @staticmethod
+    def _parse_threshold(value):
+        return {name: float(v) for name, v in value.items()}
+
     def __init__(
         self,
         classifier=None,
@@ -515,12 +518,6 @@ class MagNet(ThresholdDetector):
         logits = self.classifier(self.reformer(x, training=False), training=False)
         return tf.convert_to_tensor(logits, tf.float32), tf.reduce_max(tf.stack(ratios), axis=0)
 
-    def _labels(self, x, batch_size):
-        return np.concatenate([
-            np.argmax(np.asarray(self.classifier(x[i : i + batch_size])), axis=-1)
-            for i in range(0, len(x), batch_size)
-        ]).astype(np.int64)
-
     # ----------------------------------------------------------------------------- saving
     def _settings(self) -> dict:
         return {
@@ -542,29 +539,20 @@ class MagNet(ThresholdDetector):
                 ae.save(tmp)
         state = {
             "settings": self._settings(),
-            "thresholds": self.thresholds,
-            "fpr": self.fpr,
+            **self._calibration_state(),
             "detector_norms": {k: f"L{p}" for k, p in DETECTOR_NORMS.items()},
-            "report": self.report,
         }
         write_json(os.path.join(directory, _JSON_NAME), state, sort_keys=True)
 
     @classmethod
     def load(cls, directory: str, classifier=None) -> MagNet:
         """Inverse of `save`; `classifier` is needed for `defend` only."""
-        path = os.path.join(directory, _JSON_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: not a saved MagNet directory")
-        with open(path) as f:
-            state = json.load(f)
+        state = cls._read_state(os.path.join(directory, _JSON_NAME))
         aes = {
             name: keras.models.load_model(os.path.join(directory, f"detector_{name}.keras"),
                                           compile=False)
             for name in VARIANTS
         }
         magnet = cls(classifier, detector_i=aes["I"], detector_ii=aes["II"], **state["settings"])
-        if state.get("thresholds") is not None:
-            magnet.thresholds = {k: float(v) for k, v in state["thresholds"].items()}
-            magnet.fpr = state.get("fpr")
-        magnet.report = state.get("report", {})
+        magnet._restore_calibration(state)
         return magnet

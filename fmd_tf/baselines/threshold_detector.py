@@ -1,6 +1,11 @@
-"""`ThresholdDetector`: what the baseline detectors share about being calibrated."""
+"""`ThresholdDetector`: what the baseline detectors share about being calibrated and saved."""
 
 from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
 
 from fmd_tf.defense.fm_defense import NotCalibratedError
 
@@ -11,7 +16,11 @@ class ThresholdDetector:
     """Mixin of a detector that flags inputs whose score passes thresholds set on clean VAL
     images: it is calibrated once the attribute `_threshold_attr` is set (not None), and its
     scoring methods call `_require_calibrated` first. `_calibrate_call` names the call that
-    calibrates it, for the error message."""
+    calibrates it, for the error message.
+
+    Saving: `_calibration_state` is what a saved file holds of the calibration (the thresholds
+    under `_threshold_attr`, `fpr`, `report`), `_restore_calibration` its inverse and
+    `_read_state` reads a saved JSON file."""
 
     _threshold_attr = "threshold"
     _calibrate_call = "calibrate(x_val, fpr)"
@@ -25,3 +34,33 @@ class ThresholdDetector:
             raise NotCalibratedError(
                 f"{type(self).__name__} is not calibrated: call {self._calibrate_call} first "
                 "(or load a calibrated one)")
+
+    def _labels(self, x, batch_size: int) -> np.ndarray:
+        """The classifier's labels [N] (int64) of images x [N, H, W, C], batch by batch."""
+        return np.concatenate([
+            np.argmax(np.asarray(self.classifier(x[i : i + batch_size])), axis=-1)
+            for i in range(0, len(x), batch_size)
+        ]).astype(np.int64)
+
+    @staticmethod
+    def _parse_threshold(value):
+        """A saved threshold as the detector holds it (a float; MagNet: one per detector)."""
+        return float(value)
+
+    def _calibration_state(self) -> dict:
+        return {self._threshold_attr: getattr(self, self._threshold_attr), "fpr": self.fpr,
+                "report": self.report}
+
+    def _restore_calibration(self, state: dict) -> None:
+        if state.get(self._threshold_attr) is not None:
+            setattr(self, self._threshold_attr,
+                    self._parse_threshold(state[self._threshold_attr]))
+            self.fpr = state.get("fpr")
+        self.report = state.get("report", {})
+
+    @classmethod
+    def _read_state(cls, path: str) -> dict:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: not a saved {cls.__name__}")
+        with open(path) as f:
+            return json.load(f)
