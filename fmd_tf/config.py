@@ -155,9 +155,9 @@ class ClassifierConfig:
                                     "trades)", check=UNIT_LEFT_OPEN)
     adversarial_steps: int = option(10, "PGD steps of the training attack, each of size "
                                     "2.5 x adversarial_eps / steps", check=POSITIVE_INT)
-    trades_beta: float = option(3.0, "TRADES weight of the KL term (the TRADES paper uses 6 "
+    trades_beta: float = option(1.0, "TRADES weight of the KL term (the TRADES paper uses 6 "
                                 "for MNIST; the shipped Fashion-MNIST robust classifier, chosen "
-                                "on VAL, uses 3: docs/results.md \"Robust mode\")",
+                                "on VAL, uses 1: docs/results.md \"Robust mode\")",
                                 check=NON_NEGATIVE)
     init: str | None = option(None, "a saved classifier (.keras) of the same architecture "
                               "whose weights start the training: fine-tuning, e.g. adversarial "

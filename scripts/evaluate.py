@@ -19,7 +19,7 @@ Security evaluation (adaptive white-box attacks on the whole defense, one run pe
         --linf-eps 0.05,0.1,0.3 --l2-eps 1.5,3.0 --n 500 --out results/fmnist_adaptive
 
 An attack too costly for the whole grid runs at one budget, named by its report name (APGD
-through the whole defense: about 29 min per loss for 500 images of the robust mode on 2
+through the whole defense: about 29–36 min per loss for 500 images of the robust mode on 2
 CPU cores):
 
     python scripts/evaluate.py --attacks adaptive_pgd,apgd_ce_linf_0.1,apgd_dlr_linf_0.1 \
