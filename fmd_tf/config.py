@@ -421,6 +421,13 @@ class DefenseConfig:
         "whose combo-VAE reconstruction error exceeds the clean VAL (1 - recon_fpr) quantile",
         check=UNIT_RIGHT_OPEN, member_shared=True,
     )
+    margin_fpr: float = option(
+        0.0, "classifier-margin gate (not in the paper; 0 = off): reject inputs whose "
+        "classifier logit margin (top-1 minus top-2 logit) is below the clean VAL margin_fpr "
+        "quantile θm. With a robust classifier an attack within its budget rarely reaches a "
+        "confident wrong label, and most clean images it rejects were misclassified anyway",
+        check=UNIT_RIGHT_OPEN, member_shared=True,
+    )
     recon_metric: str = option(
         "mae",
         "the gate's reconstruction error e(x): mae (mean absolute error, the L1 error of "

@@ -1,10 +1,11 @@
 """Choosing FM-Defense's operating point on clean VAL data and VAL-made attacks (no test data).
 
 An operating point is the part of the calibration that does not change the morphs: the
-threshold mode and ρ of the resistance thresholds, and the reconstruction gate's metric,
-per-pixel tolerance τ and clean budget. All of them are re-thresholds of the same stored VAL
-resistances, so a whole grid costs one pass of the defense over VAL (for the calibration) and
-one over the adversarial VAL images.
+threshold mode and ρ of the resistance thresholds, the reconstruction gate's metric,
+per-pixel tolerance τ and clean budget, and the classifier-margin gate's clean budget. All of
+them are re-thresholds of the same stored VAL resistances, errors and logit margins, so a
+whole grid costs one pass of the defense over VAL (for the calibration) and one over the
+adversarial VAL images.
 
 Rule (`choose_row`): among the rows whose clean VAL defended accuracy is at least the
 classifier's VAL accuracy minus `clean_cost`, the one whose *smallest* defended accuracy over
@@ -60,7 +61,8 @@ STAGE_POINTS = (*OPERATING_POINTS, "config")
 PAPER_POINT = {"threshold_mode": "per_code", "rho": 0.999, "recon_fpr": 0.0,
                "purify_label": "reconstruction"}
 # The keys of a table row that set an FMDefense option.
-POINT_KEYS = ("threshold_mode", "rho", "recon_fpr", "recon_metric", "recon_pixel_tol")
+POINT_KEYS = ("threshold_mode", "rho", "recon_fpr", "recon_metric", "recon_pixel_tol",
+              "margin_fpr")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,11 @@ class OperatingPointConfig:
         ("mae", None), ("mse", None), ("pixel_share", 0.1), ("pixel_share", 0.15),
         ("pixel_share", 0.2))
     gate_budgets: tuple[float, ...] = (0.0, 0.0025, 0.005, 0.01, 0.02)
+    # Clean budgets of the classifier-margin gate (`margin_fpr`; 0 = off). Off only by
+    # default: against attacks on a standard classifier's decision boundary (FGSM, PGD) it
+    # adds little; a robust classifier's operating point is chosen with APGD and the margin
+    # attack (classifier_apgd_margin), e.g. (0.0, 0.01, 0.02, 0.03).
+    margin_budgets: tuple[float, ...] = (0.0,)
     # Morph budgets for inference (`select_budget`), cheapest expected first: the adaptive
     # budget (fmd_tf.defense.adaptive_budget) in rounds of 10 or 5 morphs, then with each
     # image's lowest 1 or 2 codes finished to all N morphs. () keeps the full budget.
@@ -99,8 +106,10 @@ class OperatingPointConfig:
             raise ValueError(f"clean_cost must be in [0, 1], got {self.clean_cost}")
         if not all(0.0 < r <= 1.0 for r in self.rhos) or not self.rhos:
             raise ValueError(f"rhos must lie in (0, 1], got {self.rhos}")
-        if not all(0.0 <= b < 1.0 for b in self.gate_budgets) or not self.gate_budgets:
-            raise ValueError(f"gate_budgets must lie in [0, 1), got {self.gate_budgets}")
+        for name in ("gate_budgets", "margin_budgets"):
+            budgets = getattr(self, name)
+            if not budgets or not all(0.0 <= b < 1.0 for b in budgets):
+                raise ValueError(f"{name} must lie in [0, 1), got {budgets}")
         if not 0.0 <= self.min_budget_agreement <= 1.0:
             raise ValueError(f"min_budget_agreement must be in [0, 1], got "
                              f"{self.min_budget_agreement}")
@@ -154,6 +163,7 @@ def operating_point_table(fmd, x_val, y_val, val_resistance, cfg: OperatingPoint
         each row holds the point's options (`POINT_KEYS`), its thresholds' summary and its
         `val_clean_defended_accuracy`, `val_clean_flagged`, `val_<attack>_defended_accuracy`.
     """
+    from fmd_tf.defense import calibration
     from fmd_tf.evaluation import harness
 
     unknown = [a for a in cfg.attacks if a not in harness.ATTACKS or a in harness.DEFENSE_AWARE]
@@ -166,11 +176,12 @@ def operating_point_table(fmd, x_val, y_val, val_resistance, cfg: OperatingPoint
         x_adv, _ = harness.adversarial_set(attack, fmd.classifier, x_att, y_att, cache_dir, seed)
         if verbose:
             print(f"operating point: defending {len(x_adv)} VAL {attack} images", flush=True)
-        adv[attack] = (fmd.defend_with_stats(x_adv, verbose=verbose, outcomes=True),
+        adv[attack] = ({**fmd.defend_with_stats(x_adv, verbose=verbose, outcomes=True),
+                        "margin": fmd.logit_margins(x_adv)},
                        harness.purified_labels(fmd, x_adv), x_adv)
     rows = []
     val_out = harness.val_outputs(fmd, x_val, val_resistance, None)
-    for metric, tol in cfg.gate_metrics:
+    for (metric, tol), margin_fpr in itertools.product(cfg.gate_metrics, cfg.margin_budgets):
         gate = fmd.copy_with(recon_metric=metric,
                              **({} if tol is None else {"recon_pixel_tol": tol}))
         val_out = {**val_out, "recon_error": gate.reconstruction_error(x_val)}
@@ -179,9 +190,11 @@ def operating_point_table(fmd, x_val, y_val, val_resistance, cfg: OperatingPoint
                     "recon_error": gate.reconstruction_error(x_adv)}, y_att)
             for name, (out, purified, x_adv) in adv.items()}
         grid = list(itertools.product(cfg.modes, cfg.rhos, cfg.gate_budgets))
-        rows += [{"recon_metric": metric, "recon_pixel_tol": tol, **row}
+        theta_m = calibration.margin_threshold(val_out["margin"], margin_fpr)
+        rows += [{"recon_metric": metric, "recon_pixel_tol": tol, "margin_fpr": margin_fpr,
+                  "theta_m": theta_m if np.isfinite(theta_m) else None, **row}
                  for row in harness.val_operating_points(fmd, val_out, y_val, grid,
-                                                         attack_outputs)]
+                                                         attack_outputs, theta_m)]
     return {"rows": rows,
             "classifier_val_accuracy": float(np.mean(val_out["classifier_label"] == y_val)),
             "attacks": {"names": list(cfg.attacks), "n": int(len(x_att)), "seed": seed},

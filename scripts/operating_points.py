@@ -3,17 +3,19 @@
     python scripts/operating_points.py [--model saved_models/fmnist] [--dataset fmnist]
         [--rho 0.999,0.99,0.98,0.97,0.96,0.95,0.9,0.8] [--recon-fpr 0,0.01,0.05]
         [--modes per_code,unified] [--recon-metric mae,mse,pixel_share]
-        [--recon-pixel-tol 0.1,0.15,0.2]
-        [--attacks fgsm,pgd --n-attack 500 [--cache results/cache]] [--out FILE.json [--overwrite]]
+        [--recon-pixel-tol 0.1,0.15,0.2] [--margin-fpr 0,0.01,0.02]
+        [--attacks fgsm,pgd --n-attack 500 [--cache results/cache] [--clean-cost 0.02]]
+        [--out FILE.json [--overwrite]]
 
-For every (threshold mode, ρ, reconstruction-gate budget) it re-calibrates θr, θd and θe on the
-model's stored clean VAL resistances (MODEL/val_resistance.npy, written by scripts/train.py) and
-reconstruction errors, as `FMDefense.calibrate` would, and prints what they give on those same
+For every (threshold mode, ρ, reconstruction-gate budget, classifier-margin-gate budget) it
+re-calibrates θr, θd, θe and θm on the model's stored clean VAL resistances
+(MODEL/val_resistance.npy, written by scripts/train.py), reconstruction errors and logit
+margins, as `FMDefense.calibrate` would, and prints what they give on those same
 VAL images: defended accuracy (final label right), flagged share, the largest θr and whether the
 detector can fire at all (a θr below 0 flags nothing, since resistance is never negative). This
 is the table an operating point is chosen from without looking at test images; apply the
-choice with `scripts/train.py --stages defense --reuse-val-resistance --rho R --recon-fpr G
---recon-metric M [--recon-pixel-tol T]`.
+choice with `scripts/train.py --stages defense --reuse-val-resistance --operating-point config
+--rho R --recon-fpr G --recon-metric M [--recon-pixel-tol T] [--margin-fpr F]`.
 
 `--recon-metric` (default: the model's own) lists the gate's reconstruction errors to compare
 (`FMDefense.recon_metric`); "pixel_share" gets one row set per `--recon-pixel-tol` value τ.
@@ -22,7 +24,9 @@ versions of the first `--n-attack` VAL images, made with the classifier-only att
 `fmd_tf.evaluation.harness.ATTACKS` (cached in --cache). These run the full defense once per image
 (morphs included: about 4 images/s on 2 CPU cores), and the script names the max-min row: the one
 whose smallest VAL defended accuracy over clean and the attacks is the largest (`max_min_row` in
---out), the rule the shipped operating point follows.
+--out), the rule the shipped operating point follows; with `--clean-cost C` only among the rows
+whose clean VAL defended accuracy is at least the classifier's minus C (`choose_row`, the rule
+of `scripts/train.py --operating-point auto`, whose C is 0.02).
 Exit status 2 (no traceback) for a missing model, data set or bad option.
 """
 
@@ -70,6 +74,11 @@ def parse_args(argv):
                    help="comma-separated classifier attacks on VAL images (e.g. fgsm,pgd)")
     p.add_argument("--n-attack", type=int, default=500,
                    help="VAL images attacked per attack (the first ones)")
+    p.add_argument("--margin-fpr", default="0",
+                   help="comma-separated clean budgets of the classifier-margin gate (0 = off)")
+    p.add_argument("--clean-cost", type=float, default=None,
+                   help="with --attacks: choose the max-min row among those within this much "
+                        "(a share, e.g. 0.015) of the classifier's clean VAL accuracy")
     add_cache_argument(p)
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -78,6 +87,9 @@ def parse_args(argv):
         raise UsageError(f"{args.out} exists; pass --overwrite to replace it")
     args.rho = _floats(args.rho, "rho", 0.0, 1.0, low_open=True)
     args.recon_fpr = _floats(args.recon_fpr, "recon-fpr", 0.0, 0.5, low_open=False)
+    args.margin_fpr = _floats(args.margin_fpr, "margin-fpr", 0.0, 0.5, low_open=False)
+    if args.clean_cost is not None and not 0.0 <= args.clean_cost <= 1.0:
+        raise UsageError(f"--clean-cost must be in [0, 1], got {args.clean_cost}")
     from fmd_tf.config import RECON_METRICS, THRESHOLD_MODES
     from fmd_tf.evaluation.harness import ATTACKS, DEFENSE_AWARE
 
@@ -118,7 +130,12 @@ def run(args) -> list[dict]:
     from fmd_tf.config import card_split_config
     from fmd_tf.data import paper_splits
     from fmd_tf.loading import load_defense
-    from fmd_tf.operating_point import OperatingPointConfig, max_min_row, operating_point_table
+    from fmd_tf.operating_point import (
+        OperatingPointConfig,
+        choose_row,
+        max_min_row,
+        operating_point_table,
+    )
 
     with usage_errors():
         fmd = load_defense(args.model)
@@ -137,7 +154,8 @@ def run(args) -> list[dict]:
         (args.recon_pixel_tol or [fmd.recon_pixel_tol]) if m == "pixel_share" else [None]))
     cfg = OperatingPointConfig(attacks=tuple(args.attacks), n_attack=args.n_attack,
                                modes=tuple(args.modes), rhos=tuple(args.rho),
-                               gate_metrics=gates, gate_budgets=tuple(args.recon_fpr))
+                               gate_metrics=gates, gate_budgets=tuple(args.recon_fpr),
+                               margin_budgets=tuple(args.margin_fpr))
     table = operating_point_table(fmd, splits.x_val, splits.y_val, r_val, cfg, args.cache,
                                   args.seed)
     rows, adv = table["rows"], args.attacks
@@ -147,31 +165,41 @@ def run(args) -> list[dict]:
           f"{100 * clf_acc:.2f} %, share with resistance 0 on some code "
           f"{100 * float(np.mean(r_val.min(axis=1) == 0)):.2f} %; shipped: "
           f"{fmd.threshold_mode}, θr max {float(np.max(fmd.theta_r.numpy())):+.3f}, gate "
-          f"{_metric_name(fmd.recon_metric, fmd.recon_pixel_tol)} {fmd.recon_fpr}"
+          f"{_metric_name(fmd.recon_metric, fmd.recon_pixel_tol)} {fmd.recon_fpr}, margin "
+          f"gate {fmd.margin_fpr}"
           + (f"; attacks on the first {len(x_att)} VAL images" if adv else ""))
-    print("| mode | ρ | gate | metric | θr max | detector fires | VAL defended accuracy | "
-          "VAL flagged |" + "".join(f" VAL {a} defended |" for a in adv))
-    print("|---|---|---|---|---|---|---|---|" + "---|" * len(adv))
+    print("| mode | ρ | gate | metric | margin gate | θm | θr max | detector fires | "
+          "VAL defended accuracy | VAL flagged |" + "".join(f" VAL {a} defended |" for a in adv))
+    print("|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(adv))
     for row in rows:
+        theta_m = "off" if row["theta_m"] is None else f"{row['theta_m']:.3f}"
         print(f"| {row['threshold_mode']} | {row['rho']} | {row['recon_fpr']} | "
               f"{_metric_name(row['recon_metric'], row['recon_pixel_tol'])} | "
+              f"{row['margin_fpr']} | {theta_m} | "
               f"{row['theta_r_max']:+.3f} | "
               f"{'yes' if row['detector_fires'] else 'no'} | "
               f"{100 * row['val_clean_defended_accuracy']:.2f} % | "
               f"{100 * row['val_clean_flagged']:.2f} % |"
               + "".join(f" {100 * row[f'val_{a}_defended_accuracy']:.2f} % |" for a in adv))
-    best = max_min_row(rows, list(adv)) if adv else None
-    if best is not None:
+    best = None
+    if adv:
+        best = (max_min_row(rows, list(adv)) if args.clean_cost is None
+                else choose_row(rows, list(adv), clf_acc, args.clean_cost))
         row = rows[best]
+        within = "" if args.clean_cost is None else \
+            f", clean VAL defended >= classifier - {args.clean_cost:g}"
         print(f"max-min row (largest smallest VAL defended accuracy over clean and "
-              f"{', '.join(adv)}): {row['threshold_mode']}, ρ {row['rho']}, gate "
-              f"{row['recon_fpr']} {_metric_name(row['recon_metric'], row['recon_pixel_tol'])}")
+              f"{', '.join(adv)}{within}): row {best}, {row['threshold_mode']}, ρ {row['rho']}, "
+              f"gate {row['recon_fpr']} "
+              f"{_metric_name(row['recon_metric'], row['recon_pixel_tol'])}, margin gate "
+              f"{row['margin_fpr']}")
     if args.out:
         from fmd_tf.files import write_json
 
         write_json(args.out, {"model": args.model, "val_classifier_accuracy": clf_acc,
                               "attacks": {"names": list(adv), "n": len(x_att) if adv else 0,
-                                          "seed": args.seed}, "max_min_row": best, "rows": rows})
+                                          "seed": args.seed}, "clean_cost": args.clean_cost,
+                              "max_min_row": best, "rows": rows})
     return rows
 
 

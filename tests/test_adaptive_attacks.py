@@ -222,7 +222,7 @@ def test_apgd_on_the_defense_breaks_the_classifier_and_checks_its_arguments(setu
     # (`fmd_tf.attacks.apgd`) also leaves 5 of its 20 images right.
     assert np.mean(_predict(fmd.classifier, x_adv) == y) <= {"ce": 0.1, "dlr": 0.3}[loss]
     with pytest.raises(ValueError, match="loss"):
-        adaptive_apgd(fmd, x[:2], y[:2], loss="margin")
+        adaptive_apgd(fmd, x[:2], y[:2], loss="hinge")
     with pytest.raises(ValueError, match="restarts"):
         adaptive_apgd(fmd, x[:2], y[:2], restarts=0)
 

@@ -377,13 +377,14 @@ def test_apgd_matches_art_on_the_classifier(setup, loss, art_loss):
 
 
 def test_classifier_apgd_harness_entries_run_apgd_at_linf_0_1(setup):
-    """`classifier_apgd_ce` / `_dlr` (scripts/evaluate.py --attacks) are `apgd` on the
-    classifier at L∞ 0.1 with their loss."""
+    """`classifier_apgd_ce` / `_dlr` / `_margin` (scripts/evaluate.py --attacks) are `apgd`
+    on the classifier at L∞ 0.1 with their loss."""
     from fmd_tf.attacks import apgd
     from fmd_tf.evaluation.harness import ATTACKS, adversarial_set
 
     model, x, y = setup
-    for name, loss in (("classifier_apgd_ce", "ce"), ("classifier_apgd_dlr", "dlr")):
+    for name, loss in (("classifier_apgd_ce", "ce"), ("classifier_apgd_dlr", "dlr"),
+                       ("classifier_apgd_margin", "margin")):
         assert ATTACKS[name].params["eps"] == 0.1 and ATTACKS[name].target == "classifier"
         x_adv, info = adversarial_set(name, model, x[:8], y[:8], None, params={"nb_iter": 10})
         assert info["params"]["loss"] == loss and not info["cached"]

@@ -500,7 +500,7 @@ SAVED_KEYS = {
     "eta", "min_suspicious", "eta_reference_rho", "purify_zu", "purify_label", "chunk_size",
     "seed", "adaptive_budget", "adaptive_round", "adaptive_alpha", "adaptive_refine_codes",
     "adaptive_order", "morph_dtype", "morph_check_margin", "recon_fpr", "recon_metric",
-    "recon_pixel_tol", "suspicious",
+    "recon_pixel_tol", "suspicious", "margin_fpr",
     "fmd_tf_format", "fmd_tf_version",  # which fmd_tf wrote the file (fmd_tf.loading)
 }
 

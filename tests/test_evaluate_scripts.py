@@ -206,6 +206,8 @@ def test_operating_points_on_clean_val(quick_model, tmp_path):
     (["--recon-pixel-tol", "0"], "--recon-pixel-tol: values must lie in (0.0, 1.0]"),
     (["--attacks", "adaptive_pgd"], "--attacks: choose from fgsm, pgd"),
     (["--n-attack", "0"], "--n-attack must be >= 1"),
+    (["--margin-fpr", "0.6"], "--margin-fpr: values must lie in [0.0, 0.5]"),
+    (["--clean-cost", "2"], "--clean-cost must be in [0, 1]"),
     (["--model", "/nonexistent/model"], "/nonexistent/model/fmd.keras not found"),
 ])
 def test_operating_points_bad_arguments(args, message):

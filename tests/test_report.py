@@ -47,7 +47,8 @@ def test_usage_errors_maps_only_the_named_errors():
 def _fake_defense(**changes):
     """The attributes `eta_curve` / `operating_point_rows` read, as plain numbers."""
     return types.SimpleNamespace(**{
-        "theta_r": np.array([0.5, 0.5]), "theta_e": np.inf, "threshold_mode": "per_code",
+        "theta_r": np.array([0.5, 0.5]), "theta_e": np.inf, "theta_m": -np.inf,
+        "threshold_mode": "per_code",
         "rho": 0.95, "recon_fpr": 0.01, "num_morphs": 10, "min_suspicious": 1,
         "eta_reference_rho": 0.9, "eta": 0.5, "suspicious": "purify",
         **changes})

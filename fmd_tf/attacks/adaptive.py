@@ -34,7 +34,10 @@ the verdict is a hard threshold test. The surrogate replaces
   ``tau``): ~0 when every code is above its threshold with margin, ~``max_i gap_i`` when one
   is below. Passing (verdict 0) needs r(i) > θr(i) for all i, hence the max. When the
   defense's reconstruction gate is on, ``τ·softplus((e(x)/θe - 1 + δ)/τ)`` is added (the
-  reconstruction error e(x) is differentiable as it is).
+  reconstruction error e(x) is differentiable as it is); when its classifier-margin gate is
+  on, ``τ·softplus((θm + δ - m(x))/τ)`` on misclassified inputs (m(x) = top-1 minus top-2
+  logit: the wrong label must win by at least θm, `_margin_gate_penalty`). A detector whose
+  thresholds θr are all below 0 cannot flag anything: its term and its morphs are left out.
 
 **Objective** (maximised, per example):
 ``min(margin_y(x), κ) - λ·penalty(x) [+ μ·min(margin_y(purified(x)), κ)]`` with
@@ -196,6 +199,26 @@ def _recon_gate_penalty(fmd, x, mean, zu, margin_r, tau):
     return tau * tf.nn.softplus(gap / tau)
 
 
+def _margin_gate_penalty(fmd, logits, y_onehot, margin_r, tau):
+    """τ·softplus((θm + δ - m(x))/τ) on the rows of `logits` [B, K] that are misclassified
+    (true class `y_onehot` [B, K]), 0 on the others: smooth surrogate of 'misclassified but
+    rejected by the classifier-margin gate' [B] (m(x) = top-1 minus top-2 logit); 0 when the
+    gate is off (θm = -inf). Correctly classified rows get no penalty, so that the fooling term
+    alone moves them across the decision boundary, where every margin is small."""
+    theta_m = tf.convert_to_tensor(fmd.theta_m, tf.float32)
+    on = tf.math.is_finite(theta_m)
+    top = tf.math.top_k(logits, k=2).values
+    gap = tf.where(on, theta_m, 0.0) + margin_r - (top[:, 0] - top[:, 1])
+    wrong = tf.not_equal(tf.argmax(logits, axis=-1), tf.argmax(y_onehot, axis=-1))
+    return tf.where(tf.logical_and(wrong, on), tau * tf.nn.softplus(gap / tau), 0.0)
+
+
+def _detector_can_flag(fmd):
+    """bool tensor: whether any input can be flagged by the resistance thresholds, i.e. a row
+    of zeros is (r(i) <= θr(i) for some i; `operating_point.resistance_can_flag`)."""
+    return tf.reduce_any(tf.convert_to_tensor(fmd.theta_r) >= 0.0)
+
+
 def _detection_penalty(soft_r, theta_r, margin_r, tau):
     """τ·softplus(smoothmax_τ(θr + δ - r~)/τ): smooth surrogate of 'flagged' [B]."""
     gap = theta_r[None, :] + margin_r - soft_r
@@ -269,6 +292,7 @@ def _objective(fmd, mode, eot_samples, morph_source, use_purified, fooled_loss=N
                     member, x_adv, target_onehot, member_seed, eot_samples, morph_source,
                     p["temperature"])
                 gate = _recon_gate_penalty(member, x_adv, mean, zu, 0.05, 0.05)
+                gate += _margin_gate_penalty(member, logits, y_onehot, 0.05, 0.05)
                 return tf.reduce_mean(soft_r, axis=-1) - gate
 
             fooled = tf.minimum(-_margin(logits, target_onehot), p["kappa"])
@@ -278,13 +302,25 @@ def _objective(fmd, mode, eot_samples, morph_source, use_purified, fooled_loss=N
 
         def detected_or_purified(member, member_seed):
             """-λ·penalty [+ μ·purified margin] of one member [B]."""
-            mean, zu, soft_r = _encode_and_soft_resistance(
-                member, x_adv, label, member_seed, eot_samples, morph_source, p["temperature"]
-            )
-            penalty = _detection_penalty(soft_r, member.theta_r, p["resistance_margin"],
-                                         p["tau"])
+            def with_detector():
+                mean, zu, soft_r = _encode_and_soft_resistance(
+                    member, x_adv, label, member_seed, eot_samples, morph_source,
+                    p["temperature"])
+                return mean, zu, _detection_penalty(soft_r, member.theta_r,
+                                                    p["resistance_margin"], p["tau"])
+
+            def without_detector():
+                mean, _, zu = member.combo_vae.encode(x_adv)
+                return mean, zu, tf.zeros([tf.shape(x_adv)[0]])
+
+            # A detector whose thresholds are all below 0 flags nothing (r >= 0 > θr): it is
+            # left out exactly, with its EOT morph passes (most of a step's cost).
+            mean, zu, penalty = tf.cond(_detector_can_flag(member), with_detector,
+                                        without_detector)
             penalty += _recon_gate_penalty(member, x_adv, mean, zu, p["resistance_margin"],
                                            p["tau"])
+            penalty += _margin_gate_penalty(member, logits, y_onehot, p["resistance_margin"],
+                                            p["tau"])
             term = -p["resistance_weight"] * penalty
             if use_purified:
                 zu_p = (member.combo_vae.dgmm.class_mean(zu) if member.purify_zu == "class_mean"

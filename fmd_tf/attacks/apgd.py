@@ -12,10 +12,12 @@ at the last checkpoint and the best value has not changed since (Croce & Hein, �
 Restarts start again from a random point of the ball; per example the first restart that
 succeeds is kept, else the last restart's best point.
 
-Losses: "ce" (cross-entropy of the true label) and "dlr" (`dlr_loss`, the Difference of
-Logits Ratio, invariant to shifts and scales of the logits). On the defense they replace the
-classifier margin of `adaptive.adaptive_pgd`'s objective (clipped at κ; the detector penalty
-and EOT as there).
+Losses: "ce" (cross-entropy of the true label), "dlr" (`dlr_loss`, the Difference of
+Logits Ratio, invariant to shifts and scales of the logits) and "margin" (`wrong_margin_loss`,
+how far the best wrong class leads all others, clipped at κ: the attack on a classifier-margin
+gate, which rejects inputs whose top two logits are closer than θm). On the defense they
+replace the classifier margin of `adaptive.adaptive_pgd`'s objective (clipped at κ; the
+detector penalty and EOT as there).
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ import tensorflow as tf
 
 from fmd_tf.attacks import adaptive
 
-__all__ = ["LOSSES", "apgd", "adaptive_apgd", "apgd_checkpoints", "dlr_loss"]
+__all__ = ["LOSSES", "apgd", "adaptive_apgd", "apgd_checkpoints", "dlr_loss",
+           "wrong_margin_loss"]
 
-LOSSES = ("ce", "dlr")
-# κ of the defense objective per loss: beyond it only the detector term moves the input.
-KAPPA = {"ce": 5.0, "dlr": 1.0}
+LOSSES = ("ce", "dlr", "margin")
+# κ of the defense objective per loss: beyond it only the detector term moves the input. The
+# margin loss's κ is also its clip on the classifier alone: a margin gate's θm must be below
+# it (the robust classifier's VAL θm at a few % of clean images is below 1 logit).
+KAPPA = {"ce": 5.0, "dlr": 1.0, "margin": 5.0}
 
 
 def dlr_loss(logits, onehot):
@@ -42,11 +47,24 @@ def dlr_loss(logits, onehot):
     return -(real - other) / (top[:, 0] - top[:, 2] + 1e-12)
 
 
+def wrong_margin_loss(logits, onehot):
+    """Z_a - max_{k≠a} Z_k [B] with a = argmax_{k≠y} Z_k the best wrong class, for logits
+    [B, K] and the true class `onehot` [B, K]: < 0 (= Z_a - Z_y) while the input is classified
+    right, the logit margin top-1 minus top-2 once it is misclassified (continuous at the
+    boundary). Maximising it, clipped at κ, gives a wrong label that wins by κ: what a
+    classifier-margin gate at θm < κ lets through."""
+    logits = tf.convert_to_tensor(logits, tf.float32)
+    wrong = logits - adaptive._BIG * onehot
+    best_wrong = tf.one_hot(tf.argmax(wrong, axis=-1), tf.shape(logits)[-1])
+    return tf.reduce_max(wrong, axis=-1) - tf.reduce_max(logits - adaptive._BIG * best_wrong,
+                                                         axis=-1)
+
+
 def _ce_loss(logits, onehot):
     return tf.nn.softmax_cross_entropy_with_logits(labels=onehot, logits=logits)
 
 
-_LOSS_FNS = {"ce": _ce_loss, "dlr": dlr_loss}
+_LOSS_FNS = {"ce": _ce_loss, "dlr": dlr_loss, "margin": wrong_margin_loss}
 
 
 def apgd_checkpoints(nb_iter: int) -> list[int]:
@@ -153,27 +171,36 @@ def _restarts(run_once, x, y, eps, norm, restarts, seed, batch_size, success):
 def apgd(classifier, x, y, eps: float = 0.1, norm: str = "linf", loss: str = "ce",
          nb_iter: int = 100, restarts: int = 1, batch_size: int = 128, seed: int = 0):
     """Untargeted APGD-`loss` on a classifier alone (images [n, H, W, C] in [0, 1], labels
-    [n]); returns float32 adversarial images within `eps` of `x` and in [0, 1]."""
+    [n]); returns float32 adversarial images within `eps` of `x` and in [0, 1].
+
+    With "ce" and "dlr" an input succeeds once misclassified (the first such iterate is
+    kept); with "margin" once misclassified by a logit margin of at least `KAPPA["margin"]`,
+    and otherwise the iterate with the largest clipped margin is kept."""
     _check(loss, nb_iter, restarts)
     x = np.array(x, np.float32)
     y = np.asarray(y).astype(np.int64).reshape(-1)
     num_classes = int(classifier(tf.constant(x[:1]), training=False).shape[-1])
     loss_fn = _LOSS_FNS[loss]
+    kappa = KAPPA[loss] if loss == "margin" else np.inf
 
     @tf.function(reduce_retracing=True)
     def value_and_grad(x_adv, onehot):
         with tf.GradientTape() as tape:
             tape.watch(x_adv)
             logits = tf.cast(classifier(x_adv, training=False), tf.float32)
-            value = loss_fn(logits, onehot)
+            value = tf.minimum(loss_fn(logits, onehot), kappa)
             total = tf.reduce_sum(value)
-        misclassified = tf.argmax(logits, -1) != tf.argmax(onehot, -1)
-        return value, tape.gradient(total, x_adv), misclassified
+        done = tf.argmax(logits, -1) != tf.argmax(onehot, -1)
+        if loss == "margin":
+            done = value >= kappa
+        return value, tape.gradient(total, x_adv), done
 
     def wrong(x_adv, yb):
         logits = np.concatenate([np.asarray(classifier(tf.constant(x_adv[i:i + 512]),
                                                        training=False))
                                  for i in range(0, len(x_adv), 512)])
+        if loss == "margin":
+            return wrong_margin_loss(logits, tf.one_hot(yb, num_classes)).numpy() >= kappa
         return np.argmax(logits, -1) != yb
 
     def run_once(xb, yb, x0, _):

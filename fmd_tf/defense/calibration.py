@@ -24,6 +24,12 @@ have e > θe; with a discrete error (pixel_share: multiples of 1/pixels) ties at
 VAL rejection rate smaller than the budget, never larger. The clean false-positive
 budget of the whole defense is then at most (1 - ρ) + recon_fpr.
 
+Classifier-margin gate (not in the paper, off when `margin_fpr` = 0): an input whose logit
+margin m(x) = Z_(1)(x) - Z_(2)(x) (top-1 minus top-2 logit of the classifier) is below θm is
+rejected whatever its resistance. θm is the smallest VAL margin such that at most
+⌊margin_fpr·n⌋ clean VAL images have m < θm. With both gates the clean budget is at most
+(1 - ρ) + recon_fpr + margin_fpr.
+
 θd (η-fractile rule): the η-quantile (linear interpolation) of Dis over the suspicious VAL
 images. With ρ = 0.999 and 2,000 VAL images at most two are suspicious, too few for a
 fractile; when fewer than `min_suspicious` are suspicious, the same rule is applied with the
@@ -141,3 +147,25 @@ def recon_threshold(errors: np.ndarray, fpr: float) -> float:
     if fpr == 0.0:
         return float("inf")
     return float(e[int(np.floor(fpr * e.size + 1e-9))])
+
+
+def logit_margin(logits):
+    """m(x) = Z_(1) - Z_(2), the top-1 minus the top-2 logit [B] of `logits` [B, K] (a tensor
+    or an array; K >= 2): the classifier-margin gate's score (low = unsure)."""
+    import tensorflow as tf
+
+    top = tf.math.top_k(tf.convert_to_tensor(logits, tf.float32), k=2).values
+    return top[:, 0] - top[:, 1]
+
+
+def margin_threshold(margins: np.ndarray, fpr: float) -> float:
+    """θm of the classifier-margin gate: at most ⌊fpr·n⌋ of the clean `margins` [n] are below
+    it (an input is rejected iff m(x) < θm). `fpr` = 0 disables the gate (θm = -inf)."""
+    if not 0.0 <= fpr < 1.0:
+        raise ValueError(f"margin_fpr must be in [0, 1), got {fpr}")
+    m = np.sort(np.asarray(margins, dtype=np.float64).reshape(-1))
+    if m.size == 0:
+        raise ValueError("margins must be non-empty")
+    if fpr == 0.0:
+        return float("-inf")
+    return float(m[int(np.floor(fpr * m.size + 1e-9))])

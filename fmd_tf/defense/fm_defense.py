@@ -118,7 +118,8 @@ def validate_images(images, image_shape):
         return tf.identity(images)
 
 
-def decide(resistance, theta_r, theta_d, recon_error=None, theta_e=None):
+def decide(resistance, theta_r, theta_d, recon_error=None, theta_e=None, margin=None,
+           theta_m=None):
     """Verdicts of the detector-purifier from resistance vectors (§III-A, Eq. 5).
 
     Args:
@@ -127,6 +128,8 @@ def decide(resistance, theta_r, theta_d, recon_error=None, theta_e=None):
         theta_d: scalar distance threshold; suspicious rows with Dis <= θd are purified.
         recon_error, theta_e: optional reconstruction gate (not in the paper): rows with
             recon_error [B] > θe are rejected whatever their resistance.
+        margin, theta_m: optional classifier-margin gate (not in the paper): rows with logit
+            margin [B] < θm are rejected whatever their resistance.
 
     Returns:
         (verdict int32 [B]: 0 passed, 1 purified, 2 rejected; distance Dis(r, θr) float32 [B]).
@@ -142,6 +145,8 @@ def decide(resistance, theta_r, theta_d, recon_error=None, theta_e=None):
     )
     if recon_error is not None:
         verdict = tf.where(recon_error > theta_e, VERDICT_REJECTED, verdict)
+    if margin is not None:
+        verdict = tf.where(margin < theta_m, VERDICT_REJECTED, verdict)
     return tf.cast(verdict, tf.int32), distance
 
 
@@ -264,6 +269,14 @@ class BatchedDefense:
         parts = in_batches(lambda b: fn(tf.constant(b), **flags), x, batch_size, verbose)
         return {k: np.concatenate([p[k].numpy() for p in parts]) for k in keys}
 
+    def logit_margins(self, x, batch_size: int = 512) -> np.ndarray:
+        """[n] the classifier's logit margin m(x) (top-1 minus top-2 logit; the margin gate's
+        score) of each image of `x`."""
+        x = self._as_batch(x)
+        return np.concatenate([
+            calibration.logit_margin(self.classifier(tf.constant(x[i : i + batch_size])))
+            .numpy() for i in range(0, len(x), batch_size)])
+
     def detect(self, x, batch_size: int = 64, verbose: int = 0):
         """ART-style detection: (report dict, is_adversarial [n] bool = verdict != passed).
         `verbose` shows a progress bar."""
@@ -280,8 +293,9 @@ class FMDefense(BatchedDefense, keras.Model):
     resistance r(i) = share of morphs classified y0. Verdict: passed if r(i) > θr(i) for all i;
     else purified if Dis(r, θr) <= θd (label = classifier(decoder(μs(x) ‖ zu))); else rejected
     (label -1). With `recon_fpr` > 0 (not in the paper) an input whose reconstruction error
-    exceeds θe is rejected first. See `fmd_tf.defense.calibration` for how θr, θd and θe are
-    set.
+    exceeds θe is rejected first, and with `margin_fpr` > 0 (not in the paper) one whose
+    classifier logit margin is below θm. See `fmd_tf.defense.calibration` for how θr, θd, θe
+    and θm are set.
 
     All B·m·N morphs run through decoder and classifier in chunks of `chunk_size` inside one
     graph (`tf.map_fn`), so memory is bounded and there is no Python loop at run time. The
@@ -310,7 +324,8 @@ class FMDefense(BatchedDefense, keras.Model):
     Call: images float32 [B, H, W, C] in [0, 1] -> dict with `label` int64 [B] (-1 when
     rejected), `verdict` int32 [B] (0 passed, 1 purified, 2 rejected), `classifier_label` int64
     [B], `resistance` float32 [B, m], `distance` float32 [B], `purified` float32 [B, H, W, C],
-    `recon_error` float32 [B] (`recon_metric` error of decoder(μs(x) ‖ zu(x)) against x).
+    `recon_error` float32 [B] (`recon_metric` error of decoder(μs(x) ‖ zu(x)) against x). The
+    classifier's logit margin, the margin gate's score, is `logit_margins(x)`.
     """
 
     def __init__(self, classifier, combo_vae, config=None, jit_compile=None, **options):
@@ -388,8 +403,9 @@ class FMDefense(BatchedDefense, keras.Model):
             config[name] = list(value) if isinstance(value, tuple) else value
         return config
 
+    # In the order `build` adds them (the order of a saved file's variables).
     STATE_WEIGHTS = ("code_low", "code_high", "theta_r", "theta_d", "theta_e", "calibrated",
-                     "search_table")
+                     "search_table", "theta_m")
 
     def copy_with(self, classifier=None, **changes) -> FMDefense:
         """A built copy with other constructor options (`changes`: DefenseConfig fields or
@@ -438,7 +454,19 @@ class FMDefense(BatchedDefense, keras.Model):
         self.search_table = weight(
             "search_table", table.shape, keras.initializers.Constant(table)
         )
+        self.theta_m = weight("theta_m", (), keras.initializers.Constant(-np.inf))
         self.built = True
+
+    def load_own_variables(self, store):
+        # A file saved before the margin gate existed has every state weight but θm (the last
+        # one): it loads with the gate off (θm = -inf), as it behaved.
+        own = self._trainable_variables + self._non_trainable_variables
+        if len(store.keys()) == len(own) - 1 and own[-1] is self.theta_m:
+            for i, variable in enumerate(own[:-1]):
+                variable.assign(store[f"{i}"])
+            self.theta_m.assign(-np.inf)
+            return
+        super().load_own_variables(store)
 
     def get_build_config(self):
         return {"input_shape": [None, *self._image_shape]} if self._image_shape else {}
@@ -567,7 +595,8 @@ class FMDefense(BatchedDefense, keras.Model):
     def _defend_valid(self, images, with_stats=False, with_outcomes=False):
         """`_defend` on already validated float32 images (any batch size, 0 included);
         `with_outcomes`: the full budget, and its morph outcomes [B, m, N] bool."""
-        label = tf.argmax(self.classifier(images), axis=-1)
+        logits = self.classifier(images)
+        label = tf.argmax(logits, axis=-1)
         mean, _, zu = self.combo_vae.encode(images)
         if with_outcomes:
             outcomes = self._full_outcomes(mean, zu, label)
@@ -579,7 +608,8 @@ class FMDefense(BatchedDefense, keras.Model):
         recon_error = reconstruction_error(images, reconstruction, self.recon_metric,
                                            self.recon_pixel_tol)
         verdict, distance = decide(resistance, self.theta_r, self.purify_threshold(),
-                                   recon_error, self.theta_e)
+                                   recon_error, self.theta_e,
+                                   calibration.logit_margin(logits), self.theta_m)
         return {
             "label": final_label(verdict, label, purified_label),
             "verdict": verdict,
@@ -657,7 +687,7 @@ class FMDefense(BatchedDefense, keras.Model):
 
     def calibrate(self, x_val, batch_size: int = 64, val_resistance=None,
                   verify_rows: int = 32, verbose: int = 0) -> dict:
-        """Set normal ranges, θr and θd from clean validation images (ART's `fit`).
+        """Set normal ranges, θr, θd, θe and θm from clean validation images (ART's `fit`).
 
         `val_resistance` [n, m]: resistances of `x_val` computed earlier by this very model and
         morph settings (e.g. `val_resistance.npy` from a previous calibration), to change ρ / η /
@@ -701,11 +731,15 @@ class FMDefense(BatchedDefense, keras.Model):
         )
         e_val = self.reconstruction_error(x_val)
         theta_e = calibration.recon_threshold(e_val, self.recon_fpr)
+        m_val = self.logit_margins(x_val)
+        theta_m = calibration.margin_threshold(m_val, self.margin_fpr)
         self.theta_r.assign(theta_r)
         self.theta_d.assign(theta_d)
         self.theta_e.assign(theta_e)
+        self.theta_m.assign(theta_m)
         self.calibrated.assign(1.0)
-        flagged = calibration.is_suspicious(r_val, theta_r) | (e_val > theta_e)
+        flagged = (calibration.is_suspicious(r_val, theta_r) | (e_val > theta_e)
+                   | (m_val < theta_m))
         return {
             "num_val": int(len(x_val)),
             "code_low": low.tolist(),
@@ -719,6 +753,9 @@ class FMDefense(BatchedDefense, keras.Model):
             "theta_e": theta_e if np.isfinite(theta_e) else None,
             "val_recon_rejected_rate": float(np.mean(e_val > theta_e)),
             "val_recon_error_median": float(np.median(e_val)),
+            "margin_fpr": self.margin_fpr,
+            "theta_m": theta_m if np.isfinite(theta_m) else None,
+            "val_margin_rejected_rate": float(np.mean(m_val < theta_m)),
             "val_mean_resistance": r_val.mean(axis=0).tolist(),
             "val_share_min_resistance_zero": float(np.mean(r_val.min(axis=1) == 0.0)),
             "val_resistance": r_val,

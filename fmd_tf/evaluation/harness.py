@@ -63,6 +63,10 @@ ATTACKS = {
                                           "nb_iter": 100}),
     "classifier_apgd_dlr": Attack("apgd", {"eps": 0.1, "norm": "linf", "loss": "dlr",
                                            "nb_iter": 100}),
+    # ... and with the wrong-class margin loss (a wrong label that wins by κ 5 logits): the
+    # attack on a classifier-margin gate (`margin_fpr`).
+    "classifier_apgd_margin": Attack("apgd", {"eps": 0.1, "norm": "linf", "loss": "margin",
+                                              "nb_iter": 100}),
     # Black-box attacks on the classifier (fmd_tf.attacks.black_box, ART): score-based with at
     # most 1,000 queries per image, and decision-based (labels only).
     "square": Attack("square", {"eps": 0.2, "max_queries": 1000}),
@@ -97,6 +101,9 @@ ATTACKS = {
     "apgd_dlr": Attack("adaptive_apgd", {"eps": 0.1, "norm": "linf", "nb_iter": 100,
                                          "loss": "dlr", "eot_samples": 8},
                        target="defense", budgeted=True),
+    "apgd_margin": Attack("adaptive_apgd", {"eps": 0.1, "norm": "linf", "nb_iter": 100,
+                                            "loss": "margin", "eot_samples": 8},
+                          target="defense", budgeted=True),
     # Black-box attacks on the defended endpoint through its public outputs
     # (fmd_tf.attacks.api_attacks; the threat model of a TF Serving client), 1,000 or 5,000
     # queries per image, each a defended forward pass: GPU-sized at n = 500. Square reads
@@ -199,10 +206,11 @@ PAPER_TABLE_II_MNIST = {
 }
 
 
-def classifier_fingerprint(model) -> str:
-    """sha256 (16 hex digits) of the classifier's weights: adversarial caches are keyed by it."""
+def classifier_fingerprint(model, weights=None) -> str:
+    """sha256 (16 hex digits) of the classifier's weights (or of the arrays `weights`):
+    adversarial caches are keyed by it."""
     h = hashlib.sha256()
-    for w in model.get_weights():
+    for w in model.get_weights() if weights is None else weights:
         h.update(np.ascontiguousarray(w).tobytes())
     return h.hexdigest()[:16]
 
@@ -268,9 +276,16 @@ def expand_budgets(attacks, linf_eps=(), l2_eps=()) -> list[tuple[str, str, dict
 
 
 def defense_fingerprint(fmd) -> str:
-    """sha256 (16 hex digits) of all of a defense's weights and its config."""
-    h = hashlib.sha256(classifier_fingerprint(fmd).encode())
-    h.update(json.dumps(fmd.get_config(), sort_keys=True, default=str).encode())
+    """sha256 (16 hex digits) of all of a defense's weights and its config. A classifier-margin
+    gate that is off (θm = -inf, `margin_fpr` 0) is left out: a defense behaves as one saved
+    before the gate existed, and keeps the fingerprint (and cached outputs) it had then."""
+    weights = [w.numpy() for w in fmd.weights
+               if not (w.path.endswith("theta_m") and w.numpy() == -np.inf)]
+    h = hashlib.sha256(classifier_fingerprint(fmd, weights).encode())
+    config = fmd.get_config()
+    if config.get("margin_fpr") == 0.0:
+        del config["margin_fpr"]
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 
@@ -471,8 +486,8 @@ def val_outputs(fmd, x_val, resistance, recon_error, batch_size: int = 512) -> d
     """Stored-output dict of `fmd` on its clean VAL images, for `reverdict`, without morphs.
 
     `resistance` [n, m] and `recon_error` [n] are the VAL resistances and reconstruction errors
-    the thresholds were calibrated on (e.g. val_resistance.npy); only the classifier labels of
-    the images and of their purified versions are computed here.
+    the thresholds were calibrated on (e.g. val_resistance.npy); only the classifier labels and
+    logit margins of the images and the labels of their purified versions are computed here.
     """
     import tensorflow as tf
 
@@ -480,15 +495,16 @@ def val_outputs(fmd, x_val, resistance, recon_error, batch_size: int = 512) -> d
                                                           tf.float32)), axis=-1).numpy()
               for i in range(0, len(x_val), batch_size)]
     return {"resistance": np.asarray(resistance), "recon_error": np.asarray(recon_error),
-            "classifier_label": np.concatenate(labels),
+            "classifier_label": np.concatenate(labels), "margin": fmd.logit_margins(x_val),
             "purified_label": purified_labels(fmd, x_val, batch_size)}
 
 
-def reverdict(out: dict, theta_r, theta_d, theta_e=np.inf) -> dict:
+def reverdict(out: dict, theta_r, theta_d, theta_e=np.inf, theta_m=-np.inf) -> dict:
     """Verdicts and final labels of stored FM-Defense outputs under other thresholds.
 
-    Needs `purified_label` (`purified_labels`: the label the purifier gives) in `out`, and
-    `recon_error` when the reconstruction gate θe is finite.
+    Needs `purified_label` (`purified_labels`: the label the purifier gives) in `out`,
+    `recon_error` when the reconstruction gate θe is finite and `margin` (`logit_margins`)
+    when the classifier-margin gate θm is.
     """
     from fmd_tf.defense import calibration
 
@@ -498,6 +514,8 @@ def reverdict(out: dict, theta_r, theta_d, theta_e=np.inf) -> dict:
     verdict = np.where(suspicious, np.where(dist <= theta_d, 1, 2), 0)
     if np.isfinite(theta_e):
         verdict = np.where(out["recon_error"] > theta_e, 2, verdict)
+    if np.isfinite(theta_m):
+        verdict = np.where(out["margin"] < theta_m, 2, verdict)
     label = np.where(verdict == 0, out["classifier_label"],
                      np.where(verdict == 1, out["purified_label"], -1))
     return {"verdict": verdict, "label": label}
@@ -522,7 +540,8 @@ def theta_d_entry(theta_d) -> float | None:
     return float(theta_d) if np.isfinite(theta_d) else None
 
 
-def val_operating_points(fmd, val_out: dict, y_val, grid, attack_outputs=None) -> list[dict]:
+def val_operating_points(fmd, val_out: dict, y_val, grid, attack_outputs=None,
+                         theta_m=None) -> list[dict]:
     """Clean VAL figures of other operating points: for each (mode, ρ, gate budget) of `grid`,
     θr / θd / θe re-calibrated on the stored VAL outputs (`val_outputs`) and what they give on
     those same VAL images: defended accuracy, flagged share, and whether any θr(i) >= 0 (below
@@ -530,13 +549,16 @@ def val_operating_points(fmd, val_out: dict, y_val, grid, attack_outputs=None) -
 
     `attack_outputs` {name: (out, y)}: stored defense outputs (`reverdict` keys, with the same
     reconstruction error as `val_out`) of adversarial versions of VAL images and their true
-    labels; each row then also gives `val_<name>_defended_accuracy` (rejected or right).
+    labels; each row then also gives `val_<name>_defended_accuracy` (rejected or right). The
+    classifier-margin gate is `theta_m` (None: `fmd`'s own θm; the outputs then need
+    `margin` where it is finite).
     """
+    theta_m = float(np.asarray(fmd.theta_m if theta_m is None else theta_m))
     rows = []
     for mode, rho, recon_fpr in grid:
         theta_r, theta_d, theta_e = operating_point_thresholds(
             fmd, val_out["resistance"], val_out["recon_error"], mode, rho, recon_fpr)
-        v = reverdict(val_out, theta_r, theta_d, theta_e)
+        v = reverdict(val_out, theta_r, theta_d, theta_e, theta_m)
         row = {
             "threshold_mode": mode, "rho": rho, "recon_fpr": recon_fpr,
             "theta_r_max": float(np.max(theta_r)),
@@ -547,7 +569,7 @@ def val_operating_points(fmd, val_out: dict, y_val, grid, attack_outputs=None) -
             "val_clean_flagged": float(np.mean(v["verdict"] != 0)),
         }
         for name, (out, y) in (attack_outputs or {}).items():
-            a = reverdict(out, theta_r, theta_d, theta_e)
+            a = reverdict(out, theta_r, theta_d, theta_e, theta_m)
             row[f"val_{name}_defended_accuracy"] = metrics.defended_accuracy(
                 a["label"], a["verdict"], y, True)
         rows.append(row)

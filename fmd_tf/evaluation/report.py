@@ -75,6 +75,7 @@ def _run_fm(fmd, x, batch_size, verbose=0, cache_dir=None):
     def run(images):
         out = fmd.defend(images, batch_size=batch_size, verbose=verbose)
         out["purified_label"] = purified_labels(fmd, images)
+        out["margin"] = fmd.logit_margins(images)
         return out
 
     out, _ = defense_outputs("fm_defense", f"{defense_fingerprint(fmd)} batch {batch_size}",
@@ -97,21 +98,23 @@ def eta_curve(fmd, r_val, clean: dict, adv: dict, y, etas=ETAS) -> dict:
 
     `clean`, `adv`: stored outputs on the clean images and their adversarial versions (true
     labels `y`) with `resistance`, `classifier_label`, `purified_label` (and `recon_error` when
-    θe is finite). `fmd` needs only `theta_r`, `theta_e`, `threshold_mode`, `num_morphs`,
+    θe is finite, `margin` when θm is). `fmd` needs only `theta_r`, `theta_e`, `theta_m`,
+    `threshold_mode`, `num_morphs`,
     `min_suspicious` and `eta_reference_rho`. Recalls are None where nothing is purified.
     """
     from fmd_tf.defense import calibration
     from fmd_tf.evaluation import harness, metrics
 
     theta_r, theta_e = np.asarray(fmd.theta_r), float(np.asarray(fmd.theta_e))
+    theta_m = float(np.asarray(fmd.theta_m))
     curve = {"eta": list(etas), "adversarial_recall": [], "clean_recall": [],
              "paper_final_accuracy": []}
     for eta in etas:
         theta_d, _ = calibration.distance_threshold(
             r_val, theta_r, eta, fmd.threshold_mode, fmd.num_morphs, fmd.min_suspicious,
             fmd.eta_reference_rho)
-        c = {**clean, **harness.reverdict(clean, theta_r, theta_d, theta_e)}
-        a = {**adv, **harness.reverdict(adv, theta_r, theta_d, theta_e)}
+        c = {**clean, **harness.reverdict(clean, theta_r, theta_d, theta_e, theta_m)}
+        a = {**adv, **harness.reverdict(adv, theta_r, theta_d, theta_e, theta_m)}
         curve["adversarial_recall"].append(metrics.purification_recall(a["label"], a["verdict"], y))
         curve["clean_recall"].append(metrics.purification_recall(c["label"], c["verdict"], y))
         curve["paper_final_accuracy"].append(metrics.paper_final_accuracy(c, a, y, y))
@@ -125,11 +128,13 @@ def operating_point_rows(fmd, r_val, e_val, clean: dict, adv_out: dict, y, val_o
     the same VAL resistances `r_val` and errors `e_val`: on the clean images (`clean`, labels
     `y`) and each attack of `adv_out` {name: stored outputs}. With `val_out`
     (`harness.val_outputs`, labels `y_val`) each row also gives the clean VAL defended
-    accuracy, i.e. what an operating point chosen on VAL alone would see."""
+    accuracy, i.e. what an operating point chosen on VAL alone would see. The
+    classifier-margin gate stays the model's own (θm)."""
     from fmd_tf.evaluation import harness, metrics
 
     grid = list(grid)
     own = (fmd.threshold_mode, fmd.rho, fmd.recon_fpr)  # the model's own point is always a row
+    theta_m = float(np.asarray(fmd.theta_m))
     if own not in grid:
         grid.append(own)
     val_rows = (harness.val_operating_points(fmd, val_out, y_val, grid) if val_out is not None
@@ -138,7 +143,7 @@ def operating_point_rows(fmd, r_val, e_val, clean: dict, adv_out: dict, y, val_o
     for (mode, rho, recon_fpr), val_row in zip(grid, val_rows, strict=True):
         theta_r, theta_d, theta_e = harness.operating_point_thresholds(
             fmd, r_val, e_val, mode, rho, recon_fpr)
-        c = harness.reverdict(clean, theta_r, theta_d, theta_e)
+        c = harness.reverdict(clean, theta_r, theta_d, theta_e, theta_m)
         row = {"threshold_mode": mode, "rho": rho, "recon_fpr": recon_fpr,
                "theta_d": harness.theta_d_entry(theta_d),
                "clean_defended_accuracy": metrics.defended_accuracy(
@@ -148,7 +153,7 @@ def operating_point_rows(fmd, r_val, e_val, clean: dict, adv_out: dict, y, val_o
             if key in val_row:
                 row[key] = val_row[key]
         for name, out in adv_out.items():
-            a = harness.reverdict(out, theta_r, theta_d, theta_e)
+            a = harness.reverdict(out, theta_r, theta_d, theta_e, theta_m)
             row[f"{name}_defended_accuracy"] = metrics.defended_accuracy(
                 a["label"], a["verdict"], y, True)
         rows.append(row)
