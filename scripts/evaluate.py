@@ -19,8 +19,8 @@ Security evaluation (adaptive white-box attacks on the whole defense, one run pe
         --linf-eps 0.05,0.1,0.3 --l2-eps 1.5,3.0 --n 500 --out results/fmnist_adaptive
 
 An attack too costly for the whole grid runs at one budget, named by its report name (APGD
-through the whole defense: about 29–36 min per loss for 500 images of the robust mode on 2
-CPU cores):
+through the whole defense: about 29–36 min per loss for 500 images on 2 CPU cores when the
+resistance thresholds can flag; about 2 min on the robust mode, whose cannot):
 
     python scripts/evaluate.py --attacks adaptive_pgd,apgd_ce_linf_0.1,apgd_dlr_linf_0.1 \
         --linf-eps 0.1,0.3 --n 500 --no-baselines --out results/DIR

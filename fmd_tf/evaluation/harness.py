@@ -93,8 +93,9 @@ ATTACKS = {
                                   target="defense", budgeted=True),
     # APGD-CE / APGD-DLR (Croce & Hein 2020) on the whole FM-Defense through the same
     # surrogate (fmd_tf.attacks.apgd): 100 steps, EOT over 8 morphs per code and step. Each
-    # step costs 8·m decoder+classifier passes per image: about 29 min per 500 images on the
-    # robust mode on 2 CPU cores, so run at one budget (`pinned_budget`: apgd_ce_linf_0.1).
+    # step costs 8·m decoder+classifier passes per image when a resistance threshold can flag
+    # (about 29 min per 500 images on 2 CPU cores; 2 min when none can, as on the robust mode),
+    # so run at one budget (`pinned_budget`: apgd_ce_linf_0.1).
     "apgd_ce": Attack("adaptive_apgd", {"eps": 0.1, "norm": "linf", "nb_iter": 100,
                                         "loss": "ce", "eot_samples": 8},
                       target="defense", budgeted=True),
