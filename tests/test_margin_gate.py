@@ -248,3 +248,16 @@ def test_a_detector_that_cannot_flag_is_left_out_of_the_adaptive_objective():
     can = values(0.9)
     assert not np.array_equal(can[0], can[1])
     assert np.all(can[0] < never[0])  # a detector that flags costs the attacker
+
+
+def test_the_served_saved_model_applies_the_margin_gate(gated, tmp_path):
+    from fmd_tf.export import export_serving
+
+    fmd, _, _ = gated
+    x = tiny_images(12, seed=13)
+    reference = fmd.defend(x)
+    assert np.any((fmd.logit_margins(x) < fmd.theta_m.numpy()) & (reference["verdict"] == 2))
+    path = export_serving(fmd, tmp_path)
+    out = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(x))
+    np.testing.assert_array_equal(out["verdict"].numpy(), reference["verdict"])
+    np.testing.assert_array_equal(out["label"].numpy(), reference["label"])
