@@ -424,8 +424,9 @@ class DefenseConfig:
     margin_fpr: float = option(
         0.0, "classifier-margin gate (not in the paper; 0 = off): reject inputs whose "
         "classifier logit margin (top-1 minus top-2 logit) is below the clean VAL margin_fpr "
-        "quantile θm. With a robust classifier an attack within its budget rarely reaches a "
-        "confident wrong label, and most clean images it rejects were misclassified anyway",
+        "quantile θm (in probabilities for a classifier with a softmax output). With a robust "
+        "classifier an attack within its budget rarely reaches a confident wrong label, and "
+        "most clean images it rejects were misclassified anyway",
         check=UNIT_RIGHT_OPEN, member_shared=True,
     )
     recon_metric: str = option(
