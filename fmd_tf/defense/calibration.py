@@ -160,12 +160,11 @@ def logit_margin(logits):
 
 def margin_threshold(margins: np.ndarray, fpr: float) -> float:
     """θm of the classifier-margin gate: at most ⌊fpr·n⌋ of the clean `margins` [n] are below
-    it (an input is rejected iff m(x) < θm). `fpr` = 0 disables the gate (θm = -inf)."""
+    it (an input is rejected iff m(x) < θm). `fpr` = 0 disables the gate (θm = -inf).
+
+    The reconstruction gate's rule on -m: m < θm iff -m > -θm."""
     if not 0.0 <= fpr < 1.0:
         raise ValueError(f"margin_fpr must be in [0, 1), got {fpr}")
-    m = np.sort(np.asarray(margins, dtype=np.float64).reshape(-1))
-    if m.size == 0:
+    if np.size(margins) == 0:
         raise ValueError("margins must be non-empty")
-    if fpr == 0.0:
-        return float("-inf")
-    return float(m[int(np.floor(fpr * m.size + 1e-9))])
+    return -recon_threshold(-np.asarray(margins, dtype=np.float64), fpr)
