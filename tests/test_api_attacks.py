@@ -626,6 +626,23 @@ def test_harness_names_run_through_adversarial_set(strict_defense, tmp_path):
         np.testing.assert_array_equal(again, x_adv)
         for key, value in rec.items():  # the record is cached with the images
             np.testing.assert_array_equal(info["record"][key], value, err_msg=key)
+    # The 5,000-query runs are made in resumable pieces; the records of the pieces are joined.
+    assert all(harness.ATTACKS[name].chunk == 20 for name in API_NAMES if name.endswith("_5k"))
+    square = harness.ATTACKS["api_square_5k"]
+    piece, _ = harness.adversarial_set("api_square_5k", fmd.classifier, x[2:], y[2:],
+                                       str(tmp_path), params={"max_queries": 4}, defense=fmd)
+    harness.ATTACKS["api_square_5k"] = square._replace(chunk=2)
+    try:
+        x_adv, info = harness.adversarial_set("api_square_5k", fmd.classifier, x, y,
+                                              str(tmp_path), params={"max_queries": 4},
+                                              defense=fmd)
+    finally:
+        harness.ATTACKS["api_square_5k"] = square
+    assert not info["cached"] and set(info["record"]) == {"queries", "success", "verdict",
+                                                          "label", "linf"}
+    np.testing.assert_array_equal(x_adv[2:], piece)  # the last piece came from the cache
+    np.testing.assert_array_equal(is_success(fmd.defend(x_adv), y), info["record"]["success"])
+    assert len(info["record"]["queries"]) == 3 and info["record"]["queries"].max() <= 4
     # RayS on the undefended classifier's labels: the reference for api_rays.
     assert "rays" in harness.QUERY_BASED and "rays" not in harness.DEFENSE_AWARE
     x_adv, info = harness.adversarial_set("rays", fmd.classifier, x, y, str(tmp_path),

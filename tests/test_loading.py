@@ -321,6 +321,53 @@ def test_truncated_cache_entry_is_recomputed(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [entry.name]
 
 
+def test_chunked_attack_resumes_from_its_finished_pieces(tmp_path, monkeypatch):
+    import fmd_tf.attacks as attacks
+    from fmd_tf.evaluation import harness
+
+    classifier = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                                   keras.layers.Dense(10)])
+    x = np.random.default_rng(0).random((7, 28, 28, 1), dtype=np.float32)
+    y = np.arange(7) % 10
+    monkeypatch.setitem(harness.ATTACKS, "fgsm_pieces",
+                        harness.Attack("fgsm", {"eps": 0.3}, chunk=3))
+    fgsm, made, stop_at = attacks.fgsm, [], []
+
+    def counting(model, images, **params):
+        if len(made) in stop_at:
+            raise KeyboardInterrupt  # the run is stopped while making this piece
+        made.append(len(images))
+        return fgsm(model, images, **params)
+
+    monkeypatch.setattr(attacks, "fgsm", counting)
+    whole, _ = harness.adversarial_set("fgsm", classifier, x, y, None)
+    assert made == [7]
+
+    # Stopped while making the second piece of 3 + 3 + 1: the first stays cached.
+    made.clear()
+    stop_at.append(1)
+    with pytest.raises(KeyboardInterrupt):
+        harness.adversarial_set("fgsm_pieces", classifier, x, y, str(tmp_path))
+    assert made == [3] and len(list(tmp_path.glob("fgsm_pieces_3_*.npz"))) == 1
+    # The next run makes the other two pieces only, then caches the joined set.
+    made.clear()
+    stop_at.clear()
+    x_adv, info = harness.adversarial_set("fgsm_pieces", classifier, x, y, str(tmp_path))
+    assert made == [3, 1] and not info["cached"] and info["params"] == {"eps": 0.3}
+    np.testing.assert_allclose(x_adv, whole, atol=1e-6)  # FGSM treats each image alone
+    assert sorted(p.name.split("_")[2] for p in tmp_path.glob("fgsm_pieces_*.npz")) == \
+        ["1", "3", "3", "7"]
+    again, info = harness.adversarial_set("fgsm_pieces", classifier, x, y, str(tmp_path))
+    assert made == [3, 1] and info["cached"]
+    np.testing.assert_array_equal(again, x_adv)
+    # A piece is the attack on its own images: the same cache entry as a run on them alone.
+    _, info = harness.adversarial_set("fgsm_pieces", classifier, x[3:6], y[3:6], str(tmp_path))
+    assert made == [3, 1] and info["cached"]
+    # No more images than a piece: one run, cached under the plain key.
+    _, info = harness.adversarial_set("fgsm_pieces", classifier, x[:2], y[:2], str(tmp_path))
+    assert made == [3, 1, 2] and not info["cached"]
+
+
 def test_defense_outputs_are_stored_per_defense_and_images(tmp_path):
     from fmd_tf.evaluation import harness
 

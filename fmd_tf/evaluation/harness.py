@@ -35,6 +35,9 @@ class Attack(NamedTuple):
 
     `budgeted`: run once per (norm, eps) of scripts/evaluate.py's --linf-eps / --l2-eps grid;
     `norm`: the one norm it is defined for ("linf" / "l2"), None when it takes either.
+    `chunk`: made in pieces of that many images, each one the attack on those images alone
+    and cached as it finishes, so that a run stopped midway resumes from its last finished
+    piece (`adversarial_set`); None: in one piece.
     """
 
     function: str
@@ -42,6 +45,7 @@ class Attack(NamedTuple):
     target: str = "classifier"
     budgeted: bool = False
     norm: str | None = None
+    chunk: int | None = None
 
 
 TARGETS = ("classifier", "surrogate", "defense", "endpoint")
@@ -110,23 +114,25 @@ ATTACKS = {
     # queries per image, each a defended forward pass: GPU-sized at n = 500. Square reads
     # scores (the `classify` logits and the resistances); RayS (L∞) and HopSkipJump (L2) read
     # decisions only (label and verdict; rejected = not adversarial). `rays` is RayS on the
-    # undefended classifier's labels: the reference for `api_rays`.
+    # undefended classifier's labels: the reference for `api_rays`. The 5,000-query runs take
+    # hours per 100 images on a CPU: they are made in pieces of 20 images that a stopped run
+    # resumes from (`chunk`).
     "rays": Attack("api_rays", {"eps": 0.1, "norm": "linf", "max_queries": 1000},
                    budgeted=True, norm="linf"),
     "api_square": Attack("api_square", {"eps": 0.1, "norm": "linf", "max_queries": 1000},
                          target="endpoint", budgeted=True, norm="linf"),
     "api_square_5k": Attack("api_square", {"eps": 0.1, "norm": "linf", "max_queries": 5000},
-                            target="endpoint", budgeted=True, norm="linf"),
+                            target="endpoint", budgeted=True, norm="linf", chunk=20),
     "api_rays": Attack("api_rays", {"eps": 0.1, "norm": "linf", "max_queries": 1000},
                        target="endpoint", budgeted=True, norm="linf"),
     "api_rays_5k": Attack("api_rays", {"eps": 0.1, "norm": "linf", "max_queries": 5000},
-                          target="endpoint", budgeted=True, norm="linf"),
+                          target="endpoint", budgeted=True, norm="linf", chunk=20),
     "api_hopskipjump": Attack("api_hop_skip_jump", {"eps": 1.5, "norm": "l2",
                                                     "max_queries": 1000},
                               target="endpoint", budgeted=True, norm="l2"),
     "api_hopskipjump_5k": Attack("api_hop_skip_jump", {"eps": 1.5, "norm": "l2",
                                                        "max_queries": 5000},
-                                 target="endpoint", budgeted=True, norm="l2"),
+                                 target="endpoint", budgeted=True, norm="l2", chunk=20),
     # The corners of the L∞ ball (brightness shifts, then random sign vectors), no search: the
     # floor of the attacks above; 20 queries.
     "api_corners": Attack("api_corners", {"eps": 0.1, "norm": "linf", "max_queries": 20},
@@ -300,10 +306,11 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
     for them) and are keyed by its weights; the others run on `classifier`, keyed by its
     weights. Those in `QUERY_BASED` get `seed` and `verbose` (1: a progress bar over their
     query rounds) and add their per-image record (queries, success, ...) to `info["record"]`,
-    cached with the images.
+    cached with the images. An attack with a `chunk` runs on consecutive pieces of that many
+    images, each cached as the attack on its own images, and the joined set is cached too:
+    a run that was stopped makes only the pieces it had not finished (`info["seconds"]` adds
+    up those of all pieces). Without a cache there is nothing to resume.
     """
-    import fmd_tf.attacks as attacks
-
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; known: {', '.join(ATTACKS)}")
     spec = ATTACKS[attack]
@@ -322,37 +329,95 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
         fingerprint = "surrogate:" + classifier_fingerprint(surrogate)
     else:
         fingerprint = classifier_fingerprint(classifier)
-    key = json.dumps({"attack": attack, "params": params, "classifier": fingerprint,
-                      "data": _images_hash(x), "seed": seed}, sort_keys=True)
-    path = None
-    if cache_dir:
-        os.makedirs(cache_dir, exist_ok=True)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        path = os.path.join(cache_dir, f"{attack}_{len(x)}_{digest}.npz")
+    run = _Run(attack, params, target, fingerprint, seed, verbose)
+    if not spec.chunk or len(x) <= spec.chunk:
+        return run.cached(x, y, cache_dir)
+    key = _cache_key(run, x, chunk=spec.chunk)
+    path = _cache_path(cache_dir, attack, len(x), key)
+    cached = _read_cache_entry(path, key)
+    if cached is not None:
+        return _info(params, *cached, was_cached=True)
+    pieces = [run.cached(x[i : i + spec.chunk], y[i : i + spec.chunk], cache_dir)
+              for i in range(0, len(x), spec.chunk)]
+    x_adv = np.concatenate([piece[0] for piece in pieces])
+    seconds = sum(piece[1]["seconds"] for piece in pieces)
+    records = [piece[1].get("record") for piece in pieces]
+    record = None if records[0] is None else {
+        k: np.concatenate([r[k] for r in records]) for k in records[0]}
+    if path:
+        _write_cache_entry(path, key, x_adv, seconds, record)
+    return _info(params, x_adv, seconds, record,
+                 was_cached=all(piece[1]["cached"] for piece in pieces))
+
+
+class _Run(NamedTuple):
+    """One attack run as `adversarial_set` makes it: the function of `ATTACKS[attack]` with
+    `params` on `target`, whose weights `fingerprint` names (part of the cache key)."""
+
+    attack: str
+    params: dict
+    target: object
+    fingerprint: str
+    seed: int
+    verbose: int
+
+    def cached(self, x, y, cache_dir):
+        """(x_adv, info) of the attack on x, y: from the cache, else made and cached."""
+        key = _cache_key(self, x)
+        path = _cache_path(cache_dir, self.attack, len(x), key)
         cached = _read_cache_entry(path, key)
         if cached is not None:
-            x_adv, seconds, record = cached
-            info = {"params": params, "seconds": seconds, "cached": True}
-            return x_adv, info if record is None else {**info, "record": record}
-    import keras
+            return _info(self.params, *cached, was_cached=True)
+        x_adv, seconds, record = self.make(x, y)
+        if path:
+            _write_cache_entry(path, key, x_adv, seconds, record)
+        return _info(self.params, x_adv, seconds, record, was_cached=False)
 
-    keras.utils.set_random_seed(seed)
-    start = time.time()
-    fn = getattr(attacks, spec.function)
-    extra = {"seed": seed, "verbose": verbose} if attack in QUERY_BASED else {}
-    if "y" in inspect.signature(fn).parameters:  # DeepFool attacks the predicted label instead
-        x_adv = fn(target, x, y=y, **params, **extra)
-    else:
-        x_adv = fn(target, x, **params, **extra)
-    record = None
-    if attack in QUERY_BASED:
-        x_adv, record = x_adv
-    seconds = time.time() - start
-    if path:
-        stored = {f"{_RECORD}{k}": np.asarray(v) for k, v in (record or {}).items()}
-        with atomic_path(path) as tmp:
-            np.savez_compressed(tmp, x_adv=x_adv, key=key, seconds=seconds, **stored)
-    info = {"params": params, "seconds": seconds, "cached": False}
+    def make(self, x, y):
+        """(x_adv, seconds, record or None): the attack run on x, y."""
+        import keras
+
+        import fmd_tf.attacks as attacks
+
+        keras.utils.set_random_seed(self.seed)
+        start = time.time()
+        fn = getattr(attacks, ATTACKS[self.attack].function)
+        extra = {"seed": self.seed, "verbose": self.verbose} \
+            if self.attack in QUERY_BASED else {}
+        if "y" in inspect.signature(fn).parameters:  # DeepFool attacks the predicted label
+            x_adv = fn(self.target, x, y=y, **self.params, **extra)
+        else:
+            x_adv = fn(self.target, x, **self.params, **extra)
+        record = None
+        if self.attack in QUERY_BASED:
+            x_adv, record = x_adv
+        return x_adv, time.time() - start, record
+
+
+def _cache_key(run: _Run, x, **extra) -> str:
+    return json.dumps({"attack": run.attack, "params": run.params,
+                       "classifier": run.fingerprint, "data": _images_hash(x),
+                       "seed": run.seed, **extra}, sort_keys=True)
+
+
+def _cache_path(cache_dir, attack: str, n: int, key: str):
+    """The .npz file of `key` in `cache_dir` (created), None without a cache."""
+    if not cache_dir:
+        return None
+    os.makedirs(cache_dir, exist_ok=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{attack}_{n}_{digest}.npz")
+
+
+def _write_cache_entry(path, key, x_adv, seconds, record) -> None:
+    stored = {f"{_RECORD}{k}": np.asarray(v) for k, v in (record or {}).items()}
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, x_adv=x_adv, key=key, seconds=seconds, **stored)
+
+
+def _info(params, x_adv, seconds, record, was_cached: bool):
+    """(x_adv, info) as `adversarial_set` returns them."""
+    info = {"params": params, "seconds": seconds, "cached": was_cached}
     return x_adv, info if record is None else {**info, "record": record}
 
 
@@ -365,8 +430,9 @@ _RECORD = "record_"  # prefix of a query-based attack's record arrays in a cache
 
 
 def _read_cache_entry(path, key):
-    """(x_adv, seconds, record or None) stored at `path` for `key`; None as `_cache_arrays`."""
-    f = _cache_arrays(path, key)
+    """(x_adv, seconds, record or None) stored at `path` for `key`; None without a path and as
+    `_cache_arrays`."""
+    f = _cache_arrays(path, key) if path else None
     if f is None or "x_adv" not in f or "seconds" not in f:
         return None
     record = {k[len(_RECORD):]: v for k, v in f.items() if k.startswith(_RECORD)}
