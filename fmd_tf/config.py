@@ -319,6 +319,12 @@ def _codes(v):
     return len(v) > 0 and len(set(v)) == len(v) and min(v) >= 0
 
 
+# The values DefenseConfig options had before they existed: a saved defense (or card) without
+# one of them was made with this value, not today's default.
+LEGACY_DEFAULTS = {"recon_metric": "mse", "purify_label": "reconstruction",
+                   "morph_dtype": "float32", "morph_check_margin": 0.0}
+
+
 @dataclass(frozen=True)
 class DefenseConfig:
     """Detector and purifier (paper §III-C, §III-D, Eq. 5): the options of `FMDefense`.
@@ -541,6 +547,24 @@ def split_seed(model_dir: str, seed: int | None = None) -> int:
         return int(seed)
     calibrated = card_split_seed(model_dir)
     return 0 if calibrated is None else calibrated
+
+
+def card_defense_config(model_dir: str) -> DefenseConfig | None:
+    """The defense options a trained model was calibrated with (`hyperparameters.defense` of its
+    model_card.json; an option the card predates takes the value it had before it existed,
+    `LEGACY_DEFAULTS`, as for a saved defense), or None without a card or entry. Raises
+    ValueError naming the card when the entry is malformed."""
+    path, card = _card(model_dir)
+    if card is None:
+        return None
+    try:
+        options = card.get("hyperparameters", {}).get("defense")
+        if not options:
+            return None
+        return DefenseConfig(**{**LEGACY_DEFAULTS, **options})
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: cannot read the defense options (hyperparameters.defense): "
+                         f"{err}") from None
 
 
 def card_split_config(model_dir: str) -> SplitConfig | None:

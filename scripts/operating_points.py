@@ -15,7 +15,8 @@ VAL images: defended accuracy (final label right), flagged share, the largest θ
 detector can fire at all (a θr below 0 flags nothing, since resistance is never negative). This
 is the table an operating point is chosen from without looking at test images; apply the
 choice with `scripts/train.py --stages defense --reuse-val-resistance --operating-point config
---rho R --recon-fpr G --recon-metric M [--recon-pixel-tol T] [--margin-fpr F]`.
+--rho R --recon-fpr G --recon-metric M [--recon-pixel-tol T] [--margin-fpr F]` (the model's
+other defense options stay as they are).
 
 `--recon-metric` (default: the model's own) lists the gate's reconstruction errors to compare
 (`FMDefense.recon_metric`); "pixel_share" gets one row set per `--recon-pixel-tol` value τ.

@@ -106,7 +106,9 @@ def parse_args(argv):
                         "data splits (those of --seed); used by --ensemble")
     p.add_argument("--reuse-val-resistance", action="store_true",
                    help="with --stages defense: re-threshold from OUT/val_resistance.npy "
-                        "(verified on 32 VAL images) instead of recomputing all morphs")
+                        "(verified on 32 VAL images) instead of recomputing all morphs; the "
+                        "defense options are OUT's (its card's), those given here override "
+                        "them")
     add_arguments(p.add_argument_group(
         "defense options (fmd_tf.config.DefenseConfig; recorded in the card)"), DefenseConfig)
     add_arguments(p.add_argument_group(
@@ -185,7 +187,7 @@ def _config(args, image_shape, num_classes, n_train, n_test):
         base = get_config(args.dataset)
     except ValueError:  # digits, --data: the Fashion-MNIST settings, sized for the data
         base = None
-    from fmd_tf.config import ClassifierConfig, ComboVAEConfig
+    from fmd_tf.config import ClassifierConfig, ComboVAEConfig, card_defense_config
     from fmd_tf.options import given_arguments
 
     # --latent feature_map brings its own defaults (gamma 0, map side); flags given override them
@@ -202,6 +204,11 @@ def _config(args, image_shape, num_classes, n_train, n_test):
             combo=dataclasses.replace(cfg.combo, dgmm_epochs=args.epochs, vae_epochs=args.epochs),
         )
     defense = cfg.defense
+    if args.reuse_val_resistance:  # a re-threshold of OUT's defense: its options, unless given
+        try:
+            defense = card_defense_config(args.out) or defense
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if args.member_index:
         defense = dataclasses.replace(defense, seed=defense.seed + args.member_index)
     try:

@@ -242,3 +242,23 @@ def test_card_keeps_the_hyperparameters_of_stages_not_rerun():
         **new, "classifier": old["classifier"]}
     assert card_hyperparameters(new, None, ["defense"]) == new  # a new model: all of it new
     assert card_hyperparameters(new, old, ["classifier", "dgmm", "vae", "defense"]) == new
+
+
+def test_reuse_val_resistance_keeps_the_models_own_options(quick_model, tmp_path):
+    """--stages defense --reuse-val-resistance re-thresholds OUT's defense: the options not
+    given are OUT's (here those a first re-threshold set), not the defaults."""
+    import shutil
+
+    out = tmp_path / "model"
+    shutil.copytree(quick_model, out)
+    rerun = ("--quick", "--out", str(out), "--stages", "defense", "--reuse-val-resistance",
+             "--operating-point", "config", "--overwrite", "--verbose", "0")
+    proc = _train(*rerun, "--suspicious", "reject", "--eta", "0.85")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads((out / "model_card.json").read_text())["hyperparameters"]["defense"]
+    assert (first["suspicious"], first["eta"], first["margin_fpr"]) == ("reject", 0.85, 0.0)
+    proc = _train(*rerun, "--margin-fpr", "0.02")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["hyperparameters"]["defense"] == {**first, "margin_fpr": 0.02}
+    assert card["calibration"]["margin_fpr"] == 0.02

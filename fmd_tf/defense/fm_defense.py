@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from fmd_tf import options as _options
 from fmd_tf.config import (  # noqa: F401  (PURIFY_*: re-exported, defined with the options)
+    LEGACY_DEFAULTS,
     PURIFY_LABELS,
     PURIFY_ZU,
     RECON_METRICS,
@@ -25,8 +26,6 @@ OUTPUT_KEYS = ("label", "verdict", "classifier_label", "resistance", "distance",
                "recon_error")
 # Options whose default changed: a saved config without the key was written when the option
 # did not exist yet, and behaved as this value.
-LEGACY_DEFAULTS = {"recon_metric": "mse", "purify_label": "reconstruction",
-                   "morph_dtype": "float32", "morph_check_margin": 0.0}
 
 # Keyword arguments of FMDefense that go to keras.Model, not to the DefenseConfig.
 _KERAS_KWARGS = ("name", "trainable", "dtype", "autocast", "activity_regularizer")
