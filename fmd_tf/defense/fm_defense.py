@@ -24,8 +24,6 @@ from fmd_tf.progress import in_batches
 VERDICT_PASSED, VERDICT_PURIFIED, VERDICT_REJECTED = 0, 1, 2
 OUTPUT_KEYS = ("label", "verdict", "classifier_label", "resistance", "distance", "purified",
                "recon_error")
-# Options whose default changed: a saved config without the key was written when the option
-# did not exist yet, and behaved as this value.
 
 # Keyword arguments of FMDefense that go to keras.Model, not to the DefenseConfig.
 _KERAS_KWARGS = ("name", "trainable", "dtype", "autocast", "activity_regularizer")

@@ -329,25 +329,8 @@ def adversarial_set(attack: str, classifier, x, y, cache_dir: str | None, seed: 
         fingerprint = "surrogate:" + classifier_fingerprint(surrogate)
     else:
         fingerprint = classifier_fingerprint(classifier)
-    run = _Run(attack, params, target, fingerprint, seed, verbose)
-    if not spec.chunk or len(x) <= spec.chunk:
-        return run.cached(x, y, cache_dir)
-    key = _cache_key(run, x, chunk=spec.chunk)
-    path = _cache_path(cache_dir, attack, len(x), key)
-    cached = _read_cache_entry(path, key)
-    if cached is not None:
-        return _info(params, *cached, was_cached=True)
-    pieces = [run.cached(x[i : i + spec.chunk], y[i : i + spec.chunk], cache_dir)
-              for i in range(0, len(x), spec.chunk)]
-    x_adv = np.concatenate([piece[0] for piece in pieces])
-    seconds = sum(piece[1]["seconds"] for piece in pieces)
-    records = [piece[1].get("record") for piece in pieces]
-    record = None if records[0] is None else {
-        k: np.concatenate([r[k] for r in records]) for k in records[0]}
-    if path:
-        _write_cache_entry(path, key, x_adv, seconds, record)
-    return _info(params, x_adv, seconds, record,
-                 was_cached=all(piece[1]["cached"] for piece in pieces))
+    return _Run(attack, params, target, fingerprint, seed, verbose).cached(x, y, cache_dir,
+                                                                          spec.chunk)
 
 
 class _Run(NamedTuple):
@@ -361,17 +344,34 @@ class _Run(NamedTuple):
     seed: int
     verbose: int
 
-    def cached(self, x, y, cache_dir):
-        """(x_adv, info) of the attack on x, y: from the cache, else made and cached."""
-        key = _cache_key(self, x)
+    def cached(self, x, y, cache_dir, chunk: int | None = None):
+        """(x_adv, info) of the attack on x, y: from the cache, else made and cached; with more
+        images than `chunk`, made in pieces of `chunk` images, each cached on its own."""
+        chunk = chunk if chunk and len(x) > chunk else None
+        key = _cache_key(self, x, **({"chunk": chunk} if chunk else {}))
         path = _cache_path(cache_dir, self.attack, len(x), key)
         cached = _read_cache_entry(path, key)
         if cached is not None:
             return _info(self.params, *cached, was_cached=True)
-        x_adv, seconds, record = self.make(x, y)
+        if chunk:
+            x_adv, seconds, record, was_cached = self.joined(x, y, cache_dir, chunk)
+        else:
+            (x_adv, seconds, record), was_cached = self.make(x, y), False
         if path:
             _write_cache_entry(path, key, x_adv, seconds, record)
-        return _info(self.params, x_adv, seconds, record, was_cached=False)
+        return _info(self.params, x_adv, seconds, record, was_cached=was_cached)
+
+    def joined(self, x, y, cache_dir, chunk: int):
+        """(x_adv, seconds, record or None, whether every piece came from the cache): the
+        pieces of `chunk` images (`cached` each), joined; seconds add up."""
+        pieces = [self.cached(x[i : i + chunk], y[i : i + chunk], cache_dir)
+                  for i in range(0, len(x), chunk)]
+        records = [info.get("record") for _, info in pieces]
+        record = None if records[0] is None else {
+            k: np.concatenate([r[k] for r in records]) for k in records[0]}
+        return (np.concatenate([x_adv for x_adv, _ in pieces]),
+                sum(info["seconds"] for _, info in pieces), record,
+                all(info["cached"] for _, info in pieces))
 
     def make(self, x, y):
         """(x_adv, seconds, record or None): the attack run on x, y."""
