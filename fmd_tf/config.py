@@ -549,34 +549,32 @@ def split_seed(model_dir: str, seed: int | None = None) -> int:
     return 0 if calibrated is None else calibrated
 
 
+def _card_entry(model_dir: str, key: str, what: str, build):
+    """`build(entry)` for the `hyperparameters.<key>` entry of the model card in `model_dir`, or
+    None without a card or entry. Raises ValueError naming the card and `what` the entry holds
+    when `build` cannot read it."""
+    path, card = _card(model_dir)
+    if card is None:
+        return None
+    try:
+        entry = card.get("hyperparameters", {}).get(key)
+        return build(entry) if entry else None
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: cannot read the {what} (hyperparameters.{key}): "
+                         f"{err}") from None
+
+
 def card_defense_config(model_dir: str) -> DefenseConfig | None:
     """The defense options a trained model was calibrated with (`hyperparameters.defense` of its
     model_card.json; an option the card predates takes the value it had before it existed,
     `LEGACY_DEFAULTS`, as for a saved defense), or None without a card or entry. Raises
     ValueError naming the card when the entry is malformed."""
-    path, card = _card(model_dir)
-    if card is None:
-        return None
-    try:
-        options = card.get("hyperparameters", {}).get("defense")
-        if not options:
-            return None
-        return DefenseConfig(**{**LEGACY_DEFAULTS, **options})
-    except (ValueError, TypeError, AttributeError) as err:
-        raise ValueError(f"{path}: cannot read the defense options (hyperparameters.defense): "
-                         f"{err}") from None
+    return _card_entry(model_dir, "defense", "defense options",
+                       lambda options: DefenseConfig(**{**LEGACY_DEFAULTS, **options}))
 
 
 def card_split_config(model_dir: str) -> SplitConfig | None:
     """The split sizes a trained model used (`hyperparameters.splits` of its model_card.json),
     or None without a card. VAL must be the images of its val_resistance.npy, and CLE disjoint
     from them. Raises ValueError naming the card when the entry is malformed."""
-    path, card = _card(model_dir)
-    if card is None:
-        return None
-    try:
-        sizes = card.get("hyperparameters", {}).get("splits")
-        return SplitConfig(**sizes) if sizes else None
-    except (ValueError, TypeError, AttributeError) as err:
-        raise ValueError(f"{path}: cannot read the split sizes (hyperparameters.splits): "
-                         f"{err}") from None
+    return _card_entry(model_dir, "splits", "split sizes", lambda sizes: SplitConfig(**sizes))

@@ -317,3 +317,22 @@ def test_config_and_options_import_without_tensorflow():
     out = subprocess.run([sys.executable, "-c", _NO_TF, package], check=True,
                          capture_output=True, text=True)
     assert out.stdout.strip() == "none"
+
+
+@pytest.mark.parametrize("reader, key, good, bad", [
+    (C.card_split_config, "splits", {"val_size": 20, "cle_size": 10}, {"val": 20}),
+    (C.card_defense_config, "defense", {"rho": 0.9}, {"no_such_option": 1}),
+])
+def test_card_entries_read_or_name_the_card(tmp_path, reader, key, good, bad):
+    import json
+
+    assert reader(str(tmp_path)) is None
+    card = tmp_path / "model_card.json"
+    card.write_text(json.dumps({"hyperparameters": {}}))
+    assert reader(str(tmp_path)) is None
+    card.write_text(json.dumps({"hyperparameters": {key: good}}))
+    read = reader(str(tmp_path))
+    assert all(getattr(read, name) == value for name, value in good.items())
+    card.write_text(json.dumps({"hyperparameters": {key: bad}}))
+    with pytest.raises(ValueError, match=rf"model_card.json: cannot read .*hyperparameters\.{key}"):
+        reader(str(tmp_path))
