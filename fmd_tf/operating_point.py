@@ -15,7 +15,10 @@ row on ties. When no row meets the clean budget, the row with the best clean def
 The attacks (`fmd_tf.evaluation.harness.ATTACKS`, FGSM and PGD at ε 0.3 by default) are made
 from the first `n_attack` VAL images against the classifier alone (an attacker who does not
 know the defense); an adversarial image counts as defended when it is rejected or its final
-label is right.
+label is right. "robust" (`GRIDS`) is the same rule for a classifier trained to hold at L∞ 0.1
+(TRADES, PGD-AT): APGD-CE, APGD-DLR and APGD with a wrong-class margin loss at L∞ 0.1, at
+most 1 point of clean VAL below the classifier, with the classifier-margin gate in the grid
+(the rule the shipped robust mode was chosen with).
 
 Morph budget (`select_budget`): once the point is chosen, the defense is run on the same clean
 and attacked VAL images with each candidate of `budgets` (the adaptive budget of
@@ -46,6 +49,7 @@ __all__ = [
     "apply_point",
     "budget_row",
     "choose_row",
+    "grid",
     "max_min_row",
     "operating_point_table",
     "resistance_can_flag",
@@ -53,7 +57,7 @@ __all__ = [
     "select_operating_point",
 ]
 
-OPERATING_POINTS = ("auto", "paper")
+OPERATING_POINTS = ("auto", "robust", "paper")
 # ... and, for the training stage, "config": the DefenseConfig's own thresholds as given.
 STAGE_POINTS = (*OPERATING_POINTS, "config")
 # The paper's rule (§IV-A): ρ = 99.9 % per code, no reconstruction gate, the purified image's
@@ -125,6 +129,26 @@ class OperatingPointConfig:
 FAST_OPERATING_POINT = OperatingPointConfig(
     n_attack=64, budgets=({"adaptive_budget": True, "adaptive_round": 4,
                            "adaptive_refine_codes": 1},))
+# For a classifier robust at L∞ 0.1: attacks that find its errors inside that ball, a tighter
+# clean budget (its clean accuracy is already lower) and the classifier-margin gate.
+ROBUST_OPERATING_POINT = OperatingPointConfig(
+    attacks=("classifier_apgd_ce", "classifier_apgd_dlr", "classifier_apgd_margin"),
+    clean_cost=0.01, margin_budgets=(0.0, 0.005, 0.01, 0.02, 0.03, 0.05))
+# The grid of each table-chosen operating point, full and fast preset.
+GRIDS = {"auto": (OperatingPointConfig(), FAST_OPERATING_POINT),
+         "robust": (ROBUST_OPERATING_POINT,
+                    dataclasses.replace(ROBUST_OPERATING_POINT,
+                                        n_attack=FAST_OPERATING_POINT.n_attack,
+                                        budgets=FAST_OPERATING_POINT.budgets))}
+
+
+def grid(operating_point: str = "auto", fast: bool = False) -> OperatingPointConfig:
+    """The grid and attacks a table-chosen operating point ("auto", "robust") chooses from,
+    for the full or the fast preset."""
+    if operating_point not in GRIDS:
+        raise ValueError(f"operating points chosen from a table: {tuple(GRIDS)}, "
+                         f"got {operating_point!r}")
+    return GRIDS[operating_point][bool(fast)]
 
 
 def max_min_row(rows: list[dict], attacks, eligible=None) -> int:
@@ -226,12 +250,13 @@ def select_operating_point(fmd, x_val, y_val, val_resistance, operating_point: s
                            seed: int = 0, verbose: int = 0, val_outcomes=None):
     """(`fmd` at the chosen operating point, its calibration report, a card entry).
 
-    "auto": the rule of the module docstring on `cfg`'s grid, then the cheapest morph budget
-    that keeps the full budget's VAL verdicts (`select_budget`); the card entry holds the
-    chosen row, the rule, the whole table and the budget rows. "paper": `PAPER_POINT` with
-    the full budget, as in the paper. `val_outcomes` [n, m, N] bool: the calibration's morph
-    outcomes of `x_val` (`val_morph_outcomes`); without them the budget step recomputes those
-    of the clean images it uses. `val_resistance` must be `fmd`'s own (its calibration's, as
+    "auto", "robust": the rule of the module docstring on `cfg`'s grid (default: `grid(
+    operating_point)`), then the cheapest morph budget that keeps the full budget's VAL
+    verdicts (`select_budget`); the card entry holds the chosen row, the rule, the whole table
+    and the budget rows. "paper": `PAPER_POINT` with the full budget, as in the paper.
+    `val_outcomes` [n, m, N] bool: the calibration's morph outcomes of `x_val`
+    (`val_morph_outcomes`); without them the budget step recomputes those of the clean images
+    it uses. `val_resistance` must be `fmd`'s own (its calibration's, as
     `FMDefense.calibrate` returns or has checked them): it is not recomputed here.
     """
     if operating_point not in OPERATING_POINTS:
@@ -242,7 +267,7 @@ def select_operating_point(fmd, x_val, y_val, val_resistance, operating_point: s
     if operating_point == "paper":
         point, report = apply_point(fmd, PAPER_POINT, x_val, val_resistance, verify_rows=0)
         return point, report, {"rule": "paper", "options": dict(PAPER_POINT)}
-    cfg = cfg or OperatingPointConfig()
+    cfg = cfg or grid(operating_point)
     table = operating_point_table(fmd, x_val, y_val, val_resistance, cfg, cache_dir, seed,
                                   verbose)
     index = choose_row(table["rows"], cfg.attacks, table["classifier_val_accuracy"],
@@ -257,7 +282,7 @@ def select_operating_point(fmd, x_val, y_val, val_resistance, operating_point: s
     sets = {name: (outcomes[:n], point.reconstruction_error(x[:n])) for name, (x, outcomes)
             in {"clean": (x_val, val_outcomes), **adversarial}.items()}
     point, budget = select_budget(point, sets, cfg, verbose)
-    entry = {"rule": "auto: max-min VAL defended accuracy over clean and "
+    entry = {"rule": f"{operating_point}: max-min VAL defended accuracy over clean and "
                      f"{', '.join(cfg.attacks)}, clean >= classifier - {cfg.clean_cost:g}",
              "options": options, "chosen_row": index, "settings": dataclasses.asdict(cfg),
              "budget": budget, **table}

@@ -25,10 +25,11 @@ from fmd_tf.config import (
 from fmd_tf.files import StagedOutputs, write_json
 from fmd_tf.loading import artifact_records, model_artifacts
 from fmd_tf.operating_point import (
-    FAST_OPERATING_POINT,
+    GRIDS,
     OPERATING_POINTS,
     STAGE_POINTS,
     OperatingPointConfig,
+    grid,
     select_operating_point,
 )
 from fmd_tf.options import check_value
@@ -130,9 +131,10 @@ def experiment_config(image_shape, num_classes: int, preset: str = "full",
     return quick_config(cfg) if preset == "fast" else cfg
 
 
-def operating_point_config(preset: str) -> OperatingPointConfig:
-    """The operating-point grid of a preset (fewer attacked VAL images for "fast")."""
-    return FAST_OPERATING_POINT if preset == "fast" else OperatingPointConfig()
+def operating_point_config(preset: str, operating_point: str = "auto") -> OperatingPointConfig:
+    """The grid a table-chosen `operating_point` ("auto", "robust") chooses from for a preset
+    (fewer attacked VAL images for "fast"); "auto"'s for the others, which use none."""
+    return grid(operating_point if operating_point in GRIDS else "auto", preset == "fast")
 
 
 # ------------------------------------------------------------------------------- input checks
@@ -248,7 +250,7 @@ def calibrate_defense(classifier, combo, defense_cfg, x_val, y_val, operating_po
 
     Calibrates `defense_cfg` on the clean VAL images (all morphs, or the stored
     `val_resistance` [n, m] re-thresholded), then moves to `operating_point` ("auto",
-    "paper", or "config": `defense_cfg`'s own thresholds) on the same resistances.
+    "robust", "paper", or "config": `defense_cfg`'s own thresholds) on the same resistances.
     The report's `val_resistance` [n, m] is what `val_resistance` takes next time.
     """
     from fmd_tf.defense import FMDefense
@@ -288,9 +290,10 @@ def fit_defense(classifier, train_data, val_data, config: ExperimentConfig | Non
             (`experiment_config`).
         preset: "full" (paper scale) or "fast" (minutes on 2 CPU cores: trials and tests);
             applies only when `config` is None.
-        operating_point: "auto" (thresholds, gate and morph budget chosen on VAL,
-            `fmd_tf.operating_point`) or "paper" (ρ 0.999 per code, no reconstruction gate,
-            all morphs).
+        operating_point: "auto" (thresholds, gate and morph budget chosen on VAL against
+            FGSM and PGD, `fmd_tf.operating_point`), "robust" (the same against APGD at L∞
+            0.1, with a classifier-margin gate: for a classifier trained to hold there) or
+            "paper" (ρ 0.999 per code, no reconstruction gate, all morphs).
         out_dir: when given, fmd.keras, combo_vae.keras, val_resistance.npy and
             model_card.json are written there (existing files are refused).
         verbose: 0 silent, 1 progress bars, 2 one line per epoch.
@@ -332,7 +335,7 @@ def fit_defense(classifier, train_data, val_data, config: ExperimentConfig | Non
     combo = train_combo_vae(config, classifier, x_dgmm, y_dgmm, x_vae, seed, verbose=verbose)
     fmd, report, entry = calibrate_defense(
         classifier, combo, config.defense, *val, operating_point,
-        operating_point_config(preset), seed=seed, verbose=verbose)
+        operating_point_config(preset, operating_point), seed=seed, verbose=verbose)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         stage = StagedOutputs(out_dir)  # out_dir gets all files or none

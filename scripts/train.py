@@ -71,8 +71,10 @@ def parse_args(argv):
     p.add_argument("--preset", default="full", choices=list(PRESETS),
                    help="full (paper scale) or fast (tiny: trials, tests and CI)")
     p.add_argument("--operating-point", default="auto", choices=list(STAGE_POINTS),
-                   help="auto: chosen on VAL (clean, FGSM, PGD); paper: rho 0.999, no gate; "
-                        "config: the defense flags below as given")
+                   help="auto: chosen on VAL (clean, FGSM, PGD); robust: chosen on VAL "
+                        "(clean, APGD-CE/-DLR/-margin at Linf 0.1, with a classifier-margin "
+                        "gate) for a classifier trained to hold there; paper: rho 0.999, no "
+                        "gate; config: the defense flags below as given")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the data splits and of the models (default: with stages that "
                         "continue OUT's model, no classifier stage, the seed in its card; else 0)")
@@ -419,7 +421,7 @@ def _run(args) -> dict:
         try:
             fmd, report, card["operating_point"] = calibrate_defense(
                 classifier, combo, cfg.defense, splits.x_val, splits.y_val, args.operating_point,
-                operating_point_config(args.preset), val_resistance=reuse,
+                operating_point_config(args.preset, args.operating_point), val_resistance=reuse,
                 cache_dir=args.cache, seed=args.seed,
                 verbose=int(args.verbose != 0))
         except ValueError as e:

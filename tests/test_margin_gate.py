@@ -261,3 +261,27 @@ def test_the_served_saved_model_applies_the_margin_gate(gated, tmp_path):
     out = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(x))
     np.testing.assert_array_equal(out["verdict"].numpy(), reference["verdict"])
     np.testing.assert_array_equal(out["label"].numpy(), reference["label"])
+
+
+def test_robust_operating_point_is_chosen_with_apgd_and_the_margin_gate(gated, tmp_path):
+    """`operating_point="robust"`: the table rule on the robust grid (APGD-CE/-DLR/-margin made
+    on VAL, the margin gate's budgets, a 1-point clean budget), applied to the defense."""
+    from fmd_tf.operating_point import choose_row, grid, select_operating_point
+
+    fmd, report, x_val = gated
+    y_val = np.argmax(fmd.classifier(x_val).numpy(), axis=-1)
+    y_val[:3] = (y_val[:3] + 1) % 10
+    cfg = grid("robust", fast=True)
+    point, _, entry = select_operating_point(fmd, x_val, y_val, report["val_resistance"],
+                                             "robust", cfg=cfg, cache_dir=str(tmp_path))
+    attacks = ["classifier_apgd_ce", "classifier_apgd_dlr", "classifier_apgd_margin"]
+    assert entry["rule"].startswith("robust:") and entry["attacks"]["names"] == attacks
+    assert cfg.clean_cost == 0.01 and entry["settings"]["clean_cost"] == 0.01
+    rows = entry["rows"]
+    assert {row["margin_fpr"] for row in rows} == {0.0, 0.005, 0.01, 0.02, 0.03, 0.05}
+    assert entry["chosen_row"] == choose_row(rows, attacks, entry["classifier_val_accuracy"],
+                                             0.01)
+    chosen = rows[entry["chosen_row"]]
+    assert (point.margin_fpr, point.rho, point.recon_fpr) == (
+        chosen["margin_fpr"], chosen["rho"], chosen["recon_fpr"])
+    assert point.suspicious == fmd.suspicious  # only the operating point moves

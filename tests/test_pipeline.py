@@ -213,6 +213,22 @@ def test_budget_rule_takes_the_first_candidate_that_keeps_the_verdicts(monkeypat
     assert model is original and entry["options"] == {} and len(entry["rows"]) == 2
 
 
+def test_each_table_point_has_its_grid():
+    """ "auto" chooses against FGSM / PGD, "robust" against APGD at L∞ 0.1 with the margin
+    gate; the fast preset attacks fewer VAL images; the other points use no table."""
+    auto, robust = (pipeline.operating_point_config("full", p) for p in ("auto", "robust"))
+    assert auto == op.OperatingPointConfig() and auto.attacks == ("fgsm", "pgd")
+    assert robust.attacks == ("classifier_apgd_ce", "classifier_apgd_dlr",
+                              "classifier_apgd_margin")
+    assert robust.clean_cost == 0.01 and max(robust.margin_budgets) > 0.0
+    fast = pipeline.operating_point_config("fast", "robust")
+    assert fast.attacks == robust.attacks and fast.n_attack == op.FAST_OPERATING_POINT.n_attack
+    assert pipeline.operating_point_config("fast") == op.FAST_OPERATING_POINT
+    assert pipeline.operating_point_config("full", "paper") == auto
+    with pytest.raises(ValueError, match="chosen from a table"):
+        op.grid("paper")
+
+
 def test_operating_point_config_checks():
     with pytest.raises(ValueError, match="classifier attacks"):
         op.operating_point_table(None, np.zeros((2, 8, 8, 1)), np.zeros(2), None,
