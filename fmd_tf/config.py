@@ -35,6 +35,7 @@ __all__ = [
     "DefenseConfig",
     "ExperimentConfig",
     "SplitConfig",
+    "card_classifier_training",
     "card_split_config",
     "card_split_seed",
     "get_config",
@@ -571,6 +572,14 @@ def card_defense_config(model_dir: str) -> DefenseConfig | None:
     ValueError naming the card when the entry is malformed."""
     return _card_entry(model_dir, "defense", "defense options",
                        lambda options: DefenseConfig(**{**LEGACY_DEFAULTS, **options}))
+
+
+def card_classifier_training(model_dir: str) -> str | None:
+    """How the classifier a trained model describes was trained (`hyperparameters.classifier.
+    training` of its model_card.json: one of `CLASSIFIER_TRAININGS`), or None without a card or
+    entry. Raises ValueError naming the card when the entry is malformed."""
+    return _card_entry(model_dir, "classifier", "classifier options",
+                       lambda options: options.get("training"))
 
 
 def card_split_config(model_dir: str) -> SplitConfig | None:

@@ -2,15 +2,19 @@
 
     python scripts/train.py --dataset fmnist|mnist|digits [--data FILE.npz|DIR]
         [--classifier PATH.keras] [--out saved_models/NAME] [--seed S] [--preset full|fast]
-        [--operating-point auto|paper|config] [--stages classifier,dgmm,vae,defense,ensemble]
+        [--operating-point auto|robust|paper|config]
+        [--stages classifier,dgmm,vae,defense,ensemble]
         [--ensemble K] [--epochs N] [--strategy default|mirrored|multiworker] [--overwrite]
         [--rho R] [--eta E] [--threshold-mode per_code|unified] [--radius-step S] [--num-morphs N]
 
 With no option but --dataset it trains the whole stack and picks the operating point on VAL
 (`--operating-point auto`, `fmd_tf.operating_point`): ρ, threshold mode and the reconstruction
 gate with the best worst case over clean VAL and FGSM / PGD examples made from VAL images,
-within 2 points of the classifier's clean VAL accuracy. `--operating-point paper` keeps the
-paper's ρ 0.999 and no gate; `config` uses the defense flags as given.
+within 2 points of the classifier's clean VAL accuracy. For an adversarially trained classifier
+(`--classifier-training pgd_at|trades`, or the one OUT's card describes) the default is
+`--operating-point robust`: the same rule against APGD at L∞ 0.1 with a classifier-margin gate,
+within 1 point. `--operating-point paper` keeps the paper's ρ 0.999 and no gate; `config` uses
+the defense flags as given.
 
 `--data` brings your own images: a .npz with x_train, y_train, x_test, y_test, or a directory
 with one sub-folder per class (`fmd_tf.data.load_dataset`); `--classifier` protects an existing
@@ -70,11 +74,12 @@ def parse_args(argv):
                         "file name>)")
     p.add_argument("--preset", default="full", choices=list(PRESETS),
                    help="full (paper scale) or fast (tiny: trials, tests and CI)")
-    p.add_argument("--operating-point", default="auto", choices=list(STAGE_POINTS),
+    p.add_argument("--operating-point", default=None, choices=list(STAGE_POINTS),
                    help="auto: chosen on VAL (clean, FGSM, PGD); robust: chosen on VAL "
                         "(clean, APGD-CE/-DLR/-margin at Linf 0.1, with a classifier-margin "
                         "gate) for a classifier trained to hold there; paper: rho 0.999, no "
-                        "gate; config: the defense flags below as given")
+                        "gate; config: the defense flags below as given (default: robust for "
+                        "an adversarially trained classifier, this run's or OUT's, else auto)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the data splits and of the models (default: with stages that "
                         "continue OUT's model, no classifier stage, the seed in its card; else 0)")
@@ -164,7 +169,7 @@ def parse_args(argv):
     point_flags = [f"--{k.replace('_', '-')}" for k in POINT_KEYS if getattr(args, k) is not None]
     if point_flags and args.operating_point != "config":
         raise UsageError(f"{', '.join(point_flags)} set the operating point by hand: add "
-                         "--operating-point config (the default, auto, chooses it on VAL)")
+                         "--operating-point config (the default chooses it on VAL)")
     args.out = args.out or os.path.join("saved_models", args.dataset)
     if args.seed is None:  # stages that continue OUT's model: the splits it was made with
         args.seed = 0 if "classifier" in args.stages else resolve_seed(args, args.out)
@@ -220,6 +225,26 @@ def _config(args, image_shape, num_classes, n_train, n_test):
             classifier=apply_arguments(cfg.classifier, args, prefix="classifier_"))
     except OptionError as e:
         raise UsageError(str(e)) from None
+
+
+def _operating_point(args, cfg) -> str:
+    """--operating-point, or its default: "robust" when the classifier was adversarially
+    trained (this run's classifier stage, else the one OUT's card describes; a user's own
+    --classifier is not known to be), else "auto"."""
+    from fmd_tf.config import card_classifier_training
+
+    if args.operating_point is not None:
+        return args.operating_point
+    if args.classifier is not None:
+        return "auto"
+    if "classifier" in args.stages:
+        training = cfg.classifier.training
+    else:
+        try:
+            training = card_classifier_training(args.out)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return "auto" if training in (None, "standard") else "robust"
 
 
 def _with_search_steps(args, defense):
@@ -419,9 +444,10 @@ def _run(args) -> dict:
                 raise UsageError(f"{path('val_resistance.npy')} not found")
             reuse = np.load(path("val_resistance.npy"))
         try:
+            point = _operating_point(args, cfg)
             fmd, report, card["operating_point"] = calibrate_defense(
-                classifier, combo, cfg.defense, splits.x_val, splits.y_val, args.operating_point,
-                operating_point_config(args.preset, args.operating_point), val_resistance=reuse,
+                classifier, combo, cfg.defense, splits.x_val, splits.y_val, point,
+                operating_point_config(args.preset, point), val_resistance=reuse,
                 cache_dir=args.cache, seed=args.seed,
                 verbose=int(args.verbose != 0))
         except ValueError as e:

@@ -227,3 +227,32 @@ def test_with_classifier_training_refuses_an_unknown_training():
 
     with pytest.raises(ValueError, match="pgd_at"):
         with_classifier_training(get_config("fmnist"), "fgsm")
+
+
+def test_train_cli_defaults_to_the_robust_operating_point_for_a_robust_classifier(tmp_path):
+    """--operating-point defaults to "robust" for a classifier this run or OUT's card trained
+    with pgd_at / trades, to "auto" otherwise (and for a user's own --classifier); a given
+    value is kept."""
+    import json
+
+    from test_case import script_module
+
+    train = script_module("scripts/train.py")
+
+    def point(*flags):
+        args = train.parse_args(["--dataset", "fmnist", "--out", str(tmp_path), *flags])
+        return train._operating_point(args, train._config(args, (28, 28, 1), 10, 60000, 10000))
+
+    assert point() == "auto" and point("--classifier-training", "trades") == "robust"
+    assert point("--classifier-training", "pgd_at", "--operating-point", "auto") == "auto"
+    defense = ("--stages", "defense")
+    assert point(*defense) == "auto"  # no card
+    card, mine = tmp_path / "model_card.json", tmp_path / "mine.keras"
+    mine.touch()
+    for training, expected in (("trades", "robust"), ("pgd_at", "robust"), ("standard", "auto")):
+        card.write_text(json.dumps({"hyperparameters": {"classifier": {"training": training}}}))
+        assert point(*defense) == expected
+        assert point(*defense, "--classifier", str(mine)) == "auto"
+    card.write_text(json.dumps({"hyperparameters": {"classifier": ["trades"]}}))
+    with pytest.raises(train.UsageError, match="model_card.json: cannot read the classifier"):
+        point(*defense)
