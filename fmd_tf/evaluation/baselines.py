@@ -101,10 +101,10 @@ def fm_defense_point(model_dir: str, quick: bool = False) -> dict:
     none: "paper" / "config" points), "attacks": names, "n": first VAL images attacked, "seed"}
     (those of its operating-point table; `OperatingPointConfig`'s, or the fast preset's with
     `quick`, when it has none)."""
-    from fmd_tf.operating_point import FAST_OPERATING_POINT, OperatingPointConfig
+    from fmd_tf.operating_point import grid
 
     card = _card(model_dir)
-    default = FAST_OPERATING_POINT if quick else OperatingPointConfig()
+    default = grid("auto", fast=quick)
     attacks = (card.get("operating_point") or {}).get("attacks") or {}
     return {"val_false_positive_rate": (card.get("calibration") or {}).get(
                 "val_false_positive_rate"),
