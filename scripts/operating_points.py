@@ -27,7 +27,9 @@ versions of the first `--n-attack` VAL images, made with the classifier-only att
 whose smallest VAL defended accuracy over clean and the attacks is the largest (`max_min_row` in
 --out), the rule the shipped operating point follows; with `--clean-cost C` only among the rows
 whose clean VAL defended accuracy is at least the classifier's minus C (`choose_row`, the rule
-of `scripts/train.py --operating-point auto`, whose C is 0.02).
+of `scripts/train.py --operating-point auto`, whose C is 0.02 with fgsm,pgd, and of
+`--operating-point robust`, whose C is 0.01 with the three classifier_apgd_* attacks and
+`--margin-fpr 0,0.005,0.01,0.02,0.03,0.05`; `fmd_tf.operating_point.GRIDS`).
 Exit status 2 (no traceback) for a missing model, data set or bad option.
 """
 
