@@ -153,7 +153,9 @@ class ClassifierConfig:
         choices=CLASSIFIER_TRAININGS,
     )
     adversarial_eps: float = option(0.1, "L-inf radius of the training attack (pgd_at, "
-                                    "trades)", check=UNIT_LEFT_OPEN)
+                                    "trades), and the radius the robust operating point "
+                                    "(--operating-point robust) attacks at",
+                                    check=UNIT_LEFT_OPEN)
     adversarial_steps: int = option(10, "PGD steps of the training attack, each of size "
                                     "2.5 x adversarial_eps / steps", check=POSITIVE_INT)
     trades_beta: float = option(1.0, "TRADES weight of the KL term (the TRADES paper uses 6 "
@@ -574,12 +576,16 @@ def card_defense_config(model_dir: str) -> DefenseConfig | None:
                        lambda options: DefenseConfig(**{**LEGACY_DEFAULTS, **options}))
 
 
-def card_classifier_training(model_dir: str) -> str | None:
-    """How the classifier a trained model describes was trained (`hyperparameters.classifier.
-    training` of its model_card.json: one of `CLASSIFIER_TRAININGS`), or None without a card or
-    entry. Raises ValueError naming the card when the entry is malformed."""
-    return _card_entry(model_dir, "classifier", "classifier options",
-                       lambda options: options.get("training"))
+def card_classifier_training(model_dir: str) -> tuple[str | None, float | None] | None:
+    """(how the classifier a trained model describes was trained, the L∞ radius of its training
+    attack): `training` (one of `CLASSIFIER_TRAININGS`) and `adversarial_eps` of
+    `hyperparameters.classifier` in its model_card.json, None where the entry has none; None
+    without a card or entry. Raises ValueError naming the card when the entry is malformed."""
+    def read(options):
+        eps = options.get("adversarial_eps")
+        return options.get("training"), None if eps is None else float(eps)
+
+    return _card_entry(model_dir, "classifier", "classifier options", read)
 
 
 def card_split_config(model_dir: str) -> SplitConfig | None:

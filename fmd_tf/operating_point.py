@@ -15,10 +15,11 @@ row on ties. When no row meets the clean budget, the row with the best clean def
 The attacks (`fmd_tf.evaluation.harness.ATTACKS`, FGSM and PGD at ε 0.3 by default) are made
 from the first `n_attack` VAL images against the classifier alone (an attacker who does not
 know the defense); an adversarial image counts as defended when it is rejected or its final
-label is right. "robust" (`GRIDS`) is the same rule for a classifier trained to hold at L∞ 0.1
-(TRADES, PGD-AT): APGD-CE, APGD-DLR and APGD with a wrong-class margin loss at L∞ 0.1, at
-most 1 point of clean VAL below the classifier, with the classifier-margin gate in the grid
-(the rule the shipped robust mode was chosen with).
+label is right. "robust" (`GRIDS`) is the same rule for a classifier trained to hold at an L∞
+radius (TRADES, PGD-AT): APGD-CE, APGD-DLR and APGD with a wrong-class margin loss at that
+radius (`attack_eps`; the harness's 0.1 by default), at most 1 point of clean VAL below the
+classifier, with the classifier-margin gate in the grid (the rule the shipped robust mode was
+chosen with, at L∞ 0.1).
 
 Morph budget (`select_budget`): once the point is chosen, the defense is run on the same clean
 and attacked VAL images with each candidate of `budgets` (the adaptive budget of
@@ -74,6 +75,8 @@ class OperatingPointConfig:
     """The grid and the attacks `operating_point="auto"` chooses from (see the module doc)."""
 
     attacks: tuple[str, ...] = ("fgsm", "pgd")
+    # L∞ radius of every attack (None: each one's own in the harness table); L∞ attacks only.
+    attack_eps: float | None = None
     n_attack: int = 500  # first VAL images attacked per attack
     clean_cost: float = 0.02  # clean VAL defended accuracy >= classifier VAL accuracy - this
     modes: tuple[str, ...] = ("per_code", "unified")
@@ -106,6 +109,8 @@ class OperatingPointConfig:
     def __post_init__(self):
         if self.n_attack < 1:
             raise ValueError(f"n_attack must be >= 1, got {self.n_attack}")
+        if self.attack_eps is not None and not 0.0 < self.attack_eps <= 1.0:
+            raise ValueError(f"attack_eps must be in (0, 1], got {self.attack_eps}")
         if not 0.0 <= self.clean_cost <= 1.0:
             raise ValueError(f"clean_cost must be in [0, 1], got {self.clean_cost}")
         if not all(0.0 < r <= 1.0 for r in self.rhos) or not self.rhos:
@@ -142,13 +147,18 @@ GRIDS = {"auto": (OperatingPointConfig(), FAST_OPERATING_POINT),
                                         budgets=FAST_OPERATING_POINT.budgets))}
 
 
-def grid(operating_point: str = "auto", fast: bool = False) -> OperatingPointConfig:
+def grid(operating_point: str = "auto", fast: bool = False,
+         robust_eps: float | None = None) -> OperatingPointConfig:
     """The grid and attacks a table-chosen operating point ("auto", "robust") chooses from,
-    for the full or the fast preset."""
+    for the full or the fast preset; "robust" attacks at L∞ `robust_eps` (the radius the
+    classifier was trained to hold; None: the harness's 0.1)."""
     if operating_point not in GRIDS:
         raise ValueError(f"operating points chosen from a table: {tuple(GRIDS)}, "
                          f"got {operating_point!r}")
-    return GRIDS[operating_point][bool(fast)]
+    cfg = GRIDS[operating_point][bool(fast)]
+    if operating_point == "robust" and robust_eps is not None:
+        cfg = dataclasses.replace(cfg, attack_eps=float(robust_eps))
+    return cfg
 
 
 def max_min_row(rows: list[dict], attacks, eligible=None) -> int:
@@ -194,10 +204,18 @@ def operating_point_table(fmd, x_val, y_val, val_resistance, cfg: OperatingPoint
     if unknown:
         raise ValueError(f"operating-point attacks must be classifier attacks of "
                          f"fmd_tf.evaluation.harness.ATTACKS, got {unknown}")
+    params = {} if cfg.attack_eps is None else {"eps": cfg.attack_eps}
+    not_linf = [a for a in cfg.attacks if params and (
+        "eps" not in harness.ATTACKS[a].params
+        or harness.ATTACKS[a].params.get("norm", "linf") != "linf")]
+    if not_linf:
+        raise ValueError(f"attack_eps {cfg.attack_eps} sets the radius of L∞ attacks; "
+                         f"{not_linf} are not")
     x_att, y_att = x_val[: cfg.n_attack], y_val[: cfg.n_attack]
     adv = {}
     for attack in cfg.attacks:
-        x_adv, _ = harness.adversarial_set(attack, fmd.classifier, x_att, y_att, cache_dir, seed)
+        x_adv, _ = harness.adversarial_set(attack, fmd.classifier, x_att, y_att, cache_dir, seed,
+                                           params=params)
         if verbose:
             print(f"operating point: defending {len(x_adv)} VAL {attack} images", flush=True)
         adv[attack] = ({**fmd.defend_with_stats(x_adv, verbose=verbose, outcomes=True),
@@ -282,8 +300,10 @@ def select_operating_point(fmd, x_val, y_val, val_resistance, operating_point: s
     sets = {name: (outcomes[:n], point.reconstruction_error(x[:n])) for name, (x, outcomes)
             in {"clean": (x_val, val_outcomes), **adversarial}.items()}
     point, budget = select_budget(point, sets, cfg, verbose)
+    radius = "" if cfg.attack_eps is None else f" at L∞ {cfg.attack_eps:g}"
     entry = {"rule": f"{operating_point}: max-min VAL defended accuracy over clean and "
-                     f"{', '.join(cfg.attacks)}, clean >= classifier - {cfg.clean_cost:g}",
+                     f"{', '.join(cfg.attacks)}{radius}, clean >= classifier - "
+                     f"{cfg.clean_cost:g}",
              "options": options, "chosen_row": index, "settings": dataclasses.asdict(cfg),
              "budget": budget, **table}
     return point, report, entry

@@ -131,10 +131,14 @@ def experiment_config(image_shape, num_classes: int, preset: str = "full",
     return quick_config(cfg) if preset == "fast" else cfg
 
 
-def operating_point_config(preset: str, operating_point: str = "auto") -> OperatingPointConfig:
+def operating_point_config(preset: str, operating_point: str = "auto",
+                           robust_eps: float | None = None) -> OperatingPointConfig | None:
     """The grid a table-chosen `operating_point` ("auto", "robust") chooses from for a preset
-    (fewer attacked VAL images for "fast"); "auto"'s for the others, which use none."""
-    return grid(operating_point if operating_point in GRIDS else "auto", preset == "fast")
+    (fewer attacked VAL images for "fast"; "robust" at L∞ `robust_eps`, `grid`); None for the
+    points that use no table ("paper", "config")."""
+    if operating_point not in GRIDS:
+        return None
+    return grid(operating_point, preset == "fast", robust_eps)
 
 
 # ------------------------------------------------------------------------------- input checks
@@ -292,8 +296,9 @@ def fit_defense(classifier, train_data, val_data, config: ExperimentConfig | Non
             applies only when `config` is None.
         operating_point: "auto" (thresholds, gate and morph budget chosen on VAL against
             FGSM and PGD, `fmd_tf.operating_point`), "robust" (the same against APGD at L∞
-            0.1, with a classifier-margin gate: for a classifier trained to hold there) or
-            "paper" (ρ 0.999 per code, no reconstruction gate, all morphs).
+            `config.classifier.adversarial_eps`, 0.1 by default, with a classifier-margin
+            gate: for a classifier trained to hold there) or "paper" (ρ 0.999 per code, no
+            reconstruction gate, all morphs).
         out_dir: when given, fmd.keras, combo_vae.keras, val_resistance.npy and
             model_card.json are written there (existing files are refused).
         verbose: 0 silent, 1 progress bars, 2 one line per epoch.
@@ -335,7 +340,8 @@ def fit_defense(classifier, train_data, val_data, config: ExperimentConfig | Non
     combo = train_combo_vae(config, classifier, x_dgmm, y_dgmm, x_vae, seed, verbose=verbose)
     fmd, report, entry = calibrate_defense(
         classifier, combo, config.defense, *val, operating_point,
-        operating_point_config(preset, operating_point), seed=seed, verbose=verbose)
+        operating_point_config(preset, operating_point, config.classifier.adversarial_eps),
+        seed=seed, verbose=verbose)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         stage = StagedOutputs(out_dir)  # out_dir gets all files or none

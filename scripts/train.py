@@ -12,9 +12,10 @@ With no option but --dataset it trains the whole stack and picks the operating p
 gate with the best worst case over clean VAL and FGSM / PGD examples made from VAL images,
 within 2 points of the classifier's clean VAL accuracy. For an adversarially trained classifier
 (`--classifier-training pgd_at|trades`, or the one OUT's card describes) the default is
-`--operating-point robust`: the same rule against APGD at L∞ 0.1 with a classifier-margin gate,
-within 1 point. `--operating-point paper` keeps the paper's ρ 0.999 and no gate; `config` uses
-the defense flags as given.
+`--operating-point robust`: the same rule against APGD at the classifier's training radius
+(`--classifier-adversarial-eps`, L∞ 0.1 by default) with a classifier-margin gate, within 1
+point. `--operating-point paper` keeps the paper's ρ 0.999 and no gate; `config` uses the defense
+flags as given.
 
 `--data` brings your own images: a .npz with x_train, y_train, x_test, y_test, or a directory
 with one sub-folder per class (`fmd_tf.data.load_dataset`); `--classifier` protects an existing
@@ -76,8 +77,9 @@ def parse_args(argv):
                    help="full (paper scale) or fast (tiny: trials, tests and CI)")
     p.add_argument("--operating-point", default=None, choices=list(STAGE_POINTS),
                    help="auto: chosen on VAL (clean, FGSM, PGD); robust: chosen on VAL "
-                        "(clean, APGD-CE/-DLR/-margin at Linf 0.1, with a classifier-margin "
-                        "gate) for a classifier trained to hold there; paper: rho 0.999, no "
+                        "(clean, APGD-CE/-DLR/-margin at the classifier's training radius, "
+                        "--classifier-adversarial-eps, with a classifier-margin gate) for a "
+                        "classifier trained to hold there; paper: rho 0.999, no "
                         "gate; config: the defense flags below as given (default: robust for "
                         "an adversarially trained classifier, this run's or OUT's, else auto)")
     p.add_argument("--seed", type=int, default=None,
@@ -227,24 +229,27 @@ def _config(args, image_shape, num_classes, n_train, n_test):
         raise UsageError(str(e)) from None
 
 
-def _operating_point(args, cfg) -> str:
-    """--operating-point, or its default: "robust" when the classifier was adversarially
-    trained (this run's classifier stage, else the one OUT's card describes; a user's own
-    --classifier is not known to be), else "auto"."""
+def _operating_point(args, cfg) -> tuple[str, float]:
+    """(--operating-point or its default, the L∞ radius the robust rule attacks at).
+
+    The default is "robust" when the classifier was adversarially trained (this run's
+    classifier stage, else the one OUT's card describes; a user's own --classifier is not known
+    to be), else "auto". The radius is that classifier's training radius (this run's, or the
+    card's unless --classifier-adversarial-eps is given), else --classifier-adversarial-eps."""
     from fmd_tf.config import card_classifier_training
 
-    if args.operating_point is not None:
-        return args.operating_point
+    training, eps = cfg.classifier.training, cfg.classifier.adversarial_eps
     if args.classifier is not None:
-        return "auto"
-    if "classifier" in args.stages:
-        training = cfg.classifier.training
-    else:
+        training = None
+    elif "classifier" not in args.stages:
         try:
-            training = card_classifier_training(args.out)
+            training, card_eps = card_classifier_training(args.out) or (None, None)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    return "auto" if training in (None, "standard") else "robust"
+        if args.classifier_adversarial_eps is None and card_eps is not None:
+            eps = card_eps
+    point = args.operating_point or ("auto" if training in (None, "standard") else "robust")
+    return point, eps
 
 
 def _with_search_steps(args, defense):
@@ -444,10 +449,10 @@ def _run(args) -> dict:
                 raise UsageError(f"{path('val_resistance.npy')} not found")
             reuse = np.load(path("val_resistance.npy"))
         try:
-            point = _operating_point(args, cfg)
+            point, robust_eps = _operating_point(args, cfg)
             fmd, report, card["operating_point"] = calibrate_defense(
                 classifier, combo, cfg.defense, splits.x_val, splits.y_val, point,
-                operating_point_config(args.preset, point), val_resistance=reuse,
+                operating_point_config(args.preset, point, robust_eps), val_resistance=reuse,
                 cache_dir=args.cache, seed=args.seed,
                 verbose=int(args.verbose != 0))
         except ValueError as e:

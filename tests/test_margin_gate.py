@@ -265,17 +265,28 @@ def test_the_served_saved_model_applies_the_margin_gate(gated, tmp_path):
 
 def test_robust_operating_point_is_chosen_with_apgd_and_the_margin_gate(gated, tmp_path):
     """`operating_point="robust"`: the table rule on the robust grid (APGD-CE/-DLR/-margin made
-    on VAL, the margin gate's budgets, a 1-point clean budget), applied to the defense."""
+    on VAL at the classifier's radius, the margin gate's budgets, a 1-point clean budget),
+    applied to the defense."""
+    import json
+
     from fmd_tf.operating_point import choose_row, grid, select_operating_point
 
     fmd, report, x_val = gated
     y_val = np.argmax(fmd.classifier(x_val).numpy(), axis=-1)
     y_val[:3] = (y_val[:3] + 1) % 10
-    cfg = grid("robust", fast=True)
+    cfg = grid("robust", fast=True, robust_eps=0.05)
     point, _, entry = select_operating_point(fmd, x_val, y_val, report["val_resistance"],
                                              "robust", cfg=cfg, cache_dir=str(tmp_path))
     attacks = ["classifier_apgd_ce", "classifier_apgd_dlr", "classifier_apgd_margin"]
     assert entry["rule"].startswith("robust:") and entry["attacks"]["names"] == attacks
+    assert "at L∞ 0.05," in entry["rule"] and entry["settings"]["attack_eps"] == 0.05
+    made = sorted(tmp_path.glob("classifier_apgd_*.npz"))
+    assert len(made) == 3
+    for path in made:  # each VAL attack was made at the classifier's radius, not the table's
+        key = json.loads(np.load(path)["key"].item())
+        assert key["params"]["eps"] == 0.05 and key["params"]["norm"] == "linf"
+        x_adv = np.load(path)["x_adv"]
+        assert np.max(np.abs(x_adv - x_val[: len(x_adv)])) <= 0.05 + 1e-5
     assert cfg.clean_cost == 0.01 and entry["settings"]["clean_cost"] == 0.01
     rows = entry["rows"]
     assert {row["margin_fpr"] for row in rows} == {0.0, 0.005, 0.01, 0.02, 0.03, 0.05}

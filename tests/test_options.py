@@ -336,3 +336,17 @@ def test_card_entries_read_or_name_the_card(tmp_path, reader, key, good, bad):
     card.write_text(json.dumps({"hyperparameters": {key: bad}}))
     with pytest.raises(ValueError, match=rf"model_card.json: cannot read .*hyperparameters\.{key}"):
         reader(str(tmp_path))
+
+
+def test_card_classifier_training_reads_the_training_and_its_radius(tmp_path):
+    import json
+
+    card = tmp_path / "model_card.json"
+    assert C.card_classifier_training(str(tmp_path)) is None
+    for entry, expected in (({"training": "trades", "adversarial_eps": 0.2}, ("trades", 0.2)),
+                            ({"training": "standard"}, ("standard", None))):
+        card.write_text(json.dumps({"hyperparameters": {"classifier": entry}}))
+        assert C.card_classifier_training(str(tmp_path)) == expected
+    card.write_text(json.dumps({"hyperparameters": {"classifier": {"adversarial_eps": "wide"}}}))
+    with pytest.raises(ValueError, match=r"model_card.json: cannot read .*classifier"):
+        C.card_classifier_training(str(tmp_path))

@@ -3,6 +3,7 @@ the operating-point rule and the shape-following architecture."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -214,8 +215,9 @@ def test_budget_rule_takes_the_first_candidate_that_keeps_the_verdicts(monkeypat
 
 
 def test_each_table_point_has_its_grid():
-    """ "auto" chooses against FGSM / PGD, "robust" against APGD at L∞ 0.1 with the margin
-    gate; the fast preset attacks fewer VAL images; the other points use no table."""
+    """ "auto" chooses against FGSM / PGD, "robust" against APGD at L∞ 0.1 (or the given
+    radius) with the margin gate; the fast preset attacks fewer VAL images; the other points
+    use no table."""
     auto, robust = (pipeline.operating_point_config("full", p) for p in ("auto", "robust"))
     assert auto == op.OperatingPointConfig() and auto.attacks == ("fgsm", "pgd")
     assert robust.attacks == ("classifier_apgd_ce", "classifier_apgd_dlr",
@@ -224,7 +226,12 @@ def test_each_table_point_has_its_grid():
     fast = pipeline.operating_point_config("fast", "robust")
     assert fast.attacks == robust.attacks and fast.n_attack == op.FAST_OPERATING_POINT.n_attack
     assert pipeline.operating_point_config("fast") == op.FAST_OPERATING_POINT
-    assert pipeline.operating_point_config("full", "paper") == auto
+    assert robust.attack_eps is None and auto.attack_eps is None
+    at = pipeline.operating_point_config("fast", "robust", robust_eps=0.2)
+    assert at == dataclasses.replace(fast, attack_eps=0.2)
+    assert pipeline.operating_point_config("full", "auto", robust_eps=0.2) == auto
+    assert pipeline.operating_point_config("full", "paper") is None
+    assert pipeline.operating_point_config("full", "config") is None
     with pytest.raises(ValueError, match="chosen from a table"):
         op.grid("paper")
 
@@ -233,6 +240,14 @@ def test_operating_point_config_checks():
     with pytest.raises(ValueError, match="classifier attacks"):
         op.operating_point_table(None, np.zeros((2, 8, 8, 1)), np.zeros(2), None,
                                  op.OperatingPointConfig(attacks=("adaptive_pgd",)))
+    with pytest.raises(ValueError, match=r"\['cw'\] are not"):  # a radius for attacks without one
+        op.operating_point_table(None, np.zeros((2, 8, 8, 1)), np.zeros(2), None,
+                                 op.OperatingPointConfig(attacks=("pgd", "cw"), attack_eps=0.1))
+    with pytest.raises(ValueError, match=r"\['pgd_l2'\] are not"):
+        op.operating_point_table(None, np.zeros((2, 8, 8, 1)), np.zeros(2), None,
+                                 op.OperatingPointConfig(attacks=("pgd_l2",), attack_eps=0.1))
+    with pytest.raises(ValueError, match="attack_eps"):
+        op.OperatingPointConfig(attack_eps=0.0)
     with pytest.raises(ValueError, match="n_attack"):
         op.OperatingPointConfig(n_attack=0)
     with pytest.raises(ValueError, match="rhos"):

@@ -232,7 +232,8 @@ def test_with_classifier_training_refuses_an_unknown_training():
 def test_train_cli_defaults_to_the_robust_operating_point_for_a_robust_classifier(tmp_path):
     """--operating-point defaults to "robust" for a classifier this run or OUT's card trained
     with pgd_at / trades, to "auto" otherwise (and for a user's own --classifier); a given
-    value is kept."""
+    value is kept. The robust rule attacks at the classifier's training radius: this run's, the
+    card's, or --classifier-adversarial-eps when given."""
     import json
 
     from test_case import script_module
@@ -243,16 +244,25 @@ def test_train_cli_defaults_to_the_robust_operating_point_for_a_robust_classifie
         args = train.parse_args(["--dataset", "fmnist", "--out", str(tmp_path), *flags])
         return train._operating_point(args, train._config(args, (28, 28, 1), 10, 60000, 10000))
 
-    assert point() == "auto" and point("--classifier-training", "trades") == "robust"
-    assert point("--classifier-training", "pgd_at", "--operating-point", "auto") == "auto"
+    assert point() == ("auto", 0.1) and point("--classifier-training", "trades") == ("robust", 0.1)
+    assert point("--classifier-training", "pgd_at", "--operating-point", "auto")[0] == "auto"
+    assert point("--classifier-training", "trades", "--classifier-adversarial-eps", "0.2") == (
+        "robust", 0.2)
     defense = ("--stages", "defense")
-    assert point(*defense) == "auto"  # no card
+    assert point(*defense) == ("auto", 0.1)  # no card
     card, mine = tmp_path / "model_card.json", tmp_path / "mine.keras"
     mine.touch()
     for training, expected in (("trades", "robust"), ("pgd_at", "robust"), ("standard", "auto")):
-        card.write_text(json.dumps({"hyperparameters": {"classifier": {"training": training}}}))
-        assert point(*defense) == expected
-        assert point(*defense, "--classifier", str(mine)) == "auto"
+        card.write_text(json.dumps({"hyperparameters": {"classifier": {
+            "training": training, "adversarial_eps": 0.15}}}))
+        assert point(*defense) == (expected, 0.15)
+        assert point(*defense, "--classifier-adversarial-eps", "0.05") == (expected, 0.05)
+        assert point(*defense, "--classifier", str(mine)) == ("auto", 0.1)
+    mine_robust = point(*defense, "--classifier", str(mine), "--operating-point", "robust",
+                        "--classifier-adversarial-eps", "0.3")
+    assert mine_robust == ("robust", 0.3)
+    card.write_text(json.dumps({"hyperparameters": {"classifier": {"training": "trades"}}}))
+    assert point(*defense) == ("robust", 0.1)  # a card without the radius: the option's
     card.write_text(json.dumps({"hyperparameters": {"classifier": ["trades"]}}))
     with pytest.raises(train.UsageError, match="model_card.json: cannot read the classifier"):
         point(*defense)
