@@ -162,7 +162,7 @@ def test_operating_points_on_clean_val(quick_model, tmp_path):
     assert len(report["rows"]) == 4 * len(rhos) * len(gates)
     assert {r["recon_pixel_tol"] for r in rows.values()} == {None}
     assert "| pixel_share>0.05 |" in proc.stdout and "| pixel_share>0.2 |" in proc.stdout
-    assert report["attacks"] == {"names": ["fgsm"], "n": 6, "seed": 0}
+    assert report["attacks"] == {"names": ["fgsm"], "n": 6, "seed": 0, "eps": None}
     assert f"| per_code | 1.0 | 0.0 | {own_metric} |" in proc.stdout
     # The model's own setting: the same thresholds and flagged share as its calibration.
     own = rows[(own_metric, rho, cal["recon_fpr"])]
@@ -197,6 +197,54 @@ def test_operating_points_on_clean_val(quick_model, tmp_path):
         rows[("mae", 1.0, 0.0)]["val_clean_defended_accuracy"])
 
 
+def test_operating_points_grid_prints_the_table_train_chose_from(quick_model, tmp_path):
+    """--grid auto reproduces the table and row scripts/train.py --operating-point auto chose
+    (its card); --grid robust is the robust rule's table (APGD at the card's radius, margin
+    gate, 1-point clean cost)."""
+    import shutil
+
+    from fmd_tf.operating_point import choose_row, grid
+
+    model, cache = tmp_path / "model", str(tmp_path / "cache")
+    shutil.copytree(quick_model, model)
+    proc = run_script("scripts/train.py", "--quick", "--out", str(model), "--stages", "defense",
+                      "--reuse-val-resistance", "--operating-point", "auto", "--cache", cache,
+                      "--overwrite", "--verbose", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = json.loads((model / "model_card.json").read_text())["operating_point"]
+    out = tmp_path / "auto.json"
+    proc = run_script("scripts/operating_points.py", "--model", str(model), "--grid", "auto",
+                      "--n-attack", str(card["attacks"]["n"]), "--cache", cache,
+                      "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["attacks"]["names"] == card["attacks"]["names"] == ["fgsm", "pgd"]
+    assert report["clean_cost"] == card["settings"]["clean_cost"] == grid("auto").clean_cost
+    assert len(report["rows"]) == len(card["rows"])
+    for row, carded in zip(report["rows"], card["rows"], strict=True):
+        assert {k: row[k] for k in carded} == pytest.approx(carded)
+    assert report["max_min_row"] == card["chosen_row"]
+
+    out = tmp_path / "robust.json"
+    proc = run_script("scripts/operating_points.py", "--model", str(quick_model), "--grid",
+                      "robust", "--n-attack", "6", "--rho", "0.99,0.9", "--cache", cache,
+                      "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    robust = grid("robust")
+    assert report["attacks"]["names"] == list(robust.attacks)
+    eps = json.loads((quick_model / "model_card.json").read_text())[
+        "hyperparameters"]["classifier"]["adversarial_eps"]
+    assert report["attacks"]["eps"] == eps and f"at L∞ {eps:g}" in proc.stdout
+    rows = report["rows"]
+    assert {r["rho"] for r in rows} == {0.99, 0.9}  # a flag changes one setting of the grid
+    assert {r["margin_fpr"] for r in rows} == set(robust.margin_budgets)
+    assert report["clean_cost"] == robust.clean_cost == 0.01
+    assert report["max_min_row"] == choose_row(rows, robust.attacks,
+                                                report["val_classifier_accuracy"], 0.01)
+    assert "classifier - 0.01" in proc.stdout
+
+
 @pytest.mark.parametrize("args,message", [
     (["--rho", "1.5"], "--rho: values must lie in (0.0, 1.0]"),
     (["--recon-fpr", "x"], "--recon-fpr: expected comma-separated numbers"),
@@ -208,6 +256,7 @@ def test_operating_points_on_clean_val(quick_model, tmp_path):
     (["--n-attack", "0"], "--n-attack must be >= 1"),
     (["--margin-fpr", "0.6"], "--margin-fpr: values must lie in [0.0, 0.5]"),
     (["--clean-cost", "2"], "--clean-cost must be in [0, 1]"),
+    (["--grid", "paper"], "--grid: invalid choice: 'paper'"),
     (["--model", "/nonexistent/model"], "/nonexistent/model/fmd.keras not found"),
 ])
 def test_operating_points_bad_arguments(args, message):
