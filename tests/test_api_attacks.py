@@ -569,6 +569,61 @@ def test_hop_skip_jump_judges_by_the_defense_not_the_classifier(strict_defense):
     assert np.all(rec["l2"] <= start + 1e-5)
 
 
+@pytest.fixture
+def gates_only(strict_defense):
+    """The strict toy defense with thresholds no resistance reaches (θr < 0, as ρ 0.999 leaves
+    them on the robust mode) and reconstruction and margin gates that reject some of its
+    images (restored afterwards); (fmd, images)."""
+    fmd, x, _, _ = strict_defense
+    images = np.concatenate([x, np.clip(x + np.random.default_rng(0).normal(
+        0, 0.3, x.shape), 0, 1).astype(np.float32)])
+    saved = [v.numpy() for v in (fmd.theta_r, fmd.theta_e, fmd.theta_m)]
+    fmd.theta_r.assign(np.full(fmd.num_codes, -0.1, np.float32))
+    fmd.theta_e.assign(np.median(fmd.reconstruction_error(images)))
+    fmd.theta_m.assign(np.quantile(fmd.logit_margins(images), 0.2))
+    yield fmd, images
+    for variable, value in zip((fmd.theta_r, fmd.theta_e, fmd.theta_m), saved, strict=True):
+        variable.assign(value)
+
+
+def test_decisions_without_morphs_are_the_defenses_answers(gates_only):
+    fmd, x = gates_only
+    full, fast = fmd.defend(x), fmd.decisions(x, batch_size=7)
+    for key in ("label", "verdict", "classifier_label"):
+        np.testing.assert_array_equal(fast[key], full[key])
+    assert set(np.unique(full["verdict"])) == {0, 2}  # both gates at work, nothing purified
+    fmd.theta_r.assign(np.full(fmd.num_codes, 0.0, np.float32))  # r = 0 is flagged now
+    with pytest.raises(ValueError, match="can flag"):
+        fmd.decisions(x)
+
+
+def test_decision_attacks_get_the_defenses_answers_without_its_morphs(gates_only,
+                                                                      monkeypatch):
+    """RayS, HopSkipJump and the corners read label and verdict only: on a defense whose
+    resistance cannot flag they get them from `decisions` (never `defend`) and find exactly
+    what they find through the whole defense."""
+    fmd, x = gates_only
+    y = fmd.defend(x)["classifier_label"][:4]
+    x = x[:4]
+    runs = ((api_rays, {"eps": 0.3, "max_queries": 30}),
+            (api_corners, {"eps": 0.3, "max_queries": 6}),
+            (api_hop_skip_jump, {"max_queries": 25, "init_eval": 5, "max_eval": 10}))
+    whole = {attack: attack(QueryOracle.from_defense(fmd), x, y, **params)
+             for attack, params in runs}
+
+    def no_morphs(*args, **kwargs):
+        raise AssertionError("defend ran the morphs")
+
+    monkeypatch.setattr(type(fmd), "defend", no_morphs)
+    for attack, params in runs:
+        x_adv, record = attack(fmd, x, y, **params)
+        np.testing.assert_array_equal(x_adv, whole[attack][0])
+        for key, value in whole[attack][1].items():
+            np.testing.assert_array_equal(record[key], value)
+    with pytest.raises(AssertionError, match="defend ran"):  # Square reads the resistances
+        api_square(fmd, x, y, eps=0.3, max_queries=4)
+
+
 @pytest.mark.slow
 def test_square_detector_term_steers_to_what_the_defense_passes():
     """Square on images the toy defense rejects: with λ = 1 the loss also asks the morphs to

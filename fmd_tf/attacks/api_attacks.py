@@ -192,12 +192,20 @@ class QueryOracle:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_defense(cls, defense, batch_size: int = 64, monitor=None) -> QueryOracle:
+    def from_defense(cls, defense, batch_size: int = 64, monitor=None,
+                     decisions_only: bool = False) -> QueryOracle:
         """In-process `FMDefense` / `FMDefenseEnsemble`: its `defend` (the outputs of
-        `serving_default`) and its classifier's logits (those of `classify`)."""
-        def defend(x):
-            out = defense.defend(x, batch_size=batch_size)
-            return {k: out[k] for k in PUBLIC_KEYS if k in out}
+        `serving_default`) and its classifier's logits (those of `classify`).
+        `decisions_only`: the attack reads label and verdict only; where no resistance
+        threshold can flag, they come from `FMDefense.decisions` (the same answers, without
+        the morphs)."""
+        if decisions_only and _decides_without_morphs(defense):
+            def defend(x):
+                return defense.decisions(x, batch_size=batch_size)
+        else:
+            def defend(x):
+                out = defense.defend(x, batch_size=batch_size)
+                return {k: out[k] for k in PUBLIC_KEYS if k in out}
 
         return cls(defend, lambda x: _logits(defense.classifier, x, batch_size), monitor)
 
@@ -266,17 +274,27 @@ def _logits(model, x, batch_size: int) -> np.ndarray:
         for i in range(0, len(x), batch_size)])
 
 
-def as_oracle(target, batch_size: int = 64, monitor=None) -> QueryOracle:
+def _decides_without_morphs(defense) -> bool:
+    """Whether `defense` answers label and verdict without its morphs (`FMDefense.decisions`:
+    an FMDefense whose resistance thresholds cannot flag)."""
+    from fmd_tf.operating_point import resistance_can_flag
+
+    return callable(getattr(defense, "decisions", None)) and not resistance_can_flag(defense)
+
+
+def as_oracle(target, batch_size: int = 64, monitor=None,
+              decisions_only: bool = False) -> QueryOracle:
     """`target` as a `QueryOracle`: itself, a defense (anything with `defend` and `classifier`:
     `FMDefense`, `FMDefenseEnsemble`) or a Keras classifier (undefended, accepts everything);
-    `monitor` (a `QueryMonitor` or its options) in front of a new oracle."""
+    `monitor` (a `QueryMonitor` or its options) in front of a new oracle; `decisions_only`: the
+    attack reads label and verdict only (`QueryOracle.from_defense`)."""
     if isinstance(target, QueryOracle):
         if monitor is not None:
             raise ValueError("give the monitor to the QueryOracle itself (QueryOracle(..., "
                              "monitor=...)), not to the attack")
         return target
     if hasattr(target, "defend") and hasattr(target, "classifier"):
-        return QueryOracle.from_defense(target, batch_size, monitor)
+        return QueryOracle.from_defense(target, batch_size, monitor, decisions_only)
     import keras
 
     if isinstance(target, keras.Layer):
@@ -605,7 +623,7 @@ def api_rays(oracle, x, y, eps: float = 0.1, max_queries: int = 1000, seed: int 
     if int(linear_steps) < 1 or not tol > 0:
         raise ValueError(f"linear_steps must be >= 1 and tol > 0, got {linear_steps}, {tol}")
     x, y = _check_batch(x, y)
-    o = as_oracle(oracle, batch_size, monitor)
+    o = as_oracle(oracle, batch_size, monitor, decisions_only=True)
     n, max_queries, steps = len(x), int(max_queries), int(linear_steps)
     radius = np.full(n, np.inf, np.float32)
     if n == 0:
@@ -715,7 +733,7 @@ def api_corners(oracle, x, y, eps: float = 0.1, max_queries: int = 20, seed: int
     """
     _check_linf_budget("api_corners", norm, eps, max_queries)
     x, y = _check_batch(x, y)
-    o = as_oracle(oracle, batch_size, monitor)
+    o = as_oracle(oracle, batch_size, monitor, decisions_only=True)
     n, max_queries = len(x), int(max_queries)
     corner = np.full(n, -1, np.int64)
     if n == 0:
@@ -864,7 +882,7 @@ def api_hop_skip_jump(oracle, x, y, max_queries: int = 1000, seed: int = 0, eps=
     if int(max_queries) < 1:
         raise ValueError(f"max_queries must be >= 1 (the clean query), got {max_queries}")
     x, y = _check_batch(x, y)
-    o = as_oracle(oracle, batch_size, monitor)
+    o = as_oracle(oracle, batch_size, monitor, decisions_only=True)
     n = len(x)
     ids = np.arange(n)
     x_adv = x.copy()

@@ -346,6 +346,7 @@ class FMDefense(BatchedDefense, keras.Model):
         self._config = config
         self._image_shape = None
         self._graph_fn = None
+        self._decisions_fn = None
 
     @property
     def config(self) -> DefenseConfig:
@@ -618,6 +619,42 @@ class FMDefense(BatchedDefense, keras.Model):
             **({"morphs_used": morphs_used} if with_stats or with_outcomes else {}),
             **({"morph_outcomes": outcomes} if with_outcomes else {}),
         }
+
+    def _gate_decisions(self, images):
+        """`_defend`'s label, verdict and classifier_label with every resistance taken as 0:
+        the same as `_defend`'s when no θr(i) can flag (`resistance_can_flag`), since then no
+        resistance is suspicious and only the reconstruction and margin gates decide."""
+        images = validate_images(images, self._image_shape)
+        logits = self.classifier(images)
+        label = tf.argmax(logits, axis=-1)
+        mean, _, zu = self.combo_vae.encode(images)
+        recon_error = reconstruction_error(images, self.combo_vae.decode(mean, zu),
+                                           self.recon_metric, self.recon_pixel_tol)
+        never = tf.zeros([tf.shape(images)[0], tf.shape(self.theta_r)[0]], tf.float32)
+        verdict, _ = decide(never, self.theta_r, self.purify_threshold(), recon_error,
+                            self.theta_e, calibration.logit_margin(logits), self.theta_m)
+        return {"label": final_label(verdict, label, label), "verdict": verdict,
+                "classifier_label": label}
+
+    def decisions(self, x, batch_size: int = 64) -> dict:
+        """`defend`'s `label`, `verdict` and `classifier_label` [n] without the morphs, for a
+        defense whose resistance thresholds cannot flag (every θr(i) < 0, as ρ 0.999 leaves
+        them on the robust mode): then nothing is suspicious or purified and only the gates
+        reject, so these are exactly `defend`'s answers at a fraction of its cost (what a
+        decision-based attacker of the endpoint sees). ValueError when a threshold can flag."""
+        from fmd_tf.operating_point import resistance_can_flag
+
+        x = self._as_batch(x)
+        self._require_calibrated()
+        if resistance_can_flag(self):
+            raise ValueError("a resistance threshold can flag: the verdicts need the morphs "
+                             "(use defend)")
+        if self._decisions_fn is None:
+            self._decisions_fn = tf.function(self._gate_decisions, reduce_retracing=True,
+                                             autograph=False)
+        parts = in_batches(lambda b: self._decisions_fn(tf.constant(b)), x, batch_size, 0)
+        return {k: np.concatenate([p[k].numpy() for p in parts])
+                for k in ("label", "verdict", "classifier_label")}
 
     def _purify_codes(self, mean, zu, label, reconstruction=None):
         """(purified images, purified label int64 [B]) from the codes μs(x), zu(x) and the
