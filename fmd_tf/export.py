@@ -28,6 +28,9 @@ exports `serving_default` with `label` and `verdict` only: a public endpoint. Sc
 black-box attacks (`fmd_tf.attacks.api_square`) read the `classify` logits and the resistances;
 against a decision endpoint only decision-based ones (`api_rays`, `api_hop_skip_jump`) remain.
 Serve the full export to trusted callers (monitoring, the purified images) on another port.
+A decision export of a defense whose resistance thresholds cannot flag (every θr(i) < 0, as on
+the robust mode; `operating_point.decides_without_morphs`) runs no morphs: only its gates can
+reject, so `FMDefense.decisions`' graph gives the same label and verdict for far less work.
 
 Every signature first runs `fmd_tf.defense.fm_defense.validate_images` inside the graph, so a
 bad request fails with INVALID_ARGUMENT and a message naming the problem (shape, empty batch,
@@ -71,6 +74,7 @@ import tensorflow as tf
 
 from fmd_tf.defense.fm_defense import OUTPUT_KEYS, validate_images
 from fmd_tf.files import replace_directory
+from fmd_tf.operating_point import decides_without_morphs
 
 __all__ = [
     "EXPOSURES",
@@ -132,7 +136,9 @@ def serving_functions(fmd, jit_compile: bool = False, exposure: str = "full") ->
     Each function takes `images` (keyword) float32 [None, *image_shape] and returns a dict of
     tensors. `jit_compile=True` XLA-compiles the morph-search signatures (`serving_default`,
     `detect`) behind the input checks; see the module docstring. It needs the full morph
-    budget (the adaptive budget has data-dependent shapes): ValueError otherwise.
+    budget (the adaptive budget has data-dependent shapes): ValueError otherwise. A
+    "decision" export of a defense that `decides_without_morphs` serves its gates' graph
+    (`FMDefense._gate_decisions`: the same label and verdict, no morphs).
     """
     if jit_compile and not fmd._xla_compatible():
         raise ValueError("XLA (jit_compile / --xla) needs fixed shapes: export "
@@ -140,6 +146,7 @@ def serving_functions(fmd, jit_compile: bool = False, exposure: str = "full") ->
                          "float32: the same verdicts where the budget was chosen on VAL)")
     signatures = exposed_signatures(exposure)
     image_shape = tuple(int(s) for s in fmd._image_shape)
+    gates_only = exposure == "decision" and decides_without_morphs(fmd)
     spec = tf.TensorSpec([None, *image_shape], tf.float32, name=INPUT_NAME)
 
     def defend_body(images):
@@ -156,6 +163,11 @@ def serving_functions(fmd, jit_compile: bool = False, exposure: str = "full") ->
     def defend(images):
         return defend_core(checked(images))
 
+    def decide(images):
+        # Label and verdict without the morphs (`FMDefense._gate_decisions`, validating too):
+        # `_defend`'s answers when no resistance threshold can flag.
+        return fmd._gate_decisions(checked(images))
+
     def classify(images):
         logits = fmd.classifier(checked(images))
         return {"logits": logits, "label": tf.argmax(logits, axis=-1)}
@@ -164,8 +176,8 @@ def serving_functions(fmd, jit_compile: bool = False, exposure: str = "full") ->
         # The purifier branch of `FMDefense._defend` (same ops, no morph search).
         return fmd._purify_valid(checked(images))
 
-    bodies = {"serving_default": defend, "classify": classify, "detect": defend,
-              "purify": purify}
+    bodies = {"serving_default": decide if gates_only else defend, "classify": classify,
+              "detect": defend, "purify": purify}
 
     def outputs(body, keys):
         def signature(images):

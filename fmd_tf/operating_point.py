@@ -54,6 +54,7 @@ __all__ = [
     "max_min_row",
     "operating_point_table",
     "resistance_can_flag",
+    "decides_without_morphs",
     "select_budget",
     "select_operating_point",
 ]
@@ -399,6 +400,12 @@ def resistance_can_flag(fmd) -> bool:
 
     theta_r = np.asarray(fmd.theta_r)
     return bool(is_suspicious(np.zeros((1, theta_r.size)), theta_r)[0])
+
+
+def decides_without_morphs(defense) -> bool:
+    """Whether `defense` answers label and verdict without its morphs: an `FMDefense` (it has
+    `decisions`) whose resistance thresholds cannot flag, so that only its gates decide."""
+    return callable(getattr(defense, "decisions", None)) and not resistance_can_flag(defense)
 
 
 _BUDGET_RULE = ("first of the budgets with VAL verdict agreement >= {cfg.min_budget_agreement:g} "

@@ -239,9 +239,12 @@ def _operating_point(args, cfg) -> tuple[str, float]:
     from fmd_tf.config import card_classifier_training
 
     training, eps = cfg.classifier.training, cfg.classifier.adversarial_eps
+    # OUT's card is read only for what it can decide: the default point or the robust radius.
+    needs_card = args.operating_point is None or (
+        args.operating_point == "robust" and args.classifier_adversarial_eps is None)
     if args.classifier is not None:
         training = None
-    elif "classifier" not in args.stages:
+    elif "classifier" not in args.stages and needs_card:
         try:
             training, card_eps = card_classifier_training(args.out) or (None, None)
         except ValueError as e:

@@ -363,6 +363,33 @@ def test_decision_exposure_serves_label_and_verdict_only(defense, keras_file, tm
         grpc_client.close()
 
 
+def test_decision_export_runs_only_the_gates_when_no_resistance_can_flag(defense, tmp_path,
+                                                                         monkeypatch):
+    """A decision export of a defense whose thresholds cannot flag (θr < 0, as on the robust
+    mode) serves the gates' graph, never the morph search, with the full defense's label and
+    verdict; one whose thresholds can flag serves the whole defense, never the gates alone."""
+    fmd, images, _ = defense
+    gated = fmd.copy_with()
+    gated.theta_r.assign(np.full(gated.num_codes, -0.1, np.float32))
+    gated.theta_e.assign(np.median(gated.reconstruction_error(images)))
+    gated.theta_m.assign(np.quantile(gated.logit_margins(images), 0.2))
+    reference = {name: {k: v.numpy() for k, v in model(images).items()}
+                 for name, model in (("gated", gated), ("fmd", fmd))}
+    assert set(np.unique(reference["gated"]["verdict"])) == {0, 2}  # both gates reject some
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("traced the wrong graph")
+
+    for name, model, patched in (("gated", gated, "_defend"), ("fmd", fmd, "_gate_decisions")):
+        with monkeypatch.context() as patch:
+            patch.setattr(FMDefense, patched, forbidden)
+            path = export_serving(model, tmp_path / name, version=1, exposure="decision")
+        served = tf.saved_model.load(path).signatures["serving_default"]
+        out = {k: v.numpy() for k, v in served(images=tf.constant(images)).items()}
+        assert set(out) == {"label", "verdict"}
+        _assert_outputs_equal(reference[name], out, keys=["label", "verdict"])
+
+
 # --------------------------------------------------------------------------- gRPC client
 
 

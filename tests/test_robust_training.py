@@ -266,3 +266,10 @@ def test_train_cli_defaults_to_the_robust_operating_point_for_a_robust_classifie
     card.write_text(json.dumps({"hyperparameters": {"classifier": ["trades"]}}))
     with pytest.raises(train.UsageError, match="model_card.json: cannot read the classifier"):
         point(*defense)
+    with pytest.raises(train.UsageError, match="model_card.json: cannot read the classifier"):
+        point(*defense, "--operating-point", "robust")
+    # A card that cannot decide anything is not read: a given point other than robust, or
+    # robust with its radius given.
+    assert point(*defense, "--operating-point", "auto") == ("auto", 0.1)
+    assert point(*defense, "--operating-point", "robust", "--classifier-adversarial-eps",
+                 "0.2") == ("robust", 0.2)

@@ -50,6 +50,7 @@ import inspect
 import numpy as np
 
 from fmd_tf.defense.fm_defense import VERDICT_REJECTED
+from fmd_tf.operating_point import decides_without_morphs
 
 __all__ = [
     "QueryOracle",
@@ -199,7 +200,7 @@ class QueryOracle:
         `decisions_only`: the attack reads label and verdict only; where no resistance
         threshold can flag, they come from `FMDefense.decisions` (the same answers, without
         the morphs)."""
-        if decisions_only and _decides_without_morphs(defense):
+        if decisions_only and decides_without_morphs(defense):
             def defend(x):
                 return defense.decisions(x, batch_size=batch_size)
         else:
@@ -272,14 +273,6 @@ def _logits(model, x, batch_size: int) -> np.ndarray:
     return np.concatenate([
         np.asarray(model(tf.constant(x[i : i + batch_size]), training=False), np.float32)
         for i in range(0, len(x), batch_size)])
-
-
-def _decides_without_morphs(defense) -> bool:
-    """Whether `defense` answers label and verdict without its morphs (`FMDefense.decisions`:
-    an FMDefense whose resistance thresholds cannot flag)."""
-    from fmd_tf.operating_point import resistance_can_flag
-
-    return callable(getattr(defense, "decisions", None)) and not resistance_can_flag(defense)
 
 
 def as_oracle(target, batch_size: int = 64, monitor=None,

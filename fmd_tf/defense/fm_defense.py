@@ -593,18 +593,13 @@ class FMDefense(BatchedDefense, keras.Model):
     def _defend_valid(self, images, with_stats=False, with_outcomes=False):
         """`_defend` on already validated float32 images (any batch size, 0 included);
         `with_outcomes`: the full budget, and its morph outcomes [B, m, N] bool."""
-        logits = self.classifier(images)
-        label = tf.argmax(logits, axis=-1)
-        mean, _, zu = self.combo_vae.encode(images)
+        logits, label, mean, zu, reconstruction, recon_error = self._gate_inputs(images)
         if with_outcomes:
             outcomes = self._full_outcomes(mean, zu, label)
             resistance, morphs_used = self._resistance_of(outcomes)
         else:
             resistance, morphs_used = self._resistance(mean, zu, label, return_used=True)
-        reconstruction = self.combo_vae.decode(mean, zu)
         purified, purified_label = self._purify_codes(mean, zu, label, reconstruction)
-        recon_error = reconstruction_error(images, reconstruction, self.recon_metric,
-                                           self.recon_pixel_tol)
         verdict, distance = decide(resistance, self.theta_r, self.purify_threshold(),
                                    recon_error, self.theta_e,
                                    calibration.logit_margin(logits), self.theta_m)
@@ -620,16 +615,23 @@ class FMDefense(BatchedDefense, keras.Model):
             **({"morph_outcomes": outcomes} if with_outcomes else {}),
         }
 
+    def _gate_inputs(self, images):
+        """(logits [B, K], label int64 [B], μs(x) [B, d_s], zu(x) [B, d_u], reconstruction
+        decoder(μs ‖ zu) [B, H, W, C], its `recon_metric` error [B]) of validated images:
+        what the gates decide on and the morphs start from."""
+        logits = self.classifier(images)
+        mean, _, zu = self.combo_vae.encode(images)
+        reconstruction = self.combo_vae.decode(mean, zu)
+        recon_error = reconstruction_error(images, reconstruction, self.recon_metric,
+                                           self.recon_pixel_tol)
+        return logits, tf.argmax(logits, axis=-1), mean, zu, reconstruction, recon_error
+
     def _gate_decisions(self, images):
         """`_defend`'s label, verdict and classifier_label with every resistance taken as 0:
         the same as `_defend`'s when no θr(i) can flag (`resistance_can_flag`), since then no
         resistance is suspicious and only the reconstruction and margin gates decide."""
         images = validate_images(images, self._image_shape)
-        logits = self.classifier(images)
-        label = tf.argmax(logits, axis=-1)
-        mean, _, zu = self.combo_vae.encode(images)
-        recon_error = reconstruction_error(images, self.combo_vae.decode(mean, zu),
-                                           self.recon_metric, self.recon_pixel_tol)
+        logits, label, _, _, _, recon_error = self._gate_inputs(images)
         never = tf.zeros([tf.shape(images)[0], tf.shape(self.theta_r)[0]], tf.float32)
         verdict, _ = decide(never, self.theta_r, self.purify_threshold(), recon_error,
                             self.theta_e, calibration.logit_margin(logits), self.theta_m)
