@@ -541,6 +541,14 @@ def card_split_seed(model_dir: str) -> int | None:
     return None if seed is None else int(seed)
 
 
+def card_preset(model_dir: str) -> str | None:
+    """The preset of a trained model's last `scripts/train.py` run (`preset` of its
+    model_card.json: "full" or "fast"), or None without a card or entry."""
+    card = _card(model_dir)[1]
+    preset = card.get("preset") if isinstance(card, dict) else None
+    return None if preset is None else str(preset)
+
+
 def split_seed(model_dir: str, seed: int | None = None) -> int:
     """The seed of the data splits to use with the model in `model_dir`: `seed` when given,
     else the one the model was calibrated on (`card_split_seed`), else 0. The default of every

@@ -29,10 +29,11 @@ whose smallest VAL defended accuracy over clean and the attacks is the largest (
 whose clean VAL defended accuracy is at least the classifier's minus C (`choose_row`).
 
 `--grid auto|robust` starts from the grid, attacks and clean cost that `scripts/train.py
---operating-point auto|robust` chooses from (`fmd_tf.operating_point.grid`, full preset; "robust"
-at the radius of the classifier the model card describes) and prints the row that rule picks:
-the table behind the model's card entry `operating_point`, without retraining. The flags above
-then change single settings of it; without --grid their defaults are the wider lists shown.
+--operating-point auto|robust` chooses from (`fmd_tf.operating_point.grid`, for the preset of
+the model card's last run; "robust" at the radius of the classifier the card describes) and
+prints the row that rule picks: the table behind the model's card entry `operating_point`,
+without retraining. The flags above then change single settings of it; without --grid their
+defaults are the wider lists shown.
 Exit status 2 (no traceback) for a missing model, data set or bad option.
 """
 
@@ -157,7 +158,7 @@ def _table_config(args, fmd):
     changed by the flags given, else the flags (`_WIDE` where not given)."""
     import dataclasses
 
-    from fmd_tf.config import card_classifier_training
+    from fmd_tf.config import card_classifier_training, card_preset
     from fmd_tf.operating_point import OperatingPointConfig, grid
 
     gates = None
@@ -172,11 +173,12 @@ def _table_config(args, fmd):
         return OperatingPointConfig(**given), args.clean_cost
     try:
         eps = (card_classifier_training(args.model) or (None, None))[1]
+        fast = card_preset(args.model) == "fast"
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.clean_cost is not None:
         given["clean_cost"] = args.clean_cost
-    cfg = dataclasses.replace(grid(args.grid, robust_eps=eps), **given)
+    cfg = dataclasses.replace(grid(args.grid, fast, robust_eps=eps), **given)
     return cfg, cfg.clean_cost
 
 

@@ -213,11 +213,12 @@ def test_operating_points_grid_prints_the_table_train_chose_from(quick_model, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = json.loads((model / "model_card.json").read_text())["operating_point"]
     out = tmp_path / "auto.json"
+    # The card's preset (fast) sets the grid's number of VAL attack images too.
     proc = run_script("scripts/operating_points.py", "--model", str(model), "--grid", "auto",
-                      "--n-attack", str(card["attacks"]["n"]), "--cache", cache,
-                      "--out", str(out))
+                      "--cache", cache, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert report["attacks"]["n"] == card["attacks"]["n"] == grid("auto", fast=True).n_attack
     assert report["attacks"]["names"] == card["attacks"]["names"] == ["fgsm", "pgd"]
     assert report["clean_cost"] == card["settings"]["clean_cost"] == grid("auto").clean_cost
     assert len(report["rows"]) == len(card["rows"])

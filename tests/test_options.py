@@ -338,6 +338,17 @@ def test_card_entries_read_or_name_the_card(tmp_path, reader, key, good, bad):
         reader(str(tmp_path))
 
 
+def test_card_preset_reads_the_last_runs_preset(tmp_path):
+    import json
+
+    assert C.card_preset(str(tmp_path)) is None
+    (tmp_path / "model_card.json").write_text(json.dumps({"preset": "fast"}))
+    assert C.card_preset(str(tmp_path)) == "fast"
+    (tmp_path / "model_card.json").write_text("{")
+    with pytest.raises(ValueError, match="not a JSON model card"):
+        C.card_preset(str(tmp_path))
+
+
 def test_card_classifier_training_reads_the_training_and_its_radius(tmp_path):
     import json
 
