@@ -32,7 +32,9 @@ serving_latency    p50 / p99 of the exported SavedModel's `serving_default` sign
                    warm-up call, in this process (`tf.saved_model.load`) and over gRPC through
                    the local PredictionService server (`fmd_tf.serving.local_server`), for the
                    full budget (all morphs in float32, "before") and the default path
-                   ("after"), with their ratios.
+                   ("after"), with their ratios; for a model whose resistance cannot flag
+                   (the robust mode) also its decision export, the gates only
+                   (`export.py --exposure decision`), with its ratios to the default path.
 default_inference  the model's default inference path as shipped (fmd.keras: the morph budget its
                    training chose on VAL, e.g. the adaptive budget, and its morph dtype) against
                    the full budget (all m·N morphs in float32) on --default-n CLE images and

@@ -363,16 +363,23 @@ def test_decision_exposure_serves_label_and_verdict_only(defense, keras_file, tm
         grpc_client.close()
 
 
+def _gates_only(fmd, images):
+    """A copy of `fmd` whose resistance thresholds cannot flag (θr < 0, as on the robust mode)
+    and whose reconstruction and margin gates each reject some of `images`."""
+    gated = fmd.copy_with()
+    gated.theta_r.assign(np.full(gated.num_codes, -0.1, np.float32))
+    gated.theta_e.assign(np.median(gated.reconstruction_error(images)))
+    gated.theta_m.assign(np.quantile(gated.logit_margins(images), 0.2))
+    return gated
+
+
 def test_decision_export_runs_only_the_gates_when_no_resistance_can_flag(defense, tmp_path,
                                                                          monkeypatch):
     """A decision export of a defense whose thresholds cannot flag (θr < 0, as on the robust
     mode) serves the gates' graph, never the morph search, with the full defense's label and
     verdict; one whose thresholds can flag serves the whole defense, never the gates alone."""
     fmd, images, _ = defense
-    gated = fmd.copy_with()
-    gated.theta_r.assign(np.full(gated.num_codes, -0.1, np.float32))
-    gated.theta_e.assign(np.median(gated.reconstruction_error(images)))
-    gated.theta_m.assign(np.quantile(gated.logit_margins(images), 0.2))
+    gated = _gates_only(fmd, images)
     reference = {name: {k: v.numpy() for k, v in model(images).items()}
                  for name, model in (("gated", gated), ("fmd", fmd))}
     assert set(np.unique(reference["gated"]["verdict"])) == {0, 2}  # both gates reject some
@@ -388,6 +395,31 @@ def test_decision_export_runs_only_the_gates_when_no_resistance_can_flag(defense
         out = {k: v.numpy() for k, v in served(images=tf.constant(images)).items()}
         assert set(out) == {"label", "verdict"}
         _assert_outputs_equal(reference[name], out, keys=["label", "verdict"])
+
+
+def test_bench_times_the_decision_export_of_a_model_that_cannot_flag(defense):
+    """`scripts/bench.py --sections serving` times a model whose thresholds cannot flag also
+    as its decision export (the gates only), with ratios to its default path and table rows;
+    a model that can flag has no decision entry."""
+    from fmd_tf.evaluation.bench import BenchConfig, _table_rows, section_serving
+
+    fmd, images, _ = defense
+    calls = {f"{where}_batch_{batch}" for where in ("in_process", "grpc") for batch in (1, 64)}
+    for model, decision in ((_gates_only(fmd, images), True), (fmd, False)):
+        ctx = {"cfg": BenchConfig(latency_reps=(1, 2)), "x": images[:4], "default": model,
+               "fmd": model.copy_with(**model.FULL_BUDGET),
+               "report": {"settings": {"default_budget": {}}}}
+        result = section_serving(ctx)
+        assert set(result["ratios"]) == calls
+        assert ("decision" in result) is decision and ("decision_ratios" in result) is decision
+        report = {"serving_latency": result, "device": {"name": "cpu"}, "peak_rss_mib": 1.0}
+        rows = {row[0] for row in _table_rows(report)}
+        assert ("serving_decision_grpc_batch_64_p50_ms" in rows) is decision
+        if decision:
+            assert set(result["decision"]) == set(result["decision_ratios"]) == calls
+            for key, ratio in result["decision_ratios"].items():
+                assert ratio["p50_speedup"] == pytest.approx(
+                    result["default"][key]["p50_ms"] / result["decision"][key]["p50_ms"])
 
 
 # --------------------------------------------------------------------------- gRPC client

@@ -448,22 +448,37 @@ def _latency(call, images, reps: int) -> dict:
             "images_per_s": 1000.0 * len(images) / float(np.median(times))}
 
 
+def _latency_ratios(before: dict, after: dict) -> dict:
+    """Per timed call (e.g. "grpc_batch_64"): how many times `after`'s p50 is below `before`'s
+    and its images/s above."""
+    return {key: {"p50_speedup": before[key]["p50_ms"] / after[key]["p50_ms"],
+                  "throughput_ratio": after[key]["images_per_s"] / before[key]["images_per_s"]}
+            for key in after}
+
+
 def section_serving(ctx) -> dict:
     """The exported SavedModel's `serving_default`, batch 1 and 64, of the full budget
     (`FMDefense.FULL_BUDGET`, "before") and of the model's default path ("after"), in this process
-    (`tf.saved_model.load`) and through the local PredictionService server over gRPC."""
+    (`tf.saved_model.load`) and through the local PredictionService server over gRPC. A model
+    that `decides_without_morphs` (the robust mode) is also timed as its decision export
+    ("decision": `export_serving(..., exposure="decision")`, the gates only), with its ratios to
+    the default path (`decision_ratios`)."""
     import tensorflow as tf
 
     from fmd_tf.export import export_serving
+    from fmd_tf.operating_point import decides_without_morphs
     from fmd_tf.serving.client import GrpcClient
     from fmd_tf.serving.local_server import ServingServer
 
     cfg, x = ctx["cfg"], ctx["x"]
     reps1, reps64 = cfg.latency_reps
     result = {}
+    exports = [("full_budget", ctx["fmd"], "full"), ("default", ctx["default"], "full")]
+    if decides_without_morphs(ctx["default"]):
+        exports.append(("decision", ctx["default"], "decision"))
     with tempfile.TemporaryDirectory() as tmp:
-        for name, model in (("full_budget", ctx["fmd"]), ("default", ctx["default"])):
-            path = export_serving(model, os.path.join(tmp, name), version=1)
+        for name, model, exposure in exports:
+            path = export_serving(model, os.path.join(tmp, name), version=1, exposure=exposure)
             fn = tf.saved_model.load(path).signatures["serving_default"]
             figures = {}
             with ServingServer(path, model_name="fmd", version=1) as server, \
@@ -477,14 +492,13 @@ def section_serving(ctx) -> dict:
                     for where, call in calls.items():
                         figures[f"{where}_batch_{batch}"] = _latency(call, images, reps)
             result[name] = figures
-    before, after = result["full_budget"], result["default"]
-    result["ratios"] = {
-        key: {"p50_speedup": before[key]["p50_ms"] / after[key]["p50_ms"],
-              "throughput_ratio": after[key]["images_per_s"] / before[key]["images_per_s"]}
-        for key in after}
+    result["ratios"] = _latency_ratios(result["full_budget"], result["default"])
+    if "decision" in result:
+        result["decision_ratios"] = _latency_ratios(result["default"], result["decision"])
     result["default_options"] = ctx["report"]["settings"]["default_budget"]
     result["note"] = ("full_budget: the same fmd.keras with all morphs in float32 "
-                      "(FMDefense.FULL_BUDGET); default: as shipped. gRPC: "
+                      "(FMDefense.FULL_BUDGET); default: as shipped; decision (a model "
+                      "whose resistance cannot flag): its gates-only decision export. gRPC: "
                       "fmd_tf.serving.local_server (PredictionService from the "
                       "tensorflow-serving-api stubs, in this process) on 127.0.0.1")
     return result
@@ -869,11 +883,14 @@ def _table_rows(report: dict) -> list[tuple]:
     peaks = serving.get("matmul_peak_flops", {"before": REFERENCE_PEAK_FLOPS,
                                               "after": REFERENCE_PEAK_FLOPS})
     scale = (peaks["before"] + peaks["after"]) / 2 / REFERENCE_PEAK_FLOPS
-    for key, ratio in serving.get("ratios", {}).items():
-        after, before = serving["default"][key], serving["full_budget"][key]
-        rows.append((f"serving_{key}_p50_ms", after["p50_ms"],
-                     f"{after['p50_ms'] * scale:.3g} ms at 220 GFLOP/s; full budget "
-                     f"{before['p50_ms']:.4g} ms: {ratio['p50_speedup']:.3g}x"))
+    for prefix, ratios, names in (("serving", "ratios", ("default", "full_budget")),
+                                  ("serving_decision", "decision_ratios", ("decision", "default"))):
+        for key, ratio in serving.get(ratios, {}).items():
+            after, before = serving[names[0]][key], serving[names[1]][key]
+            rows.append((f"{prefix}_{key}_p50_ms", after["p50_ms"],
+                         f"{after['p50_ms'] * scale:.3g} ms at 220 GFLOP/s; "
+                         f"{names[1].replace('_', ' ')} {before['p50_ms']:.4g} ms: "
+                         f"{ratio['p50_speedup']:.3g}x"))
     load = report.get("serving_load", {})
     for name in ("batching_off", "batching_on"):
         for protocol, run in load.get(name, {}).items():
