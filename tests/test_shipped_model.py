@@ -22,15 +22,24 @@ def shipped():
     return keras.models.load_model(os.path.join(MODEL, "fmd.keras")), card
 
 
-def test_shipped_model_loads_and_was_built_by_the_default_command(shipped):
+def test_shipped_model_loads_and_its_card_says_how_it_was_built(shipped):
+    """The combo-VAE and the defense were trained by train.py with the package's defaults on
+    the classifier kept in this directory (trained earlier by `train.py --dataset fmnist`);
+    the card records that classifier's checksum, and every class-shared code is in use."""
     fmd, card = shipped
     assert fmd.is_calibrated and fmd._image_shape == (28, 28, 1)
     runs = card["runs"]
-    assert runs[0]["command"] == "python scripts/train.py --dataset fmnist --overwrite"
-    assert runs[0]["stages"] == ["classifier", "dgmm", "vae", "defense"]
-    for run in runs[1:]:  # later runs only recalibrated the defense of those models
+    assert runs[0]["command"].startswith("python scripts/train.py --dataset fmnist --classifier "
+                                         "saved_models/fmnist/classifier.keras ")
+    assert runs[0]["stages"] == ["dgmm", "vae", "defense"]
+    for run in runs[1:]:  # later runs only recalibrated the defense
         assert run["stages"] == ["defense"], run
     assert card["command"] == runs[-1]["command"]
+    assert card["classifier_path"] == "saved_models/fmnist/classifier.keras"
+    assert "classifier.keras" in card["artifacts"]
+    codes = card["latent_codes"]
+    assert codes["num_active"] == codes["num_codes"] == fmd.combo_vae.shared_dim
+    assert min(codes["sweep_pixel_change"]) >= codes["active_pixel_change"]
     assert os.path.isfile(os.path.join(MODEL, "serving", "1", "saved_model.pb"))
 
 
@@ -61,19 +70,17 @@ def test_shipped_files_are_the_ones_the_card_describes():
     assert load_defense(MODEL).is_calibrated
 
 
-def test_shipped_robust_model_is_a_trades_classifier_under_the_shipped_combo_vae():
+def test_shipped_robust_model_is_a_trades_classifier_under_its_own_combo_vae_copy():
     """saved_models/fmnist_robust (README "Security caveat"): a TRADES classifier, FM-Defense
-    calibrated on top with the shipped model's combo-VAE (train.py --combo-vae), rejecting
-    suspicious inputs (an attacker who knows the defense steers the purifier's label)."""
+    calibrated on top with the combo-VAE shipped before the current one (train.py --combo-vae;
+    a copy in fmnist_robust/combo_vae.keras), rejecting suspicious inputs (an attacker who
+    knows the defense steers the purifier's label)."""
     from fmd_tf.evaluation.robustness import CHECK_IMAGES, CHECK_STEPS
     from fmd_tf.loading import load_defense, verify_artifacts
 
     robust = os.path.join(os.path.dirname(MODEL), "fmnist_robust")
-    cards = {}
-    for name, path in (("robust", robust), ("shipped", MODEL)):
-        with open(os.path.join(path, "model_card.json")) as f:
-            cards[name] = json.load(f)
-    card = cards["robust"]
+    with open(os.path.join(robust, "model_card.json")) as f:
+        card = json.load(f)
     assert card["hyperparameters"]["classifier"]["training"] == "trades"
     check = card["classifier_val_robustness"]  # scripts/train.py's APGD check on VAL
     assert (check["n"], check["nb_iter"]) == (CHECK_IMAGES, CHECK_STEPS)
@@ -83,9 +90,9 @@ def test_shipped_robust_model_is_a_trades_classifier_under_the_shipped_combo_vae
     assert [run["stages"] for run in card["runs"]] == [["classifier"], ["defense"], ["defense"]]
     assert all("--combo-vae saved_models/fmnist/combo_vae.keras" in run["command"]
                for run in card["runs"][1:])
-    assert card["combo_vae_source"]["sha256"] == \
-        cards["shipped"]["artifacts"]["combo_vae.keras"]["sha256"]
-    assert {"classifier.keras", "fmd.keras", "serving/1"} <= set(verify_artifacts(robust))
+    assert card["combo_vae_source"]["sha256"] == card["artifacts"]["combo_vae.keras"]["sha256"]
+    assert {"classifier.keras", "combo_vae.keras", "fmd.keras", "serving/1"} <= \
+        set(verify_artifacts(robust))
     fmd = load_defense(robust)
     assert fmd.is_calibrated and fmd.suspicious == "reject"
     # The operating point was chosen on VAL with scripts/operating_points.py (docs/results.md)
