@@ -9,7 +9,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_case import FmdTestCase, run_script, tiny_images, toy_batch
+from test_case import (
+    FmdTestCase,
+    check_measure_then_decide,
+    run_script,
+    tiny_images,
+    toy_batch,
+)
 
 from fmd_tf.baselines import (
     SQUEEZER_CANDIDATES,
@@ -403,6 +409,23 @@ def test_magnet_save_load_identical_decisions(fitted_magnet, tmp_path):
         np.testing.assert_array_equal(a[key], b[key])
     with pytest.raises(FileNotFoundError, match="magnet.json"):
         MagNet.load(str(tmp_path))
+    assert loaded.measurement_fingerprint() == magnet.measurement_fingerprint()
+
+
+def test_magnet_measures_without_its_thresholds(fitted_magnet):
+    magnet, _ = fitted_magnet
+    x = np.concatenate([toy_images(20, seed=10), tiny_images(5, seed=10)])
+    check_measure_then_decide(magnet, x, toy_images(100, seed=11))
+    other = MagNet(magnet.classifier, seed=1)  # other weights: another measurement
+    assert other.measurement_fingerprint() != magnet.measurement_fingerprint()
+
+
+def test_feature_squeezing_measures_without_its_threshold():
+    fs = FeatureSqueezing(tiny_classifier())
+    fs.calibrate(tiny_images(100, seed=3), fpr=0.02)
+    check_measure_then_decide(fs, tiny_images(30, seed=4), tiny_images(100, seed=5))
+    assert fs.measurement_fingerprint() != FeatureSqueezing(
+        fs.classifier, bit_depth=2).measurement_fingerprint()
 
 
 def test_magnet_from_keeps_the_command_that_trained_the_autoencoders(fitted_magnet, tmp_path):

@@ -178,6 +178,26 @@ def toy_classifier(epochs: int, per_class: int = 4):
     return classifier, x, y
 
 
+def check_measure_then_decide(detector, x, x_val) -> None:
+    """A baseline detector's `measure` does not depend on its calibration: after calibrating it
+    again on `x_val` at FPR 0.5, `decide` on the outputs measured before gives what `defend`
+    gives now, its `measurement_fingerprint` is unchanged, and it flags at least as many of
+    `x` as before. The detector's calibration is put back afterwards."""
+    state = detector._calibration_state()
+    measured, fingerprint = detector.measure(x), detector.measurement_fingerprint()
+    before = detector.decide(measured)
+    try:
+        detector.calibrate(x_val, fpr=0.5)
+        assert detector.measurement_fingerprint() == fingerprint
+        after, now = detector.decide(measured), detector.defend(x)
+        assert set(after) == set(now)
+        for key in now:
+            np.testing.assert_array_equal(after[key], now[key], err_msg=key)
+        assert (after["verdict"] == 2).sum() >= (before["verdict"] == 2).sum()
+    finally:
+        detector._restore_calibration(state)
+
+
 def _to_numpy(value):
     if isinstance(value, (tf.Tensor, tf.Variable)):
         return value.numpy()

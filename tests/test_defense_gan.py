@@ -10,7 +10,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_case import FmdTestCase, run_script, tiny_images, toy_batch
+from test_case import (
+    FmdTestCase,
+    check_measure_then_decide,
+    run_script,
+    tiny_images,
+    toy_batch,
+)
 
 from fmd_tf.baselines import WGANGP, DefenseGAN, WGANCritic, WGANGenerator
 from fmd_tf.baselines.defense_gan import gradient_penalty, latent_search, squared_distance
@@ -272,6 +278,16 @@ def test_save_load_gives_identical_outputs(trained, tmp_path):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="defense_gan.json"):
         DefenseGAN.load(str(tmp_path))
+    assert loaded.measurement_fingerprint() == dgan.measurement_fingerprint()
+
+
+def test_measures_without_its_threshold(trained):
+    dgan, _ = trained
+    x = np.concatenate([toy_images(8, seed=12), tiny_images(2, seed=12)])
+    check_measure_then_decide(dgan, x, toy_images(20, seed=13))
+    other = DefenseGAN(dgan.classifier, generator=dgan.generator, seed=dgan.seed,
+                       rec_iters=dgan.rec_iters + 1, rec_restarts=dgan.rec_restarts)
+    assert other.measurement_fingerprint() != dgan.measurement_fingerprint()
 
 
 def test_adaptive_surface_is_bpda_and_differentiable(trained):

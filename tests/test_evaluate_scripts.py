@@ -276,8 +276,10 @@ def test_operating_points_keeps_an_existing_out_file(tmp_path):
 
 
 def test_evaluate_reads_each_baselines_stored_outputs(quick_model, tmp_path):
-    """A baseline's outputs are stored per set (keyed by its saved files, the classifier and
-    the images): a second evaluation reads them, a re-calibrated baseline is run again."""
+    """A baseline's threshold-free pass is stored per set (keyed by its settings and weights,
+    the classifier and the images): a second evaluation reads it, so does one after the
+    baseline was calibrated again (with the verdicts of its new threshold, as a run without
+    the cache gives them); other squeezers are run again."""
     import keras
     import numpy as np
 
@@ -294,8 +296,11 @@ def test_evaluate_reads_each_baselines_stored_outputs(quick_model, tmp_path):
     fs.save(str(model / "baselines" / "feature_squeezing.json"))
     cache = tmp_path / "cache"
 
-    def run():
-        return evaluate(str(model), attacks=["fgsm"], n=8, cache_dir=str(cache), verbose=0)
+    def run(cache_dir=str(cache)):
+        return evaluate(str(model), attacks=["fgsm"], n=8, cache_dir=cache_dir, verbose=0)
+
+    def fs_rows(report):
+        return report["clean"]["feature_squeezing"], report["attacks"]["fgsm"]["feature_squeezing"]
 
     first = run()
     stored = sorted(cache.glob("outputs_feature_squeezing_8_*.npz"))
@@ -303,10 +308,17 @@ def test_evaluate_reads_each_baselines_stored_outputs(quick_model, tmp_path):
     written = [p.stat().st_mtime_ns for p in stored]
     again = run()
     assert [p.stat().st_mtime_ns for p in stored] == written  # read, not run again
-    assert again["attacks"]["fgsm"]["feature_squeezing"] == \
-        first["attacks"]["fgsm"]["feature_squeezing"]
-    assert again["clean"]["feature_squeezing"] == first["clean"]["feature_squeezing"]
+    assert fs_rows(again) == fs_rows(first)
     fs.calibrate(np.random.default_rng(1).random((64, 28, 28, 1), dtype=np.float32), fpr=0.5)
+    fs.threshold = -1.0  # below every score: every image is flagged
     fs.save(str(model / "baselines" / "feature_squeezing.json"))
+    recalibrated = run()
+    assert sorted(cache.glob("outputs_feature_squeezing_8_*.npz")) == stored
+    assert [p.stat().st_mtime_ns for p in stored] == written
+    assert recalibrated["clean"]["feature_squeezing"]["rejected_rate"] == 1.0
+    assert fs_rows(recalibrated) == fs_rows(run(cache_dir=None))
+    other = FeatureSqueezing(classifier, bit_depth=3, median_size=None)
+    other.threshold, other.fpr = fs.threshold, fs.fpr
+    other.save(str(model / "baselines" / "feature_squeezing.json"))
     run()
     assert len(list(cache.glob("outputs_feature_squeezing_8_*.npz"))) == 4

@@ -449,6 +449,8 @@ class DefenseGAN(ThresholdDetector):
     """
 
     _calibrate_call = "fit(x_train, x_val, fpr) or calibrate(x_val, fpr)"
+    # Images per latent-search call of `defend`; the search starts are seeded per batch.
+    _batch_size = 100
 
     def __init__(
         self,
@@ -637,27 +639,41 @@ class DefenseGAN(ThresholdDetector):
         scores = self.score(x, batch_size, verbose)
         return scores, scores > self.threshold
 
-    def defend(self, x, batch_size: int = 100, verbose: int = 0) -> dict:
-        """Purify, detect and classify (`verbose`: a progress bar over the latent searches).
-
-        Returns numpy arrays: `label` int64 [n] (classifier(G(z*)); -1 when rejected),
-        `verdict` int32 [n] (0 passed, 2 rejected), `score` float32 [n] (||G(z*) - x||²₂;
-        rejected iff > `threshold`), `classifier_label` int64 [n] (classifier(x), no defense),
-        `purified` float32 [n, H, W, C] (G(z*)).
-        """
-        self._require_calibrated()
+    def measure(self, x, batch_size: int | None = None, verbose: int = 0) -> dict:
+        """The latent searches, no threshold (`verbose`: a progress bar over them): `score`
+        float32 [n] (||G(z*) - x||²₂), `purified` float32 [n, H, W, C] (G(z*)),
+        `purified_label` int64 [n] (classifier(G(z*))), `classifier_label` int64 [n]
+        (classifier(x), no defense)."""
         self._require_classifier("defend")
+        batch_size = batch_size or self._batch_size
         x = check_images(x, self.image_shape)
         rec = self.reconstruct(x, batch_size, verbose)
-        flagged = rec["distance"] > self.threshold
-        purified_label = self._labels(rec["purified"], batch_size)
+        return {"score": rec["distance"], "purified": rec["purified"],
+                "purified_label": self._labels(rec["purified"], batch_size),
+                "classifier_label": self._labels(x, batch_size)}
+
+    def decide(self, measured: dict) -> dict:
+        """`defend`'s outputs: `label` int64 [n] (classifier(G(z*)); -1 when rejected),
+        `verdict` int32 [n] (0 passed, 2 rejected), `score` float32 [n] (||G(z*) - x||²₂;
+        rejected iff > `threshold`), `classifier_label` int64 [n] (classifier(x), no defense),
+        `purified` float32 [n, H, W, C] (G(z*))."""
+        self._require_calibrated()
+        flagged = measured["score"] > self.threshold
         return {
-            "label": np.where(flagged, -1, purified_label).astype(np.int64),
+            "label": np.where(flagged, -1, measured["purified_label"]).astype(np.int64),
             "verdict": np.where(flagged, VERDICT_REJECTED, VERDICT_PASSED).astype(np.int32),
-            "score": rec["distance"],
-            "classifier_label": self._labels(x, batch_size),
-            "purified": rec["purified"],
+            "score": measured["score"],
+            "classifier_label": measured["classifier_label"],
+            "purified": measured["purified"],
         }
+
+    def _measurement_settings(self) -> dict:
+        return {"image_shape": list(self.image_shape), "seed": self.seed,
+                "rec_iters": self.rec_iters, "rec_restarts": self.rec_restarts,
+                "rec_lr": self.rec_lr, "search_batch": self._batch_size}
+
+    def _measurement_models(self) -> list:
+        return [self.generator]
 
     def adaptive_surface(self, x):
         """Differentiable white-box view for adaptive attacks (tensors in, tensors out), BPDA.

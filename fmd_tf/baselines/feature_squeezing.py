@@ -109,6 +109,8 @@ class FeatureSqueezing(ThresholdDetector):
         out = fs.defend(x)  # label (-1 when rejected), verdict (0 or 2), score
     """
 
+    _batch_size = BATCH_SIZE
+
     def __init__(self, classifier, bit_depth=1, median_size=2, from_logits=True):
         if classifier is None or not callable(classifier):
             raise ValueError("FeatureSqueezing needs a callable classifier (images -> logits)")
@@ -230,12 +232,21 @@ class FeatureSqueezing(ThresholdDetector):
         scores = self.score(x, batch_size)
         return scores, scores > self.threshold
 
-    def defend(self, x, batch_size: int = BATCH_SIZE, verbose: int = 0) -> dict:
-        """`label` int64 [n] (classifier label; -1 when rejected), `verdict` int32 [n] (0 passed,
-        2 rejected), `score` float32 [n], `classifier_label` int64 [n], and one
-        ``score_<squeezer>`` float32 [n] per squeezer. `verbose`: a progress bar."""
+    def measure(self, x, batch_size: int | None = None, verbose: int = 0) -> dict:
+        """`classifier_label` int64 [n] and each squeezer's L1 softmax distance float32 [n]
+        (keyed by its name in `squeezer_names`); no threshold."""
+        labels, per_squeezer = self._run(x, batch_size or BATCH_SIZE, verbose)
+        return {"classifier_label": labels, **per_squeezer}
+
+    def decide(self, measured: dict) -> dict:
+        """`label` int64 [n] (classifier label; -1 when rejected), `verdict` int32 [n] (0
+        passed, 2 rejected), `score` float32 [n], `classifier_label` int64 [n], and one
+        ``score_<squeezer>`` float32 [n] per squeezer."""
         self._require_calibrated()
-        return self._outputs(*self._run(x, batch_size, verbose))
+        return self._outputs(measured["classifier_label"], measured)
+
+    def _measurement_settings(self) -> dict:
+        return {"squeezers": list(self.squeezer_names), "from_logits": self.from_logits}
 
     def _outputs(self, labels, per_squeezer: dict) -> dict:
         """`defend`'s outputs from `_run`'s (of this detector or of one with more squeezers)."""

@@ -470,37 +470,48 @@ class MagNet(ThresholdDetector):
             flagged |= s > self.thresholds[name]
         return scores, flagged
 
-    def defend(self, x, batch_size: int = 500, verbose: int = 0) -> dict:
-        """Detect, reform and classify, `batch_size` images at a time (`verbose`: a progress
-        bar over the images).
-
-        Returns numpy arrays: `label` int64 [n] (classifier(reformer(x)); -1 when rejected),
-        `verdict` int32 [n] (0 passed, 2 rejected), `score` float32 [n] (max over detectors of
-        score / threshold; > 1 means rejected), `score_I`, `score_II` (raw reconstruction
-        errors), `classifier_label` int64 [n] (classifier(x), no defense).
-        """
-        self._require_calibrated()
+    def measure(self, x, batch_size: int | None = None, verbose: int = 0) -> dict:
+        """`score_I`, `score_II` float32 [n] (the detectors' reconstruction errors),
+        `reformed_label` int64 [n] (classifier(reformer(x))) and `classifier_label` int64 [n]
+        (classifier(x), no defense), `batch_size` images at a time; no threshold."""
         if self.classifier is None:
             raise ValueError("MagNet.defend needs a classifier (MagNet(classifier, ...))")
         x = check_images(x, self.image_shape)
-        return concat_outputs(in_batches(self._defend_batch, x, batch_size, verbose))
+        return concat_outputs(in_batches(self._measure_batch, x, batch_size or self._batch_size,
+                                         verbose))
 
-    def _defend_batch(self, x) -> dict:
-        """`defend`'s outputs for one batch of checked images."""
-        scores, flagged = self.detect(x, len(x))
-        reformed_label = self._labels(self.reform(x, len(x)), len(x))
-        verdict = np.where(flagged, VERDICT_REJECTED, VERDICT_PASSED).astype(np.int32)
-        ratio = np.max(
-            [scores[k] / max(self.thresholds[k], 1e-12) for k in DETECTOR_NORMS], axis=0
-        ).astype(np.float32)
+    def _measure_batch(self, x) -> dict:
+        """`measure`'s outputs for one batch of checked images."""
+        scores = self.scores(x, len(x))
+        return {"score_I": scores["I"], "score_II": scores["II"],
+                "reformed_label": self._labels(self.reform(x, len(x)), len(x)),
+                "classifier_label": self._labels(x, len(x))}
+
+    def decide(self, measured: dict) -> dict:
+        """`defend`'s outputs: `label` int64 [n] (classifier(reformer(x)); -1 when rejected),
+        `verdict` int32 [n] (0 passed, 2 rejected), `score` float32 [n] (max over detectors of
+        score / threshold; > 1 means rejected), `score_I`, `score_II` (raw reconstruction
+        errors), `classifier_label` int64 [n] (classifier(x), no defense)."""
+        self._require_calibrated()
+        ratio = np.max([measured[f"score_{k}"] / max(self.thresholds[k], 1e-12)
+                        for k in DETECTOR_NORMS], axis=0).astype(np.float32)
+        flagged = np.zeros(len(ratio), dtype=bool)
+        for k in DETECTOR_NORMS:
+            flagged |= measured[f"score_{k}"] > self.thresholds[k]
         return {
-            "label": np.where(flagged, -1, reformed_label).astype(np.int64),
-            "verdict": verdict,
+            "label": np.where(flagged, -1, measured["reformed_label"]).astype(np.int64),
+            "verdict": np.where(flagged, VERDICT_REJECTED, VERDICT_PASSED).astype(np.int32),
             "score": ratio,
-            "score_I": scores["I"],
-            "score_II": scores["II"],
-            "classifier_label": self._labels(x, len(x)),
+            "score_I": measured["score_I"],
+            "score_II": measured["score_II"],
+            "classifier_label": measured["classifier_label"],
         }
+
+    def _measurement_settings(self) -> dict:
+        return {"image_shape": list(self.image_shape), "detector_norms": dict(DETECTOR_NORMS)}
+
+    def _measurement_models(self) -> list:
+        return [self.autoencoders[k] for k in DETECTOR_NORMS]
 
     def adaptive_surface(self, x):
         """Differentiable white-box view for adaptive attacks (tensors in, tensors out).

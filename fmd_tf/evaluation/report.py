@@ -302,7 +302,8 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
         out_dir: where report.json, report.md and the figures go (None: nothing is written,
             no figures).
         cache_dir: cache of the adversarial sets and of each defense's outputs on every set
-            (`harness.defense_outputs`: a stopped run resumes there; None: no cache).
+            (`harness.defense_outputs`: a stopped run resumes there; None: no cache); of a
+            baseline, its threshold-free `measure` pass, so calibrating it again costs no pass.
         baselines: also run MagNet and Feature Squeezing from `model_dir`/baselines.
         defense: the defense file in `model_dir` (fmd.keras, or fmd_ensemble.keras).
         attack_defense: the defense file the defense-aware attacks attack (default `defense`).
@@ -323,8 +324,7 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
     import fmd_tf  # noqa: F401  (registers the Keras classes)
     from fmd_tf.attacks import adaptive_detector_pgd
     from fmd_tf.evaluation import harness
-    from fmd_tf.evaluation.baselines import baseline_path, load_baselines
-    from fmd_tf.files import sha256
+    from fmd_tf.evaluation.baselines import load_baselines
 
     started = time.time()
     runs = _check_runs(attacks, linf_eps, l2_eps, n)
@@ -357,12 +357,15 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
               f"{', '.join(name for name, _, _ in runs)}")
     clean = _run_fm(fmd, x, batch_size, verbose, cache_dir)
     classifier_hash = harness.classifier_fingerprint(fmd.classifier)
-    base_hash = {name: f"{sha256(baseline_path(model_dir, name))[:16]} {classifier_hash}"
-                 for name in loaded}
+    base_hash = {name: f"{b.measurement_fingerprint()} {classifier_hash}"
+                 for name, b in loaded.items()}
 
-    def defend_base(name, images):  # a baseline's outputs, read from the cache when stored
-        return harness.defense_outputs(name, base_hash[name], lambda v: loaded[name].defend(
+    def defend_base(name, images):
+        """A baseline's outputs: its threshold-free pass is read from the cache when stored
+        (so calibrating it at another false-positive rate costs no new pass)."""
+        measured = harness.defense_outputs(name, base_hash[name], lambda v: loaded[name].measure(
             v, verbose=verbose), images, cache_dir)[0]
+        return loaded[name].decide(measured)
 
     clean_base = {name: defend_base(name, x) for name in loaded}
     bar.update(1)
