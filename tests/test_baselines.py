@@ -458,6 +458,10 @@ def test_magnet_not_calibrated_and_argument_checks():
     for method in (magnet.detect, magnet.defend):
         with pytest.raises(NotCalibratedError, match="calibrate"):
             method(tiny_images(2))
+    with pytest.raises(NotCalibratedError, match="calibrate"):
+        magnet.decide({"score_I": np.zeros(2), "score_II": np.zeros(2)})
+    with pytest.raises(ValueError, match="measure and defend need a classifier"):
+        magnet.measure(tiny_images(2))
     magnet.calibrate(tiny_images(20), fpr=0.1)
     with pytest.raises(ValueError, match="classifier"):
         magnet.defend(tiny_images(2))

@@ -326,6 +326,10 @@ def test_not_calibrated_and_argument_checks():
     for method in (dgan.detect, dgan.defend, dgan.adaptive_surface):
         with pytest.raises(NotCalibratedError, match="calibrate"):
             method(tiny_images(2))
+    with pytest.raises(NotCalibratedError, match="calibrate"):
+        dgan.decide({"score": np.zeros(2)})
+    with pytest.raises(ValueError, match=r"measure \(and defend\) needs a classifier"):
+        dgan.measure(tiny_images(2))
     dgan.calibrate(tiny_images(10), fpr=0.1)
     with pytest.raises(ValueError, match="classifier"):
         dgan.defend(tiny_images(2))

@@ -644,7 +644,7 @@ class DefenseGAN(ThresholdDetector):
         float32 [n] (||G(z*) - x||²₂), `purified` float32 [n, H, W, C] (G(z*)),
         `purified_label` int64 [n] (classifier(G(z*))), `classifier_label` int64 [n]
         (classifier(x), no defense)."""
-        self._require_classifier("defend")
+        self._require_classifier("measure (and defend)")
         batch_size = batch_size or self._batch_size
         x = check_images(x, self.image_shape)
         rec = self.reconstruct(x, batch_size, verbose)

@@ -475,7 +475,8 @@ class MagNet(ThresholdDetector):
         `reformed_label` int64 [n] (classifier(reformer(x))) and `classifier_label` int64 [n]
         (classifier(x), no defense), `batch_size` images at a time; no threshold."""
         if self.classifier is None:
-            raise ValueError("MagNet.defend needs a classifier (MagNet(classifier, ...))")
+            raise ValueError("MagNet.measure and defend need a classifier "
+                             "(MagNet(classifier, ...))")
         x = check_images(x, self.image_shape)
         return concat_outputs(in_batches(self._measure_batch, x, batch_size or self._batch_size,
                                          verbose))
