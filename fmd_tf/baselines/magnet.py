@@ -465,10 +465,14 @@ class MagNet(ThresholdDetector):
         """ART-style detection: (scores dict {"I", "II"} of [n], is_adversarial bool [n])."""
         self._require_calibrated()
         scores = self.scores(x, batch_size)
+        return scores, self._flagged(scores)
+
+    def _flagged(self, scores: dict) -> np.ndarray:
+        """bool [n]: flagged by either detector (its score {"I", "II"} above its threshold)."""
         flagged = np.zeros(len(scores["I"]), dtype=bool)
-        for name, s in scores.items():
-            flagged |= s > self.thresholds[name]
-        return scores, flagged
+        for name in DETECTOR_NORMS:
+            flagged |= scores[name] > self.thresholds[name]
+        return flagged
 
     def measure(self, x, batch_size: int | None = None, verbose: int = 0) -> dict:
         """`score_I`, `score_II` float32 [n] (the detectors' reconstruction errors),
@@ -496,9 +500,7 @@ class MagNet(ThresholdDetector):
         self._require_calibrated()
         ratio = np.max([measured[f"score_{k}"] / max(self.thresholds[k], 1e-12)
                         for k in DETECTOR_NORMS], axis=0).astype(np.float32)
-        flagged = np.zeros(len(ratio), dtype=bool)
-        for k in DETECTOR_NORMS:
-            flagged |= measured[f"score_{k}"] > self.thresholds[k]
+        flagged = self._flagged({k: measured[f"score_{k}"] for k in DETECTOR_NORMS})
         return {
             "label": np.where(flagged, -1, measured["reformed_label"]).astype(np.int64),
             "verdict": np.where(flagged, VERDICT_REJECTED, VERDICT_PASSED).astype(np.int32),
