@@ -322,3 +322,47 @@ def test_evaluate_reads_each_baselines_stored_outputs(quick_model, tmp_path):
     other.save(str(model / "baselines" / "feature_squeezing.json"))
     run()
     assert len(list(cache.glob("outputs_feature_squeezing_8_*.npz"))) == 4
+
+
+def test_evaluate_reads_each_baselines_adapted_set(quick_model, tmp_path, monkeypatch):
+    """Adaptive PGD made against a baseline is stored per budget (keyed by the baseline's
+    weights and thresholds): a second evaluation reads it, with the same figures; calibrated
+    again, the baseline is attacked again."""
+    import keras
+    import numpy as np
+
+    import fmd_tf  # noqa: F401
+    import fmd_tf.attacks
+    from fmd_tf.baselines import FeatureSqueezing
+    from fmd_tf.evaluation.report import evaluate
+
+    model = tmp_path / "model"
+    shutil.copytree(quick_model, model)
+    classifier = keras.models.load_model(model / "classifier.keras", compile=False)
+    fs = FeatureSqueezing(classifier, bit_depth=4, median_size=None)
+    fs.calibrate(np.random.default_rng(0).random((64, 28, 28, 1), dtype=np.float32), fpr=0.1)
+    (model / "baselines").mkdir()
+    fs.save(str(model / "baselines" / "feature_squeezing.json"))
+    attacked = []
+    real = fmd_tf.attacks.adaptive_detector_pgd
+
+    def counting(defense, *args, **kwargs):
+        attacked.append(type(defense).__name__)
+        return real(defense, *args, **kwargs)
+
+    monkeypatch.setattr(fmd_tf.attacks, "adaptive_detector_pgd", counting)
+
+    def run():
+        return evaluate(str(model), attacks=["adaptive_pgd"], n=4, linf_eps=(0.05,),
+                        cache_dir=str(tmp_path / "cache"), verbose=0)["attacks"]
+
+    first = run()
+    assert attacked == ["FeatureSqueezing"]
+    again = run()
+    assert attacked == ["FeatureSqueezing"]  # read from the cache
+    row = "feature_squeezing_adaptive"
+    assert again["adaptive_pgd_linf_0.05"][row] == first["adaptive_pgd_linf_0.05"][row]
+    fs.calibrate(np.random.default_rng(1).random((64, 28, 28, 1), dtype=np.float32), fpr=0.5)
+    fs.save(str(model / "baselines" / "feature_squeezing.json"))
+    run()
+    assert attacked == ["FeatureSqueezing", "FeatureSqueezing"]

@@ -68,6 +68,11 @@ class ThresholdDetector:
                 h.update(np.ascontiguousarray(w).tobytes())
         return h.hexdigest()[:16]
 
+    def calibration_key(self) -> str:
+        """The thresholds as JSON: with `measurement_fingerprint`, all that the decisions (and
+        an attack adapted to them) depend on besides the classifier."""
+        return json.dumps(getattr(self, self._threshold_attr), sort_keys=True)
+
     def _measurement_settings(self) -> dict:
         raise NotImplementedError
 

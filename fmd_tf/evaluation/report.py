@@ -367,6 +367,17 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
             v, verbose=verbose), images, cache_dir)[0]
         return loaded[name].decide(measured)
 
+    def adapted_set(name, baseline, params):
+        """Adaptive PGD at `params` against the baseline itself, read from the cache when
+        stored (keyed by its weights, thresholds and the budget): against Defense-GAN every
+        step runs its latent search."""
+        key = (f"{base_hash[name]} {baseline.calibration_key()} "
+               f"{json.dumps(params, sort_keys=True, default=str)} seed {seed}")
+        return harness.defense_outputs(f"adaptive_pgd_{name}", key, lambda v: {
+            "x_adv": adaptive_detector_pgd(baseline, v, y, eps=params["eps"], norm=params["norm"],
+                                           nb_iter=params["nb_iter"], seed=seed)},
+            x, cache_dir)[0]["x_adv"]
+
     clean_base = {name: defend_base(name, x) for name in loaded}
     bar.update(1)
     report = {"dataset": dataset, "n": n, "model": model_dir,
@@ -398,9 +409,7 @@ def evaluate(model_dir: str, dataset: str = "fmnist", attacks=("fgsm", "pgd", "c
             entry[bname] = harness.defense_metrics(clean_base[bname], bout, y, y)
             roc[attack][bname] = (clean_base[bname]["score"], bout["score"])
             if method == "adaptive_pgd":  # the same budget, adapted to this baseline
-                x_b = adaptive_detector_pgd(b, x, y, eps=info["params"]["eps"],
-                                            norm=info["params"]["norm"],
-                                            nb_iter=info["params"]["nb_iter"], seed=seed)
+                x_b = adapted_set(bname, b, info["params"])
                 entry[f"{bname}_adaptive"] = harness.defense_metrics(
                     clean_base[bname], defend_base(bname, x_b), y, y)
         report["attacks"][attack] = entry
