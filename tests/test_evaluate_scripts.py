@@ -275,17 +275,13 @@ def test_operating_points_keeps_an_existing_out_file(tmp_path):
     assert out.read_text() == "earlier rows"
 
 
-def test_evaluate_reads_each_baselines_stored_outputs(quick_model, tmp_path):
-    """A baseline's threshold-free pass is stored per set (keyed by its settings and weights,
-    the classifier and the images): a second evaluation reads it, so does one after the
-    baseline was calibrated again (with the verdicts of its new threshold, as a run without
-    the cache gives them); other squeezers are run again."""
+def _model_with_feature_squeezing(quick_model, tmp_path):
+    """(model dir, its classifier, FeatureSqueezing): a copy of the quick model with a 4-bit
+    Feature Squeezing baseline calibrated on noise at FPR 0.1, saved in its baselines/."""
     import keras
     import numpy as np
 
-    import fmd_tf  # noqa: F401
     from fmd_tf.baselines import FeatureSqueezing
-    from fmd_tf.evaluation.report import evaluate
 
     model = tmp_path / "model"
     shutil.copytree(quick_model, model)
@@ -294,6 +290,21 @@ def test_evaluate_reads_each_baselines_stored_outputs(quick_model, tmp_path):
     fs.calibrate(np.random.default_rng(0).random((64, 28, 28, 1), dtype=np.float32), fpr=0.1)
     (model / "baselines").mkdir()
     fs.save(str(model / "baselines" / "feature_squeezing.json"))
+    return model, classifier, fs
+
+
+def test_evaluate_reads_each_baselines_stored_outputs(quick_model, tmp_path):
+    """A baseline's threshold-free pass is stored per set (keyed by its settings and weights,
+    the classifier and the images): a second evaluation reads it, so does one after the
+    baseline was calibrated again (with the verdicts of its new threshold, as a run without
+    the cache gives them); other squeezers are run again."""
+    import numpy as np
+
+    import fmd_tf  # noqa: F401
+    from fmd_tf.baselines import FeatureSqueezing
+    from fmd_tf.evaluation.report import evaluate
+
+    model, classifier, fs = _model_with_feature_squeezing(quick_model, tmp_path)
     cache = tmp_path / "cache"
 
     def run(cache_dir=str(cache)):
@@ -328,21 +339,13 @@ def test_evaluate_reads_each_baselines_adapted_set(quick_model, tmp_path, monkey
     """Adaptive PGD made against a baseline is stored per budget (keyed by the baseline's
     weights and thresholds): a second evaluation reads it, with the same figures; calibrated
     again, the baseline is attacked again."""
-    import keras
     import numpy as np
 
     import fmd_tf  # noqa: F401
     import fmd_tf.attacks
-    from fmd_tf.baselines import FeatureSqueezing
     from fmd_tf.evaluation.report import evaluate
 
-    model = tmp_path / "model"
-    shutil.copytree(quick_model, model)
-    classifier = keras.models.load_model(model / "classifier.keras", compile=False)
-    fs = FeatureSqueezing(classifier, bit_depth=4, median_size=None)
-    fs.calibrate(np.random.default_rng(0).random((64, 28, 28, 1), dtype=np.float32), fpr=0.1)
-    (model / "baselines").mkdir()
-    fs.save(str(model / "baselines" / "feature_squeezing.json"))
+    model, classifier, fs = _model_with_feature_squeezing(quick_model, tmp_path)
     attacked = []
     real = fmd_tf.attacks.adaptive_detector_pgd
 
